@@ -1,0 +1,218 @@
+//! The backing chain: open IMAGE and every backing file below it (qcow2 or raw), each with its own
+//! key, and read guest ranges through the stack. Depth is limited and loops are refused.
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use crate::crypto::{CryptoError, QcowAes, SectorCipher};
+use crate::error::{Context, Error, Result};
+use crate::io::{HostFile, ImageLock, LockMode};
+use crate::qcow2::{Encryption, FormatError, Header, Qcow2Image};
+
+/// QEMU refuses deeper chains too.
+pub const MAX_DEPTH: usize = 32;
+
+/// Passphrases for the encrypted layers of a chain.
+#[derive(Default)]
+pub struct KeyRing {
+    /// Used by every encrypted layer without its own entry.
+    pub default: Option<Zeroizing<Vec<u8>>>,
+    /// Per-layer passphrases, by the layer's canonical path.
+    pub per_layer: Vec<(PathBuf, Zeroizing<Vec<u8>>)>,
+}
+
+impl KeyRing {
+    fn for_layer(&self, path: &Path) -> Option<&[u8]> {
+        let canon = std::fs::canonicalize(path).ok();
+        self.per_layer
+            .iter()
+            .find(|(p, _)| Some(p) == canon.as_ref() || p == path)
+            .map(|(_, k)| k.as_slice())
+            .or(self.default.as_deref().map(|k| k.as_slice()))
+    }
+}
+
+/// How to open the chain.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// Open the top layer for writing (backing layers are always read-only).
+    pub writable: bool,
+    /// Take no QEMU locks (reads may be inconsistent if someone writes).
+    pub force_share: bool,
+    /// Open even a layer that cannot be decrypted (for `info`: no key needed to list the chain).
+    pub without_keys: bool,
+}
+
+/// One layer of the chain.
+#[derive(Debug)]
+pub enum Layer {
+    Qcow2(Qcow2Image),
+    Raw(HostFile),
+}
+
+impl Layer {
+    pub fn path(&self) -> &Path {
+        match self {
+            Layer::Qcow2(q) => q.path(),
+            Layer::Raw(f) => f.path(),
+        }
+    }
+
+    pub fn format(&self) -> &'static str {
+        match self {
+            Layer::Qcow2(_) => "qcow2",
+            Layer::Raw(_) => "raw",
+        }
+    }
+
+    pub fn virtual_size(&self) -> Result<u64> {
+        match self {
+            Layer::Qcow2(q) => Ok(q.virtual_size()),
+            Layer::Raw(f) => f.len(),
+        }
+    }
+
+    pub fn encryption(&self) -> Encryption {
+        match self {
+            Layer::Qcow2(q) => q.encryption(),
+            Layer::Raw(_) => Encryption::None,
+        }
+    }
+}
+
+/// The stack of layers, top (the image the user named) first.
+#[derive(Debug)]
+pub struct Chain {
+    layers: Vec<Layer>,
+    /// Cached virtual sizes, so reads need no metadata calls.
+    sizes: Vec<u64>,
+    _locks: Vec<ImageLock>,
+}
+
+impl Chain {
+    pub fn open(image: &Path, keys: &KeyRing, opts: OpenOptions) -> Result<Chain> {
+        let mut layers = Vec::new();
+        let mut locks = Vec::new();
+        let mut seen = HashSet::new();
+        let mut next: Option<(PathBuf, Option<String>)> = Some((image.to_path_buf(), None));
+        while let Some((path, format)) = next.take() {
+            if layers.len() == MAX_DEPTH {
+                return Err(Error::new(image, FormatError::ChainTooDeep(MAX_DEPTH)));
+            }
+            let writable = opts.writable && layers.is_empty();
+            let file = HostFile::open(&path, writable)?;
+            let meta = file.file().metadata().at(&path)?;
+            if !seen.insert((meta.dev(), meta.ino())) {
+                return Err(Error::new(&path, FormatError::ChainLoop));
+            }
+            if !opts.force_share {
+                let mode = if writable { LockMode::Write } else { LockMode::Read };
+                locks.push(ImageLock::acquire(file.file(), mode).map_err(|m| Error::new(&path, crate::Problem::Locked(m)))?);
+            }
+            let layer = open_layer(file, format.as_deref(), keys, opts)?;
+            if let Layer::Qcow2(q) = &layer {
+                let header = q.header();
+                if writable && header.is_dirty() {
+                    return Err(Error::new(&path, FormatError::DirtyBit));
+                }
+                if let Some(name) = &header.backing_file {
+                    next = Some((resolve_backing(&path, name), header.backing_format.clone()));
+                }
+            }
+            log::debug!("opened {} ({})", path.display(), layer.format());
+            layers.push(layer);
+        }
+        let sizes = layers.iter().map(Layer::virtual_size).collect::<Result<Vec<_>>>()?;
+        Ok(Chain { layers, sizes, _locks: locks })
+    }
+
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    pub fn top(&self) -> &Layer {
+        &self.layers[0]
+    }
+
+    /// The guest disk size: the top layer's virtual size.
+    pub fn size(&self) -> u64 {
+        self.sizes[0]
+    }
+
+    /// Read guest bytes through the whole chain.
+    pub fn read(&self, guest: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_level(0, guest, buf)
+    }
+
+    /// Read guest bytes as the layers from `level` down show them. Past a layer's end: zeros.
+    pub fn read_level(&self, level: usize, guest: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(layer) = self.layers.get(level) else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let size = self.sizes[level];
+        let inside = size.saturating_sub(guest).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(inside);
+        tail.fill(0);
+        if head.is_empty() {
+            return Ok(());
+        }
+        match layer {
+            Layer::Raw(f) => f.read_at(guest, head),
+            Layer::Qcow2(q) => q.read(guest, head, &|g, b| self.read_level(level + 1, g, b)),
+        }
+    }
+}
+
+/// Backing names are relative to the directory of the image that names them.
+fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    match overlay.parent() {
+        Some(dir) => dir.join(p),
+        None => p.to_path_buf(),
+    }
+}
+
+fn open_layer(file: HostFile, format: Option<&str>, keys: &KeyRing, opts: OpenOptions) -> Result<Layer> {
+    let path = file.path().to_path_buf();
+    let mut first = [0u8; 4];
+    let len = file.len()?;
+    file.read_at(0, &mut first)?;
+    let is_qcow2 = match format {
+        Some("qcow2") => true,
+        Some("raw") => false,
+        Some(other) => return Err(Error::new(&path, FormatError::BackingFormat(other.to_string()))),
+        None => first == crate::qcow2::header::MAGIC,
+    };
+    if !is_qcow2 {
+        return Ok(Layer::Raw(file));
+    }
+    let mut head = vec![0u8; len.min(4096) as usize];
+    file.read_exact_at(0, &mut head)?;
+    let want = Header::bytes_wanted(&head).at(&path)?;
+    let mut cluster = vec![0u8; want.min(len as usize)];
+    file.read_exact_at(0, &mut cluster)?;
+    let header = Header::parse(&cluster, len).at(&path)?;
+    let encryption = header.encryption;
+    let mut image = Qcow2Image::open(file, header)?;
+    match encryption {
+        Encryption::None => {}
+        Encryption::Aes => match keys.for_layer(&path) {
+            Some(key) => image.set_cipher(Box::new(QcowAes::new(key)) as Box<dyn SectorCipher>),
+            None if opts.without_keys => {}
+            None => return Err(Error::new(&path, CryptoError::NoPassphrase)),
+        },
+        Encryption::Luks => {
+            if !opts.without_keys {
+                return Err(Error::new(&path, FormatError::Unsupported("LUKS-encrypted qcow2 is not supported yet")));
+            }
+        }
+    }
+    Ok(Layer::Qcow2(image))
+}

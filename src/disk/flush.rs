@@ -1,0 +1,107 @@
+//! The flush writer's half that knows the cache: group dirty blocks by top-layer cluster, decide per
+//! cluster whether it is written in place or moves to a new cluster (copy-on-write: then the whole
+//! cluster is assembled from dirty blocks and what the chain shows), and hand batches to the image.
+
+use std::sync::atomic::Ordering;
+
+use super::Disk;
+use crate::chain::Layer;
+use crate::error::Result;
+use crate::qcow2::{ClusterWrite, WriteTarget};
+
+/// Bytes of cluster data handed to one commit: bounds the extra memory a flush needs.
+const BATCH_BYTES: u64 = 16 << 20;
+
+pub(super) fn flush(disk: &Disk) -> Result<()> {
+    if disk.read_only {
+        return Ok(());
+    }
+    let _one_flush = disk.flush_lock.lock();
+    let _no_writes = disk.write_gate.write();
+    let dirty = disk.cache.dirty_blocks();
+    if dirty.is_empty() {
+        return Ok(());
+    }
+    match disk.chain.top() {
+        Layer::Raw(file) => {
+            for &block in &dirty {
+                if let Some(data) = disk.cache.dirty_copy(block) {
+                    file.write_at(block * disk.block_size, &data)?;
+                }
+            }
+            file.sync()?;
+            for &block in &dirty {
+                disk.cache.mark_clean(block);
+            }
+        }
+        Layer::Qcow2(image) => {
+            let cs = image.layout().cluster_size();
+            let per_cluster = (cs / disk.block_size).max(1);
+            let mut batch: Vec<ClusterWrite> = Vec::new();
+            let mut batch_blocks: Vec<u64> = Vec::new();
+            let mut batch_bytes = 0u64;
+            let mut i = 0;
+            while i < dirty.len() {
+                let cluster = dirty[i] / per_cluster;
+                let mut j = i;
+                while j < dirty.len() && dirty[j] / per_cluster == cluster {
+                    j += 1;
+                }
+                let blocks = &dirty[i..j];
+                let guest = cluster * cs;
+                let target = image.write_target(guest)?;
+                let pieces = match target {
+                    WriteTarget::InPlace { .. } => blocks
+                        .iter()
+                        .filter_map(|&b| disk.cache.dirty_copy(b).map(|d| (b * disk.block_size - guest, pad(d))))
+                        .collect(),
+                    WriteTarget::Allocate => vec![(0, assemble(disk, guest, cs)?)],
+                };
+                batch_bytes += pieces.iter().map(|(_, d): &(u64, Vec<u8>)| d.len() as u64).sum::<u64>();
+                batch.push(ClusterWrite { guest, target, pieces });
+                batch_blocks.extend_from_slice(blocks);
+                if batch_bytes >= BATCH_BYTES {
+                    commit(disk, image, &mut batch, &mut batch_blocks)?;
+                    batch_bytes = 0;
+                }
+                i = j;
+            }
+            commit(disk, image, &mut batch, &mut batch_blocks)?;
+        }
+    }
+    Ok(())
+}
+
+fn commit(disk: &Disk, image: &crate::qcow2::Qcow2Image, batch: &mut Vec<ClusterWrite>, blocks: &mut Vec<u64>) -> Result<()> {
+    let n = batch.len() as u64;
+    image.commit(std::mem::take(batch))?;
+    for &b in blocks.iter() {
+        disk.cache.mark_clean(b);
+    }
+    blocks.clear();
+    disk.stats.flushed_clusters.fetch_add(n, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Blocks are whole sectors except possibly the disk's last one; the image stores whole sectors.
+fn pad(mut data: Vec<u8>) -> Vec<u8> {
+    data.resize(data.len().div_ceil(512) * 512, 0);
+    data
+}
+
+/// The full new content of the cluster at `guest`: dirty blocks over what the chain shows now.
+fn assemble(disk: &Disk, guest: u64, cs: u64) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; cs as usize];
+    let bs = disk.block_size;
+    let visible = disk.size.saturating_sub(guest).min(cs);
+    let mut at = 0u64;
+    while at < visible {
+        let block = (guest + at) / bs;
+        let len = bs.min(visible - at) as usize;
+        let dst = &mut out[at as usize..at as usize + len];
+        // Dirty blocks come from the cache, the rest from the cache or the chain.
+        disk.read_block(block, 0, dst)?;
+        at += bs;
+    }
+    Ok(out)
+}

@@ -1,0 +1,239 @@
+//! The guest's view of the chain: byte ranges split into blocks, served from the block cache; writes
+//! go into the cache as dirty blocks and the flush writer (flush.rs) turns them into image state.
+
+mod cache;
+mod flush;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::chain::{Chain, Layer};
+use crate::error::{Error, Result};
+use cache::BlockCache;
+
+/// The largest cache block: bigger clusters are cached in parts so a small read decrypts little.
+const MAX_BLOCK: u64 = 64 << 10;
+
+/// What a FUSE file needs from a disk: the thin interface the mount layer sees.
+pub trait BlockDevice: Send + Sync {
+    fn size(&self) -> u64;
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Make every write so far durable.
+    fn flush(&self) -> Result<()>;
+    fn is_read_only(&self) -> bool;
+}
+
+/// Tunables of a disk.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskOptions {
+    /// Bytes of decrypted blocks kept in memory, dirty ones included.
+    pub cache_size: u64,
+    pub read_only: bool,
+}
+
+/// The guest disk over a chain.
+#[derive(Debug)]
+pub struct Disk {
+    chain: Arc<Chain>,
+    cache: BlockCache,
+    block_size: u64,
+    size: u64,
+    read_only: bool,
+    dirty_limit: u64,
+    /// Writers hold it shared; the flush writer exclusively, so blocks do not change under it.
+    write_gate: RwLock<()>,
+    flush_lock: Mutex<()>,
+    last_write: Mutex<Option<Instant>>,
+    /// Bytes written and flushed, for logs.
+    pub(crate) stats: Stats,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub flushed_clusters: AtomicU64,
+}
+
+impl Disk {
+    pub fn new(chain: Chain, opts: DiskOptions) -> Self {
+        let block_size = match chain.top() {
+            Layer::Qcow2(q) => q.layout().cluster_size().min(MAX_BLOCK),
+            Layer::Raw(_) => MAX_BLOCK,
+        };
+        let dirty_limit = (64 << 20).min(opts.cache_size / 4).max(block_size * 4);
+        let clean = opts.cache_size.saturating_sub(dirty_limit).max(block_size * 64);
+        let size = chain.size();
+        Disk {
+            chain: Arc::new(chain),
+            cache: BlockCache::new(clean, block_size),
+            block_size,
+            size,
+            read_only: opts.read_only,
+            dirty_limit,
+            write_gate: RwLock::new(()),
+            flush_lock: Mutex::new(()),
+            last_write: Mutex::new(None),
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn chain(&self) -> &Chain {
+        &self.chain
+    }
+
+    fn block_len(&self, block: u64) -> usize {
+        let start = block * self.block_size;
+        self.block_size.min(self.size - start) as usize
+    }
+
+    /// A clean copy of `block`, from the cache or loaded through the chain.
+    fn load_clean(&self, block: u64) -> Result<Arc<Vec<u8>>> {
+        if let Some(b) = self.cache.shard(block).clean.get(&block) {
+            return Ok(b.clone());
+        }
+        let _loading = self.cache.stripe(block);
+        if let Some(b) = self.cache.shard(block).clean.get(&block) {
+            return Ok(b.clone());
+        }
+        let mut data = vec![0u8; self.block_len(block)];
+        self.chain.read(block * self.block_size, &mut data)?;
+        let data = Arc::new(data);
+        let mut shard = self.cache.shard(block);
+        if !shard.dirty.contains_key(&block) {
+            shard.clean.put(block, data.clone());
+        }
+        Ok(data)
+    }
+
+    /// Copy `out.len()` bytes of `block` from offset `within` into `out`.
+    fn read_block(&self, block: u64, within: usize, out: &mut [u8]) -> Result<()> {
+        {
+            let mut shard = self.cache.shard(block);
+            if let Some(d) = shard.dirty.get(&block) {
+                out.copy_from_slice(&d[within..within + out.len()]);
+                return Ok(());
+            }
+            if let Some(c) = shard.clean.get(&block) {
+                out.copy_from_slice(&c[within..within + out.len()]);
+                return Ok(());
+            }
+        }
+        let data = self.load_clean(block)?;
+        // A write may have made it dirty meanwhile; the dirty copy wins.
+        if let Some(d) = self.cache.shard(block).dirty.get(&block) {
+            out.copy_from_slice(&d[within..within + out.len()]);
+            return Ok(());
+        }
+        out.copy_from_slice(&data[within..within + out.len()]);
+        Ok(())
+    }
+
+    fn write_block(&self, block: u64, within: usize, data: &[u8]) -> Result<()> {
+        let _serial = self.cache.stripe(block);
+        let full = within == 0 && data.len() == self.block_len(block);
+        {
+            let mut shard = self.cache.shard(block);
+            if let Some(d) = shard.dirty.get_mut(&block) {
+                d[within..within + data.len()].copy_from_slice(data);
+                return Ok(());
+            }
+            if full {
+                self.cache.insert_dirty(&mut shard, block, data.to_vec());
+                return Ok(());
+            }
+            if let Some(c) = shard.clean.get(&block) {
+                let mut copy = c.as_ref().clone();
+                copy[within..within + data.len()].copy_from_slice(data);
+                self.cache.insert_dirty(&mut shard, block, copy);
+                return Ok(());
+            }
+        }
+        let mut base = vec![0u8; self.block_len(block)];
+        self.chain.read(block * self.block_size, &mut base)?;
+        base[within..within + data.len()].copy_from_slice(data);
+        let mut shard = self.cache.shard(block);
+        self.cache.insert_dirty(&mut shard, block, base);
+        Ok(())
+    }
+
+    /// Split [offset, offset + len) into (block, offset in block, length) pieces.
+    fn pieces(&self, offset: u64, len: usize) -> impl Iterator<Item = (u64, usize, usize, usize)> + '_ {
+        let bs = self.block_size;
+        let mut done = 0usize;
+        std::iter::from_fn(move || {
+            if done >= len {
+                return None;
+            }
+            let at = offset + done as u64;
+            let block = at / bs;
+            let within = (at % bs) as usize;
+            let n = (bs as usize - within).min(len - done);
+            let piece = (block, within, n, done);
+            done += n;
+            Some(piece)
+        })
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> Result<()> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::new(self.chain.top().path(), std::io::Error::from_raw_os_error(libc::EINVAL))),
+        }
+    }
+
+    /// Flush if the writes have been idle for `idle` (called by the daemon's timer).
+    pub fn flush_if_idle(&self, idle: Duration) -> Result<()> {
+        let due = matches!(*self.last_write.lock(), Some(t) if t.elapsed() >= idle);
+        if due && self.cache.dirty_bytes() > 0 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn dirty_bytes(&self) -> u64 {
+        self.cache.dirty_bytes()
+    }
+}
+
+impl BlockDevice for Disk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(offset, buf.len())?;
+        for (block, within, n, done) in self.pieces(offset, buf.len()) {
+            self.read_block(block, within, &mut buf[done..done + n])?;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if self.read_only {
+            return Err(Error::new(self.chain.top().path(), std::io::Error::from_raw_os_error(libc::EROFS)));
+        }
+        self.check_range(offset, data.len())?;
+        {
+            let _gate = self.write_gate.read();
+            for (block, within, n, done) in self.pieces(offset, data.len()) {
+                self.write_block(block, within, &data[done..done + n])?;
+            }
+            *self.last_write.lock() = Some(Instant::now());
+        }
+        if self.cache.dirty_bytes() > self.dirty_limit {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        flush::flush(self)
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}

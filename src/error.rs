@@ -1,0 +1,94 @@
+//! The crate error: which file, and what went wrong with it.
+//!
+//! Lower layers return their own small error enums (`FormatError`, `CryptoError`, ...); the layer that
+//! knows the file path wraps them into [`Error`], so every message the user sees names the file.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::crypto::CryptoError;
+use crate::qcow2::FormatError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, without the file it happened to.
+#[derive(Debug, thiserror::Error)]
+pub enum Problem {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Format(#[from] FormatError),
+    #[error("{0}")]
+    Crypto(#[from] CryptoError),
+    #[error("image is in use: {0}")]
+    Locked(String),
+    #[error("{0}")]
+    Usage(String),
+    /// A complete message from another process (the mount daemon), already naming its file.
+    #[error("{0}")]
+    Relayed(String),
+}
+
+/// An error that names the file it concerns.
+#[derive(Debug)]
+pub struct Error {
+    pub path: PathBuf,
+    pub problem: Problem,
+}
+
+impl Error {
+    pub fn new(path: impl AsRef<Path>, problem: impl Into<Problem>) -> Self {
+        Error { path: path.as_ref().to_path_buf(), problem: problem.into() }
+    }
+
+    /// An error whose text came from the mount daemon and already names the file.
+    pub fn relayed(message: String) -> Self {
+        Error { path: PathBuf::new(), problem: Problem::Relayed(message) }
+    }
+
+    /// The errno a FUSE request failing with this error answers with.
+    pub fn errno(&self) -> i32 {
+        match &self.problem {
+            Problem::Io(e) => match e.raw_os_error() {
+                Some(code) => code,
+                None => libc::EIO,
+            },
+            Problem::Format(_) | Problem::Crypto(_) => libc::EIO,
+            Problem::Locked(_) => libc::EBUSY,
+            Problem::Usage(_) | Problem::Relayed(_) => libc::EINVAL,
+        }
+    }
+
+    /// Whether the host file system ran out of space (flush keeps the dirty data and retries later).
+    pub fn is_no_space(&self) -> bool {
+        matches!(&self.problem, Problem::Io(e) if e.raw_os_error() == Some(libc::ENOSPC))
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.as_os_str().is_empty() {
+            write!(f, "{}", self.problem)
+        } else {
+            write!(f, "{}: {}", self.path.display(), self.problem)
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.problem)
+    }
+}
+
+/// Attach a path to any lower-level error.
+pub trait Context<T> {
+    fn at(self, path: &Path) -> Result<T>;
+}
+
+impl<T, E: Into<Problem>> Context<T> for std::result::Result<T, E> {
+    fn at(self, path: &Path) -> Result<T> {
+        self.map_err(|e| Error::new(path, e))
+    }
+}

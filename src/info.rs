@@ -1,0 +1,145 @@
+//! `qcowfs info`: what an image is, as text or JSON. No key is needed to describe a chain.
+
+use std::os::unix::fs::MetadataExt;
+
+use serde_json::{json, Value};
+
+use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
+use crate::cli::{read_passphrase, InfoArgs};
+use crate::error::{Error, Result};
+use crate::qcow2::{Compression, Encryption, Header};
+use crate::size::human;
+
+pub fn run(args: &InfoArgs) -> Result<()> {
+    let mut keys = KeyRing::default();
+    if let Some(p) = &args.keys.passphrase_file {
+        keys.default = Some(read_passphrase(p)?);
+    }
+    let chain = Chain::open(&args.image, &keys, OpenOptions { writable: false, force_share: true, without_keys: true })?;
+    let report = describe(&chain)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        print_text(&report);
+    }
+    Ok(())
+}
+
+fn encryption_name(e: Encryption) -> &'static str {
+    match e {
+        Encryption::None => "none",
+        Encryption::Aes => "aes (legacy AES-128-CBC)",
+        Encryption::Luks => "luks",
+    }
+}
+
+fn layer_json(layer: &Layer) -> Result<Value> {
+    let path = layer.path();
+    let mut v = json!({
+        "path": path.display().to_string(),
+        "format": layer.format(),
+        "encrypted": layer.encryption() != Encryption::None,
+        "encryption": encryption_name(layer.encryption()),
+        "virtual_size": layer.virtual_size()?,
+    });
+    match layer {
+        Layer::Qcow2(q) => {
+            v["allocated_bytes"] = json!(q.allocated_bytes()?);
+        }
+        Layer::Raw(f) => {
+            let meta = f.file().metadata().map_err(|e| Error::new(path, e))?;
+            v["allocated_bytes"] = json!(meta.blocks() * 512);
+        }
+    }
+    Ok(v)
+}
+
+fn describe(chain: &Chain) -> Result<Value> {
+    let top = chain.top();
+    let layers = chain.layers().iter().map(layer_json).collect::<Result<Vec<_>>>()?;
+    let mut report = json!({
+        "image": top.path().display().to_string(),
+        "format": top.format(),
+        "virtual_size": chain.size(),
+        "encrypted": top.encryption() != Encryption::None,
+        "encryption": encryption_name(top.encryption()),
+        "layers": layers,
+    });
+    if let Layer::Qcow2(q) = top {
+        let h: Header = q.header();
+        report["version"] = json!(h.version);
+        report["cluster_size"] = json!(h.cluster_size());
+        report["refcount_bits"] = json!(h.refcount_bits());
+        report["extended_l2"] = json!(h.extended_l2());
+        report["compression"] = json!(match h.compression {
+            Compression::Zlib => "zlib",
+            Compression::Zstd => "zstd",
+        });
+        report["backing_file"] = json!(h.backing_file);
+        report["backing_format"] = json!(h.backing_format);
+        report["features"] = json!({
+            "incompatible": h.incompatible,
+            "compatible": h.compatible,
+            "autoclear": h.autoclear,
+            "dirty": h.is_dirty(),
+            "lazy_refcounts": h.compatible & crate::qcow2::header::COMPAT_LAZY_REFCOUNTS != 0,
+        });
+        report["snapshots"] = q
+            .snapshots()
+            .iter()
+            .map(|s| {
+                json!({
+                    "id": s.id,
+                    "name": s.name,
+                    "disk_size": s.disk_size,
+                    "vm_state_size": s.vm_state_size,
+                    "date": s.date_sec,
+                })
+            })
+            .collect();
+    }
+    Ok(report)
+}
+
+fn print_text(r: &Value) {
+    let num = |v: &Value| v.as_u64().unwrap_or(0);
+    println!("image: {}", r["image"].as_str().unwrap_or(""));
+    println!("format: {}", r["format"].as_str().unwrap_or(""));
+    if let Some(v) = r["version"].as_u64() {
+        println!("version: {v}");
+    }
+    println!("virtual size: {} ({} bytes)", human(num(&r["virtual_size"])), num(&r["virtual_size"]));
+    if let Some(cs) = r["cluster_size"].as_u64() {
+        println!("cluster size: {cs}");
+        println!("refcount bits: {}", num(&r["refcount_bits"]));
+        println!("extended L2: {}", r["extended_l2"].as_bool().unwrap_or(false));
+        println!("compression: {}", r["compression"].as_str().unwrap_or(""));
+    }
+    println!("encryption: {}", r["encryption"].as_str().unwrap_or(""));
+    if let Some(f) = r.get("features") {
+        println!(
+            "features: incompatible {:#x}, compatible {:#x}, autoclear {:#x}",
+            num(&f["incompatible"]),
+            num(&f["compatible"]),
+            num(&f["autoclear"])
+        );
+    }
+    println!("backing chain (top first):");
+    for (i, l) in r["layers"].as_array().into_iter().flatten().enumerate() {
+        println!(
+            "  {i}: {} [{}, {}] size {}, allocated {}",
+            l["path"].as_str().unwrap_or(""),
+            l["format"].as_str().unwrap_or(""),
+            l["encryption"].as_str().unwrap_or(""),
+            human(num(&l["virtual_size"])),
+            human(num(&l["allocated_bytes"])),
+        );
+    }
+    let snaps = r["snapshots"].as_array().cloned().unwrap_or_default();
+    if !snaps.is_empty() {
+        println!("snapshots:");
+        for s in snaps {
+            println!("  {} {} (disk size {})", s["id"].as_str().unwrap_or(""), s["name"].as_str().unwrap_or(""), num(&s["disk_size"]));
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! The mount daemon's lifecycle. The parent forks before any thread exists; the child opens the chain,
+//! mounts, and only then reports "ready" through a pipe, so `qcowfs mount` exits 0 only when
+//! `MOUNTPOINT/disk` works, and with the child's one-line error otherwise. The child then serves
+//! requests until unmounted (or signalled), flushes everything, records how that went and exits.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::io::{FromRawFd, IntoRawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::fs::QcowFs;
+use super::registry::Record;
+use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
+use crate::crypto::{looks_like_plaintext, CryptoError};
+use crate::disk::{BlockDevice, Disk, DiskOptions};
+use crate::error::{Error, Problem, Result};
+use crate::qcow2::Encryption;
+
+/// Flush dirty data after this long without writes.
+const IDLE_FLUSH: Duration = Duration::from_secs(2);
+/// FUSE worker threads: more than cores, so a request waiting on I/O does not stall the rest.
+const FUSE_THREADS: usize = 4;
+/// Clusters sampled per encrypted layer to see whether the passphrase decrypts to plausible data.
+const KEY_SAMPLES: usize = 32;
+
+/// Everything a mount needs.
+pub struct MountRequest {
+    pub image: PathBuf,
+    pub mountpoint: PathBuf,
+    pub keys: KeyRing,
+    pub read_only: bool,
+    pub cache_size: u64,
+    pub foreground: bool,
+    pub allow_other: bool,
+    pub force_share: bool,
+    pub force: bool,
+    pub log_level: log::LevelFilter,
+}
+
+/// Mount and, unless in the foreground, return once the daemon reports the mount live.
+pub fn mount(req: MountRequest) -> Result<()> {
+    if req.foreground {
+        return serve(req, None);
+    }
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::new(&req.mountpoint, std::io::Error::last_os_error()));
+    }
+    // SAFETY: the fds were just created and are owned here.
+    let (mut reader, writer) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    // SAFETY: no other thread exists yet in this process (the CLI forks before starting any).
+    match unsafe { libc::fork() } {
+        -1 => Err(Error::new(&req.mountpoint, std::io::Error::last_os_error())),
+        0 => {
+            drop(reader);
+            // SAFETY: setsid has no preconditions; the child leaves the terminal's session.
+            unsafe { libc::setsid() };
+            super::syslog::init(req.log_level);
+            let code = match serve(req, Some(writer)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    log::error!("{e}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        _child => {
+            drop(writer);
+            let mut answer = String::new();
+            let _ = reader.read_to_string(&mut answer);
+            match answer.strip_prefix("ok") {
+                Some(_) => Ok(()),
+                None if answer.trim().is_empty() => {
+                    Err(Error::new(&req.image, Problem::Usage("the mount daemon exited before the mount was ready".into())))
+                }
+                None => Err(Error::relayed(answer.trim().to_string())),
+            }
+        }
+    }
+}
+
+/// Open, mount and serve until unmounted. `ready` gets "ok" or the error once that is known.
+fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
+    let mut ready = ready;
+    let session = match prepare(&req) {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(mut pipe) = ready.take() {
+                let _ = writeln!(pipe, "{e}");
+            }
+            return Err(e);
+        }
+    };
+    let (mut session, disk, outcome, record) = session;
+    let mut unmounter = session.unmount_callable();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    spawn_idle_flusher(disk.clone(), stop.clone());
+    if let Ok(mut signals) = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP]) {
+        std::thread::spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                log::info!("signal {sig}: unmounting");
+                if let Err(e) = unmounter.unmount() {
+                    log::error!("unmount after signal {sig}: {e}");
+                }
+            }
+        });
+    }
+    if let Some(mut pipe) = ready.take() {
+        let _ = writeln!(pipe, "ok");
+        drop(pipe);
+        detach_stdio();
+    }
+    log::info!("{} mounted on {}", req.image.display(), req.mountpoint.display());
+    let run = session.run();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let final_error = outcome.lock().take();
+    drop(disk);
+    match (run, final_error) {
+        (_, Some(e)) => {
+            record.write_status(&e);
+            Err(Error::relayed(e))
+        }
+        (Err(e), None) => {
+            let e = Error::new(&req.mountpoint, e);
+            record.write_status(&e.to_string());
+            Err(e)
+        }
+        (Ok(()), None) => {
+            record.write_status("");
+            log::info!("{} unmounted, everything written", req.mountpoint.display());
+            Ok(())
+        }
+    }
+}
+
+type Prepared = (fuser::Session<QcowFs<Disk>>, Arc<Disk>, Arc<Mutex<Option<String>>>, Record);
+
+fn prepare(req: &MountRequest) -> Result<Prepared> {
+    let meta = std::fs::metadata(&req.mountpoint).map_err(|e| Error::new(&req.mountpoint, e))?;
+    if !meta.is_dir() {
+        return Err(Error::new(&req.mountpoint, Problem::Usage("the mountpoint is not a directory".into())));
+    }
+    let opts = OpenOptions { writable: !req.read_only, force_share: req.force_share, without_keys: false };
+    let chain = Chain::open(&req.image, &req.keys, opts)?;
+    if !req.force {
+        check_passphrases(&chain)?;
+    }
+    let disk = Arc::new(Disk::new(chain, DiskOptions { cache_size: req.cache_size, read_only: req.read_only }));
+    let outcome = Arc::new(Mutex::new(None));
+    let on_destroy = {
+        let disk = disk.clone();
+        let outcome = outcome.clone();
+        move || {
+            if let Err(e) = disk.flush() {
+                log::error!("final flush failed: {e}");
+                *outcome.lock() = Some(e.to_string());
+            }
+        }
+    };
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let fs = QcowFs::new(disk.clone(), uid, gid).on_destroy(on_destroy);
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(req.image.display().to_string()),
+        fuser::MountOption::Subtype("qcowfs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+        if req.read_only { fuser::MountOption::RO } else { fuser::MountOption::RW },
+    ];
+    if req.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(FUSE_THREADS);
+    config.clone_fd = true;
+    let session = fuser::Session::new(fs, &req.mountpoint, &config).map_err(|e| Error::new(&req.mountpoint, e))?;
+    let mountpoint = std::fs::canonicalize(&req.mountpoint).unwrap_or_else(|_| req.mountpoint.clone());
+    let record = Record::for_mountpoint(&mountpoint);
+    if let Err(e) = record.write_pid(std::process::id(), &mountpoint) {
+        log::warn!("cannot record the daemon in {}: {e}", record.pid_file.display());
+    }
+    Ok((session, disk, outcome, record))
+}
+
+/// Legacy AES has no key check: refuse when every sampled cluster of an encrypted layer decrypts to
+/// noise (a wrong passphrase). Layers without data yet cannot be checked; that is logged.
+fn check_passphrases(chain: &Chain) -> Result<()> {
+    for (level, layer) in chain.layers().iter().enumerate() {
+        let Layer::Qcow2(image) = layer else { continue };
+        if image.encryption() != Encryption::Aes {
+            continue;
+        }
+        let samples = image.sample_data_clusters(KEY_SAMPLES)?;
+        if samples.is_empty() {
+            log::info!("{}: no data yet, the passphrase cannot be checked", image.path().display());
+            continue;
+        }
+        let mut sector = [0u8; 512];
+        let plausible = samples.iter().any(|&(guest, _)| {
+            let aligned = guest & !511;
+            chain.read_level(level, aligned, &mut sector).is_ok() && looks_like_plaintext(&sector)
+        });
+        if !plausible {
+            return Err(Error::new(image.path(), CryptoError::LooksWrong));
+        }
+    }
+    Ok(())
+}
+
+fn spawn_idle_flusher(disk: Arc<Disk>, stop: Arc<std::sync::atomic::AtomicBool>) {
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(500));
+            if let Err(e) = disk.flush_if_idle(IDLE_FLUSH) {
+                log::error!("background flush failed (will retry): {e}");
+            }
+        }
+    });
+}
+
+/// The daemon keeps no terminal: stdin, stdout and stderr go to /dev/null (logs go to syslog).
+fn detach_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        let fd = null.into_raw_fd();
+        for target in 0..3 {
+            // SAFETY: fd is a valid open descriptor; dup2 onto the standard descriptors is sound.
+            unsafe { libc::dup2(fd, target) };
+        }
+        if fd > 2 {
+            // SAFETY: fd is ours and no longer needed.
+            unsafe { libc::close(fd) };
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Mounting: the FUSE inode layer (`fs`), the daemon lifecycle (`daemon`) and where a running mount
+//! records itself so `qcowfs umount` can find and wait for it (`registry`).
+
+pub mod daemon;
+pub mod fs;
+pub mod registry;
+mod syslog;
+pub mod umount;
+
+pub use fs::QcowFs;

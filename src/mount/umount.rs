@@ -1,0 +1,116 @@
+//! `qcowfs umount`: write everything, unmount, and wait until the daemon has exited, so that when it
+//! returns 0 the image is complete, consistent and no longer held.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::fs::DISK_NAME;
+use super::registry::Record;
+use crate::error::{Error, Problem, Result};
+
+/// How long to wait for the daemon to write what is left and exit.
+const EXIT_WAIT: Duration = Duration::from_secs(3600);
+
+pub fn umount(mountpoint: &Path) -> Result<()> {
+    let canon = std::fs::canonicalize(mountpoint).map_err(|e| Error::new(mountpoint, e))?;
+    if !is_qcowfs_mount(&canon)? {
+        return Err(Error::new(mountpoint, Problem::Usage("not a qcowfs mount point".into())));
+    }
+    let record = Record::for_mountpoint(&canon);
+    let pid = record.read_pid();
+    // Flush first, while the mount is still there: a failure (e.g. host disk full) leaves the mount in
+    // place with nothing lost, and the user can free space and run umount again.
+    let disk = canon.join(DISK_NAME);
+    if let Ok(file) = std::fs::File::open(&disk) {
+        file.sync_all().map_err(|e| Error::new(&disk, Problem::Usage(format!("writing the image failed, nothing was unmounted: {e}"))))?;
+    }
+    unmount(&canon)?;
+    if let Some(pid) = pid {
+        wait_for_exit(pid, &canon)?;
+        if let Some(status) = record.take_status() {
+            if !status.trim().is_empty() {
+                return Err(Error::relayed(status.trim().to_string()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unmount(mountpoint: &Path) -> Result<()> {
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| Error::new(mountpoint, Problem::Usage("path contains a NUL byte".into())))?;
+    // SAFETY: c is a valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EBUSY) {
+        return Err(Error::new(mountpoint, Problem::Usage("the mount is busy: unmount the guest file system (umount /mnt/guest) and close files on it first".into())));
+    }
+    // Not root: the setuid helper unmounts FUSE file systems for their owner.
+    let status = std::process::Command::new("fusermount3").arg("-u").arg(mountpoint).status();
+    match status {
+        Ok(s) if s.success() => Ok(()),
+        Ok(_) => Err(Error::new(mountpoint, Problem::Usage(format!("cannot unmount: {err}")))),
+        Err(e) => Err(Error::new(mountpoint, Problem::Usage(format!("cannot unmount ({err}) and fusermount3 failed: {e}")))),
+    }
+}
+
+/// Is `mountpoint` a mount of file system type fuse.qcowfs?
+fn is_qcowfs_mount(mountpoint: &Path) -> Result<bool> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| Error::new("/proc/self/mountinfo", e))?;
+    Ok(info.lines().any(|line| {
+        let mut halves = line.splitn(2, " - ");
+        let (Some(left), Some(right)) = (halves.next(), halves.next()) else { return false };
+        let point = left.split(' ').nth(4).map(unescape);
+        let fstype = right.split(' ').next();
+        point.as_deref() == Some(mountpoint) && fstype == Some("fuse.qcowfs")
+    }))
+}
+
+/// mountinfo escapes space, tab, newline and backslash as \ooo.
+fn unescape(field: &str) -> PathBuf {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() + 0 && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(std::ffi::OsStr::from_bytes(&out))
+}
+
+fn wait_for_exit(pid: u32, mountpoint: &Path) -> Result<()> {
+    let start = Instant::now();
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    while proc_dir.exists() {
+        // A zombie has finished its work (its parent has not reaped it yet).
+        if let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) {
+            if stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')) {
+                break;
+            }
+        }
+        if start.elapsed() > EXIT_WAIT {
+            return Err(Error::new(mountpoint, Problem::Usage(format!("the daemon (pid {pid}) did not exit"))));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mountinfo_paths() {
+        assert_eq!(unescape("/mnt/a\\040b"), PathBuf::from("/mnt/a b"));
+        assert_eq!(unescape("/plain"), PathBuf::from("/plain"));
+    }
+}

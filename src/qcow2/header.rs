@@ -1,0 +1,513 @@
+//! The qcow2 header and its extensions: raw big-endian bytes in, a validated [`Header`] out.
+//! After `Header::parse` succeeds nothing downstream re-checks these numbers.
+
+use super::FormatError;
+
+pub const MAGIC: [u8; 4] = *b"QFI\xfb";
+/// Bytes of the version 2 header; version 3 adds fields up to `header_length`.
+pub const V2_HEADER_LEN: usize = 72;
+pub const V3_MIN_HEADER_LEN: u32 = 104;
+pub const MIN_CLUSTER_BITS: u32 = 9;
+pub const MAX_CLUSTER_BITS: u32 = 21;
+/// QEMU's limits (block/qcow2.h): L1 table 32 MiB, refcount table 8 MiB, 64 Ki snapshots.
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+pub const MAX_SNAPSHOTS: u32 = 65536;
+pub const MAX_BACKING_NAME: u32 = 1023;
+
+/// Field offsets the write path updates in place.
+pub const OFF_REFCOUNT_TABLE_OFFSET: u64 = 48;
+pub const OFF_INCOMPATIBLE: u64 = 72;
+pub const OFF_AUTOCLEAR: u64 = 88;
+
+pub const INCOMPAT_DIRTY: u64 = 1 << 0;
+pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
+pub const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
+pub const INCOMPAT_COMPRESSION_TYPE: u64 = 1 << 3;
+pub const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+const INCOMPAT_KNOWN: u64 = INCOMPAT_DIRTY
+    | INCOMPAT_CORRUPT
+    | INCOMPAT_EXTERNAL_DATA
+    | INCOMPAT_COMPRESSION_TYPE
+    | INCOMPAT_EXTENDED_L2;
+pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+
+const EXT_END: u32 = 0;
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+const EXT_FDE: u32 = 0x0537_be77;
+const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// How the layer's data clusters are encrypted (`crypt_method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encryption {
+    None,
+    /// Legacy AES-128-CBC, sectors numbered by guest offset.
+    Aes,
+    /// LUKS, sectors numbered by host offset; the LUKS header lives where the FDE extension says.
+    Luks,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Zlib,
+    Zstd,
+}
+
+/// A validated qcow2 header.
+#[derive(Debug, Clone)]
+pub struct Header {
+    pub version: u32,
+    pub cluster_bits: u32,
+    pub size: u64,
+    pub encryption: Encryption,
+    pub l1_size: u32,
+    pub l1_table_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    pub nb_snapshots: u32,
+    pub snapshots_offset: u64,
+    pub incompatible: u64,
+    pub compatible: u64,
+    pub autoclear: u64,
+    pub refcount_order: u32,
+    pub header_length: u32,
+    pub compression: Compression,
+    pub backing_file: Option<String>,
+    pub backing_format: Option<String>,
+    /// Offset and length of the LUKS header (full-disk-encryption extension).
+    pub fde_header: Option<(u64, u64)>,
+    /// Names of feature bits from the feature-name table: (type, bit, name).
+    pub feature_names: Vec<(u8, u8, String)>,
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}
+
+impl Header {
+    /// How many bytes of the file `parse` wants: the first cluster, once cluster_bits is known.
+    pub fn bytes_wanted(first: &[u8]) -> Result<usize, FormatError> {
+        if first.len() < 24 {
+            return Err(FormatError::Truncated);
+        }
+        if first[..4] != MAGIC {
+            return Err(FormatError::BadMagic);
+        }
+        let bits = be32(first, 20);
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
+            return Err(FormatError::ClusterBits(bits));
+        }
+        Ok(1usize << bits)
+    }
+
+    /// Parse and validate the header from the first cluster of the file (`buf`, shorter if the file
+    /// is) given the file's length.
+    pub fn parse(buf: &[u8], file_len: u64) -> Result<Header, FormatError> {
+        if buf.len() < 4 || buf[..4] != MAGIC {
+            return Err(if buf.len() < 4 { FormatError::Truncated } else { FormatError::BadMagic });
+        }
+        if buf.len() < V2_HEADER_LEN {
+            return Err(FormatError::Truncated);
+        }
+        let version = be32(buf, 4);
+        if version != 2 && version != 3 {
+            return Err(FormatError::UnsupportedVersion(version));
+        }
+        let cluster_bits = be32(buf, 20);
+        if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+            return Err(FormatError::ClusterBits(cluster_bits));
+        }
+        let cluster_size = 1u64 << cluster_bits;
+
+        let (incompatible, compatible, autoclear, refcount_order, header_length) = if version == 2 {
+            (0, 0, 0, 4, V2_HEADER_LEN as u32)
+        } else {
+            if buf.len() < V3_MIN_HEADER_LEN as usize {
+                return Err(FormatError::Truncated);
+            }
+            (be64(buf, 72), be64(buf, 80), be64(buf, 88), be32(buf, 96), be32(buf, 100))
+        };
+        if version == 3
+            && (header_length < V3_MIN_HEADER_LEN
+                || u64::from(header_length) > cluster_size
+                || header_length as usize > buf.len())
+        {
+            return Err(FormatError::HeaderLength(header_length));
+        }
+        if refcount_order > 6 {
+            return Err(FormatError::RefcountOrder(refcount_order));
+        }
+        let unknown = incompatible & !INCOMPAT_KNOWN;
+        if unknown != 0 {
+            return Err(FormatError::UnknownIncompatible(unknown));
+        }
+        if incompatible & INCOMPAT_CORRUPT != 0 {
+            return Err(FormatError::CorruptBit);
+        }
+        if incompatible & INCOMPAT_EXTERNAL_DATA != 0 {
+            return Err(FormatError::ExternalDataFile);
+        }
+        let compression = if incompatible & INCOMPAT_COMPRESSION_TYPE != 0 {
+            if header_length <= 104 {
+                return Err(FormatError::HeaderLength(header_length));
+            }
+            match buf[104] {
+                0 => Compression::Zlib,
+                1 => Compression::Zstd,
+                other => return Err(FormatError::CompressionType(other)),
+            }
+        } else {
+            Compression::Zlib
+        };
+        if incompatible & INCOMPAT_EXTENDED_L2 != 0 && cluster_bits < 14 {
+            return Err(FormatError::ExtendedL2Cluster);
+        }
+
+        let size = be64(buf, 24);
+        let encryption = match be32(buf, 32) {
+            0 => Encryption::None,
+            1 => Encryption::Aes,
+            2 => Encryption::Luks,
+            _ => return Err(FormatError::Unsupported("unknown encryption method (crypt_method above 2)")),
+        };
+
+        // L1 table: within QEMU's size limit, aligned, in the file, and large enough for the disk.
+        let l1_size = be32(buf, 36);
+        let l1_table_offset = be64(buf, 40);
+        let l1_bytes = u64::from(l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(FormatError::TooLarge { what: "L1 table", size: l1_bytes, limit: MAX_L1_BYTES });
+        }
+        let entry_bits = if incompatible & INCOMPAT_EXTENDED_L2 != 0 { 4 } else { 3 };
+        let l2_bits = cluster_bits - entry_bits;
+        let bytes_per_l1 = 1u64 << (cluster_bits + l2_bits);
+        // The largest virtual size QEMU accepts is bounded by the L1 limit; this also keeps every
+        // guest offset arithmetic below far from overflow.
+        let max_size = (MAX_L1_BYTES / 8).saturating_mul(bytes_per_l1).min(1 << 62);
+        if size > max_size {
+            return Err(FormatError::VirtualSize(size));
+        }
+        let need = size.div_ceil(bytes_per_l1);
+        if u64::from(l1_size) < need {
+            return Err(FormatError::L1TooSmall { have: l1_size.into(), need });
+        }
+        if l1_size > 0 {
+            check_table("L1 table", l1_table_offset, l1_bytes, cluster_size, file_len)?;
+        }
+
+        let refcount_table_offset = be64(buf, 48);
+        let refcount_table_clusters = be32(buf, 56);
+        let rt_bytes = u64::from(refcount_table_clusters) << cluster_bits;
+        if rt_bytes > MAX_REFTABLE_BYTES {
+            return Err(FormatError::TooLarge {
+                what: "refcount table",
+                size: rt_bytes,
+                limit: MAX_REFTABLE_BYTES,
+            });
+        }
+        check_table("refcount table", refcount_table_offset, rt_bytes, cluster_size, file_len)?;
+
+        let nb_snapshots = be32(buf, 60);
+        let snapshots_offset = be64(buf, 64);
+        if nb_snapshots > MAX_SNAPSHOTS {
+            return Err(FormatError::TooLarge {
+                what: "snapshot count",
+                size: nb_snapshots.into(),
+                limit: MAX_SNAPSHOTS.into(),
+            });
+        }
+        if nb_snapshots > 0 {
+            // Each entry is at least 40 bytes; the table itself is checked entry by entry later.
+            check_table("snapshot table", snapshots_offset, u64::from(nb_snapshots) * 40, cluster_size, file_len)?;
+        }
+
+        let mut header = Header {
+            version,
+            cluster_bits,
+            size,
+            encryption,
+            l1_size,
+            l1_table_offset,
+            refcount_table_offset,
+            refcount_table_clusters,
+            nb_snapshots,
+            snapshots_offset,
+            incompatible,
+            compatible,
+            autoclear,
+            refcount_order,
+            header_length,
+            compression,
+            backing_file: None,
+            backing_format: None,
+            fde_header: None,
+            feature_names: Vec::new(),
+        };
+        let backing_end = header.parse_backing_name(buf)?;
+        header.parse_extensions(buf, backing_end)?;
+        if encryption == Encryption::Luks && header.fde_header.is_none() {
+            return Err(FormatError::BadExtension("full disk encryption (missing for LUKS)"));
+        }
+        Ok(header)
+    }
+
+    fn parse_backing_name(&mut self, buf: &[u8]) -> Result<usize, FormatError> {
+        let offset = be64(buf, 8);
+        let len = be32(buf, 16);
+        if offset == 0 || len == 0 {
+            return Ok(buf.len());
+        }
+        if len > MAX_BACKING_NAME {
+            return Err(FormatError::BackingName("longer than 1023 bytes"));
+        }
+        let start = usize::try_from(offset).map_err(|_| FormatError::BackingName("offset out of range"))?;
+        let end = start + len as usize;
+        if start < self.header_length as usize || end > buf.len() {
+            return Err(FormatError::BackingName("stored outside the header cluster"));
+        }
+        let name = std::str::from_utf8(&buf[start..end])
+            .map_err(|_| FormatError::BackingName("not valid UTF-8"))?;
+        if name.contains('\0') {
+            return Err(FormatError::BackingName("contains a NUL byte"));
+        }
+        self.backing_file = Some(name.to_string());
+        Ok(start)
+    }
+
+    /// Header extensions follow the header up to the backing name (or the end of the first cluster).
+    fn parse_extensions(&mut self, buf: &[u8], end: usize) -> Result<(), FormatError> {
+        let mut at = self.header_length as usize;
+        while at + 8 <= end {
+            let kind = be32(buf, at);
+            let len = be32(buf, at + 4);
+            let data_start = at + 8;
+            let padded = (len as usize).div_ceil(8) * 8;
+            if kind == EXT_END {
+                break;
+            }
+            if data_start + padded > buf.len() {
+                return Err(FormatError::Extension { kind, len });
+            }
+            let data = &buf[data_start..data_start + len as usize];
+            match kind {
+                EXT_BACKING_FORMAT => {
+                    let name = std::str::from_utf8(data)
+                        .map_err(|_| FormatError::BadExtension("backing format"))?;
+                    self.backing_format = Some(name.trim_end_matches('\0').to_string());
+                }
+                EXT_FDE => {
+                    if data.len() != 16 {
+                        return Err(FormatError::BadExtension("full disk encryption"));
+                    }
+                    self.fde_header = Some((be64(data, 0), be64(data, 8)));
+                }
+                EXT_DATA_FILE => return Err(FormatError::ExternalDataFile),
+                EXT_FEATURE_TABLE => {
+                    for entry in data.chunks_exact(48) {
+                        let name = entry[2..].split(|&b| b == 0).next().unwrap_or(&[]);
+                        self.feature_names
+                            .push((entry[0], entry[1], String::from_utf8_lossy(name).into_owned()));
+                    }
+                }
+                _ => {} // bitmaps and unknown extensions are only advisory for reading
+            }
+            at = data_start + padded;
+        }
+        Ok(())
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.refcount_order
+    }
+
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible & INCOMPAT_EXTENDED_L2 != 0
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.incompatible & INCOMPAT_DIRTY != 0
+    }
+}
+
+/// A table must be cluster-aligned, not overflow, and lie inside the file.
+fn check_table(what: &'static str, offset: u64, len: u64, cluster_size: u64, file_len: u64) -> Result<(), FormatError> {
+    if offset % cluster_size != 0 || offset == 0 {
+        return Err(FormatError::Misaligned { what, offset, align: cluster_size });
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= file_len.div_ceil(cluster_size) * cluster_size => Ok(()),
+        _ => Err(FormatError::BeyondEnd { what, offset, len, file_len }),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A minimal valid v3 header with 64 KiB clusters, a 1 MiB disk, L1 at 3 clusters and the refcount
+    /// table at 1 cluster, in a 4-cluster file.
+    pub(crate) fn v3_header() -> Vec<u8> {
+        let mut b = vec![0u8; 65536];
+        b[..4].copy_from_slice(&MAGIC);
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[20..24].copy_from_slice(&16u32.to_be_bytes());
+        b[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        b[36..40].copy_from_slice(&1u32.to_be_bytes());
+        b[40..48].copy_from_slice(&(3u64 << 16).to_be_bytes());
+        b[48..56].copy_from_slice(&(1u64 << 16).to_be_bytes());
+        b[56..60].copy_from_slice(&1u32.to_be_bytes());
+        b[96..100].copy_from_slice(&4u32.to_be_bytes());
+        b[100..104].copy_from_slice(&112u32.to_be_bytes());
+        b
+    }
+
+    const FILE_LEN: u64 = 4 << 16;
+
+    fn put32(b: &mut [u8], at: usize, v: u32) {
+        b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    }
+
+    fn put64(b: &mut [u8], at: usize, v: u64) {
+        b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    }
+
+    #[test]
+    fn parses_a_minimal_v3_header() {
+        let h = Header::parse(&v3_header(), FILE_LEN).unwrap();
+        assert_eq!(h.version, 3);
+        assert_eq!(h.cluster_size(), 65536);
+        assert_eq!(h.size, 1 << 20);
+        assert_eq!(h.refcount_bits(), 16);
+        assert_eq!(h.encryption, Encryption::None);
+        assert!(h.backing_file.is_none());
+    }
+
+    #[test]
+    fn rejects_bad_magic() {
+        let mut b = v3_header();
+        b[0] = b'X';
+        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::BadMagic)));
+    }
+
+    #[test]
+    fn rejects_unknown_version() {
+        let mut b = v3_header();
+        put32(&mut b, 4, 4);
+        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::UnsupportedVersion(4))));
+    }
+
+    #[test]
+    fn rejects_cluster_bits_out_of_range() {
+        for bits in [8, 22, 0xffff_ffff] {
+            let mut b = v3_header();
+            put32(&mut b, 20, bits);
+            assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::ClusterBits(_))), "{bits}");
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_incompatible_bit() {
+        let mut b = v3_header();
+        put64(&mut b, 72, 1 << 20);
+        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::UnknownIncompatible(_))));
+    }
+
+    #[test]
+    fn rejects_the_corrupt_bit() {
+        let mut b = v3_header();
+        put64(&mut b, 72, INCOMPAT_CORRUPT);
+        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::CorruptBit)));
+    }
+
+    #[test]
+    fn rejects_a_huge_l1_table() {
+        let mut b = v3_header();
+        put32(&mut b, 36, 0x7fff_ffff);
+        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn rejects_an_l1_table_too_small_for_the_disk() {
+        let mut b = v3_header();
+        put64(&mut b, 24, 1 << 40);
+        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::L1TooSmall { .. })));
+    }
+
+    #[test]
+    fn rejects_a_misaligned_l1_table() {
+        let mut b = v3_header();
+        put64(&mut b, 40, (3 << 16) + 8);
+        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::Misaligned { .. })));
+    }
+
+    #[test]
+    fn rejects_tables_beyond_the_end_of_the_file() {
+        let mut b = v3_header();
+        put64(&mut b, 40, 100 << 16);
+        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::BeyondEnd { .. })));
+    }
+
+    #[test]
+    fn rejects_a_huge_refcount_table() {
+        let mut b = v3_header();
+        put32(&mut b, 56, 0xffff_ffff);
+        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn rejects_a_backing_name_longer_than_qemu_allows() {
+        let mut b = v3_header();
+        put64(&mut b, 8, 512);
+        put32(&mut b, 16, 2000);
+        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::BackingName(_))));
+    }
+
+    #[test]
+    fn reads_backing_name_and_format_extension() {
+        let mut b = v3_header();
+        // backing format extension right after the header
+        put32(&mut b, 112, EXT_BACKING_FORMAT);
+        put32(&mut b, 116, 3);
+        b[120..123].copy_from_slice(b"raw");
+        put64(&mut b, 8, 256);
+        put32(&mut b, 16, 8);
+        b[256..264].copy_from_slice(b"base.img");
+        let h = Header::parse(&b, FILE_LEN).unwrap();
+        assert_eq!(h.backing_file.as_deref(), Some("base.img"));
+        assert_eq!(h.backing_format.as_deref(), Some("raw"));
+    }
+
+    #[test]
+    fn rejects_an_extension_running_past_the_cluster() {
+        let mut b = v3_header();
+        put32(&mut b, 112, 0x1234_5678);
+        put32(&mut b, 116, 0xffff_fff0);
+        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::Extension { .. })));
+    }
+
+    #[test]
+    fn rejects_truncated_headers() {
+        let b = v3_header();
+        assert!(matches!(Header::parse(&b[..50], FILE_LEN), Err(FormatError::Truncated)));
+    }
+
+    #[test]
+    fn v2_headers_have_sixteen_bit_refcounts() {
+        let mut b = v3_header();
+        put32(&mut b, 4, 2);
+        let h = Header::parse(&b, FILE_LEN).unwrap();
+        assert_eq!(h.refcount_order, 4);
+        assert_eq!(h.incompatible, 0);
+    }
+}

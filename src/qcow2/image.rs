@@ -1,0 +1,343 @@
+//! One open qcow2 layer: header, L1 table in memory, an LRU of L2 tables, and the read path that maps a
+//! guest range to its source (plan first, then do the I/O without holding the metadata lock).
+
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::sync::Arc;
+
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use super::compress::decompress;
+use super::header::{Encryption, Header};
+use super::layout::Layout;
+use super::refcount::Refcounts;
+use super::snapshot::{self, Snapshot};
+use super::table::{ClusterSource, L1Entry, L2Entry};
+use super::FormatError;
+use crate::crypto::SectorCipher;
+use crate::error::{Context, Error, Result};
+use crate::io::HostFile;
+
+/// Bytes of L2 tables kept in memory per image.
+const L2_CACHE_BYTES: u64 = 32 << 20;
+
+/// An L2 table as decoded words (two per entry with extended L2).
+pub(super) type L2Table = Arc<Vec<u64>>;
+
+/// Mutable metadata, under one lock held only for table lookups and updates.
+#[derive(Debug)]
+pub(super) struct Meta {
+    pub header: Header,
+    pub l1: Vec<u64>,
+    pub l2_cache: LruCache<u64, L2Table>,
+    /// Loaded on the first write.
+    pub refcounts: Option<Refcounts>,
+    /// First cluster index past everything allocated (the allocator grows the file from here).
+    pub end_cluster: u64,
+    /// Where the search for a free cluster resumes.
+    pub free_cursor: u64,
+    pub autoclear_cleared: bool,
+}
+
+/// One qcow2 layer of a chain.
+#[derive(Debug)]
+pub struct Qcow2Image {
+    pub(super) file: HostFile,
+    pub(super) layout: Layout,
+    pub(super) cipher: Option<Box<dyn SectorCipher>>,
+    pub(super) meta: Mutex<Meta>,
+    snapshots: Vec<Snapshot>,
+    /// The last decompressed cluster, so consecutive blocks of one compressed cluster decompress once.
+    last_decompressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+}
+
+/// Is a guest cluster ours to overwrite in place, or must the flush writer allocate it?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteTarget {
+    /// Allocated in this layer with refcount 1: write in place at `host`.
+    InPlace { host: u64 },
+    /// Unallocated, zero, compressed or shared: allocate a new cluster and write it whole.
+    Allocate,
+}
+
+impl Qcow2Image {
+    /// Read and validate the header and the L1 table. `cipher` must be given iff the layer is encrypted.
+    pub fn open(file: HostFile, header: Header) -> Result<Self> {
+        let path = file.path().to_path_buf();
+        let layout = Layout::new(header.cluster_bits, header.version, header.extended_l2());
+        let file_len = file.len()?;
+        let mut raw = vec![0u8; header.l1_size as usize * 8];
+        file.read_exact_at(header.l1_table_offset, &mut raw)?;
+        let l1: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        let end_cluster = file_len.div_ceil(layout.cluster_size());
+        let image_meta = MetadataRanges::of(&header);
+        for (i, &word) in l1.iter().enumerate() {
+            let l2 = L1Entry(word).l2_offset();
+            if l2 == 0 {
+                continue;
+            }
+            if l2 % layout.cluster_size() != 0 {
+                return Err(Error::new(&path, FormatError::Misaligned { what: "L2 table", offset: l2, align: layout.cluster_size() }));
+            }
+            if image_meta.overlaps(l2, layout.cluster_size()) {
+                return Err(Error::new(&path, FormatError::Overlap { what: "L2 table", offset: l2 }));
+            }
+            if l2 >= end_cluster * layout.cluster_size() {
+                return Err(Error::new(
+                    &path,
+                    FormatError::BeyondEnd { what: "L2 table", offset: l2, len: layout.cluster_size(), file_len },
+                ));
+            }
+            log::trace!("{}: L1[{i}] -> L2 at {l2:#x}", path.display());
+        }
+        let snapshots = if header.nb_snapshots > 0 {
+            snapshot::read_table(&file, header.snapshots_offset, header.nb_snapshots).at(&path)?
+        } else {
+            Vec::new()
+        };
+        let tables = (L2_CACHE_BYTES / layout.cluster_size()).max(16) as usize;
+        let meta = Meta {
+            header,
+            l1,
+            l2_cache: LruCache::new(NonZeroUsize::new(tables).unwrap_or(NonZeroUsize::MIN)),
+            refcounts: None,
+            end_cluster,
+            free_cursor: 0,
+            autoclear_cleared: false,
+        };
+        Ok(Qcow2Image {
+            file,
+            layout,
+            cipher: None,
+            meta: Mutex::new(meta),
+            snapshots,
+            last_decompressed: Mutex::new(None),
+        })
+    }
+
+    pub fn set_cipher(&mut self, cipher: Box<dyn SectorCipher>) {
+        self.cipher = Some(cipher);
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    pub fn file(&self) -> &HostFile {
+        &self.file
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    pub fn header(&self) -> Header {
+        self.meta.lock().header.clone()
+    }
+
+    pub fn virtual_size(&self) -> u64 {
+        self.meta.lock().header.size
+    }
+
+    pub fn encryption(&self) -> Encryption {
+        self.meta.lock().header.encryption
+    }
+
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// Load (or find in the cache) the L2 table at `offset`.
+    pub(super) fn l2_table(&self, meta: &mut Meta, offset: u64) -> Result<L2Table> {
+        if let Some(t) = meta.l2_cache.get(&offset) {
+            return Ok(t.clone());
+        }
+        let mut raw = vec![0u8; self.layout.cluster_size() as usize];
+        self.file.read_at(offset, &mut raw)?;
+        let words: Vec<u64> =
+            raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        let table = Arc::new(words);
+        meta.l2_cache.put(offset, table.clone());
+        Ok(table)
+    }
+
+    /// The L2 entry of the guest cluster containing `guest`, and the L1 entry above it.
+    pub(super) fn entry(&self, meta: &mut Meta, guest: u64) -> Result<(L1Entry, Option<(u64, L2Entry)>)> {
+        let l1_index = self.layout.l1_index(guest) as usize;
+        let Some(&word) = meta.l1.get(l1_index) else {
+            return Ok((L1Entry(0), None));
+        };
+        let l1 = L1Entry(word);
+        let l2_offset = l1.l2_offset();
+        if l2_offset == 0 {
+            return Ok((l1, None));
+        }
+        let table = self.l2_table(meta, l2_offset)?;
+        let i = self.layout.l2_index(guest) as usize;
+        let entry = if self.layout.extended_l2 {
+            L2Entry { word: table[2 * i], bitmap: table[2 * i + 1] }
+        } else {
+            L2Entry { word: table[i], bitmap: 0 }
+        };
+        Ok((l1, Some((l2_offset, entry))))
+    }
+
+    /// Where the bytes at `guest` come from, and for how many bytes (at most `len`) that holds.
+    pub fn map(&self, guest: u64, len: u64) -> Result<(ClusterSource, u64)> {
+        let cs = self.layout.cluster_size();
+        let mut meta = self.meta.lock();
+        let (_, found) = self.entry(&mut meta, guest)?;
+        let Some((l2_offset, entry)) = found else {
+            // No L2 table: the whole L2 span is unallocated.
+            let span_left = self.layout.l2_span() - guest % self.layout.l2_span();
+            return Ok((ClusterSource::Backing, len.min(span_left)));
+        };
+        let ranges = MetadataRanges::of(&meta.header);
+        drop(meta);
+        let in_cluster = self.layout.offset_in_cluster(guest);
+        let sc_size = self.layout.subcluster_size();
+        let sub = (in_cluster / sc_size) as u32;
+        let (source, runs) = entry.source(&self.layout, sub, guest).at(self.path())?;
+        let run_end = if matches!(source, ClusterSource::Compressed { .. }) {
+            cs
+        } else {
+            (u64::from(sub) + u64::from(runs)) * sc_size
+        };
+        let n = len.min(run_end - in_cluster);
+        let source = match source {
+            ClusterSource::Data { host } => {
+                let host_cluster = host & !(cs - 1);
+                if host_cluster == l2_offset || ranges.overlaps(host_cluster, cs) {
+                    return Err(Error::new(self.path(), FormatError::Overlap { what: "data cluster", offset: host }));
+                }
+                ClusterSource::Data { host: host + (in_cluster - u64::from(sub) * sc_size) }
+            }
+            other => other,
+        };
+        Ok((source, n))
+    }
+
+    /// Read `buf` at guest offset `guest`; what this layer does not hold is read through `below`.
+    /// `guest` and `buf.len()` are multiples of 512 when the layer is encrypted.
+    pub fn read(&self, guest: u64, buf: &mut [u8], below: &dyn Fn(u64, &mut [u8]) -> Result<()>) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = guest + done as u64;
+            let (source, n) = self.map(at, (buf.len() - done) as u64)?;
+            let piece = &mut buf[done..done + n as usize];
+            match source {
+                ClusterSource::Backing => below(at, piece)?,
+                ClusterSource::Zero => piece.fill(0),
+                ClusterSource::Data { host } => self.read_data(at, host, piece)?,
+                ClusterSource::Compressed { host, size } => {
+                    let cluster = self.decompressed(at, host, size)?;
+                    let off = self.layout.offset_in_cluster(at) as usize;
+                    piece.copy_from_slice(&cluster[off..off + piece.len()]);
+                }
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Read (and decrypt) data bytes of guest offset `guest` stored at `host`.
+    pub(super) fn read_data(&self, guest: u64, host: u64, buf: &mut [u8]) -> Result<()> {
+        self.file.read_at(host, buf)?;
+        if let Some(cipher) = &self.cipher {
+            cipher.decrypt(self.sector_number(guest, host), buf).at(self.path())?;
+        }
+        Ok(())
+    }
+
+    /// QEMU numbers legacy AES sectors by guest offset, LUKS sectors by host offset.
+    pub(super) fn sector_number(&self, guest: u64, host: u64) -> u64 {
+        match self.encryption() {
+            Encryption::Luks => host / 512,
+            _ => guest / 512,
+        }
+    }
+
+    fn decompressed(&self, guest: u64, host: u64, size: u64) -> Result<Arc<Vec<u8>>> {
+        if let Some((at, data)) = &*self.last_decompressed.lock() {
+            if *at == host {
+                return Ok(data.clone());
+            }
+        }
+        let mut packed = vec![0u8; size as usize];
+        self.file.read_at(host, &mut packed)?;
+        let mut out = vec![0u8; self.layout.cluster_size() as usize];
+        let kind = self.meta.lock().header.compression;
+        let cluster_start = guest - self.layout.offset_in_cluster(guest);
+        decompress(kind, &packed, &mut out).map_err(|_| Error::new(self.path(), FormatError::Decompress(cluster_start)))?;
+        let out = Arc::new(out);
+        *self.last_decompressed.lock() = Some((host, out.clone()));
+        Ok(out)
+    }
+
+    /// Bytes of guest data this layer holds (allocated data, compressed and zero clusters included).
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        let size = self.virtual_size();
+        let mut total = 0;
+        let mut at = 0;
+        while at < size {
+            let (source, n) = self.map(at, size - at)?;
+            if source != ClusterSource::Backing {
+                total += n;
+            }
+            at += n;
+        }
+        Ok(total)
+    }
+
+    /// Sample up to `max` allocated data clusters: (guest offset, host offset).
+    pub fn sample_data_clusters(&self, max: usize) -> Result<Vec<(u64, u64)>> {
+        let size = self.virtual_size();
+        let mut found = Vec::new();
+        let mut at = 0;
+        while at < size && found.len() < max {
+            let (source, n) = self.map(at, size - at)?;
+            if let ClusterSource::Data { host } = source {
+                found.push((at, host));
+            }
+            at += n;
+        }
+        Ok(found)
+    }
+
+    /// Decide how the flush writer treats the guest cluster at `guest`.
+    pub fn write_target(&self, guest: u64) -> Result<WriteTarget> {
+        let mut meta = self.meta.lock();
+        let (l1, found) = self.entry(&mut meta, guest)?;
+        let Some((_, entry)) = found else { return Ok(WriteTarget::Allocate) };
+        let owned = l1.is_copied()
+            && entry.is_copied()
+            && !entry.is_compressed()
+            && entry.host_cluster() != 0
+            && (self.layout.extended_l2 || entry.word & super::table::ZERO == 0 || self.layout.version < 3);
+        Ok(if owned { WriteTarget::InPlace { host: entry.host_cluster() } } else { WriteTarget::Allocate })
+    }
+}
+
+/// The host ranges of the header, L1 table and refcount table: data may never point into them.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct MetadataRanges {
+    ranges: [(u64, u64); 3],
+}
+
+impl MetadataRanges {
+    pub fn of(h: &Header) -> Self {
+        let cs = h.cluster_size();
+        MetadataRanges {
+            ranges: [
+                (0, cs),
+                (h.l1_table_offset, (u64::from(h.l1_size) * 8).div_ceil(cs) * cs),
+                (h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs),
+            ],
+        }
+    }
+
+    pub fn overlaps(&self, offset: u64, len: u64) -> bool {
+        self.ranges.iter().any(|&(start, n)| n > 0 && offset < start.saturating_add(n) && start < offset.saturating_add(len))
+    }
+}

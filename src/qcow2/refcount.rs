@@ -1,0 +1,234 @@
+//! Refcounts: the table of refcount-block offsets and the blocks themselves, loaded on demand and kept
+//! in memory with a dirty mark until the flush writer stores them. Entry widths are 1 to 64 bits;
+//! sub-byte entries are packed from the least significant bit, wider ones are big-endian.
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::table::OFFSET_MASK;
+use super::FormatError;
+use crate::error::Result;
+use crate::io::HostFile;
+
+/// Read entry `index` of a refcount block with entries of 2^order bits.
+pub fn get_entry(block: &[u8], index: usize, order: u32) -> u64 {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per_byte = 8 / bits;
+            let byte = block[index / per_byte];
+            u64::from(byte >> ((index % per_byte) * bits)) & ((1 << bits) - 1)
+        }
+        _ => {
+            let width = 1usize << (order - 3);
+            block[index * width..(index + 1) * width].iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+        }
+    }
+}
+
+/// Write entry `index`; `value` must fit in 2^order bits.
+pub fn set_entry(block: &mut [u8], index: usize, order: u32, value: u64) {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let per_byte = 8 / bits;
+            let shift = (index % per_byte) * bits;
+            let mask = (((1u16 << bits) - 1) as u8) << shift;
+            let byte = &mut block[index / per_byte];
+            *byte = (*byte & !mask) | (((value as u8) << shift) & mask);
+        }
+        _ => {
+            let width = 1usize << (order - 3);
+            let bytes = value.to_be_bytes();
+            block[index * width..(index + 1) * width].copy_from_slice(&bytes[8 - width..]);
+        }
+    }
+}
+
+/// The largest refcount an entry of 2^order bits holds.
+pub fn max_refcount(order: u32) -> u64 {
+    if order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1u32 << order)) - 1
+    }
+}
+
+/// The refcount structures of one image, as far as they have been read.
+#[derive(Debug)]
+pub struct Refcounts {
+    pub order: u32,
+    cluster_bits: u32,
+    /// Offsets of refcount blocks (0: none yet); grows when the table is relocated.
+    pub table: Vec<u64>,
+    /// Where the table lives and how many clusters it takes; changed by a relocation.
+    pub table_offset: u64,
+    pub table_clusters: u64,
+    pub table_dirty: bool,
+    blocks: HashMap<u64, Vec<u8>>,
+    pub dirty_blocks: BTreeSet<u64>,
+}
+
+impl Refcounts {
+    pub fn load(file: &HostFile, offset: u64, clusters: u64, cluster_bits: u32, order: u32) -> Result<Self> {
+        let bytes = clusters << cluster_bits;
+        let mut raw = vec![0u8; bytes as usize];
+        file.read_exact_at(offset, &mut raw)?;
+        let mut table = Vec::with_capacity(raw.len() / 8);
+        for chunk in raw.chunks_exact(8) {
+            let entry = u64::from_be_bytes(chunk.try_into().unwrap_or([0; 8])) & OFFSET_MASK;
+            if entry & ((1 << cluster_bits) - 1) != 0 {
+                return Err(crate::Error::new(
+                    file.path(),
+                    FormatError::Misaligned { what: "refcount block", offset: entry, align: 1 << cluster_bits },
+                ));
+            }
+            table.push(entry);
+        }
+        Ok(Refcounts {
+            order,
+            cluster_bits,
+            table,
+            table_offset: offset,
+            table_clusters: clusters,
+            table_dirty: false,
+            blocks: HashMap::new(),
+            dirty_blocks: BTreeSet::new(),
+        })
+    }
+
+    /// Clusters described by one refcount block.
+    pub fn per_block(&self) -> u64 {
+        (8u64 << self.cluster_bits) >> self.order
+    }
+
+    fn block_size(&self) -> usize {
+        1 << self.cluster_bits
+    }
+
+    /// Make sure block `index` is in memory; false if the table has no block there.
+    fn ensure_loaded(&mut self, file: &HostFile, index: u64) -> Result<bool> {
+        if self.blocks.contains_key(&index) {
+            return Ok(true);
+        }
+        let Some(&offset) = self.table.get(index as usize) else { return Ok(false) };
+        if offset == 0 {
+            return Ok(false);
+        }
+        let mut block = vec![0u8; self.block_size()];
+        file.read_exact_at(offset, &mut block)?;
+        self.blocks.insert(index, block);
+        Ok(true)
+    }
+
+    /// The refcount of host cluster `cluster` (0 where no block exists).
+    pub fn get(&mut self, file: &HostFile, cluster: u64) -> Result<u64> {
+        let index = cluster / self.per_block();
+        if !self.ensure_loaded(file, index)? {
+            return Ok(0);
+        }
+        let order = self.order;
+        let per_block = self.per_block();
+        Ok(self.blocks.get(&index).map_or(0, |b| get_entry(b, (cluster % per_block) as usize, order)))
+    }
+
+    /// Whether the block covering `cluster` exists (in the table).
+    pub fn has_block_for(&self, cluster: u64) -> bool {
+        let index = cluster / self.per_block();
+        self.table.get(index as usize).is_some_and(|&o| o != 0)
+    }
+
+    /// Set the refcount of `cluster`; its block must exist. Errors when `value` does not fit.
+    pub fn set(&mut self, file: &HostFile, cluster: u64, value: u64) -> Result<()> {
+        if value > max_refcount(self.order) {
+            return Err(crate::Error::new(
+                file.path(),
+                FormatError::Unsupported("a refcount would overflow its width"),
+            ));
+        }
+        let index = cluster / self.per_block();
+        if !self.ensure_loaded(file, index)? {
+            return Err(crate::Error::new(file.path(), FormatError::BadRefcount(cluster << self.cluster_bits)));
+        }
+        let order = self.order;
+        let per_block = self.per_block();
+        if let Some(block) = self.blocks.get_mut(&index) {
+            set_entry(block, (cluster % per_block) as usize, order, value);
+        }
+        self.dirty_blocks.insert(index);
+        Ok(())
+    }
+
+    /// Install a new, zeroed block `index` stored at `offset` (the caller sets its refcount).
+    pub fn add_block(&mut self, index: u64, offset: u64) {
+        if self.table.len() <= index as usize {
+            self.table.resize(index as usize + 1, 0);
+        }
+        self.table[index as usize] = offset;
+        self.blocks.insert(index, vec![0u8; self.block_size()]);
+        self.dirty_blocks.insert(index);
+        self.table_dirty = true;
+    }
+
+    /// Entries the on-disk table has room for.
+    pub fn table_capacity(&self) -> u64 {
+        (self.table_clusters << self.cluster_bits) / 8
+    }
+
+    /// Write every dirty block (not the table). Does not sync.
+    pub fn write_dirty_blocks(&mut self, file: &HostFile) -> Result<()> {
+        for &index in &self.dirty_blocks {
+            if let (Some(block), Some(&offset)) = (self.blocks.get(&index), self.table.get(index as usize)) {
+                file.write_at(offset, block)?;
+            }
+        }
+        self.dirty_blocks.clear();
+        Ok(())
+    }
+
+    /// The table as it is stored: big-endian entries, padded to its clusters.
+    pub fn table_bytes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; (self.table_clusters << self.cluster_bits) as usize];
+        for (i, &entry) in self.table.iter().enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&entry.to_be_bytes());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packs_sub_byte_refcounts_from_the_low_bits() {
+        let mut block = vec![0u8; 4];
+        set_entry(&mut block, 0, 0, 1);
+        set_entry(&mut block, 3, 0, 1);
+        assert_eq!(block[0], 0b1001);
+        set_entry(&mut block, 1, 1, 3);
+        assert_eq!(get_entry(&block, 1, 1), 3);
+        assert_eq!(block[0] & 0b1100, 0b1100);
+        let mut nib = vec![0u8; 2];
+        set_entry(&mut nib, 1, 2, 0xa);
+        assert_eq!(nib[0], 0xa0);
+        assert_eq!(get_entry(&nib, 1, 2), 0xa);
+    }
+
+    #[test]
+    fn stores_wide_refcounts_big_endian() {
+        let mut block = vec![0u8; 32];
+        set_entry(&mut block, 1, 4, 0x1234);
+        assert_eq!(&block[2..4], &[0x12, 0x34]);
+        set_entry(&mut block, 1, 6, u64::MAX - 1);
+        assert_eq!(get_entry(&block, 1, 6), u64::MAX - 1);
+        set_entry(&mut block, 2, 5, 7);
+        assert_eq!(&block[8..12], &[0, 0, 0, 7]);
+    }
+
+    #[test]
+    fn knows_the_largest_refcount_per_width() {
+        assert_eq!(max_refcount(0), 1);
+        assert_eq!(max_refcount(4), 65535);
+        assert_eq!(max_refcount(6), u64::MAX);
+    }
+}

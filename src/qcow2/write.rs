@@ -1,0 +1,370 @@
+//! The flush writer's half that knows qcow2: allocate clusters, write encrypted data, then refcounts,
+//! L2 tables and L1 entries with a barrier between each step, and drop replaced references last. A crash
+//! anywhere leaves at most leaked clusters, never an entry that points to unwritten data.
+
+use std::collections::BTreeMap;
+
+use super::header::{self, Header};
+use super::image::{Meta, MetadataRanges, Qcow2Image};
+use super::refcount::Refcounts;
+use super::table::{L1Entry, L2Entry, COPIED, SUBCLUSTERS, ZERO};
+use super::{FormatError, WriteTarget};
+use crate::error::{Context, Error, Result};
+
+/// New contents for (part of) one guest cluster of the top layer.
+#[derive(Debug)]
+pub struct ClusterWrite {
+    /// Guest offset of the cluster's first byte.
+    pub guest: u64,
+    pub target: WriteTarget,
+    /// Plaintext pieces: (offset in the cluster, bytes), multiples of 512. With `Allocate` they must
+    /// cover the whole cluster.
+    pub pieces: Vec<(u64, Vec<u8>)>,
+}
+
+/// Host clusters whose references a commit drops once the new metadata is durable.
+#[derive(Debug, Default)]
+struct Releases {
+    clusters: Vec<(u64, u64)>, // (host offset, byte length): every cluster overlapping it loses one
+}
+
+impl Qcow2Image {
+    /// Store `writes` durably. On error the on-disk image is consistent (at most leaks) and the
+    /// in-memory metadata is re-read from disk, so the caller may retry with the same writes.
+    pub fn commit(&self, mut writes: Vec<ClusterWrite>) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let result = self.commit_inner(&mut writes);
+        if result.is_err() {
+            if let Err(e) = self.reload() {
+                log::error!("{e}");
+            }
+        }
+        result
+    }
+
+    fn commit_inner(&self, writes: &mut [ClusterWrite]) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        // A: reserve host clusters for the clusters that move.
+        let hosts: Vec<u64> = {
+            let mut meta = self.meta.lock();
+            self.ensure_refcounts(&mut meta)?;
+            let mut hosts = Vec::with_capacity(writes.len());
+            for w in writes.iter() {
+                hosts.push(match w.target {
+                    WriteTarget::InPlace { host } => host,
+                    WriteTarget::Allocate => self.alloc_cluster(&mut meta)? * cs,
+                });
+            }
+            hosts
+        };
+        // B: encrypt and write the data, outside the lock.
+        for (w, &host) in writes.iter_mut().zip(&hosts) {
+            for (off, bytes) in w.pieces.iter_mut() {
+                if let Some(cipher) = &self.cipher {
+                    let sector = self.sector_number(w.guest + *off, host + *off);
+                    cipher.encrypt(sector, bytes).at(self.path())?;
+                }
+                self.file.write_at(host + *off, bytes)?;
+            }
+        }
+        // C: metadata, in order, with barriers.
+        let mut meta = self.meta.lock();
+        self.clear_autoclear(&mut meta)?;
+        let mut releases = Releases::default();
+        let mut l2_new: BTreeMap<u64, (u64, Vec<u64>)> = BTreeMap::new(); // l1 index -> (offset, table)
+        for (w, &host) in writes.iter().zip(&hosts) {
+            self.update_l2(&mut meta, &mut l2_new, &mut releases, w, host)?;
+        }
+        let old_table = self.write_refcounts(&mut meta)?;
+        self.file.sync()?;
+        for (offset, table) in l2_new.values() {
+            self.file.write_at(*offset, &encode_words(table))?;
+        }
+        self.file.sync()?;
+        let mut l1_changed = Vec::new();
+        for (&index, (offset, _)) in &l2_new {
+            let entry = L1Entry::new(*offset).0;
+            if meta.l1[index as usize] != entry {
+                l1_changed.push((index, entry));
+            }
+        }
+        for &(index, entry) in &l1_changed {
+            self.file.write_at(meta.header.l1_table_offset + index * 8, &entry.to_be_bytes())?;
+        }
+        if !l1_changed.is_empty() {
+            self.file.sync()?;
+        }
+        // The new state is durable: publish it to readers.
+        for (&index, (offset, table)) in &l2_new {
+            meta.l1[index as usize] = L1Entry::new(*offset).0;
+            meta.l2_cache.put(*offset, std::sync::Arc::new(table.clone()));
+        }
+        // Last: drop the references the new state no longer holds.
+        if let Some((offset, clusters)) = old_table {
+            releases.clusters.push((offset, clusters * cs));
+        }
+        if !releases.clusters.is_empty() {
+            for &(offset, len) in &releases.clusters {
+                self.release(&mut meta, offset, len)?;
+            }
+            self.write_refcounts(&mut meta)?;
+            self.file.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Point the L2 entry of `w` at `host`, copying or creating its L2 table as needed.
+    fn update_l2(
+        &self,
+        meta: &mut Meta,
+        l2_new: &mut BTreeMap<u64, (u64, Vec<u64>)>,
+        releases: &mut Releases,
+        w: &ClusterWrite,
+        host: u64,
+    ) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let l1_index = self.layout.l1_index(w.guest);
+        let i = self.layout.l2_index(w.guest) as usize;
+        let ext = self.layout.extended_l2;
+        if !l2_new.contains_key(&l1_index) {
+            let l1 = L1Entry(meta.l1[l1_index as usize]);
+            let old = l1.l2_offset();
+            let (offset, table) = if old == 0 {
+                let fresh = self.alloc_cluster(meta)? * cs;
+                (fresh, vec![0u64; (cs / 8) as usize])
+            } else if l1.is_copied() {
+                (old, self.l2_table(meta, old)?.as_ref().clone())
+            } else {
+                // Shared with a snapshot: copy the table; the snapshot keeps the old one.
+                let copy = self.l2_table(meta, old)?.as_ref().clone();
+                let fresh = self.alloc_cluster(meta)? * cs;
+                releases.clusters.push((old, cs));
+                (fresh, copy)
+            };
+            l2_new.insert(l1_index, (offset, table));
+        }
+        let Some((_, table)) = l2_new.get_mut(&l1_index) else { return Ok(()) };
+        let (word_at, old) = if ext {
+            (2 * i, L2Entry { word: table[2 * i], bitmap: table[2 * i + 1] })
+        } else {
+            (i, L2Entry { word: table[i], bitmap: 0 })
+        };
+        match w.target {
+            WriteTarget::Allocate => {
+                if old.is_compressed() {
+                    releases.clusters.push(old.compressed_range(&self.layout));
+                } else if old.host_cluster() != 0 {
+                    releases.clusters.push((old.host_cluster(), cs));
+                }
+                table[word_at] = host | COPIED;
+                if ext {
+                    table[word_at + 1] = u64::from(u32::MAX);
+                }
+            }
+            WriteTarget::InPlace { .. } if ext => {
+                let sc = self.layout.subcluster_size();
+                let mut bits = 0u32;
+                for (off, bytes) in &w.pieces {
+                    let first = off / sc;
+                    let last = (off + bytes.len() as u64 - 1) / sc;
+                    for s in first..=last.min(u64::from(SUBCLUSTERS) - 1) {
+                        bits |= 1 << s;
+                    }
+                }
+                let alloc = (old.bitmap as u32) | bits;
+                let zero = ((old.bitmap >> 32) as u32) & !bits;
+                table[word_at + 1] = u64::from(alloc) | (u64::from(zero) << 32);
+            }
+            WriteTarget::InPlace { .. } => {
+                if old.word & ZERO != 0 && self.layout.version >= 3 {
+                    table[word_at] &= !ZERO;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn ensure_refcounts(&self, meta: &mut Meta) -> Result<()> {
+        if meta.refcounts.is_none() {
+            let h = &meta.header;
+            meta.refcounts = Some(Refcounts::load(
+                &self.file,
+                h.refcount_table_offset,
+                h.refcount_table_clusters.into(),
+                h.cluster_bits,
+                h.refcount_order,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Find a free host cluster (refcount 0) or grow the file; its refcount becomes 1.
+    pub(super) fn alloc_cluster(&self, meta: &mut Meta) -> Result<u64> {
+        let ranges = MetadataRanges::of(&meta.header);
+        let cs = self.layout.cluster_size();
+        let mut found = None;
+        while meta.free_cursor < meta.end_cluster {
+            let c = meta.free_cursor;
+            meta.free_cursor += 1;
+            let rc = self.refcounts(meta)?.get(&self.file, c)?;
+            if rc == 0 && !ranges.overlaps(c * cs, cs) {
+                found = Some(c);
+                break;
+            }
+        }
+        let cluster = match found {
+            Some(c) => c,
+            None => {
+                let c = meta.end_cluster;
+                meta.end_cluster += 1;
+                meta.free_cursor = meta.end_cluster;
+                c
+            }
+        };
+        self.ensure_block(meta, cluster)?;
+        self.refcounts(meta)?.set(&self.file, cluster, 1)?;
+        Ok(cluster)
+    }
+
+    fn refcounts<'m>(&self, meta: &'m mut Meta) -> Result<&'m mut Refcounts> {
+        meta.refcounts
+            .as_mut()
+            .ok_or_else(|| Error::new(self.path(), FormatError::Unsupported("refcounts not loaded")))
+    }
+
+    /// Make sure a refcount block covers `cluster`, creating it (and growing the table) if needed.
+    fn ensure_block(&self, meta: &mut Meta, cluster: u64) -> Result<()> {
+        if self.refcounts(meta)?.has_block_for(cluster) {
+            return Ok(());
+        }
+        let per_block = self.refcounts(meta)?.per_block();
+        let index = cluster / per_block;
+        if index >= self.refcounts(meta)?.table_capacity() {
+            self.grow_table(meta, index + 1)?;
+            if self.refcounts(meta)?.has_block_for(cluster) {
+                return Ok(());
+            }
+        }
+        // New blocks go at the end of the file; usually the block then describes itself.
+        let block_cluster = meta.end_cluster;
+        meta.end_cluster += 1;
+        meta.free_cursor = meta.free_cursor.max(meta.end_cluster);
+        let cs = self.layout.cluster_size();
+        self.refcounts(meta)?.add_block(index, block_cluster * cs);
+        self.ensure_block(meta, block_cluster)?;
+        self.refcounts(meta)?.set(&self.file, block_cluster, 1)
+    }
+
+    /// Move the refcount table to new clusters at the end of the file with room for `entries`.
+    fn grow_table(&self, meta: &mut Meta, entries: u64) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let rc = self.refcounts(meta)?;
+        let old_clusters = rc.table_clusters;
+        let want = (entries * 8).div_ceil(cs).max(old_clusters * 2).max(1);
+        if want * cs > header::MAX_REFTABLE_BYTES {
+            return Err(Error::new(
+                self.path(),
+                FormatError::TooLarge { what: "refcount table", size: want * cs, limit: header::MAX_REFTABLE_BYTES },
+            ));
+        }
+        let start = meta.end_cluster;
+        meta.end_cluster += want;
+        meta.free_cursor = meta.free_cursor.max(meta.end_cluster);
+        let rc = self.refcounts(meta)?;
+        rc.table_offset = start * cs;
+        rc.table_clusters = want;
+        rc.table_dirty = true;
+        for c in start..start + want {
+            self.ensure_block(meta, c)?;
+            self.refcounts(meta)?.set(&self.file, c, 1)?;
+        }
+        Ok(())
+    }
+
+    /// Write dirty refcount blocks, then the table if it changed (and the header if it moved). Returns
+    /// the old table's (offset, clusters) when it moved, for release once everything is durable.
+    fn write_refcounts(&self, meta: &mut Meta) -> Result<Option<(u64, u64)>> {
+        let file = &self.file;
+        let rc = meta.refcounts.as_mut().ok_or_else(|| Error::new(file.path(), FormatError::Unsupported("refcounts not loaded")))?;
+        rc.write_dirty_blocks(file)?;
+        if !rc.table_dirty {
+            return Ok(None);
+        }
+        let moved = rc.table_offset != meta.header.refcount_table_offset;
+        file.write_at(rc.table_offset, &rc.table_bytes())?;
+        rc.table_dirty = false;
+        if !moved {
+            return Ok(None);
+        }
+        file.sync()?;
+        let mut fields = [0u8; 12];
+        fields[..8].copy_from_slice(&rc.table_offset.to_be_bytes());
+        fields[8..].copy_from_slice(&(rc.table_clusters as u32).to_be_bytes());
+        file.write_at(header::OFF_REFCOUNT_TABLE_OFFSET, &fields)?;
+        file.sync()?;
+        let old = (meta.header.refcount_table_offset, u64::from(meta.header.refcount_table_clusters));
+        meta.header.refcount_table_offset = rc.table_offset;
+        meta.header.refcount_table_clusters = rc.table_clusters as u32;
+        Ok(Some(old))
+    }
+
+    /// Drop one reference from every cluster overlapping [offset, offset + len).
+    fn release(&self, meta: &mut Meta, offset: u64, len: u64) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let first = offset / cs;
+        let last = (offset + len.max(1) - 1) / cs;
+        for c in first..=last {
+            let rc = self.refcounts(meta)?;
+            let count = rc.get(&self.file, c)?;
+            if count == 0 {
+                log::warn!("{}: cluster {:#x} already has refcount 0", self.path().display(), c * cs);
+                continue;
+            }
+            rc.set(&self.file, c, count - 1)?;
+            if count == 1 {
+                meta.free_cursor = meta.free_cursor.min(c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writers that do not understand the autoclear features must clear them (e.g. bitmaps go stale).
+    fn clear_autoclear(&self, meta: &mut Meta) -> Result<()> {
+        if meta.autoclear_cleared || meta.header.autoclear == 0 {
+            return Ok(());
+        }
+        self.file.write_at(header::OFF_AUTOCLEAR, &0u64.to_be_bytes())?;
+        self.file.sync()?;
+        meta.header.autoclear = 0;
+        meta.autoclear_cleared = true;
+        Ok(())
+    }
+
+    /// Forget everything in memory and read the header and L1 table again (after a failed commit).
+    pub fn reload(&self) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let mut first = vec![0u8; cs as usize];
+        self.file.read_at(0, &mut first)?;
+        let header = Header::parse(&first, self.file.len()?).at(self.path())?;
+        let mut raw = vec![0u8; header.l1_size as usize * 8];
+        self.file.read_exact_at(header.l1_table_offset, &mut raw)?;
+        let mut meta = self.meta.lock();
+        meta.l1 = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        meta.header = header;
+        meta.l2_cache.clear();
+        meta.refcounts = None;
+        meta.end_cluster = self.file.len()?.div_ceil(cs);
+        meta.free_cursor = 0;
+        Ok(())
+    }
+}
+
+fn encode_words(words: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(words.len() * 8);
+    for w in words {
+        out.extend_from_slice(&w.to_be_bytes());
+    }
+    out
+}
