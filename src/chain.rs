@@ -109,8 +109,15 @@ impl Chain {
                 return Err(Error::new(&path, FormatError::ChainLoop));
             }
             if !opts.force_share {
-                let mode = if writable { LockMode::Write } else { LockMode::Read };
-                locks.push(ImageLock::acquire(file.file(), mode).map_err(|m| Error::new(&path, crate::Problem::Locked(m)))?);
+                let mode = if writable {
+                    LockMode::Write
+                } else {
+                    LockMode::Read
+                };
+                locks.push(
+                    ImageLock::acquire(file.file(), mode)
+                        .map_err(|m| Error::new(&path, crate::Problem::Locked(m)))?,
+                );
             }
             let layer = open_layer(file, format.as_deref(), keys, opts)?;
             if let Layer::Qcow2(q) = &layer {
@@ -125,8 +132,15 @@ impl Chain {
             log::debug!("opened {} ({})", path.display(), layer.format());
             layers.push(layer);
         }
-        let sizes = layers.iter().map(Layer::virtual_size).collect::<Result<Vec<_>>>()?;
-        Ok(Chain { layers, sizes, _locks: locks })
+        let sizes = layers
+            .iter()
+            .map(Layer::virtual_size)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Chain {
+            layers,
+            sizes,
+            _locks: locks,
+        })
     }
 
     pub fn layers(&self) -> &[Layer] {
@@ -179,7 +193,12 @@ fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
     }
 }
 
-fn open_layer(file: HostFile, format: Option<&str>, keys: &KeyRing, opts: OpenOptions) -> Result<Layer> {
+fn open_layer(
+    file: HostFile,
+    format: Option<&str>,
+    keys: &KeyRing,
+    opts: OpenOptions,
+) -> Result<Layer> {
     let path = file.path().to_path_buf();
     let mut first = [0u8; 4];
     let len = file.len()?;
@@ -187,7 +206,12 @@ fn open_layer(file: HostFile, format: Option<&str>, keys: &KeyRing, opts: OpenOp
     let is_qcow2 = match format {
         Some("qcow2") => true,
         Some("raw") => false,
-        Some(other) => return Err(Error::new(&path, FormatError::BackingFormat(other.to_string()))),
+        Some(other) => {
+            return Err(Error::new(
+                &path,
+                FormatError::BackingFormat(other.to_string()),
+            ))
+        }
         None => first == crate::qcow2::header::MAGIC,
     };
     if !is_qcow2 {
@@ -210,7 +234,10 @@ fn open_layer(file: HostFile, format: Option<&str>, keys: &KeyRing, opts: OpenOp
         },
         Encryption::Luks => {
             if !opts.without_keys {
-                return Err(Error::new(&path, FormatError::Unsupported("LUKS-encrypted qcow2 is not supported yet")));
+                return Err(Error::new(
+                    &path,
+                    FormatError::Unsupported("LUKS-encrypted qcow2 is not supported yet"),
+                ));
             }
         }
     }

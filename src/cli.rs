@@ -52,7 +52,9 @@ Writes go to IMAGE only (backing files are never written); they are encrypted wi
 layer's key and made durable on fsync, after a few idle seconds, and at umount.")]
     Mount(MountArgs),
     /// Write everything, unmount MOUNTPOINT and wait until the daemon has exited
-    #[command(after_help = "Example:\n  qcowfs umount /mnt/vm\n\nWhen it returns 0 every write is in the image and no qcowfs process holds it.")]
+    #[command(
+        after_help = "Example:\n  qcowfs umount /mnt/vm\n\nWhen it returns 0 every write is in the image and no qcowfs process holds it."
+    )]
     Umount {
         /// Where the image is mounted
         mountpoint: PathBuf,
@@ -116,7 +118,9 @@ pub struct InfoArgs {
 pub fn read_passphrase(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
     let mut data = Zeroizing::new(Vec::new());
     if path == Path::new("-") {
-        std::io::stdin().read_to_end(&mut data).map_err(|e| Error::new("<stdin>", e))?;
+        std::io::stdin()
+            .read_to_end(&mut data)
+            .map_err(|e| Error::new("<stdin>", e))?;
     } else {
         let mut f = std::fs::File::open(path).map_err(|e| Error::new(path, e))?;
         f.read_to_end(&mut data).map_err(|e| Error::new(path, e))?;
@@ -135,11 +139,15 @@ pub fn key_ring(args: &KeyArgs, image: &Path, prompt: bool) -> Result<KeyRing> {
     }
     for spec in &args.layer_passphrase_file {
         let Some((layer, file)) = spec.split_once('=') else {
-            return Err(Error::new(spec, Problem::Usage("--layer-passphrase-file takes PATH=FILE".into())));
+            return Err(Error::new(
+                spec,
+                Problem::Usage("--layer-passphrase-file takes PATH=FILE".into()),
+            ));
         };
         let layer_path = PathBuf::from(layer);
         let canon = std::fs::canonicalize(&layer_path).map_err(|e| Error::new(&layer_path, e))?;
-        ring.per_layer.push((canon, read_passphrase(Path::new(file))?));
+        ring.per_layer
+            .push((canon, read_passphrase(Path::new(file))?));
     }
     if ring.default.is_none() {
         let missing = encrypted_layers_without_keys(image, &ring)?;
@@ -147,8 +155,9 @@ pub fn key_ring(args: &KeyArgs, image: &Path, prompt: bool) -> Result<KeyRing> {
             if !prompt || !std::io::stdin().is_terminal() {
                 return Err(Error::new(first, CryptoError::NoPassphrase));
             }
-            let answer = rpassword::prompt_password(format!("Passphrase for {}: ", image.display()))
-                .map_err(|e| Error::new(image, e))?;
+            let answer =
+                rpassword::prompt_password(format!("Passphrase for {}: ", image.display()))
+                    .map_err(|e| Error::new(image, e))?;
             ring.default = Some(Zeroizing::new(answer.into_bytes()));
         }
     }
@@ -157,7 +166,11 @@ pub fn key_ring(args: &KeyArgs, image: &Path, prompt: bool) -> Result<KeyRing> {
 
 /// Encrypted layers of the chain that the ring has no key for.
 fn encrypted_layers_without_keys(image: &Path, ring: &KeyRing) -> Result<Vec<PathBuf>> {
-    let opts = OpenOptions { writable: false, force_share: true, without_keys: true };
+    let opts = OpenOptions {
+        writable: false,
+        force_share: true,
+        without_keys: true,
+    };
     let chain = Chain::open(image, ring, opts)?;
     Ok(chain
         .layers()
@@ -165,7 +178,10 @@ fn encrypted_layers_without_keys(image: &Path, ring: &KeyRing) -> Result<Vec<Pat
         .filter(|l| l.encryption() != Encryption::None)
         .filter(|l| {
             let canon = std::fs::canonicalize(l.path()).ok();
-            !ring.per_layer.iter().any(|(p, _)| Some(p) == canon.as_ref())
+            !ring
+                .per_layer
+                .iter()
+                .any(|(p, _)| Some(p) == canon.as_ref())
         })
         .map(|l| l.path().to_path_buf())
         .collect())

@@ -39,12 +39,18 @@ pub struct Error {
 
 impl Error {
     pub fn new(path: impl AsRef<Path>, problem: impl Into<Problem>) -> Self {
-        Error { path: path.as_ref().to_path_buf(), problem: problem.into() }
+        Error {
+            path: path.as_ref().to_path_buf(),
+            problem: problem.into(),
+        }
     }
 
     /// An error whose text came from the mount daemon and already names the file.
     pub fn relayed(message: String) -> Self {
-        Error { path: PathBuf::new(), problem: Problem::Relayed(message) }
+        Error {
+            path: PathBuf::new(),
+            problem: Problem::Relayed(message),
+        }
     }
 
     /// The errno a FUSE request failing with this error answers with.

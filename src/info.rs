@@ -15,10 +15,21 @@ pub fn run(args: &InfoArgs) -> Result<()> {
     if let Some(p) = &args.keys.passphrase_file {
         keys.default = Some(read_passphrase(p)?);
     }
-    let chain = Chain::open(&args.image, &keys, OpenOptions { writable: false, force_share: true, without_keys: true })?;
+    let chain = Chain::open(
+        &args.image,
+        &keys,
+        OpenOptions {
+            writable: false,
+            force_share: true,
+            without_keys: true,
+        },
+    )?;
     let report = describe(&chain)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
     } else {
         print_text(&report);
     }
@@ -56,7 +67,11 @@ fn layer_json(layer: &Layer) -> Result<Value> {
 
 fn describe(chain: &Chain) -> Result<Value> {
     let top = chain.top();
-    let layers = chain.layers().iter().map(layer_json).collect::<Result<Vec<_>>>()?;
+    let layers = chain
+        .layers()
+        .iter()
+        .map(layer_json)
+        .collect::<Result<Vec<_>>>()?;
     let mut report = json!({
         "image": top.path().display().to_string(),
         "format": top.format(),
@@ -108,11 +123,18 @@ fn print_text(r: &Value) {
     if let Some(v) = r["version"].as_u64() {
         println!("version: {v}");
     }
-    println!("virtual size: {} ({} bytes)", human(num(&r["virtual_size"])), num(&r["virtual_size"]));
+    println!(
+        "virtual size: {} ({} bytes)",
+        human(num(&r["virtual_size"])),
+        num(&r["virtual_size"])
+    );
     if let Some(cs) = r["cluster_size"].as_u64() {
         println!("cluster size: {cs}");
         println!("refcount bits: {}", num(&r["refcount_bits"]));
-        println!("extended L2: {}", r["extended_l2"].as_bool().unwrap_or(false));
+        println!(
+            "extended L2: {}",
+            r["extended_l2"].as_bool().unwrap_or(false)
+        );
         println!("compression: {}", r["compression"].as_str().unwrap_or(""));
     }
     println!("encryption: {}", r["encryption"].as_str().unwrap_or(""));
@@ -139,7 +161,12 @@ fn print_text(r: &Value) {
     if !snaps.is_empty() {
         println!("snapshots:");
         for s in snaps {
-            println!("  {} {} (disk size {})", s["id"].as_str().unwrap_or(""), s["name"].as_str().unwrap_or(""), num(&s["disk_size"]));
+            println!(
+                "  {} {} (disk size {})",
+                s["id"].as_str().unwrap_or(""),
+                s["name"].as_str().unwrap_or(""),
+                num(&s["disk_size"])
+            );
         }
     }
 }

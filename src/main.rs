@@ -17,11 +17,17 @@ fn level(verbose: u8) -> log::LevelFilter {
 
 fn main() {
     let cli = Cli::parse();
-    let log_level = std::env::var("RUST_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| level(cli.verbose));
+    let log_level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| level(cli.verbose));
     // A daemonized mount logs to syslog; everything else to stderr.
     let daemonizes = matches!(&cli.command, Command::Mount(m) if !m.foreground);
     if !daemonizes {
-        env_logger::Builder::new().filter_level(log_level).parse_default_env().init();
+        env_logger::Builder::new()
+            .filter_level(log_level)
+            .parse_default_env()
+            .init();
     }
     let result = match cli.command {
         Command::Mount(m) => key_ring(&m.keys, &m.image, true).and_then(|keys| {

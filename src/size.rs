@@ -5,8 +5,15 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(digits_end);
-    let n: u64 = num.parse().map_err(|_| format!("'{text}' is not a size (try 256M or 1G)"))?;
-    let shift = match suffix.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size (try 256M or 1G)"))?;
+    let shift = match suffix
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
         "" => 0,
         "K" => 10,
         "M" => 20,
@@ -14,7 +21,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "T" => 40,
         _ => return Err(format!("'{text}' has an unknown unit (use K, M, G or T)")),
     };
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("'{text}' is too large"))
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{text}' is too large"))
 }
 
 /// Print a byte count the way people read it.

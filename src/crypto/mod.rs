@@ -43,10 +43,14 @@ pub fn looks_like_plaintext(sector: &[u8]) -> bool {
         return true;
     }
     let n = sector.len() as f64;
-    let entropy: f64 = counts.iter().filter(|&&c| c > 0).map(|&c| {
-        let p = f64::from(c) / n;
-        -p * p.log2()
-    }).sum();
+    let entropy: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum();
     entropy < 7.0
 }
 
@@ -63,7 +67,12 @@ mod tests {
         cipher.encrypt(1, &mut more).unwrap();
         assert!(!looks_like_plaintext(&noise));
         assert!(!looks_like_plaintext(&more));
-        let text: Vec<u8> = b"# /etc/fstab: static file system information.\n".iter().cycle().take(512).copied().collect();
+        let text: Vec<u8> = b"# /etc/fstab: static file system information.\n"
+            .iter()
+            .cycle()
+            .take(512)
+            .copied()
+            .collect();
         assert!(looks_like_plaintext(&text));
         assert!(looks_like_plaintext(&[0xab; 512]));
     }

@@ -36,7 +36,14 @@ impl BlockCache {
         let per_shard = (clean_bytes / block_size / SHARDS as u64).max(1) as usize;
         let cap = NonZeroUsize::new(per_shard).unwrap_or(NonZeroUsize::MIN);
         BlockCache {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard { clean: LruCache::new(cap), dirty: HashMap::new() })).collect(),
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        clean: LruCache::new(cap),
+                        dirty: HashMap::new(),
+                    })
+                })
+                .collect(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             dirty_bytes: AtomicU64::new(0),
         }
@@ -57,7 +64,8 @@ impl BlockCache {
     /// Make `data` the dirty content of `block` (it was clean or absent).
     pub fn insert_dirty(&self, shard: &mut Shard, block: u64, data: Vec<u8>) {
         shard.clean.pop(&block);
-        self.dirty_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.dirty_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         shard.dirty.insert(block, data);
     }
 
@@ -65,14 +73,19 @@ impl BlockCache {
     pub fn mark_clean(&self, block: u64) {
         let mut shard = self.shard(block);
         if let Some(data) = shard.dirty.remove(&block) {
-            self.dirty_bytes.fetch_sub(data.len() as u64, Ordering::Relaxed);
+            self.dirty_bytes
+                .fetch_sub(data.len() as u64, Ordering::Relaxed);
             shard.clean.put(block, Arc::new(data));
         }
     }
 
     /// Every dirty block index, sorted.
     pub fn dirty_blocks(&self) -> Vec<u64> {
-        let mut all: Vec<u64> = self.shards.iter().flat_map(|s| s.lock().dirty.keys().copied().collect::<Vec<_>>()).collect();
+        let mut all: Vec<u64> = self
+            .shards
+            .iter()
+            .flat_map(|s| s.lock().dirty.keys().copied().collect::<Vec<_>>())
+            .collect();
         all.sort_unstable();
         all
     }

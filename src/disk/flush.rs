@@ -53,12 +53,23 @@ pub(super) fn flush(disk: &Disk) -> Result<()> {
                 let pieces = match target {
                     WriteTarget::InPlace { .. } => blocks
                         .iter()
-                        .filter_map(|&b| disk.cache.dirty_copy(b).map(|d| (b * disk.block_size - guest, pad(d))))
+                        .filter_map(|&b| {
+                            disk.cache
+                                .dirty_copy(b)
+                                .map(|d| (b * disk.block_size - guest, pad(d)))
+                        })
                         .collect(),
                     WriteTarget::Allocate => vec![(0, assemble(disk, guest, cs)?)],
                 };
-                batch_bytes += pieces.iter().map(|(_, d): &(u64, Vec<u8>)| d.len() as u64).sum::<u64>();
-                batch.push(ClusterWrite { guest, target, pieces });
+                batch_bytes += pieces
+                    .iter()
+                    .map(|(_, d): &(u64, Vec<u8>)| d.len() as u64)
+                    .sum::<u64>();
+                batch.push(ClusterWrite {
+                    guest,
+                    target,
+                    pieces,
+                });
                 batch_blocks.extend_from_slice(blocks);
                 if batch_bytes >= BATCH_BYTES {
                     commit(disk, image, &mut batch, &mut batch_blocks)?;
@@ -72,7 +83,12 @@ pub(super) fn flush(disk: &Disk) -> Result<()> {
     Ok(())
 }
 
-fn commit(disk: &Disk, image: &crate::qcow2::Qcow2Image, batch: &mut Vec<ClusterWrite>, blocks: &mut Vec<u64>) -> Result<()> {
+fn commit(
+    disk: &Disk,
+    image: &crate::qcow2::Qcow2Image,
+    batch: &mut Vec<ClusterWrite>,
+    blocks: &mut Vec<u64>,
+) -> Result<()> {
     let n = batch.len() as u64;
     image.commit(std::mem::take(batch))?;
     for &b in blocks.iter() {

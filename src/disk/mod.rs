@@ -64,7 +64,10 @@ impl Disk {
             Layer::Raw(_) => MAX_BLOCK,
         };
         let dirty_limit = (64 << 20).min(opts.cache_size / 4).max(block_size * 4);
-        let clean = opts.cache_size.saturating_sub(dirty_limit).max(block_size * 64);
+        let clean = opts
+            .cache_size
+            .saturating_sub(dirty_limit)
+            .max(block_size * 64);
         let size = chain.size();
         Disk {
             chain: Arc::new(chain),
@@ -160,7 +163,11 @@ impl Disk {
     }
 
     /// Split [offset, offset + len) into (block, offset in block, length) pieces.
-    fn pieces(&self, offset: u64, len: usize) -> impl Iterator<Item = (u64, usize, usize, usize)> + '_ {
+    fn pieces(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl Iterator<Item = (u64, usize, usize, usize)> + '_ {
         let bs = self.block_size;
         let mut done = 0usize;
         std::iter::from_fn(move || {
@@ -180,7 +187,10 @@ impl Disk {
     fn check_range(&self, offset: u64, len: usize) -> Result<()> {
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(Error::new(self.chain.top().path(), std::io::Error::from_raw_os_error(libc::EINVAL))),
+            _ => Err(Error::new(
+                self.chain.top().path(),
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            )),
         }
     }
 
@@ -213,7 +223,10 @@ impl BlockDevice for Disk {
 
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         if self.read_only {
-            return Err(Error::new(self.chain.top().path(), std::io::Error::from_raw_os_error(libc::EROFS)));
+            return Err(Error::new(
+                self.chain.top().path(),
+                std::io::Error::from_raw_os_error(libc::EROFS),
+            ));
         }
         self.check_range(offset, data.len())?;
         {

@@ -18,12 +18,23 @@ pub struct HostFile {
 
 impl HostFile {
     pub fn open(path: &Path, writable: bool) -> Result<Self> {
-        let file = OpenOptions::new().read(true).write(writable).open(path).at(path)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .at(path)?;
         let meta = file.metadata().at(path)?;
         if meta.is_dir() {
-            return Err(crate::Error::new(path, io::Error::from_raw_os_error(libc::EISDIR)));
+            return Err(crate::Error::new(
+                path,
+                io::Error::from_raw_os_error(libc::EISDIR),
+            ));
         }
-        Ok(HostFile { file, path: path.to_path_buf(), writable })
+        Ok(HostFile {
+            file,
+            path: path.to_path_buf(),
+            writable,
+        })
     }
 
     pub fn path(&self) -> &Path {

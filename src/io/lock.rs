@@ -32,9 +32,10 @@ impl ImageLock {
     pub fn acquire(file: &File, mode: LockMode) -> Result<ImageLock, String> {
         let (held, unshared): (&[i64], &[i64]) = match mode {
             LockMode::Read => (&[PERM_CONSISTENT_READ], &[PERM_WRITE, PERM_RESIZE]),
-            LockMode::Write => {
-                (&[PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE], &[PERM_WRITE, PERM_RESIZE])
-            }
+            LockMode::Write => (
+                &[PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE],
+                &[PERM_WRITE, PERM_RESIZE],
+            ),
         };
         // Someone forbids what we want to hold?
         for &perm in held {
@@ -54,7 +55,11 @@ impl ImageLock {
                 ));
             }
         }
-        for byte in held.iter().map(|p| PERM_BASE + p).chain(unshared.iter().map(|p| SHARED_BASE + p)) {
+        for byte in held
+            .iter()
+            .map(|p| PERM_BASE + p)
+            .chain(unshared.iter().map(|p| SHARED_BASE + p))
+        {
             set_shared_lock(file, byte).map_err(|e| format!("cannot lock the image: {e}"))?;
         }
         Ok(ImageLock)

@@ -76,9 +76,10 @@ pub fn mount(req: MountRequest) -> Result<()> {
             let _ = reader.read_to_string(&mut answer);
             match answer.strip_prefix("ok") {
                 Some(_) => Ok(()),
-                None if answer.trim().is_empty() => {
-                    Err(Error::new(&req.image, Problem::Usage("the mount daemon exited before the mount was ready".into())))
-                }
+                None if answer.trim().is_empty() => Err(Error::new(
+                    &req.image,
+                    Problem::Usage("the mount daemon exited before the mount was ready".into()),
+                )),
                 None => Err(Error::relayed(answer.trim().to_string())),
             }
         }
@@ -101,7 +102,9 @@ fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
     let mut unmounter = session.unmount_callable();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     spawn_idle_flusher(disk.clone(), stop.clone());
-    if let Ok(mut signals) = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP]) {
+    if let Ok(mut signals) =
+        signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
+    {
         std::thread::spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 log::info!("signal {sig}: unmounting");
@@ -116,7 +119,11 @@ fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
         drop(pipe);
         detach_stdio();
     }
-    log::info!("{} mounted on {}", req.image.display(), req.mountpoint.display());
+    log::info!(
+        "{} mounted on {}",
+        req.image.display(),
+        req.mountpoint.display()
+    );
     let run = session.run();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let final_error = outcome.lock().take();
@@ -139,19 +146,37 @@ fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
     }
 }
 
-type Prepared = (fuser::Session<QcowFs<Disk>>, Arc<Disk>, Arc<Mutex<Option<String>>>, Record);
+type Prepared = (
+    fuser::Session<QcowFs<Disk>>,
+    Arc<Disk>,
+    Arc<Mutex<Option<String>>>,
+    Record,
+);
 
 fn prepare(req: &MountRequest) -> Result<Prepared> {
     let meta = std::fs::metadata(&req.mountpoint).map_err(|e| Error::new(&req.mountpoint, e))?;
     if !meta.is_dir() {
-        return Err(Error::new(&req.mountpoint, Problem::Usage("the mountpoint is not a directory".into())));
+        return Err(Error::new(
+            &req.mountpoint,
+            Problem::Usage("the mountpoint is not a directory".into()),
+        ));
     }
-    let opts = OpenOptions { writable: !req.read_only, force_share: req.force_share, without_keys: false };
+    let opts = OpenOptions {
+        writable: !req.read_only,
+        force_share: req.force_share,
+        without_keys: false,
+    };
     let chain = Chain::open(&req.image, &req.keys, opts)?;
     if !req.force {
         check_passphrases(&chain)?;
     }
-    let disk = Arc::new(Disk::new(chain, DiskOptions { cache_size: req.cache_size, read_only: req.read_only }));
+    let disk = Arc::new(Disk::new(
+        chain,
+        DiskOptions {
+            cache_size: req.cache_size,
+            read_only: req.read_only,
+        },
+    ));
     let outcome = Arc::new(Mutex::new(None));
     let on_destroy = {
         let disk = disk.clone();
@@ -168,23 +193,37 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
     let fs = QcowFs::new(disk.clone(), uid, gid).on_destroy(on_destroy);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
-        fuser::MountOption::FSName(req.image.display().to_string()),
+        fuser::MountOption::FSName(
+            std::fs::canonicalize(&req.image)
+                .unwrap_or_else(|_| req.image.clone())
+                .display()
+                .to_string(),
+        ),
         fuser::MountOption::Subtype("qcowfs".into()),
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoDev,
         fuser::MountOption::NoSuid,
-        if req.read_only { fuser::MountOption::RO } else { fuser::MountOption::RW },
+        if req.read_only {
+            fuser::MountOption::RO
+        } else {
+            fuser::MountOption::RW
+        },
     ];
     if req.allow_other {
         config.acl = fuser::SessionACL::All;
     }
     config.n_threads = Some(FUSE_THREADS);
     config.clone_fd = true;
-    let session = fuser::Session::new(fs, &req.mountpoint, &config).map_err(|e| Error::new(&req.mountpoint, e))?;
-    let mountpoint = std::fs::canonicalize(&req.mountpoint).unwrap_or_else(|_| req.mountpoint.clone());
+    let session = fuser::Session::new(fs, &req.mountpoint, &config)
+        .map_err(|e| Error::new(&req.mountpoint, e))?;
+    let mountpoint =
+        std::fs::canonicalize(&req.mountpoint).unwrap_or_else(|_| req.mountpoint.clone());
     let record = Record::for_mountpoint(&mountpoint);
     if let Err(e) = record.write_pid(std::process::id(), &mountpoint) {
-        log::warn!("cannot record the daemon in {}: {e}", record.pid_file.display());
+        log::warn!(
+            "cannot record the daemon in {}: {e}",
+            record.pid_file.display()
+        );
     }
     Ok((session, disk, outcome, record))
 }
@@ -199,7 +238,10 @@ fn check_passphrases(chain: &Chain) -> Result<()> {
         }
         let samples = image.sample_data_clusters(KEY_SAMPLES)?;
         if samples.is_empty() {
-            log::info!("{}: no data yet, the passphrase cannot be checked", image.path().display());
+            log::info!(
+                "{}: no data yet, the passphrase cannot be checked",
+                image.path().display()
+            );
             continue;
         }
         let mut sector = [0u8; 512];
@@ -227,7 +269,11 @@ fn spawn_idle_flusher(disk: Arc<Disk>, stop: Arc<std::sync::atomic::AtomicBool>)
 
 /// The daemon keeps no terminal: stdin, stdout and stderr go to /dev/null (logs go to syslog).
 fn detach_stdio() {
-    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
         let fd = null.into_raw_fd();
         for target in 0..3 {
             // SAFETY: fd is a valid open descriptor; dup2 onto the standard descriptors is sound.

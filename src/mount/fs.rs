@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig, LockOwner, OpenFlags,
-    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
+    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
 
 use crate::disk::BlockDevice;
@@ -34,7 +34,13 @@ pub struct QcowFs<D: BlockDevice> {
 
 impl<D: BlockDevice> QcowFs<D> {
     pub fn new(device: Arc<D>, uid: u32, gid: u32) -> Self {
-        QcowFs { device, uid, gid, mounted_at: SystemTime::now(), on_destroy: None }
+        QcowFs {
+            device,
+            uid,
+            gid,
+            mounted_at: SystemTime::now(),
+            on_destroy: None,
+        }
     }
 
     pub fn on_destroy(mut self, f: impl FnOnce() + Send + Sync + 'static) -> Self {
@@ -44,8 +50,26 @@ impl<D: BlockDevice> QcowFs<D> {
 
     fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
         let (kind, perm, size, nlink) = match ino {
-            ROOT => (FileType::Directory, if self.device.is_read_only() { 0o555 } else { 0o755 }, 0, 2),
-            DISK => (FileType::RegularFile, if self.device.is_read_only() { 0o400 } else { 0o600 }, self.device.size(), 1),
+            ROOT => (
+                FileType::Directory,
+                if self.device.is_read_only() {
+                    0o555
+                } else {
+                    0o755
+                },
+                0,
+                2,
+            ),
+            DISK => (
+                FileType::RegularFile,
+                if self.device.is_read_only() {
+                    0o400
+                } else {
+                    0o600
+                },
+                self.device.size(),
+                1,
+            ),
             _ => return None,
         };
         Some(FileAttr {
@@ -113,7 +137,9 @@ impl<D: BlockDevice + 'static> Filesystem for QcowFs<D> {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match (parent, self.attr(DISK)) {
-            (ROOT, Some(attr)) if name == DISK_NAME => reply.entry(&TTL, &attr, fuser::Generation(0)),
+            (ROOT, Some(attr)) if name == DISK_NAME => {
+                reply.entry(&TTL, &attr, fuser::Generation(0))
+            }
             _ => reply.error(Errno::ENOENT),
         }
     }
@@ -207,7 +233,14 @@ impl<D: BlockDevice + 'static> Filesystem for QcowFs<D> {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         // close(2): report a failed write-back to the closer, as a local file system would.
         match self.flush() {
             Ok(()) => reply.ok(),
@@ -215,18 +248,36 @@ impl<D: BlockDevice + 'static> Filesystem for QcowFs<D> {
         }
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.flush() {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         if ino != ROOT {
             return reply.error(Errno::ENOTDIR);
         }
-        let entries = [(ROOT, FileType::Directory, "."), (ROOT, FileType::Directory, ".."), (DISK, FileType::RegularFile, DISK_NAME)];
+        let entries = [
+            (ROOT, FileType::Directory, "."),
+            (ROOT, FileType::Directory, ".."),
+            (DISK, FileType::RegularFile, DISK_NAME),
+        ];
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(*ino, (i + 1) as u64, *kind, name) {
                 break;

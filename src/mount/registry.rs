@@ -39,7 +39,10 @@ impl Record {
     pub fn for_mountpoint(mountpoint: &Path) -> Record {
         let dir = runtime_dir();
         let k = key(mountpoint);
-        Record { pid_file: dir.join(format!("{k}.pid")), status_file: dir.join(format!("{k}.status")) }
+        Record {
+            pid_file: dir.join(format!("{k}.pid")),
+            status_file: dir.join(format!("{k}.status")),
+        }
     }
 
     pub fn write_pid(&self, pid: u32, mountpoint: &Path) -> io::Result<()> {
@@ -51,7 +54,13 @@ impl Record {
     }
 
     pub fn read_pid(&self) -> Option<u32> {
-        fs::read_to_string(&self.pid_file).ok()?.lines().next()?.trim().parse().ok()
+        fs::read_to_string(&self.pid_file)
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// The daemon's last words: empty when everything was written, else the error.

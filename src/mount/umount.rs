@@ -14,16 +14,31 @@ const EXIT_WAIT: Duration = Duration::from_secs(3600);
 
 pub fn umount(mountpoint: &Path) -> Result<()> {
     let canon = std::fs::canonicalize(mountpoint).map_err(|e| Error::new(mountpoint, e))?;
-    if !is_qcowfs_mount(&canon)? {
-        return Err(Error::new(mountpoint, Problem::Usage("not a qcowfs mount point".into())));
-    }
     let record = Record::for_mountpoint(&canon);
     let pid = record.read_pid();
+    // As root the kernel records the type as plain "fuse"; our record tells it is ours.
+    let ours = match fuse_type_at(&canon)? {
+        Some(t) => t == "fuse.qcowfs" || pid.is_some(),
+        None => false,
+    };
+    if !ours {
+        return Err(Error::new(
+            mountpoint,
+            Problem::Usage("not a qcowfs mount point".into()),
+        ));
+    }
     // Flush first, while the mount is still there: a failure (e.g. host disk full) leaves the mount in
     // place with nothing lost, and the user can free space and run umount again.
     let disk = canon.join(DISK_NAME);
     if let Ok(file) = std::fs::File::open(&disk) {
-        file.sync_all().map_err(|e| Error::new(&disk, Problem::Usage(format!("writing the image failed, nothing was unmounted: {e}"))))?;
+        file.sync_all().map_err(|e| {
+            Error::new(
+                &disk,
+                Problem::Usage(format!(
+                    "writing the image failed, nothing was unmounted: {e}"
+                )),
+            )
+        })?;
     }
     unmount(&canon)?;
     if let Some(pid) = pid {
@@ -38,8 +53,12 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
 }
 
 fn unmount(mountpoint: &Path) -> Result<()> {
-    let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
-        .map_err(|_| Error::new(mountpoint, Problem::Usage("path contains a NUL byte".into())))?;
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes()).map_err(|_| {
+        Error::new(
+            mountpoint,
+            Problem::Usage("path contains a NUL byte".into()),
+        )
+    })?;
     // SAFETY: c is a valid C string.
     if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
         return Ok(());
@@ -49,23 +68,34 @@ fn unmount(mountpoint: &Path) -> Result<()> {
         return Err(Error::new(mountpoint, Problem::Usage("the mount is busy: unmount the guest file system (umount /mnt/guest) and close files on it first".into())));
     }
     // Not root: the setuid helper unmounts FUSE file systems for their owner.
-    let status = std::process::Command::new("fusermount3").arg("-u").arg(mountpoint).status();
+    let status = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(mountpoint)
+        .status();
     match status {
         Ok(s) if s.success() => Ok(()),
-        Ok(_) => Err(Error::new(mountpoint, Problem::Usage(format!("cannot unmount: {err}")))),
-        Err(e) => Err(Error::new(mountpoint, Problem::Usage(format!("cannot unmount ({err}) and fusermount3 failed: {e}")))),
+        Ok(_) => Err(Error::new(
+            mountpoint,
+            Problem::Usage(format!("cannot unmount: {err}")),
+        )),
+        Err(e) => Err(Error::new(
+            mountpoint,
+            Problem::Usage(format!(
+                "cannot unmount ({err}) and fusermount3 failed: {e}"
+            )),
+        )),
     }
 }
 
-/// Is `mountpoint` a mount of file system type fuse.qcowfs?
-fn is_qcowfs_mount(mountpoint: &Path) -> Result<bool> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| Error::new("/proc/self/mountinfo", e))?;
-    Ok(info.lines().any(|line| {
-        let mut halves = line.splitn(2, " - ");
-        let (Some(left), Some(right)) = (halves.next(), halves.next()) else { return false };
-        let point = left.split(' ').nth(4).map(unescape);
-        let fstype = right.split(' ').next();
-        point.as_deref() == Some(mountpoint) && fstype == Some("fuse.qcowfs")
+/// The FUSE file system type mounted at `mountpoint` ("fuse" or "fuse.SUBTYPE"), if any.
+fn fuse_type_at(mountpoint: &Path) -> Result<Option<String>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::new("/proc/self/mountinfo", e))?;
+    Ok(info.lines().rev().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let point = unescape(left.split(' ').nth(4)?);
+        let fstype = right.split(' ').next()?;
+        (point == mountpoint && fstype.starts_with("fuse")).then(|| fstype.to_string())
     }))
 }
 
@@ -75,7 +105,10 @@ fn unescape(field: &str) -> PathBuf {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() + 0 && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -92,12 +125,19 @@ fn wait_for_exit(pid: u32, mountpoint: &Path) -> Result<()> {
     while proc_dir.exists() {
         // A zombie has finished its work (its parent has not reaped it yet).
         if let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) {
-            if stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')) {
+            if stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+            {
                 break;
             }
         }
         if start.elapsed() > EXIT_WAIT {
-            return Err(Error::new(mountpoint, Problem::Usage(format!("the daemon (pid {pid}) did not exit"))));
+            return Err(Error::new(
+                mountpoint,
+                Problem::Usage(format!("the daemon (pid {pid}) did not exit")),
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -20,7 +20,11 @@ fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), ()> {
         let in_at = before_in as usize;
         let out_at = before_out as usize;
         let status = d
-            .decompress(&input[in_at..], &mut out[out_at..], flate2::FlushDecompress::Finish)
+            .decompress(
+                &input[in_at..],
+                &mut out[out_at..],
+                flate2::FlushDecompress::Finish,
+            )
             .map_err(|_| ())?;
         if d.total_out() as usize == out.len() {
             return Ok(());
@@ -60,7 +64,8 @@ mod tests {
     #[test]
     fn inflates_raw_deflate_with_trailing_padding() {
         let data = sample();
-        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&data).unwrap();
         let mut packed = enc.finish().unwrap();
         packed.extend_from_slice(&[0xaa; 300]);
@@ -81,7 +86,8 @@ mod tests {
 
     #[test]
     fn rejects_streams_that_do_not_fill_the_cluster() {
-        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&[1u8; 100]).unwrap();
         let packed = enc.finish().unwrap();
         let mut out = vec![0u8; 4096];

@@ -28,11 +28,24 @@ pub enum FormatError {
     #[error("extended L2 entries need clusters of at least 16 KiB")]
     ExtendedL2Cluster,
     #[error("{what} at offset {offset:#x} is not aligned to {align} bytes")]
-    Misaligned { what: &'static str, offset: u64, align: u64 },
+    Misaligned {
+        what: &'static str,
+        offset: u64,
+        align: u64,
+    },
     #[error("{what} ({size} bytes) exceeds the limit of {limit} bytes")]
-    TooLarge { what: &'static str, size: u64, limit: u64 },
+    TooLarge {
+        what: &'static str,
+        size: u64,
+        limit: u64,
+    },
     #[error("{what} at offset {offset:#x} ({len} bytes) lies beyond the end of the file ({file_len} bytes)")]
-    BeyondEnd { what: &'static str, offset: u64, len: u64, file_len: u64 },
+    BeyondEnd {
+        what: &'static str,
+        offset: u64,
+        len: u64,
+        file_len: u64,
+    },
     #[error("virtual size {0} is invalid")]
     VirtualSize(u64),
     #[error("L1 table has {have} entries, too few for the virtual size (needs {need})")]

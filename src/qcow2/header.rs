@@ -111,7 +111,11 @@ impl Header {
     /// is) given the file's length.
     pub fn parse(buf: &[u8], file_len: u64) -> Result<Header, FormatError> {
         if buf.len() < 4 || buf[..4] != MAGIC {
-            return Err(if buf.len() < 4 { FormatError::Truncated } else { FormatError::BadMagic });
+            return Err(if buf.len() < 4 {
+                FormatError::Truncated
+            } else {
+                FormatError::BadMagic
+            });
         }
         if buf.len() < V2_HEADER_LEN {
             return Err(FormatError::Truncated);
@@ -132,7 +136,13 @@ impl Header {
             if buf.len() < V3_MIN_HEADER_LEN as usize {
                 return Err(FormatError::Truncated);
             }
-            (be64(buf, 72), be64(buf, 80), be64(buf, 88), be32(buf, 96), be32(buf, 100))
+            (
+                be64(buf, 72),
+                be64(buf, 80),
+                be64(buf, 88),
+                be32(buf, 96),
+                be32(buf, 100),
+            )
         };
         if version == 3
             && (header_length < V3_MIN_HEADER_LEN
@@ -175,7 +185,11 @@ impl Header {
             0 => Encryption::None,
             1 => Encryption::Aes,
             2 => Encryption::Luks,
-            _ => return Err(FormatError::Unsupported("unknown encryption method (crypt_method above 2)")),
+            _ => {
+                return Err(FormatError::Unsupported(
+                    "unknown encryption method (crypt_method above 2)",
+                ))
+            }
         };
 
         // L1 table: within QEMU's size limit, aligned, in the file, and large enough for the disk.
@@ -183,9 +197,17 @@ impl Header {
         let l1_table_offset = be64(buf, 40);
         let l1_bytes = u64::from(l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return Err(FormatError::TooLarge { what: "L1 table", size: l1_bytes, limit: MAX_L1_BYTES });
+            return Err(FormatError::TooLarge {
+                what: "L1 table",
+                size: l1_bytes,
+                limit: MAX_L1_BYTES,
+            });
         }
-        let entry_bits = if incompatible & INCOMPAT_EXTENDED_L2 != 0 { 4 } else { 3 };
+        let entry_bits = if incompatible & INCOMPAT_EXTENDED_L2 != 0 {
+            4
+        } else {
+            3
+        };
         let l2_bits = cluster_bits - entry_bits;
         let bytes_per_l1 = 1u64 << (cluster_bits + l2_bits);
         // The largest virtual size QEMU accepts is bounded by the L1 limit; this also keeps every
@@ -196,10 +218,19 @@ impl Header {
         }
         let need = size.div_ceil(bytes_per_l1);
         if u64::from(l1_size) < need {
-            return Err(FormatError::L1TooSmall { have: l1_size.into(), need });
+            return Err(FormatError::L1TooSmall {
+                have: l1_size.into(),
+                need,
+            });
         }
         if l1_size > 0 {
-            check_table("L1 table", l1_table_offset, l1_bytes, cluster_size, file_len)?;
+            check_table(
+                "L1 table",
+                l1_table_offset,
+                l1_bytes,
+                cluster_size,
+                file_len,
+            )?;
         }
 
         let refcount_table_offset = be64(buf, 48);
@@ -212,7 +243,13 @@ impl Header {
                 limit: MAX_REFTABLE_BYTES,
             });
         }
-        check_table("refcount table", refcount_table_offset, rt_bytes, cluster_size, file_len)?;
+        check_table(
+            "refcount table",
+            refcount_table_offset,
+            rt_bytes,
+            cluster_size,
+            file_len,
+        )?;
 
         let nb_snapshots = be32(buf, 60);
         let snapshots_offset = be64(buf, 64);
@@ -225,7 +262,13 @@ impl Header {
         }
         if nb_snapshots > 0 {
             // Each entry is at least 40 bytes; the table itself is checked entry by entry later.
-            check_table("snapshot table", snapshots_offset, u64::from(nb_snapshots) * 40, cluster_size, file_len)?;
+            check_table(
+                "snapshot table",
+                snapshots_offset,
+                u64::from(nb_snapshots) * 40,
+                cluster_size,
+                file_len,
+            )?;
         }
 
         let mut header = Header {
@@ -253,7 +296,9 @@ impl Header {
         let backing_end = header.parse_backing_name(buf)?;
         header.parse_extensions(buf, backing_end)?;
         if encryption == Encryption::Luks && header.fde_header.is_none() {
-            return Err(FormatError::BadExtension("full disk encryption (missing for LUKS)"));
+            return Err(FormatError::BadExtension(
+                "full disk encryption (missing for LUKS)",
+            ));
         }
         Ok(header)
     }
@@ -267,10 +312,13 @@ impl Header {
         if len > MAX_BACKING_NAME {
             return Err(FormatError::BackingName("longer than 1023 bytes"));
         }
-        let start = usize::try_from(offset).map_err(|_| FormatError::BackingName("offset out of range"))?;
+        let start =
+            usize::try_from(offset).map_err(|_| FormatError::BackingName("offset out of range"))?;
         let end = start + len as usize;
         if start < self.header_length as usize || end > buf.len() {
-            return Err(FormatError::BackingName("stored outside the header cluster"));
+            return Err(FormatError::BackingName(
+                "stored outside the header cluster",
+            ));
         }
         let name = std::str::from_utf8(&buf[start..end])
             .map_err(|_| FormatError::BackingName("not valid UTF-8"))?;
@@ -312,8 +360,11 @@ impl Header {
                 EXT_FEATURE_TABLE => {
                     for entry in data.chunks_exact(48) {
                         let name = entry[2..].split(|&b| b == 0).next().unwrap_or(&[]);
-                        self.feature_names
-                            .push((entry[0], entry[1], String::from_utf8_lossy(name).into_owned()));
+                        self.feature_names.push((
+                            entry[0],
+                            entry[1],
+                            String::from_utf8_lossy(name).into_owned(),
+                        ));
                     }
                 }
                 _ => {} // bitmaps and unknown extensions are only advisory for reading
@@ -341,13 +392,28 @@ impl Header {
 }
 
 /// A table must be cluster-aligned, not overflow, and lie inside the file.
-fn check_table(what: &'static str, offset: u64, len: u64, cluster_size: u64, file_len: u64) -> Result<(), FormatError> {
+fn check_table(
+    what: &'static str,
+    offset: u64,
+    len: u64,
+    cluster_size: u64,
+    file_len: u64,
+) -> Result<(), FormatError> {
     if offset % cluster_size != 0 || offset == 0 {
-        return Err(FormatError::Misaligned { what, offset, align: cluster_size });
+        return Err(FormatError::Misaligned {
+            what,
+            offset,
+            align: cluster_size,
+        });
     }
     match offset.checked_add(len) {
         Some(end) if end <= file_len.div_ceil(cluster_size) * cluster_size => Ok(()),
-        _ => Err(FormatError::BeyondEnd { what, offset, len, file_len }),
+        _ => Err(FormatError::BeyondEnd {
+            what,
+            offset,
+            len,
+            file_len,
+        }),
     }
 }
 
@@ -397,14 +463,20 @@ pub(crate) mod tests {
     fn rejects_bad_magic() {
         let mut b = v3_header();
         b[0] = b'X';
-        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::BadMagic)));
+        assert!(matches!(
+            Header::parse(&b, FILE_LEN),
+            Err(FormatError::BadMagic)
+        ));
     }
 
     #[test]
     fn rejects_unknown_version() {
         let mut b = v3_header();
         put32(&mut b, 4, 4);
-        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::UnsupportedVersion(4))));
+        assert!(matches!(
+            Header::parse(&b, FILE_LEN),
+            Err(FormatError::UnsupportedVersion(4))
+        ));
     }
 
     #[test]
@@ -412,7 +484,13 @@ pub(crate) mod tests {
         for bits in [8, 22, 0xffff_ffff] {
             let mut b = v3_header();
             put32(&mut b, 20, bits);
-            assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::ClusterBits(_))), "{bits}");
+            assert!(
+                matches!(
+                    Header::parse(&b, FILE_LEN),
+                    Err(FormatError::ClusterBits(_))
+                ),
+                "{bits}"
+            );
         }
     }
 
@@ -420,49 +498,70 @@ pub(crate) mod tests {
     fn rejects_unknown_incompatible_bit() {
         let mut b = v3_header();
         put64(&mut b, 72, 1 << 20);
-        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::UnknownIncompatible(_))));
+        assert!(matches!(
+            Header::parse(&b, FILE_LEN),
+            Err(FormatError::UnknownIncompatible(_))
+        ));
     }
 
     #[test]
     fn rejects_the_corrupt_bit() {
         let mut b = v3_header();
         put64(&mut b, 72, INCOMPAT_CORRUPT);
-        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::CorruptBit)));
+        assert!(matches!(
+            Header::parse(&b, FILE_LEN),
+            Err(FormatError::CorruptBit)
+        ));
     }
 
     #[test]
     fn rejects_a_huge_l1_table() {
         let mut b = v3_header();
         put32(&mut b, 36, 0x7fff_ffff);
-        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::TooLarge { .. })));
+        assert!(matches!(
+            Header::parse(&b, FILE_LEN),
+            Err(FormatError::TooLarge { .. })
+        ));
     }
 
     #[test]
     fn rejects_an_l1_table_too_small_for_the_disk() {
         let mut b = v3_header();
         put64(&mut b, 24, 1 << 40);
-        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::L1TooSmall { .. })));
+        assert!(matches!(
+            Header::parse(&b, FILE_LEN),
+            Err(FormatError::L1TooSmall { .. })
+        ));
     }
 
     #[test]
     fn rejects_a_misaligned_l1_table() {
         let mut b = v3_header();
         put64(&mut b, 40, (3 << 16) + 8);
-        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::Misaligned { .. })));
+        assert!(matches!(
+            Header::parse(&b, FILE_LEN),
+            Err(FormatError::Misaligned { .. })
+        ));
     }
 
     #[test]
     fn rejects_tables_beyond_the_end_of_the_file() {
         let mut b = v3_header();
         put64(&mut b, 40, 100 << 16);
-        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::BeyondEnd { .. })));
+        assert!(matches!(
+            Header::parse(&b, FILE_LEN),
+            Err(FormatError::BeyondEnd { .. })
+        ));
     }
 
     #[test]
     fn rejects_a_huge_refcount_table() {
         let mut b = v3_header();
         put32(&mut b, 56, 0xffff_ffff);
-        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::TooLarge { .. })));
+        assert!(matches!(
+            Header::parse(&b, FILE_LEN),
+            Err(FormatError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -470,7 +569,10 @@ pub(crate) mod tests {
         let mut b = v3_header();
         put64(&mut b, 8, 512);
         put32(&mut b, 16, 2000);
-        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::BackingName(_))));
+        assert!(matches!(
+            Header::parse(&b, FILE_LEN),
+            Err(FormatError::BackingName(_))
+        ));
     }
 
     #[test]
@@ -493,13 +595,19 @@ pub(crate) mod tests {
         let mut b = v3_header();
         put32(&mut b, 112, 0x1234_5678);
         put32(&mut b, 116, 0xffff_fff0);
-        assert!(matches!(Header::parse(&b, FILE_LEN), Err(FormatError::Extension { .. })));
+        assert!(matches!(
+            Header::parse(&b, FILE_LEN),
+            Err(FormatError::Extension { .. })
+        ));
     }
 
     #[test]
     fn rejects_truncated_headers() {
         let b = v3_header();
-        assert!(matches!(Header::parse(&b[..50], FILE_LEN), Err(FormatError::Truncated)));
+        assert!(matches!(
+            Header::parse(&b[..50], FILE_LEN),
+            Err(FormatError::Truncated)
+        ));
     }
 
     #[test]

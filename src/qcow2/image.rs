@@ -69,7 +69,10 @@ impl Qcow2Image {
         let file_len = file.len()?;
         let mut raw = vec![0u8; header.l1_size as usize * 8];
         file.read_exact_at(header.l1_table_offset, &mut raw)?;
-        let l1: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        let l1: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
         let end_cluster = file_len.div_ceil(layout.cluster_size());
         let image_meta = MetadataRanges::of(&header);
         for (i, &word) in l1.iter().enumerate() {
@@ -78,15 +81,33 @@ impl Qcow2Image {
                 continue;
             }
             if l2 % layout.cluster_size() != 0 {
-                return Err(Error::new(&path, FormatError::Misaligned { what: "L2 table", offset: l2, align: layout.cluster_size() }));
+                return Err(Error::new(
+                    &path,
+                    FormatError::Misaligned {
+                        what: "L2 table",
+                        offset: l2,
+                        align: layout.cluster_size(),
+                    },
+                ));
             }
             if image_meta.overlaps(l2, layout.cluster_size()) {
-                return Err(Error::new(&path, FormatError::Overlap { what: "L2 table", offset: l2 }));
+                return Err(Error::new(
+                    &path,
+                    FormatError::Overlap {
+                        what: "L2 table",
+                        offset: l2,
+                    },
+                ));
             }
             if l2 >= end_cluster * layout.cluster_size() {
                 return Err(Error::new(
                     &path,
-                    FormatError::BeyondEnd { what: "L2 table", offset: l2, len: layout.cluster_size(), file_len },
+                    FormatError::BeyondEnd {
+                        what: "L2 table",
+                        offset: l2,
+                        len: layout.cluster_size(),
+                        file_len,
+                    },
                 ));
             }
             log::trace!("{}: L1[{i}] -> L2 at {l2:#x}", path.display());
@@ -155,15 +176,21 @@ impl Qcow2Image {
         }
         let mut raw = vec![0u8; self.layout.cluster_size() as usize];
         self.file.read_at(offset, &mut raw)?;
-        let words: Vec<u64> =
-            raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        let words: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
         let table = Arc::new(words);
         meta.l2_cache.put(offset, table.clone());
         Ok(table)
     }
 
     /// The L2 entry of the guest cluster containing `guest`, and the L1 entry above it.
-    pub(super) fn entry(&self, meta: &mut Meta, guest: u64) -> Result<(L1Entry, Option<(u64, L2Entry)>)> {
+    pub(super) fn entry(
+        &self,
+        meta: &mut Meta,
+        guest: u64,
+    ) -> Result<(L1Entry, Option<(u64, L2Entry)>)> {
         let l1_index = self.layout.l1_index(guest) as usize;
         let Some(&word) = meta.l1.get(l1_index) else {
             return Ok((L1Entry(0), None));
@@ -176,9 +203,15 @@ impl Qcow2Image {
         let table = self.l2_table(meta, l2_offset)?;
         let i = self.layout.l2_index(guest) as usize;
         let entry = if self.layout.extended_l2 {
-            L2Entry { word: table[2 * i], bitmap: table[2 * i + 1] }
+            L2Entry {
+                word: table[2 * i],
+                bitmap: table[2 * i + 1],
+            }
         } else {
-            L2Entry { word: table[i], bitmap: 0 }
+            L2Entry {
+                word: table[i],
+                bitmap: 0,
+            }
         };
         Ok((l1, Some((l2_offset, entry))))
     }
@@ -209,9 +242,17 @@ impl Qcow2Image {
             ClusterSource::Data { host } => {
                 let host_cluster = host & !(cs - 1);
                 if host_cluster == l2_offset || ranges.overlaps(host_cluster, cs) {
-                    return Err(Error::new(self.path(), FormatError::Overlap { what: "data cluster", offset: host }));
+                    return Err(Error::new(
+                        self.path(),
+                        FormatError::Overlap {
+                            what: "data cluster",
+                            offset: host,
+                        },
+                    ));
                 }
-                ClusterSource::Data { host: host + (in_cluster - u64::from(sub) * sc_size) }
+                ClusterSource::Data {
+                    host: host + (in_cluster - u64::from(sub) * sc_size),
+                }
             }
             other => other,
         };
@@ -220,7 +261,12 @@ impl Qcow2Image {
 
     /// Read `buf` at guest offset `guest`; what this layer does not hold is read through `below`.
     /// `guest` and `buf.len()` are multiples of 512 when the layer is encrypted.
-    pub fn read(&self, guest: u64, buf: &mut [u8], below: &dyn Fn(u64, &mut [u8]) -> Result<()>) -> Result<()> {
+    pub fn read(
+        &self,
+        guest: u64,
+        buf: &mut [u8],
+        below: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let at = guest + done as u64;
@@ -245,7 +291,9 @@ impl Qcow2Image {
     pub(super) fn read_data(&self, guest: u64, host: u64, buf: &mut [u8]) -> Result<()> {
         self.file.read_at(host, buf)?;
         if let Some(cipher) = &self.cipher {
-            cipher.decrypt(self.sector_number(guest, host), buf).at(self.path())?;
+            cipher
+                .decrypt(self.sector_number(guest, host), buf)
+                .at(self.path())?;
         }
         Ok(())
     }
@@ -269,7 +317,8 @@ impl Qcow2Image {
         let mut out = vec![0u8; self.layout.cluster_size() as usize];
         let kind = self.meta.lock().header.compression;
         let cluster_start = guest - self.layout.offset_in_cluster(guest);
-        decompress(kind, &packed, &mut out).map_err(|_| Error::new(self.path(), FormatError::Decompress(cluster_start)))?;
+        decompress(kind, &packed, &mut out)
+            .map_err(|_| Error::new(self.path(), FormatError::Decompress(cluster_start)))?;
         let out = Arc::new(out);
         *self.last_decompressed.lock() = Some((host, out.clone()));
         Ok(out)
@@ -309,13 +358,23 @@ impl Qcow2Image {
     pub fn write_target(&self, guest: u64) -> Result<WriteTarget> {
         let mut meta = self.meta.lock();
         let (l1, found) = self.entry(&mut meta, guest)?;
-        let Some((_, entry)) = found else { return Ok(WriteTarget::Allocate) };
+        let Some((_, entry)) = found else {
+            return Ok(WriteTarget::Allocate);
+        };
         let owned = l1.is_copied()
             && entry.is_copied()
             && !entry.is_compressed()
             && entry.host_cluster() != 0
-            && (self.layout.extended_l2 || entry.word & super::table::ZERO == 0 || self.layout.version < 3);
-        Ok(if owned { WriteTarget::InPlace { host: entry.host_cluster() } } else { WriteTarget::Allocate })
+            && (self.layout.extended_l2
+                || entry.word & super::table::ZERO == 0
+                || self.layout.version < 3);
+        Ok(if owned {
+            WriteTarget::InPlace {
+                host: entry.host_cluster(),
+            }
+        } else {
+            WriteTarget::Allocate
+        })
     }
 }
 
@@ -331,13 +390,21 @@ impl MetadataRanges {
         MetadataRanges {
             ranges: [
                 (0, cs),
-                (h.l1_table_offset, (u64::from(h.l1_size) * 8).div_ceil(cs) * cs),
-                (h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs),
+                (
+                    h.l1_table_offset,
+                    (u64::from(h.l1_size) * 8).div_ceil(cs) * cs,
+                ),
+                (
+                    h.refcount_table_offset,
+                    u64::from(h.refcount_table_clusters) * cs,
+                ),
             ],
         }
     }
 
     pub fn overlaps(&self, offset: u64, len: u64) -> bool {
-        self.ranges.iter().any(|&(start, n)| n > 0 && offset < start.saturating_add(n) && start < offset.saturating_add(len))
+        self.ranges.iter().any(|&(start, n)| {
+            n > 0 && offset < start.saturating_add(n) && start < offset.saturating_add(len)
+        })
     }
 }

@@ -11,7 +11,11 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(cluster_bits: u32, version: u32, extended_l2: bool) -> Self {
-        Layout { cluster_bits, version, extended_l2 }
+        Layout {
+            cluster_bits,
+            version,
+            extended_l2,
+        }
     }
 
     pub fn cluster_size(&self) -> u64 {
@@ -85,7 +89,10 @@ mod tests {
         assert_eq!(l.l2_entries(), 8192);
         assert_eq!(l.l2_span(), 512 << 20);
         let g = (3u64 << 29) + (5 << 16) + 77;
-        assert_eq!((l.l1_index(g), l.l2_index(g), l.offset_in_cluster(g)), (3, 5, 77));
+        assert_eq!(
+            (l.l1_index(g), l.l2_index(g), l.offset_in_cluster(g)),
+            (3, 5, 77)
+        );
     }
 
     #[test]

@@ -20,7 +20,9 @@ pub fn get_entry(block: &[u8], index: usize, order: u32) -> u64 {
         }
         _ => {
             let width = 1usize << (order - 3);
-            block[index * width..(index + 1) * width].iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+            block[index * width..(index + 1) * width]
+                .iter()
+                .fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
         }
     }
 }
@@ -69,7 +71,13 @@ pub struct Refcounts {
 }
 
 impl Refcounts {
-    pub fn load(file: &HostFile, offset: u64, clusters: u64, cluster_bits: u32, order: u32) -> Result<Self> {
+    pub fn load(
+        file: &HostFile,
+        offset: u64,
+        clusters: u64,
+        cluster_bits: u32,
+        order: u32,
+    ) -> Result<Self> {
         let bytes = clusters << cluster_bits;
         let mut raw = vec![0u8; bytes as usize];
         file.read_exact_at(offset, &mut raw)?;
@@ -79,7 +87,11 @@ impl Refcounts {
             if entry & ((1 << cluster_bits) - 1) != 0 {
                 return Err(crate::Error::new(
                     file.path(),
-                    FormatError::Misaligned { what: "refcount block", offset: entry, align: 1 << cluster_bits },
+                    FormatError::Misaligned {
+                        what: "refcount block",
+                        offset: entry,
+                        align: 1 << cluster_bits,
+                    },
                 ));
             }
             table.push(entry);
@@ -110,7 +122,9 @@ impl Refcounts {
         if self.blocks.contains_key(&index) {
             return Ok(true);
         }
-        let Some(&offset) = self.table.get(index as usize) else { return Ok(false) };
+        let Some(&offset) = self.table.get(index as usize) else {
+            return Ok(false);
+        };
         if offset == 0 {
             return Ok(false);
         }
@@ -128,7 +142,10 @@ impl Refcounts {
         }
         let order = self.order;
         let per_block = self.per_block();
-        Ok(self.blocks.get(&index).map_or(0, |b| get_entry(b, (cluster % per_block) as usize, order)))
+        Ok(self
+            .blocks
+            .get(&index)
+            .map_or(0, |b| get_entry(b, (cluster % per_block) as usize, order)))
     }
 
     /// Whether the block covering `cluster` exists (in the table).
@@ -147,7 +164,10 @@ impl Refcounts {
         }
         let index = cluster / self.per_block();
         if !self.ensure_loaded(file, index)? {
-            return Err(crate::Error::new(file.path(), FormatError::BadRefcount(cluster << self.cluster_bits)));
+            return Err(crate::Error::new(
+                file.path(),
+                FormatError::BadRefcount(cluster << self.cluster_bits),
+            ));
         }
         let order = self.order;
         let per_block = self.per_block();
@@ -177,7 +197,9 @@ impl Refcounts {
     /// Write every dirty block (not the table). Does not sync.
     pub fn write_dirty_blocks(&mut self, file: &HostFile) -> Result<()> {
         for &index in &self.dirty_blocks {
-            if let (Some(block), Some(&offset)) = (self.blocks.get(&index), self.table.get(index as usize)) {
+            if let (Some(block), Some(&offset)) =
+                (self.blocks.get(&index), self.table.get(index as usize))
+            {
                 file.write_at(offset, block)?;
             }
         }

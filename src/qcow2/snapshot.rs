@@ -27,10 +27,15 @@ pub fn read_table(file: &HostFile, offset: u64, count: u32) -> Result<Vec<Snapsh
     let mut at = offset;
     for index in 0..count {
         if at - offset > MAX_TABLE_BYTES {
-            return Err(FormatError::TooLarge { what: "snapshot table", size: at - offset, limit: MAX_TABLE_BYTES });
+            return Err(FormatError::TooLarge {
+                what: "snapshot table",
+                size: at - offset,
+                limit: MAX_TABLE_BYTES,
+            });
         }
         let mut head = [0u8; ENTRY_HEADER];
-        file.read_exact_at(at, &mut head).map_err(|_| FormatError::Snapshot(index))?;
+        file.read_exact_at(at, &mut head)
+            .map_err(|_| FormatError::Snapshot(index))?;
         let be16 = |i: usize| u16::from_be_bytes([head[i], head[i + 1]]);
         let be32 = |i: usize| u32::from_be_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
         let be64 = |i: usize| (u64::from(be32(i)) << 32) | u64::from(be32(i + 4));
@@ -41,13 +46,17 @@ pub fn read_table(file: &HostFile, offset: u64, count: u32) -> Result<Vec<Snapsh
         let id_len = usize::from(be16(12));
         let name_len = usize::from(be16(14));
         let mut rest = vec![0u8; extra_len as usize + id_len + name_len];
-        file.read_exact_at(at + ENTRY_HEADER as u64, &mut rest).map_err(|_| FormatError::Snapshot(index))?;
+        file.read_exact_at(at + ENTRY_HEADER as u64, &mut rest)
+            .map_err(|_| FormatError::Snapshot(index))?;
         let extra = &rest[..extra_len as usize];
         let extra64 = |i: usize| {
-            extra.get(i..i + 8).map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+            extra
+                .get(i..i + 8)
+                .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
         };
         let vm_state_size = extra64(0).unwrap_or(u64::from(be32(32)));
-        let id = String::from_utf8_lossy(&rest[extra_len as usize..extra_len as usize + id_len]).into_owned();
+        let id = String::from_utf8_lossy(&rest[extra_len as usize..extra_len as usize + id_len])
+            .into_owned();
         let name = String::from_utf8_lossy(&rest[extra_len as usize + id_len..]).into_owned();
         snapshots.push(Snapshot {
             id,

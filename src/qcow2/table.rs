@@ -47,9 +47,14 @@ pub enum ClusterSource {
     Backing,
     Zero,
     /// Plain (possibly encrypted) data at this host offset of the run's first byte.
-    Data { host: u64 },
+    Data {
+        host: u64,
+    },
     /// A compressed cluster: `size` bytes at `host` hold the whole cluster.
-    Compressed { host: u64, size: u64 },
+    Compressed {
+        host: u64,
+        size: u64,
+    },
 }
 
 impl L2Entry {
@@ -71,13 +76,19 @@ impl L2Entry {
     /// The host byte range a compressed entry covers: (offset, length).
     pub fn compressed_range(self, layout: &Layout) -> (u64, u64) {
         let offset = self.word & layout.compressed_offset_mask();
-        let sectors = ((self.word >> layout.compressed_size_shift()) & layout.compressed_size_mask()) + 1;
+        let sectors =
+            ((self.word >> layout.compressed_size_shift()) & layout.compressed_size_mask()) + 1;
         (offset, sectors * 512 - (offset & 511))
     }
 
     /// Decode the entry for the subcluster `sub` (0 without extended L2), returning its source and
     /// how many subclusters from `sub` on share it. `guest` is for error messages only.
-    pub fn source(self, layout: &Layout, sub: u32, guest: u64) -> Result<(ClusterSource, u32), FormatError> {
+    pub fn source(
+        self,
+        layout: &Layout,
+        sub: u32,
+        guest: u64,
+    ) -> Result<(ClusterSource, u32), FormatError> {
         let bad = |why| FormatError::BadL2Entry { guest, why };
         if self.is_compressed() {
             let (host, size) = self.compressed_range(layout);
@@ -116,7 +127,9 @@ impl L2Entry {
             n += 1;
         }
         let source = match first {
-            (1, _) => ClusterSource::Data { host: host + u64::from(sub) * layout.subcluster_size() },
+            (1, _) => ClusterSource::Data {
+                host: host + u64::from(sub) * layout.subcluster_size(),
+            },
             (_, 1) => ClusterSource::Zero,
             _ => ClusterSource::Backing,
         };
@@ -139,20 +152,32 @@ mod tests {
         assert_eq!(src(0), ClusterSource::Backing);
         assert_eq!(src(ZERO), ClusterSource::Zero);
         assert_eq!(src(0x5_0000 | ZERO | COPIED), ClusterSource::Zero);
-        assert_eq!(src(0x5_0000 | COPIED), ClusterSource::Data { host: 0x5_0000 });
+        assert_eq!(
+            src(0x5_0000 | COPIED),
+            ClusterSource::Data { host: 0x5_0000 }
+        );
     }
 
     #[test]
     fn v2_images_have_no_zero_flag() {
         let l = Layout::new(16, 2, false);
-        let e = L2Entry { word: 0x5_0000 | ZERO, bitmap: 0 };
-        assert_eq!(e.source(&l, 0, 0).unwrap().0, ClusterSource::Data { host: 0x5_0000 });
+        let e = L2Entry {
+            word: 0x5_0000 | ZERO,
+            bitmap: 0,
+        };
+        assert_eq!(
+            e.source(&l, 0, 0).unwrap().0,
+            ClusterSource::Data { host: 0x5_0000 }
+        );
     }
 
     #[test]
     fn rejects_unaligned_data_offsets() {
         let l = layout(16, false);
-        let e = L2Entry { word: 0x5_0200, bitmap: 0 };
+        let e = L2Entry {
+            word: 0x5_0200,
+            bitmap: 0,
+        };
         assert!(e.source(&l, 0, 0).is_err());
     }
 
@@ -169,9 +194,23 @@ mod tests {
     fn groups_subclusters_with_the_same_state() {
         let l = layout(16, true);
         // subclusters 0-1 allocated, 2 zero, rest unallocated
-        let e = L2Entry { word: 0x3_0000 | COPIED, bitmap: 0b11 | (0b100u64 << 32) };
-        assert_eq!(e.source(&l, 0, 0).unwrap(), (ClusterSource::Data { host: 0x3_0000 }, 2));
-        assert_eq!(e.source(&l, 1, 0).unwrap(), (ClusterSource::Data { host: 0x3_0000 + 2048 }, 1));
+        let e = L2Entry {
+            word: 0x3_0000 | COPIED,
+            bitmap: 0b11 | (0b100u64 << 32),
+        };
+        assert_eq!(
+            e.source(&l, 0, 0).unwrap(),
+            (ClusterSource::Data { host: 0x3_0000 }, 2)
+        );
+        assert_eq!(
+            e.source(&l, 1, 0).unwrap(),
+            (
+                ClusterSource::Data {
+                    host: 0x3_0000 + 2048
+                },
+                1
+            )
+        );
         assert_eq!(e.source(&l, 2, 0).unwrap(), (ClusterSource::Zero, 1));
         assert_eq!(e.source(&l, 3, 0).unwrap(), (ClusterSource::Backing, 29));
     }
@@ -179,7 +218,10 @@ mod tests {
     #[test]
     fn rejects_subclusters_both_allocated_and_zero() {
         let l = layout(16, true);
-        let e = L2Entry { word: 0x3_0000, bitmap: 1 | (1 << 32) };
+        let e = L2Entry {
+            word: 0x3_0000,
+            bitmap: 1 | (1 << 32),
+        };
         assert!(e.source(&l, 0, 0).is_err());
     }
 }

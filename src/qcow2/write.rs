@@ -91,7 +91,10 @@ impl Qcow2Image {
             }
         }
         for &(index, entry) in &l1_changed {
-            self.file.write_at(meta.header.l1_table_offset + index * 8, &entry.to_be_bytes())?;
+            self.file.write_at(
+                meta.header.l1_table_offset + index * 8,
+                &entry.to_be_bytes(),
+            )?;
         }
         if !l1_changed.is_empty() {
             self.file.sync()?;
@@ -99,7 +102,8 @@ impl Qcow2Image {
         // The new state is durable: publish it to readers.
         for (&index, (offset, table)) in &l2_new {
             meta.l1[index as usize] = L1Entry::new(*offset).0;
-            meta.l2_cache.put(*offset, std::sync::Arc::new(table.clone()));
+            meta.l2_cache
+                .put(*offset, std::sync::Arc::new(table.clone()));
         }
         // Last: drop the references the new state no longer holds.
         if let Some((offset, clusters)) = old_table {
@@ -145,11 +149,25 @@ impl Qcow2Image {
             };
             l2_new.insert(l1_index, (offset, table));
         }
-        let Some((_, table)) = l2_new.get_mut(&l1_index) else { return Ok(()) };
+        let Some((_, table)) = l2_new.get_mut(&l1_index) else {
+            return Ok(());
+        };
         let (word_at, old) = if ext {
-            (2 * i, L2Entry { word: table[2 * i], bitmap: table[2 * i + 1] })
+            (
+                2 * i,
+                L2Entry {
+                    word: table[2 * i],
+                    bitmap: table[2 * i + 1],
+                },
+            )
         } else {
-            (i, L2Entry { word: table[i], bitmap: 0 })
+            (
+                i,
+                L2Entry {
+                    word: table[i],
+                    bitmap: 0,
+                },
+            )
         };
         match w.target {
             WriteTarget::Allocate => {
@@ -229,9 +247,12 @@ impl Qcow2Image {
     }
 
     fn refcounts<'m>(&self, meta: &'m mut Meta) -> Result<&'m mut Refcounts> {
-        meta.refcounts
-            .as_mut()
-            .ok_or_else(|| Error::new(self.path(), FormatError::Unsupported("refcounts not loaded")))
+        meta.refcounts.as_mut().ok_or_else(|| {
+            Error::new(
+                self.path(),
+                FormatError::Unsupported("refcounts not loaded"),
+            )
+        })
     }
 
     /// Make sure a refcount block covers `cluster`, creating it (and growing the table) if needed.
@@ -266,7 +287,11 @@ impl Qcow2Image {
         if want * cs > header::MAX_REFTABLE_BYTES {
             return Err(Error::new(
                 self.path(),
-                FormatError::TooLarge { what: "refcount table", size: want * cs, limit: header::MAX_REFTABLE_BYTES },
+                FormatError::TooLarge {
+                    what: "refcount table",
+                    size: want * cs,
+                    limit: header::MAX_REFTABLE_BYTES,
+                },
             ));
         }
         let start = meta.end_cluster;
@@ -287,7 +312,12 @@ impl Qcow2Image {
     /// the old table's (offset, clusters) when it moved, for release once everything is durable.
     fn write_refcounts(&self, meta: &mut Meta) -> Result<Option<(u64, u64)>> {
         let file = &self.file;
-        let rc = meta.refcounts.as_mut().ok_or_else(|| Error::new(file.path(), FormatError::Unsupported("refcounts not loaded")))?;
+        let rc = meta.refcounts.as_mut().ok_or_else(|| {
+            Error::new(
+                file.path(),
+                FormatError::Unsupported("refcounts not loaded"),
+            )
+        })?;
         rc.write_dirty_blocks(file)?;
         if !rc.table_dirty {
             return Ok(None);
@@ -304,7 +334,10 @@ impl Qcow2Image {
         fields[8..].copy_from_slice(&(rc.table_clusters as u32).to_be_bytes());
         file.write_at(header::OFF_REFCOUNT_TABLE_OFFSET, &fields)?;
         file.sync()?;
-        let old = (meta.header.refcount_table_offset, u64::from(meta.header.refcount_table_clusters));
+        let old = (
+            meta.header.refcount_table_offset,
+            u64::from(meta.header.refcount_table_clusters),
+        );
         meta.header.refcount_table_offset = rc.table_offset;
         meta.header.refcount_table_clusters = rc.table_clusters as u32;
         Ok(Some(old))
@@ -319,7 +352,11 @@ impl Qcow2Image {
             let rc = self.refcounts(meta)?;
             let count = rc.get(&self.file, c)?;
             if count == 0 {
-                log::warn!("{}: cluster {:#x} already has refcount 0", self.path().display(), c * cs);
+                log::warn!(
+                    "{}: cluster {:#x} already has refcount 0",
+                    self.path().display(),
+                    c * cs
+                );
                 continue;
             }
             rc.set(&self.file, c, count - 1)?;
@@ -335,7 +372,8 @@ impl Qcow2Image {
         if meta.autoclear_cleared || meta.header.autoclear == 0 {
             return Ok(());
         }
-        self.file.write_at(header::OFF_AUTOCLEAR, &0u64.to_be_bytes())?;
+        self.file
+            .write_at(header::OFF_AUTOCLEAR, &0u64.to_be_bytes())?;
         self.file.sync()?;
         meta.header.autoclear = 0;
         meta.autoclear_cleared = true;
@@ -351,7 +389,10 @@ impl Qcow2Image {
         let mut raw = vec![0u8; header.l1_size as usize * 8];
         self.file.read_exact_at(header.l1_table_offset, &mut raw)?;
         let mut meta = self.meta.lock();
-        meta.l1 = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        meta.l1 = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
         meta.header = header;
         meta.l2_cache.clear();
         meta.refcounts = None;
