@@ -49,7 +49,7 @@ pub struct OpenOptions {
 /// One layer of the chain.
 #[derive(Debug)]
 pub enum Layer {
-    Qcow2(Qcow2Image),
+    Qcow2(Box<Qcow2Image>),
     Raw(HostFile),
 }
 
@@ -241,5 +241,5 @@ fn open_layer(
             }
         }
     }
-    Ok(Layer::Qcow2(image))
+    Ok(Layer::Qcow2(Box::new(image)))
 }

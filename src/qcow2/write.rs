@@ -132,7 +132,7 @@ impl Qcow2Image {
         let l1_index = self.layout.l1_index(w.guest);
         let i = self.layout.l2_index(w.guest) as usize;
         let ext = self.layout.extended_l2;
-        if !l2_new.contains_key(&l1_index) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = l2_new.entry(l1_index) {
             let l1 = L1Entry(meta.l1[l1_index as usize]);
             let old = l1.l2_offset();
             let (offset, table) = if old == 0 {
@@ -147,7 +147,7 @@ impl Qcow2Image {
                 releases.clusters.push((old, cs));
                 (fresh, copy)
             };
-            l2_new.insert(l1_index, (offset, table));
+            slot.insert((offset, table));
         }
         let Some((_, table)) = l2_new.get_mut(&l1_index) else {
             return Ok(());
