@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
-use crate::crypto::{CryptoError, QcowAes, SectorCipher};
+use crate::crypto::luks::KeySlot;
+use crate::crypto::{CryptoError, LuksHeader, QcowAes, SectorCipher};
 use crate::error::{Context, Error, Result};
 use crate::io::{HostFile, ImageLock, LockMode};
 use crate::qcow2::{Encryption, FormatError, Header, Qcow2Image};
@@ -233,13 +234,53 @@ fn open_layer(
             None => return Err(Error::new(&path, CryptoError::NoPassphrase)),
         },
         Encryption::Luks => {
-            if !opts.without_keys {
-                return Err(Error::new(
-                    &path,
-                    FormatError::Unsupported("LUKS-encrypted qcow2 is not supported yet"),
-                ));
+            let luks = luks_header(&image)?;
+            match keys.for_layer(&path) {
+                Some(key) => {
+                    let cipher = luks.unlock(key, &|slot| read_key_material(&image, &luks, slot)).at(&path)?;
+                    image.set_cipher(Box::new(cipher));
+                }
+                None if opts.without_keys => {}
+                None => return Err(Error::new(&path, CryptoError::NoPassphrase)),
             }
         }
     }
     Ok(Layer::Qcow2(Box::new(image)))
+}
+
+/// The LUKS header of a LUKS-encrypted qcow2 layer, from where the encryption extension points.
+pub fn luks_header(image: &Qcow2Image) -> Result<LuksHeader> {
+    let path = image.path();
+    let (offset, len) = luks_area(image)?;
+    let mut buf = vec![0u8; crate::crypto::luks::HEADER_LEN];
+    image.file().read_exact_at(offset, &mut buf)?;
+    LuksHeader::parse(&buf, len).at(path)
+}
+
+/// (offset, length) of the LUKS area, checked against the file.
+fn luks_area(image: &Qcow2Image) -> Result<(u64, u64)> {
+    let path = image.path();
+    let header = image.header();
+    let Some((offset, len)) = header.fde_header else {
+        return Err(Error::new(path, FormatError::BadExtension("full disk encryption (missing for LUKS)")));
+    };
+    let file_len = image.file().len()?;
+    let cs = header.cluster_size();
+    if offset % cs != 0 || offset == 0 {
+        return Err(Error::new(path, FormatError::Misaligned { what: "LUKS header", offset, align: cs }));
+    }
+    if offset.checked_add(len).is_none_or(|end| end > file_len) || len < crate::crypto::luks::HEADER_LEN as u64 {
+        return Err(Error::new(path, FormatError::BeyondEnd { what: "LUKS header", offset, len, file_len }));
+    }
+    Ok((offset, len))
+}
+
+fn read_key_material(image: &Qcow2Image, luks: &LuksHeader, slot: &KeySlot) -> Result<Vec<u8>, CryptoError> {
+    let mut buf = vec![0u8; luks.material_len(slot)];
+    let (offset, _) = luks_area(image).map_err(|_| CryptoError::BadLuksHeader("LUKS area moved"))?;
+    image
+        .file()
+        .read_exact_at(offset + slot.material_offset, &mut buf)
+        .map_err(|_| CryptoError::BadLuksHeader("key material cannot be read"))?;
+    Ok(buf)
 }

@@ -56,6 +56,16 @@ fn layer_json(layer: &Layer) -> Result<Value> {
     match layer {
         Layer::Qcow2(q) => {
             v["allocated_bytes"] = json!(q.allocated_bytes()?);
+            if q.encryption() == Encryption::Luks {
+                let h = crate::chain::luks_header(q)?;
+                v["luks"] = json!({
+                    "cipher": format!("{}-{}", h.cipher, h.key_bytes * 8 / if h.mode == "xts" { 2 } else { 1 }),
+                    "mode": h.mode,
+                    "ivgen": h.ivgen,
+                    "hash": h.hash,
+                    "active_keyslots": h.slots.iter().map(|s| s.index).collect::<Vec<_>>(),
+                });
+            }
         }
         Layer::Raw(f) => {
             let meta = f.file().metadata().map_err(|e| Error::new(path, e))?;
@@ -156,6 +166,16 @@ fn print_text(r: &Value) {
             human(num(&l["virtual_size"])),
             human(num(&l["allocated_bytes"])),
         );
+        if let Some(luks) = l.get("luks") {
+            println!(
+                "     LUKS: cipher {} mode {} ivgen {} hash {}, active key slots {}",
+                luks["cipher"].as_str().unwrap_or(""),
+                luks["mode"].as_str().unwrap_or(""),
+                luks["ivgen"].as_str().unwrap_or(""),
+                luks["hash"].as_str().unwrap_or(""),
+                luks["active_keyslots"],
+            );
+        }
     }
     let snaps = r["snapshots"].as_array().cloned().unwrap_or_default();
     if !snaps.is_empty() {

@@ -415,10 +415,19 @@ fn reads_zero_clusters_over_backing_data() {
     over.write_zeroes_unmap(c, c); // allocated before: zero flag, offset dropped
     over.write_zeroes(4 * c, 2 * c); // never allocated: zero flag only
     over.write_zeroes(7 * c + 999, 12_345); // unaligned: qemu writes real zeros
-    let map = qemu_img(["map", "--output=json", over.path.to_str().unwrap()]).stdout_str();
+    let map = qemu_map(&over);
+    let zero_at = |start: u64| {
+        map.iter()
+            .find(|e| e["start"] == start)
+            .unwrap_or_else(|| panic!("no extent starts at {start}: {map:?}"))
+    };
     assert!(
-        map.contains("\"zero\": true") && map.contains("\"offset\": "),
-        "qemu-img map shows no preallocated zero cluster:\n{map}"
+        zero_at(0)["zero"] == true && zero_at(0).get("offset").is_some(),
+        "cluster 0 should be a zero cluster that keeps its host offset: {map:?}"
+    );
+    assert!(
+        zero_at(c)["zero"] == true && zero_at(c)["depth"] == 0,
+        "cluster 1 should be a zero cluster: {map:?}"
     );
     assert_mount_matches_qemu(&over, &[]);
 }
@@ -451,6 +460,10 @@ fn reads_zlib_compressed_clusters() {
         ("zlib-512-v2.qcow2", "compat=0.10,cluster_size=512"),
     ] {
         let img = convert_compressed(&src, dir.path().join(name), options);
+        assert!(
+            has_extent(&img, "compressed"),
+            "{name} has no compressed cluster"
+        );
         assert_mount_matches_qemu(&img, &[]);
     }
 }
@@ -467,6 +480,10 @@ fn reads_zstd_compressed_clusters() {
         ("zstd-2m.qcow2", "compression_type=zstd,cluster_size=2M"),
     ] {
         let img = convert_compressed(&src, dir.path().join(name), options);
+        assert!(
+            has_extent(&img, "compressed"),
+            "{name} has no compressed cluster"
+        );
         assert_mount_matches_qemu(&img, &[]);
     }
 }
@@ -486,6 +503,10 @@ fn reads_compressed_clusters_written_over_a_backing_file() {
         img.write_compressed(SMALL - c as u64, &compressible_bytes(c, 95));
         // Partly overwrite a compressed cluster: qemu decompresses and reallocates it.
         img.write_random(c as u64 + 100, 300, 96);
+        assert!(
+            has_extent(&img, "compressed"),
+            "{kind}: no compressed cluster"
+        );
         assert_mount_matches_qemu(&img, &[]);
     }
 }

@@ -4,8 +4,10 @@
 //! number the first sector of a buffer has (guest offset / 512 for legacy AES, host offset / 512 for
 //! LUKS, as QEMU numbers them).
 
+pub mod luks;
 mod qcow_aes;
 
+pub use luks::{LuksCipher, LuksHeader};
 pub use qcow_aes::QcowAes;
 
 /// The sector size every QEMU block cipher works in.
@@ -19,6 +21,12 @@ pub enum CryptoError {
     UnsupportedMethod(u32),
     #[error("the passphrase looks wrong: every sampled cluster decrypts to noise (use --force if you are sure)")]
     LooksWrong,
+    #[error("no key slot opens with this passphrase")]
+    WrongPassphrase,
+    #[error("LUKS header is unusable: {0}")]
+    BadLuksHeader(&'static str),
+    #[error("unsupported LUKS cipher: {0}")]
+    UnsupportedCipher(String),
     #[error("buffer of {0} bytes is not a whole number of 512-byte sectors")]
     Unaligned(usize),
 }

@@ -63,10 +63,13 @@ impl Record {
             .ok()
     }
 
-    /// The daemon's last words: empty when everything was written, else the error.
+    /// The daemon's last words: empty when everything was written, else the error. The pid file goes
+    /// only if it is still this process's: a newer mount of the same mountpoint may have replaced it.
     pub fn write_status(&self, status: &str) {
         let _ = fs::write(&self.status_file, status);
-        let _ = fs::remove_file(&self.pid_file);
+        if self.read_pid() == Some(std::process::id()) {
+            let _ = fs::remove_file(&self.pid_file);
+        }
     }
 
     pub fn take_status(&self) -> Option<String> {

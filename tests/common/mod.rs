@@ -431,15 +431,27 @@ impl Image {
         self
     }
 
-    /// Seeded random bytes at `off`; returns them.
+    /// Seeded test data of `len` bytes for this image: uniform random bytes for a plain image;
+    /// guest-like data (text, runs, some noise; every offset still distinct) for an encrypted one,
+    /// because qcowfs refuses a legacy AES passphrase when every sampled cluster decrypts to
+    /// noise, and uniform random plaintext is indistinguishable from that.
+    pub fn test_data(&self, len: usize, seed: u64) -> Vec<u8> {
+        if self.encrypted() {
+            compressible_bytes(len, seed)
+        } else {
+            random_bytes(len, seed)
+        }
+    }
+
+    /// Seeded test data (see [`Image::test_data`]) at `off`; returns it.
     pub fn write_random(&self, off: u64, len: usize, seed: u64) -> Vec<u8> {
-        let data = random_bytes(len, seed);
+        let data = self.test_data(len, seed);
         self.write_bytes(off, &data);
         data
     }
 
-    /// `count` writes of random data at random unaligned offsets and lengths (up to `max_len`)
-    /// within the first `span` bytes, in one qemu-io run.
+    /// `count` writes of test data (see [`Image::test_data`]) at random unaligned offsets and
+    /// lengths (up to `max_len`) within the first `span` bytes, in one qemu-io run.
     pub fn scatter_random(&self, span: u64, count: usize, max_len: u64, seed: u64) -> &Self {
         let mut rng = Rng::new(seed);
         let mut files = Vec::new();
@@ -448,8 +460,7 @@ impl Image {
             let len = rng.range(1, max_len.min(span));
             let off = rng.below(span - len + 1);
             let mut f = tempfile::NamedTempFile::new().expect("temp data file");
-            let mut data = vec![0u8; len as usize];
-            rng.fill(&mut data);
+            let data = self.test_data(len as usize, rng.next_u64());
             f.write_all(&data).expect("write temp data file");
             cmds.push(format!("write -s {} {off} {len}", path_str(f.path())));
             files.push(f);
@@ -551,6 +562,30 @@ impl Image {
         let r = qemu_img(["info", "--output=json", "-U", path_str(&self.path)]);
         serde_json::from_slice(&r.stdout).expect("qemu-img info --output=json parses")
     }
+}
+
+/// The guest view of `image` according to `qemu-img convert -O raw` (the read oracle).
+pub fn raw_of(image: &Image) -> Vec<u8> {
+    image.raw()
+}
+
+/// `qemu-img map --output=json` of `image` (its whole chain), parsed: one object per extent with
+/// `start`, `length`, `depth`, `zero`, `data`, `compressed` and, when mapped, `offset`.
+pub fn qemu_map(image: &Image) -> Vec<serde_json::Value> {
+    let (mut args, target) = image.qemu_open_args();
+    args.insert(0, "map".into());
+    args.push("--output=json".into());
+    args.push(target);
+    let r = qemu_img(&args);
+    serde_json::from_slice(&r.stdout).expect("qemu-img map --output=json parses")
+}
+
+/// Whether some extent of `image`'s own layer (depth 0) has `key` true in `qemu-img map`, e.g.
+/// "compressed" or "zero": proof that a test made the kind of cluster it means to read.
+pub fn has_extent(image: &Image, key: &str) -> bool {
+    qemu_map(image)
+        .iter()
+        .any(|e| e["depth"] == 0 && e[key] == true)
 }
 
 /// A raw image of `size` bytes (sparse, zeros) made by `qemu-img create -f raw`.

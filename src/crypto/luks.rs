@@ -1,0 +1,443 @@
+//! LUKS version 1 inside qcow2 (`crypt_method = 2`): the header the full-disk-encryption extension
+//! points to, keyslot unlocking (PBKDF2, anti-forensic merge, master-key digest) and the sector cipher
+//! for data (AES-128/192/256 in XTS or CBC mode, IVs plain, plain64 or essiv). Sector numbers of the
+//! key material start at 0; data sectors are numbered by host offset (the caller's job).
+
+use aes::cipher::generic_array::GenericArray;
+use aes::cipher::{BlockCipher, BlockDecrypt, BlockDecryptMut, BlockEncrypt, BlockEncryptMut, InnerIvInit, KeyInit};
+use aes::{Aes128, Aes192, Aes256};
+use sha1::Sha1;
+use sha2::{Digest, Sha224, Sha256, Sha384, Sha512};
+use zeroize::Zeroizing;
+
+use super::{CryptoError, SectorCipher, SECTOR_SIZE};
+
+pub const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
+pub const HEADER_LEN: usize = 592;
+const SLOTS: usize = 8;
+const SLOT_ACTIVE: u32 = 0x00ac_71f3;
+const SLOT_INACTIVE: u32 = 0x0000_dead;
+const DIGEST_LEN: usize = 20;
+/// Bounds on what a header may ask of us, so a hostile one cannot take unbounded time or memory.
+const MAX_ITERATIONS: u32 = 20_000_000;
+const MAX_STRIPES: u32 = 65_536;
+const MAX_KEY_MATERIAL: u64 = 16 << 20;
+
+/// What the LUKS header says, validated.
+#[derive(Debug, Clone)]
+pub struct LuksHeader {
+    pub cipher: String,
+    pub mode: String,
+    pub ivgen: String,
+    pub hash: String,
+    pub key_bytes: usize,
+    pub payload_offset_sectors: u32,
+    mk_digest: [u8; DIGEST_LEN],
+    mk_digest_salt: [u8; 32],
+    mk_digest_iter: u32,
+    pub slots: Vec<KeySlot>,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeySlot {
+    pub index: usize,
+    pub iterations: u32,
+    salt: [u8; 32],
+    /// Offset of the key material from the start of the LUKS header, in bytes.
+    pub material_offset: u64,
+    pub stripes: u32,
+}
+
+fn text(field: &[u8]) -> String {
+    String::from_utf8_lossy(field.split(|&b| b == 0).next().unwrap_or(&[])).into_owned()
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+impl LuksHeader {
+    /// Parse the header at the start of `buf`; `area_len` is the size of the area holding the
+    /// header and key material (key material must lie inside it).
+    pub fn parse(buf: &[u8], area_len: u64) -> Result<LuksHeader, CryptoError> {
+        let bad = |why: &'static str| CryptoError::BadLuksHeader(why);
+        if buf.len() < HEADER_LEN {
+            return Err(bad("truncated"));
+        }
+        if buf[..6] != MAGIC {
+            return Err(bad("bad magic"));
+        }
+        if u16::from_be_bytes([buf[6], buf[7]]) != 1 {
+            return Err(bad("only LUKS version 1 is supported"));
+        }
+        let cipher = text(&buf[8..40]);
+        let mode_spec = text(&buf[40..72]);
+        let hash = text(&buf[72..104]);
+        let (mode, ivgen) = mode_spec.split_once('-').unwrap_or((mode_spec.as_str(), "plain"));
+        let key_bytes = be32(buf, 108) as usize;
+        if cipher != "aes" {
+            return Err(CryptoError::UnsupportedCipher(format!("{cipher}-{mode_spec}")));
+        }
+        let valid_key = match mode {
+            "xts" => matches!(key_bytes, 32 | 48 | 64),
+            "cbc" => matches!(key_bytes, 16 | 24 | 32),
+            _ => false,
+        };
+        if !valid_key {
+            return Err(CryptoError::UnsupportedCipher(format!("{cipher}-{mode_spec} with a {key_bytes}-byte key")));
+        }
+        if !matches!(ivgen, "plain" | "plain64" | "essiv:sha256") {
+            return Err(CryptoError::UnsupportedCipher(format!("IV generator {ivgen}")));
+        }
+        if !matches!(hash.as_str(), "sha1" | "sha224" | "sha256" | "sha384" | "sha512") {
+            return Err(CryptoError::UnsupportedCipher(format!("hash {hash}")));
+        }
+        let mut mk_digest = [0u8; DIGEST_LEN];
+        mk_digest.copy_from_slice(&buf[112..132]);
+        let mut mk_digest_salt = [0u8; 32];
+        mk_digest_salt.copy_from_slice(&buf[132..164]);
+        let mk_digest_iter = be32(buf, 164);
+        if mk_digest_iter == 0 || mk_digest_iter > MAX_ITERATIONS {
+            return Err(bad("master key digest iteration count out of range"));
+        }
+        let mut slots = Vec::new();
+        for index in 0..SLOTS {
+            let s = &buf[208 + index * 48..208 + (index + 1) * 48];
+            match be32(s, 0) {
+                SLOT_ACTIVE => {}
+                SLOT_INACTIVE => continue,
+                _ => return Err(bad("key slot with an unknown state")),
+            }
+            let iterations = be32(s, 4);
+            let material_offset = u64::from(be32(s, 40)) * SECTOR_SIZE as u64;
+            let stripes = be32(s, 44);
+            if iterations == 0 || iterations > MAX_ITERATIONS {
+                return Err(bad("key slot iteration count out of range"));
+            }
+            if stripes == 0 || stripes > MAX_STRIPES {
+                return Err(bad("key slot stripe count out of range"));
+            }
+            let material = key_bytes as u64 * u64::from(stripes);
+            if material > MAX_KEY_MATERIAL || material_offset + material > area_len || material_offset < HEADER_LEN as u64 {
+                return Err(bad("key material lies outside the LUKS area"));
+            }
+            let mut salt = [0u8; 32];
+            salt.copy_from_slice(&s[8..40]);
+            slots.push(KeySlot { index, iterations, salt, material_offset, stripes });
+        }
+        if slots.is_empty() {
+            return Err(bad("no active key slot"));
+        }
+        Ok(LuksHeader {
+            cipher,
+            mode: mode.to_string(),
+            ivgen: ivgen.to_string(),
+            hash,
+            key_bytes,
+            payload_offset_sectors: be32(buf, 104),
+            mk_digest,
+            mk_digest_salt,
+            mk_digest_iter,
+            slots,
+        })
+    }
+
+    /// Bytes of key material of `slot` (to read from the LUKS area).
+    pub fn material_len(&self, slot: &KeySlot) -> usize {
+        self.key_bytes * slot.stripes as usize
+    }
+
+    /// Try every active slot; `material` reads a slot's key material. Returns the data cipher.
+    pub fn unlock(
+        &self,
+        passphrase: &[u8],
+        material: &dyn Fn(&KeySlot) -> Result<Vec<u8>, CryptoError>,
+    ) -> Result<LuksCipher, CryptoError> {
+        for slot in &self.slots {
+            let mut slot_key = Zeroizing::new(vec![0u8; self.key_bytes]);
+            pbkdf2(&self.hash, passphrase, &slot.salt, slot.iterations, &mut slot_key);
+            let mut split = Zeroizing::new(material(slot)?);
+            let slot_cipher = LuksCipher::new(&self.mode, &self.ivgen, &slot_key)?;
+            slot_cipher.decrypt(0, &mut split)?;
+            let master = Zeroizing::new(af_merge(&self.hash, &split, self.key_bytes, slot.stripes as usize));
+            let mut digest = [0u8; DIGEST_LEN];
+            pbkdf2(&self.hash, &master, &self.mk_digest_salt, self.mk_digest_iter, &mut digest);
+            if digest == self.mk_digest {
+                log::debug!("LUKS key slot {} opened", slot.index);
+                return LuksCipher::new(&self.mode, &self.ivgen, &master);
+            }
+        }
+        Err(CryptoError::WrongPassphrase)
+    }
+}
+
+fn pbkdf2(hash: &str, password: &[u8], salt: &[u8], rounds: u32, out: &mut [u8]) {
+    match hash {
+        "sha1" => pbkdf2::pbkdf2_hmac::<Sha1>(password, salt, rounds, out),
+        "sha224" => pbkdf2::pbkdf2_hmac::<Sha224>(password, salt, rounds, out),
+        "sha384" => pbkdf2::pbkdf2_hmac::<Sha384>(password, salt, rounds, out),
+        "sha512" => pbkdf2::pbkdf2_hmac::<Sha512>(password, salt, rounds, out),
+        _ => pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, rounds, out),
+    }
+}
+
+fn digest_with(hash: &str, index: u32, data: &[u8]) -> Vec<u8> {
+    fn run<D: Digest>(index: u32, data: &[u8]) -> Vec<u8> {
+        let mut h = D::new();
+        h.update(index.to_be_bytes());
+        h.update(data);
+        h.finalize().to_vec()
+    }
+    match hash {
+        "sha1" => run::<Sha1>(index, data),
+        "sha224" => run::<Sha224>(index, data),
+        "sha384" => run::<Sha384>(index, data),
+        "sha512" => run::<Sha512>(index, data),
+        _ => run::<Sha256>(index, data),
+    }
+}
+
+/// The anti-forensic diffuser: hash each digest-sized piece with its big-endian index.
+fn diffuse(hash: &str, block: &mut [u8]) {
+    let size = digest_with(hash, 0, &[]).len();
+    for (i, piece) in block.chunks_mut(size).enumerate() {
+        let h = digest_with(hash, i as u32, piece);
+        piece.copy_from_slice(&h[..piece.len()]);
+    }
+}
+
+/// AF merge: d = 0; for each stripe but the last, d = diffuse(d ^ stripe); key = d ^ last stripe.
+fn af_merge(hash: &str, split: &[u8], key_len: usize, stripes: usize) -> Vec<u8> {
+    let mut d = vec![0u8; key_len];
+    for stripe in split.chunks_exact(key_len).take(stripes - 1) {
+        d.iter_mut().zip(stripe).for_each(|(a, b)| *a ^= b);
+        diffuse(hash, &mut d);
+    }
+    let last = &split[(stripes - 1) * key_len..stripes * key_len];
+    d.iter_mut().zip(last).for_each(|(a, b)| *a ^= b);
+    d
+}
+
+/// How each sector's IV is made.
+enum IvGen {
+    /// Sector number, little-endian, cut to 32 bits.
+    Plain,
+    /// Sector number, little-endian, 64 bits.
+    Plain64,
+    /// plain64 encrypted with AES-256 keyed by SHA-256 of the master key.
+    Essiv(Box<Aes256>),
+}
+
+impl IvGen {
+    fn iv(&self, sector: u64) -> [u8; 16] {
+        let mut iv = [0u8; 16];
+        match self {
+            IvGen::Plain => iv[..4].copy_from_slice(&(sector as u32).to_le_bytes()),
+            IvGen::Plain64 => iv[..8].copy_from_slice(&sector.to_le_bytes()),
+            IvGen::Essiv(c) => {
+                iv[..8].copy_from_slice(&sector.to_le_bytes());
+                c.encrypt_block(GenericArray::from_mut_slice(&mut iv));
+            }
+        }
+        iv
+    }
+}
+
+/// One sector with a given IV, in one mode of one AES key size.
+trait SectorMode: Send + Sync {
+    fn decrypt(&self, iv: [u8; 16], sector: &mut [u8]);
+    fn encrypt(&self, iv: [u8; 16], sector: &mut [u8]);
+}
+
+struct Cbc<C>(C);
+
+fn blocks(buf: &mut [u8]) -> impl Iterator<Item = &mut GenericArray<u8, aes::cipher::consts::U16>> {
+    buf.chunks_exact_mut(16).map(GenericArray::from_mut_slice)
+}
+
+impl<C> SectorMode for Cbc<C>
+where
+    C: BlockCipher<BlockSize = aes::cipher::consts::U16> + BlockEncrypt + BlockDecrypt + Clone + Send + Sync,
+{
+    fn decrypt(&self, iv: [u8; 16], sector: &mut [u8]) {
+        let mut d = cbc::Decryptor::<C>::inner_iv_init(self.0.clone(), GenericArray::from_slice(&iv));
+        blocks(sector).for_each(|b| d.decrypt_block_mut(b));
+    }
+
+    fn encrypt(&self, iv: [u8; 16], sector: &mut [u8]) {
+        let mut e = cbc::Encryptor::<C>::inner_iv_init(self.0.clone(), GenericArray::from_slice(&iv));
+        blocks(sector).for_each(|b| e.encrypt_block_mut(b));
+    }
+}
+
+struct Xts<C: BlockCipher<BlockSize = aes::cipher::consts::U16> + BlockEncrypt + BlockDecrypt>(xts_mode::Xts128<C>);
+
+impl<C> SectorMode for Xts<C>
+where
+    C: BlockCipher<BlockSize = aes::cipher::consts::U16> + BlockEncrypt + BlockDecrypt + Send + Sync,
+{
+    fn decrypt(&self, iv: [u8; 16], sector: &mut [u8]) {
+        self.0.decrypt_sector(sector, iv);
+    }
+
+    fn encrypt(&self, iv: [u8; 16], sector: &mut [u8]) {
+        self.0.encrypt_sector(sector, iv);
+    }
+}
+
+fn aes_mode<C>(mode: &str, key: &[u8]) -> Box<dyn SectorMode>
+where
+    C: BlockCipher<BlockSize = aes::cipher::consts::U16> + BlockEncrypt + BlockDecrypt + KeyInit + Clone + Send + Sync + 'static,
+{
+    if mode == "xts" {
+        let (k1, k2) = key.split_at(key.len() / 2);
+        Box::new(Xts(xts_mode::Xts128::new(C::new(GenericArray::from_slice(k1)), C::new(GenericArray::from_slice(k2)))))
+    } else {
+        Box::new(Cbc(C::new(GenericArray::from_slice(key))))
+    }
+}
+
+/// The LUKS data cipher (or a key slot's cipher while unlocking).
+pub struct LuksCipher {
+    mode: Box<dyn SectorMode>,
+    ivgen: IvGen,
+}
+
+impl std::fmt::Debug for LuksCipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LuksCipher { key: <hidden> }")
+    }
+}
+
+impl LuksCipher {
+    pub fn new(mode: &str, ivgen: &str, key: &[u8]) -> Result<Self, CryptoError> {
+        let aes_key_len = if mode == "xts" { key.len() / 2 } else { key.len() };
+        let mode_impl = match aes_key_len {
+            16 => aes_mode::<Aes128>(mode, key),
+            24 => aes_mode::<Aes192>(mode, key),
+            32 => aes_mode::<Aes256>(mode, key),
+            n => return Err(CryptoError::UnsupportedCipher(format!("AES with a {n}-byte key"))),
+        };
+        let ivgen = match ivgen {
+            "plain" => IvGen::Plain,
+            "plain64" => IvGen::Plain64,
+            "essiv:sha256" => {
+                let salt = Zeroizing::new(Sha256::digest(key).to_vec());
+                IvGen::Essiv(Box::new(Aes256::new(GenericArray::from_slice(&salt))))
+            }
+            other => return Err(CryptoError::UnsupportedCipher(format!("IV generator {other}"))),
+        };
+        Ok(LuksCipher { mode: mode_impl, ivgen })
+    }
+}
+
+impl SectorCipher for LuksCipher {
+    fn decrypt(&self, first_sector: u64, buf: &mut [u8]) -> Result<(), CryptoError> {
+        if buf.len() % SECTOR_SIZE != 0 {
+            return Err(CryptoError::Unaligned(buf.len()));
+        }
+        for (i, sector) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
+            self.mode.decrypt(self.ivgen.iv(first_sector + i as u64), sector);
+        }
+        Ok(())
+    }
+
+    fn encrypt(&self, first_sector: u64, buf: &mut [u8]) -> Result<(), CryptoError> {
+        if buf.len() % SECTOR_SIZE != 0 {
+            return Err(CryptoError::Unaligned(buf.len()));
+        }
+        for (i, sector) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
+            self.mode.encrypt(self.ivgen.iv(first_sector + i as u64), sector);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn af_merge_of_a_single_stripe_is_the_stripe() {
+        let split = vec![7u8; 32];
+        assert_eq!(af_merge("sha256", &split, 32, 1), split);
+    }
+
+    #[test]
+    fn af_merge_diffuses_all_but_the_last_stripe() {
+        // Two stripes: key = diffuse(s0) ^ s1.
+        let s0 = [1u8; 40];
+        let s1 = [2u8; 40];
+        let mut d = s0.to_vec();
+        diffuse("sha1", &mut d);
+        let expected: Vec<u8> = d.iter().zip(&s1).map(|(a, b)| a ^ b).collect();
+        let split = [s0, s1].concat();
+        assert_eq!(af_merge("sha1", &split, 40, 2), expected);
+    }
+
+    #[test]
+    fn every_mode_round_trips() {
+        for (mode, iv, key_len) in [("xts", "plain64", 64), ("xts", "plain64", 32), ("cbc", "essiv:sha256", 16), ("cbc", "plain", 24), ("cbc", "plain64", 32)] {
+            let key: Vec<u8> = (0..key_len as u8).collect();
+            let c = LuksCipher::new(mode, iv, &key).unwrap();
+            let plain: Vec<u8> = (0..2048u32).map(|i| i as u8).collect();
+            let mut buf = plain.clone();
+            c.encrypt(77, &mut buf).unwrap();
+            assert_ne!(buf, plain, "{mode}-{iv}");
+            c.decrypt(77, &mut buf).unwrap();
+            assert_eq!(buf, plain, "{mode}-{iv}");
+        }
+    }
+
+    #[test]
+    fn plain_iv_wraps_at_32_bits() {
+        assert_eq!(IvGen::Plain.iv(0x1_0000_0005), IvGen::Plain.iv(5));
+        assert_ne!(IvGen::Plain64.iv(0x1_0000_0005), IvGen::Plain64.iv(5));
+    }
+
+    fn header() -> Vec<u8> {
+        let mut b = vec![0u8; 4096];
+        b[..6].copy_from_slice(&MAGIC);
+        b[7] = 1;
+        b[8..11].copy_from_slice(b"aes");
+        b[40..51].copy_from_slice(b"xts-plain64");
+        b[72..78].copy_from_slice(b"sha256");
+        b[108..112].copy_from_slice(&64u32.to_be_bytes());
+        b[164..168].copy_from_slice(&1000u32.to_be_bytes());
+        for i in 0..8 {
+            let s = 208 + i * 48;
+            b[s..s + 4].copy_from_slice(&SLOT_INACTIVE.to_be_bytes());
+        }
+        b[208..212].copy_from_slice(&SLOT_ACTIVE.to_be_bytes());
+        b[212..216].copy_from_slice(&1000u32.to_be_bytes());
+        b[248..252].copy_from_slice(&8u32.to_be_bytes());
+        b[252..256].copy_from_slice(&4000u32.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn parses_a_luks_header() {
+        let h = LuksHeader::parse(&header(), 1 << 20).unwrap();
+        assert_eq!((h.cipher.as_str(), h.mode.as_str(), h.ivgen.as_str(), h.hash.as_str()), ("aes", "xts", "plain64", "sha256"));
+        assert_eq!(h.slots.len(), 1);
+        assert_eq!(h.material_len(&h.slots[0]), 256_000);
+    }
+
+    #[test]
+    fn rejects_absurd_key_slots() {
+        let mut b = header();
+        b[212..216].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(LuksHeader::parse(&b, 1 << 20).is_err());
+        let mut b = header();
+        b[252..256].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(LuksHeader::parse(&b, 1 << 20).is_err());
+        let b = header();
+        assert!(LuksHeader::parse(&b, 4096).is_err(), "key material beyond the area");
+        let mut b = header();
+        b[208..212].copy_from_slice(&SLOT_INACTIVE.to_be_bytes());
+        assert!(LuksHeader::parse(&b, 1 << 20).is_err(), "no active slot");
+        let mut b = header();
+        b[8..11].copy_from_slice(b"twf");
+        assert!(LuksHeader::parse(&b, 1 << 20).is_err());
+    }
+}
