@@ -237,7 +237,9 @@ fn open_layer(
             let luks = luks_header(&image)?;
             match keys.for_layer(&path) {
                 Some(key) => {
-                    let cipher = luks.unlock(key, &|slot| read_key_material(&image, &luks, slot)).at(&path)?;
+                    let cipher = luks
+                        .unlock(key, &|slot| read_key_material(&image, &luks, slot))
+                        .at(&path)?;
                     image.set_cipher(Box::new(cipher));
                 }
                 None if opts.without_keys => {}
@@ -262,22 +264,47 @@ fn luks_area(image: &Qcow2Image) -> Result<(u64, u64)> {
     let path = image.path();
     let header = image.header();
     let Some((offset, len)) = header.fde_header else {
-        return Err(Error::new(path, FormatError::BadExtension("full disk encryption (missing for LUKS)")));
+        return Err(Error::new(
+            path,
+            FormatError::BadExtension("full disk encryption (missing for LUKS)"),
+        ));
     };
     let file_len = image.file().len()?;
     let cs = header.cluster_size();
     if offset % cs != 0 || offset == 0 {
-        return Err(Error::new(path, FormatError::Misaligned { what: "LUKS header", offset, align: cs }));
+        return Err(Error::new(
+            path,
+            FormatError::Misaligned {
+                what: "LUKS header",
+                offset,
+                align: cs,
+            },
+        ));
     }
-    if offset.checked_add(len).is_none_or(|end| end > file_len) || len < crate::crypto::luks::HEADER_LEN as u64 {
-        return Err(Error::new(path, FormatError::BeyondEnd { what: "LUKS header", offset, len, file_len }));
+    if offset.checked_add(len).is_none_or(|end| end > file_len)
+        || len < crate::crypto::luks::HEADER_LEN as u64
+    {
+        return Err(Error::new(
+            path,
+            FormatError::BeyondEnd {
+                what: "LUKS header",
+                offset,
+                len,
+                file_len,
+            },
+        ));
     }
     Ok((offset, len))
 }
 
-fn read_key_material(image: &Qcow2Image, luks: &LuksHeader, slot: &KeySlot) -> Result<Vec<u8>, CryptoError> {
+fn read_key_material(
+    image: &Qcow2Image,
+    luks: &LuksHeader,
+    slot: &KeySlot,
+) -> Result<Vec<u8>, CryptoError> {
     let mut buf = vec![0u8; luks.material_len(slot)];
-    let (offset, _) = luks_area(image).map_err(|_| CryptoError::BadLuksHeader("LUKS area moved"))?;
+    let (offset, _) =
+        luks_area(image).map_err(|_| CryptoError::BadLuksHeader("LUKS area moved"))?;
     image
         .file()
         .read_exact_at(offset + slot.material_offset, &mut buf)

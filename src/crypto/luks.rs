@@ -4,7 +4,9 @@
 //! key material start at 0; data sectors are numbered by host offset (the caller's job).
 
 use aes::cipher::generic_array::GenericArray;
-use aes::cipher::{BlockCipher, BlockDecrypt, BlockDecryptMut, BlockEncrypt, BlockEncryptMut, InnerIvInit, KeyInit};
+use aes::cipher::{
+    BlockCipher, BlockDecrypt, BlockDecryptMut, BlockEncrypt, BlockEncryptMut, InnerIvInit, KeyInit,
+};
 use aes::{Aes128, Aes192, Aes256};
 use sha1::Sha1;
 use sha2::{Digest, Sha224, Sha256, Sha384, Sha512};
@@ -73,10 +75,14 @@ impl LuksHeader {
         let cipher = text(&buf[8..40]);
         let mode_spec = text(&buf[40..72]);
         let hash = text(&buf[72..104]);
-        let (mode, ivgen) = mode_spec.split_once('-').unwrap_or((mode_spec.as_str(), "plain"));
+        let (mode, ivgen) = mode_spec
+            .split_once('-')
+            .unwrap_or((mode_spec.as_str(), "plain"));
         let key_bytes = be32(buf, 108) as usize;
         if cipher != "aes" {
-            return Err(CryptoError::UnsupportedCipher(format!("{cipher}-{mode_spec}")));
+            return Err(CryptoError::UnsupportedCipher(format!(
+                "{cipher}-{mode_spec}"
+            )));
         }
         let valid_key = match mode {
             "xts" => matches!(key_bytes, 32 | 48 | 64),
@@ -84,12 +90,19 @@ impl LuksHeader {
             _ => false,
         };
         if !valid_key {
-            return Err(CryptoError::UnsupportedCipher(format!("{cipher}-{mode_spec} with a {key_bytes}-byte key")));
+            return Err(CryptoError::UnsupportedCipher(format!(
+                "{cipher}-{mode_spec} with a {key_bytes}-byte key"
+            )));
         }
         if !matches!(ivgen, "plain" | "plain64" | "essiv:sha256") {
-            return Err(CryptoError::UnsupportedCipher(format!("IV generator {ivgen}")));
+            return Err(CryptoError::UnsupportedCipher(format!(
+                "IV generator {ivgen}"
+            )));
         }
-        if !matches!(hash.as_str(), "sha1" | "sha224" | "sha256" | "sha384" | "sha512") {
+        if !matches!(
+            hash.as_str(),
+            "sha1" | "sha224" | "sha256" | "sha384" | "sha512"
+        ) {
             return Err(CryptoError::UnsupportedCipher(format!("hash {hash}")));
         }
         let mut mk_digest = [0u8; DIGEST_LEN];
@@ -118,12 +131,21 @@ impl LuksHeader {
                 return Err(bad("key slot stripe count out of range"));
             }
             let material = key_bytes as u64 * u64::from(stripes);
-            if material > MAX_KEY_MATERIAL || material_offset + material > area_len || material_offset < HEADER_LEN as u64 {
+            if material > MAX_KEY_MATERIAL
+                || material_offset + material > area_len
+                || material_offset < HEADER_LEN as u64
+            {
                 return Err(bad("key material lies outside the LUKS area"));
             }
             let mut salt = [0u8; 32];
             salt.copy_from_slice(&s[8..40]);
-            slots.push(KeySlot { index, iterations, salt, material_offset, stripes });
+            slots.push(KeySlot {
+                index,
+                iterations,
+                salt,
+                material_offset,
+                stripes,
+            });
         }
         if slots.is_empty() {
             return Err(bad("no active key slot"));
@@ -155,13 +177,30 @@ impl LuksHeader {
     ) -> Result<LuksCipher, CryptoError> {
         for slot in &self.slots {
             let mut slot_key = Zeroizing::new(vec![0u8; self.key_bytes]);
-            pbkdf2(&self.hash, passphrase, &slot.salt, slot.iterations, &mut slot_key);
+            pbkdf2(
+                &self.hash,
+                passphrase,
+                &slot.salt,
+                slot.iterations,
+                &mut slot_key,
+            );
             let mut split = Zeroizing::new(material(slot)?);
             let slot_cipher = LuksCipher::new(&self.mode, &self.ivgen, &slot_key)?;
             slot_cipher.decrypt(0, &mut split)?;
-            let master = Zeroizing::new(af_merge(&self.hash, &split, self.key_bytes, slot.stripes as usize));
+            let master = Zeroizing::new(af_merge(
+                &self.hash,
+                &split,
+                self.key_bytes,
+                slot.stripes as usize,
+            ));
             let mut digest = [0u8; DIGEST_LEN];
-            pbkdf2(&self.hash, &master, &self.mk_digest_salt, self.mk_digest_iter, &mut digest);
+            pbkdf2(
+                &self.hash,
+                &master,
+                &self.mk_digest_salt,
+                self.mk_digest_iter,
+                &mut digest,
+            );
             if digest == self.mk_digest {
                 log::debug!("LUKS key slot {} opened", slot.index);
                 return LuksCipher::new(&self.mode, &self.ivgen, &master);
@@ -257,41 +296,101 @@ fn blocks(buf: &mut [u8]) -> impl Iterator<Item = &mut GenericArray<u8, aes::cip
 
 impl<C> SectorMode for Cbc<C>
 where
-    C: BlockCipher<BlockSize = aes::cipher::consts::U16> + BlockEncrypt + BlockDecrypt + Clone + Send + Sync,
+    C: BlockCipher<BlockSize = aes::cipher::consts::U16>
+        + BlockEncrypt
+        + BlockDecrypt
+        + Clone
+        + Send
+        + Sync,
 {
     fn decrypt(&self, iv: [u8; 16], sector: &mut [u8]) {
-        let mut d = cbc::Decryptor::<C>::inner_iv_init(self.0.clone(), GenericArray::from_slice(&iv));
+        let mut d =
+            cbc::Decryptor::<C>::inner_iv_init(self.0.clone(), GenericArray::from_slice(&iv));
         blocks(sector).for_each(|b| d.decrypt_block_mut(b));
     }
 
     fn encrypt(&self, iv: [u8; 16], sector: &mut [u8]) {
-        let mut e = cbc::Encryptor::<C>::inner_iv_init(self.0.clone(), GenericArray::from_slice(&iv));
+        let mut e =
+            cbc::Encryptor::<C>::inner_iv_init(self.0.clone(), GenericArray::from_slice(&iv));
         blocks(sector).for_each(|b| e.encrypt_block_mut(b));
     }
 }
 
-struct Xts<C: BlockCipher<BlockSize = aes::cipher::consts::U16> + BlockEncrypt + BlockDecrypt>(xts_mode::Xts128<C>);
+/// XTS (IEEE 1619) over 512-byte sectors: the tweak of block j is E_k2(iv) times alpha^j in GF(2^128).
+/// All 32 tweaks of a sector are computed first, so the 32 block encryptions run as one pipelined batch.
+struct Xts<C> {
+    data: C,
+    tweak: C,
+}
+
+impl<C> Xts<C>
+where
+    C: BlockCipher<BlockSize = aes::cipher::consts::U16> + BlockEncrypt + BlockDecrypt,
+{
+    fn tweaks(&self, iv: [u8; 16]) -> [u128; BLOCKS_PER_SECTOR] {
+        let mut t = GenericArray::from(iv);
+        self.tweak.encrypt_block(&mut t);
+        let mut x = u128::from_le_bytes(t.into());
+        let mut all = [0u128; BLOCKS_PER_SECTOR];
+        for slot in all.iter_mut() {
+            *slot = x;
+            let carry = x >> 127;
+            x = (x << 1) ^ (carry * 0x87);
+        }
+        all
+    }
+
+    fn whiten(sector: &mut [u8], tweaks: &[u128; BLOCKS_PER_SECTOR]) {
+        for (block, t) in sector.chunks_exact_mut(16).zip(tweaks) {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(block);
+            block.copy_from_slice(&(u128::from_le_bytes(b) ^ t).to_le_bytes());
+        }
+    }
+}
+
+const BLOCKS_PER_SECTOR: usize = SECTOR_SIZE / 16;
 
 impl<C> SectorMode for Xts<C>
 where
-    C: BlockCipher<BlockSize = aes::cipher::consts::U16> + BlockEncrypt + BlockDecrypt + Send + Sync,
+    C: BlockCipher<BlockSize = aes::cipher::consts::U16>
+        + BlockEncrypt
+        + BlockDecrypt
+        + Send
+        + Sync,
 {
     fn decrypt(&self, iv: [u8; 16], sector: &mut [u8]) {
-        self.0.decrypt_sector(sector, iv);
+        let tweaks = self.tweaks(iv);
+        Self::whiten(sector, &tweaks);
+        self.data.decrypt_blocks(super::as_blocks(sector));
+        Self::whiten(sector, &tweaks);
     }
 
     fn encrypt(&self, iv: [u8; 16], sector: &mut [u8]) {
-        self.0.encrypt_sector(sector, iv);
+        let tweaks = self.tweaks(iv);
+        Self::whiten(sector, &tweaks);
+        self.data.encrypt_blocks(super::as_blocks(sector));
+        Self::whiten(sector, &tweaks);
     }
 }
 
 fn aes_mode<C>(mode: &str, key: &[u8]) -> Box<dyn SectorMode>
 where
-    C: BlockCipher<BlockSize = aes::cipher::consts::U16> + BlockEncrypt + BlockDecrypt + KeyInit + Clone + Send + Sync + 'static,
+    C: BlockCipher<BlockSize = aes::cipher::consts::U16>
+        + BlockEncrypt
+        + BlockDecrypt
+        + KeyInit
+        + Clone
+        + Send
+        + Sync
+        + 'static,
 {
     if mode == "xts" {
         let (k1, k2) = key.split_at(key.len() / 2);
-        Box::new(Xts(xts_mode::Xts128::new(C::new(GenericArray::from_slice(k1)), C::new(GenericArray::from_slice(k2)))))
+        Box::new(Xts {
+            data: C::new(GenericArray::from_slice(k1)),
+            tweak: C::new(GenericArray::from_slice(k2)),
+        })
     } else {
         Box::new(Cbc(C::new(GenericArray::from_slice(key))))
     }
@@ -311,12 +410,20 @@ impl std::fmt::Debug for LuksCipher {
 
 impl LuksCipher {
     pub fn new(mode: &str, ivgen: &str, key: &[u8]) -> Result<Self, CryptoError> {
-        let aes_key_len = if mode == "xts" { key.len() / 2 } else { key.len() };
+        let aes_key_len = if mode == "xts" {
+            key.len() / 2
+        } else {
+            key.len()
+        };
         let mode_impl = match aes_key_len {
             16 => aes_mode::<Aes128>(mode, key),
             24 => aes_mode::<Aes192>(mode, key),
             32 => aes_mode::<Aes256>(mode, key),
-            n => return Err(CryptoError::UnsupportedCipher(format!("AES with a {n}-byte key"))),
+            n => {
+                return Err(CryptoError::UnsupportedCipher(format!(
+                    "AES with a {n}-byte key"
+                )))
+            }
         };
         let ivgen = match ivgen {
             "plain" => IvGen::Plain,
@@ -325,9 +432,16 @@ impl LuksCipher {
                 let salt = Zeroizing::new(Sha256::digest(key).to_vec());
                 IvGen::Essiv(Box::new(Aes256::new(GenericArray::from_slice(&salt))))
             }
-            other => return Err(CryptoError::UnsupportedCipher(format!("IV generator {other}"))),
+            other => {
+                return Err(CryptoError::UnsupportedCipher(format!(
+                    "IV generator {other}"
+                )))
+            }
         };
-        Ok(LuksCipher { mode: mode_impl, ivgen })
+        Ok(LuksCipher {
+            mode: mode_impl,
+            ivgen,
+        })
     }
 }
 
@@ -337,7 +451,8 @@ impl SectorCipher for LuksCipher {
             return Err(CryptoError::Unaligned(buf.len()));
         }
         for (i, sector) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
-            self.mode.decrypt(self.ivgen.iv(first_sector + i as u64), sector);
+            self.mode
+                .decrypt(self.ivgen.iv(first_sector + i as u64), sector);
         }
         Ok(())
     }
@@ -347,7 +462,8 @@ impl SectorCipher for LuksCipher {
             return Err(CryptoError::Unaligned(buf.len()));
         }
         for (i, sector) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
-            self.mode.encrypt(self.ivgen.iv(first_sector + i as u64), sector);
+            self.mode
+                .encrypt(self.ivgen.iv(first_sector + i as u64), sector);
         }
         Ok(())
     }
@@ -377,7 +493,13 @@ mod tests {
 
     #[test]
     fn every_mode_round_trips() {
-        for (mode, iv, key_len) in [("xts", "plain64", 64), ("xts", "plain64", 32), ("cbc", "essiv:sha256", 16), ("cbc", "plain", 24), ("cbc", "plain64", 32)] {
+        for (mode, iv, key_len) in [
+            ("xts", "plain64", 64),
+            ("xts", "plain64", 32),
+            ("cbc", "essiv:sha256", 16),
+            ("cbc", "plain", 24),
+            ("cbc", "plain64", 32),
+        ] {
             let key: Vec<u8> = (0..key_len as u8).collect();
             let c = LuksCipher::new(mode, iv, &key).unwrap();
             let plain: Vec<u8> = (0..2048u32).map(|i| i as u8).collect();
@@ -387,6 +509,22 @@ mod tests {
             c.decrypt(77, &mut buf).unwrap();
             assert_eq!(buf, plain, "{mode}-{iv}");
         }
+    }
+
+    #[test]
+    fn xts_matches_the_xts_mode_crate() {
+        let key: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(37)).collect();
+        let ours = LuksCipher::new("xts", "plain64", &key).unwrap();
+        let reference = xts_mode::Xts128::new(
+            Aes256::new(GenericArray::from_slice(&key[..32])),
+            Aes256::new(GenericArray::from_slice(&key[32..])),
+        );
+        let plain: Vec<u8> = (0..4096u32).map(|i| (i * 13 / 7) as u8).collect();
+        let mut a = plain.clone();
+        ours.encrypt(123_456, &mut a).unwrap();
+        let mut b = plain.clone();
+        reference.encrypt_area(&mut b, 512, 123_456, xts_mode::get_tweak_default);
+        assert_eq!(a, b);
     }
 
     #[test]
@@ -418,7 +556,15 @@ mod tests {
     #[test]
     fn parses_a_luks_header() {
         let h = LuksHeader::parse(&header(), 1 << 20).unwrap();
-        assert_eq!((h.cipher.as_str(), h.mode.as_str(), h.ivgen.as_str(), h.hash.as_str()), ("aes", "xts", "plain64", "sha256"));
+        assert_eq!(
+            (
+                h.cipher.as_str(),
+                h.mode.as_str(),
+                h.ivgen.as_str(),
+                h.hash.as_str()
+            ),
+            ("aes", "xts", "plain64", "sha256")
+        );
         assert_eq!(h.slots.len(), 1);
         assert_eq!(h.material_len(&h.slots[0]), 256_000);
     }
@@ -432,7 +578,10 @@ mod tests {
         b[252..256].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(LuksHeader::parse(&b, 1 << 20).is_err());
         let b = header();
-        assert!(LuksHeader::parse(&b, 4096).is_err(), "key material beyond the area");
+        assert!(
+            LuksHeader::parse(&b, 4096).is_err(),
+            "key material beyond the area"
+        );
         let mut b = header();
         b[208..212].copy_from_slice(&SLOT_INACTIVE.to_be_bytes());
         assert!(LuksHeader::parse(&b, 1 << 20).is_err(), "no active slot");

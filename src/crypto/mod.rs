@@ -31,6 +31,22 @@ pub enum CryptoError {
     Unaligned(usize),
 }
 
+/// View a buffer of whole 16-byte blocks as AES blocks, in place.
+pub(crate) fn as_blocks(
+    buf: &mut [u8],
+) -> &mut [aes::cipher::generic_array::GenericArray<u8, aes::cipher::consts::U16>] {
+    debug_assert_eq!(buf.len() % 16, 0);
+    // SAFETY: GenericArray<u8, U16> is a transparent [u8; 16] with alignment 1, and only whole blocks
+    // (len / 16 of them) are covered.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            buf.as_mut_ptr()
+                as *mut aes::cipher::generic_array::GenericArray<u8, aes::cipher::consts::U16>,
+            buf.len() / 16,
+        )
+    }
+}
+
 /// A block cipher that encrypts and decrypts in place, sector by sector.
 pub trait SectorCipher: Send + Sync + std::fmt::Debug {
     /// Decrypt `buf` (a whole number of sectors) whose first sector has number `first_sector`.
