@@ -225,7 +225,8 @@ fn open_layer(
     file.read_exact_at(0, &mut cluster)?;
     let header = Header::parse(&cluster, len).at(&path)?;
     let encryption = header.encryption;
-    let mut image = Qcow2Image::open(file, header)?;
+    let writable = file.is_writable();
+    let mut image = Qcow2Image::open(file, header, writable)?;
     match encryption {
         Encryption::None => {}
         Encryption::Aes => match keys.for_layer(&path) {

@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use super::compress::decompress;
 use super::header::{Encryption, Header};
 use super::layout::Layout;
+use super::overlap::MetadataMap;
 use super::refcount::Refcounts;
 use super::snapshot::{self, Snapshot};
 use super::table::{ClusterSource, L1Entry, L2Entry};
@@ -38,6 +39,8 @@ pub(super) struct Meta {
     /// Where the search for a free cluster resumes.
     pub free_cursor: u64,
     pub autoclear_cleared: bool,
+    /// Host clusters holding metadata: data must never point into them.
+    pub metadata: MetadataMap,
 }
 
 /// One qcow2 layer of a chain.
@@ -63,7 +66,9 @@ pub enum WriteTarget {
 
 impl Qcow2Image {
     /// Read and validate the header and the L1 table. `cipher` must be given iff the layer is encrypted.
-    pub fn open(file: HostFile, header: Header) -> Result<Self> {
+    /// Read and validate the header and the L1 table. A writable image must not have overlapping
+    /// metadata; a read-only one is served as far as it is intact.
+    pub fn open(file: HostFile, header: Header, writable: bool) -> Result<Self> {
         let path = file.path().to_path_buf();
         let layout = Layout::new(header.cluster_bits, header.version, header.extended_l2());
         let file_len = file.len()?;
@@ -74,7 +79,6 @@ impl Qcow2Image {
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
         let end_cluster = file_len.div_ceil(layout.cluster_size());
-        let image_meta = MetadataRanges::of(&header);
         for (i, &word) in l1.iter().enumerate() {
             let l2 = L1Entry(word).l2_offset();
             if l2 == 0 {
@@ -87,15 +91,6 @@ impl Qcow2Image {
                         what: "L2 table",
                         offset: l2,
                         align: layout.cluster_size(),
-                    },
-                ));
-            }
-            if image_meta.overlaps(l2, layout.cluster_size()) {
-                return Err(Error::new(
-                    &path,
-                    FormatError::Overlap {
-                        what: "L2 table",
-                        offset: l2,
                     },
                 ));
             }
@@ -117,6 +112,16 @@ impl Qcow2Image {
         } else {
             Vec::new()
         };
+        let metadata = MetadataMap::build(&file, &header, &l1, &snapshots)?;
+        if let (true, Some(overlap)) = (writable, &metadata.overlap) {
+            return Err(Error::new(
+                &path,
+                FormatError::Overlap {
+                    what: overlap_what(overlap),
+                    offset: overlap_offset(overlap),
+                },
+            ));
+        }
         let tables = (L2_CACHE_BYTES / layout.cluster_size()).max(16) as usize;
         let meta = Meta {
             header,
@@ -126,6 +131,7 @@ impl Qcow2Image {
             end_cluster,
             free_cursor: 0,
             autoclear_cleared: false,
+            metadata,
         };
         Ok(Qcow2Image {
             file,
@@ -226,8 +232,8 @@ impl Qcow2Image {
             let span_left = self.layout.l2_span() - guest % self.layout.l2_span();
             return Ok((ClusterSource::Backing, len.min(span_left)));
         };
-        let ranges = MetadataRanges::of(&meta.header);
-        drop(meta);
+        let points_into_metadata =
+            |host: u64| meta.metadata.contains(host) || host & !(cs - 1) == l2_offset;
         let in_cluster = self.layout.offset_in_cluster(guest);
         let sc_size = self.layout.subcluster_size();
         let sub = (in_cluster / sc_size) as u32;
@@ -240,8 +246,7 @@ impl Qcow2Image {
         let n = len.min(run_end - in_cluster);
         let source = match source {
             ClusterSource::Data { host } => {
-                let host_cluster = host & !(cs - 1);
-                if host_cluster == l2_offset || ranges.overlaps(host_cluster, cs) {
+                if points_into_metadata(host) {
                     return Err(Error::new(
                         self.path(),
                         FormatError::Overlap {
@@ -253,6 +258,15 @@ impl Qcow2Image {
                 ClusterSource::Data {
                     host: host + (in_cluster - u64::from(sub) * sc_size),
                 }
+            }
+            ClusterSource::Compressed { host, .. } if points_into_metadata(host) => {
+                return Err(Error::new(
+                    self.path(),
+                    FormatError::Overlap {
+                        what: "compressed cluster",
+                        offset: host,
+                    },
+                ));
             }
             other => other,
         };
@@ -368,6 +382,15 @@ impl Qcow2Image {
             && (self.layout.extended_l2
                 || entry.word & super::table::ZERO == 0
                 || self.layout.version < 3);
+        if owned && meta.metadata.contains(entry.host_cluster()) {
+            return Err(Error::new(
+                self.path(),
+                FormatError::Overlap {
+                    what: "data cluster",
+                    offset: entry.host_cluster(),
+                },
+            ));
+        }
         Ok(if owned {
             WriteTarget::InPlace {
                 host: entry.host_cluster(),
@@ -378,33 +401,16 @@ impl Qcow2Image {
     }
 }
 
-/// The host ranges of the header, L1 table and refcount table: data may never point into them.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct MetadataRanges {
-    ranges: [(u64, u64); 3],
+fn overlap_what(e: &FormatError) -> &'static str {
+    match e {
+        FormatError::Overlap { what, .. } => what,
+        _ => "metadata",
+    }
 }
 
-impl MetadataRanges {
-    pub fn of(h: &Header) -> Self {
-        let cs = h.cluster_size();
-        MetadataRanges {
-            ranges: [
-                (0, cs),
-                (
-                    h.l1_table_offset,
-                    (u64::from(h.l1_size) * 8).div_ceil(cs) * cs,
-                ),
-                (
-                    h.refcount_table_offset,
-                    u64::from(h.refcount_table_clusters) * cs,
-                ),
-            ],
-        }
-    }
-
-    pub fn overlaps(&self, offset: u64, len: u64) -> bool {
-        self.ranges.iter().any(|&(start, n)| {
-            n > 0 && offset < start.saturating_add(n) && start < offset.saturating_add(len)
-        })
+fn overlap_offset(e: &FormatError) -> u64 {
+    match e {
+        FormatError::Overlap { offset, .. } => *offset,
+        _ => 0,
     }
 }

@@ -5,6 +5,7 @@ mod error;
 pub mod header;
 mod image;
 pub mod layout;
+mod overlap;
 pub mod refcount;
 pub mod snapshot;
 pub mod table;

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use super::header::{self, Header};
-use super::image::{Meta, MetadataRanges, Qcow2Image};
+use super::image::{Meta, Qcow2Image};
+use super::overlap::{MetaKind, MetadataMap};
 use super::refcount::Refcounts;
 use super::table::{L1Entry, L2Entry, COPIED, SUBCLUSTERS, ZERO};
 use super::{FormatError, WriteTarget};
@@ -102,12 +103,14 @@ impl Qcow2Image {
         // The new state is durable: publish it to readers.
         for (&index, (offset, table)) in &l2_new {
             meta.l1[index as usize] = L1Entry::new(*offset).0;
+            meta.metadata.add(MetaKind::L2Table, *offset, cs);
             meta.l2_cache
                 .put(*offset, std::sync::Arc::new(table.clone()));
         }
         // Last: drop the references the new state no longer holds.
         if let Some((offset, clusters)) = old_table {
             releases.clusters.push((offset, clusters * cs));
+            meta.metadata.remove_range(offset, clusters * cs);
         }
         if !releases.clusters.is_empty() {
             for &(offset, len) in &releases.clusters {
@@ -220,14 +223,13 @@ impl Qcow2Image {
 
     /// Find a free host cluster (refcount 0) or grow the file; its refcount becomes 1.
     pub(super) fn alloc_cluster(&self, meta: &mut Meta) -> Result<u64> {
-        let ranges = MetadataRanges::of(&meta.header);
         let cs = self.layout.cluster_size();
         let mut found = None;
         while meta.free_cursor < meta.end_cluster {
             let c = meta.free_cursor;
             meta.free_cursor += 1;
             let rc = self.refcounts(meta)?.get(&self.file, c)?;
-            if rc == 0 && !ranges.overlaps(c * cs, cs) {
+            if rc == 0 && !meta.metadata.contains(c * cs) {
                 found = Some(c);
                 break;
             }
@@ -322,6 +324,17 @@ impl Qcow2Image {
         if !rc.table_dirty {
             return Ok(None);
         }
+        // New refcount blocks (they always dirty the table) become known metadata.
+        for &block in rc.table.iter().filter(|&&b| b != 0) {
+            if !meta.metadata.contains(block) {
+                meta.metadata.add(
+                    MetaKind::RefcountBlock,
+                    block,
+                    1 << meta.header.cluster_bits,
+                );
+            }
+        }
+
         let moved = rc.table_offset != meta.header.refcount_table_offset;
         file.write_at(rc.table_offset, &rc.table_bytes())?;
         rc.table_dirty = false;
@@ -340,6 +353,11 @@ impl Qcow2Image {
         );
         meta.header.refcount_table_offset = rc.table_offset;
         meta.header.refcount_table_clusters = rc.table_clusters as u32;
+        meta.metadata.add(
+            MetaKind::RefcountTable,
+            rc.table_offset,
+            rc.table_clusters << meta.header.cluster_bits,
+        );
         Ok(Some(old))
     }
 
@@ -388,11 +406,14 @@ impl Qcow2Image {
         let header = Header::parse(&first, self.file.len()?).at(self.path())?;
         let mut raw = vec![0u8; header.l1_size as usize * 8];
         self.file.read_exact_at(header.l1_table_offset, &mut raw)?;
-        let mut meta = self.meta.lock();
-        meta.l1 = raw
+        let l1: Vec<u64> = raw
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
+        let metadata = MetadataMap::build(&self.file, &header, &l1, self.snapshots())?;
+        let mut meta = self.meta.lock();
+        meta.metadata = metadata;
+        meta.l1 = l1;
         meta.header = header;
         meta.l2_cache.clear();
         meta.refcounts = None;

@@ -1,0 +1,173 @@
+//! Which host clusters hold metadata (header, L1 and L2 tables, refcount table and blocks, snapshot
+//! table and snapshot L1 tables, the LUKS area). Built at open: overlapping structures mean a damaged
+//! image (refused for writing), and a data cluster that points into metadata reads as EIO and is never
+//! written over.
+
+use std::collections::HashMap;
+
+use super::header::Header;
+use super::snapshot::Snapshot;
+use super::table::{L1Entry, OFFSET_MASK};
+use super::FormatError;
+use crate::error::Result;
+use crate::io::HostFile;
+
+/// Snapshot L1 tables read at open, at most, to find the L2 tables they use.
+const MAX_SNAPSHOT_L1_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaKind {
+    Header,
+    L1Table,
+    L2Table,
+    RefcountTable,
+    RefcountBlock,
+    SnapshotTable,
+    SnapshotL1,
+    Luks,
+}
+
+impl MetaKind {
+    fn name(self) -> &'static str {
+        match self {
+            MetaKind::Header => "header",
+            MetaKind::L1Table => "L1 table",
+            MetaKind::L2Table => "L2 table",
+            MetaKind::RefcountTable => "refcount table",
+            MetaKind::RefcountBlock => "refcount block",
+            MetaKind::SnapshotTable => "snapshot table",
+            MetaKind::SnapshotL1 => "snapshot L1 table",
+            MetaKind::Luks => "LUKS header",
+        }
+    }
+}
+
+/// Host clusters known to hold metadata.
+#[derive(Debug, Default)]
+pub struct MetadataMap {
+    clusters: HashMap<u64, MetaKind>,
+    cluster_bits: u32,
+    /// The first overlap found while building, if any.
+    pub overlap: Option<FormatError>,
+}
+
+impl MetadataMap {
+    pub fn build(
+        file: &HostFile,
+        header: &Header,
+        l1: &[u64],
+        snapshots: &[Snapshot],
+    ) -> Result<Self> {
+        let cs = header.cluster_size();
+        let mut map = MetadataMap {
+            cluster_bits: header.cluster_bits,
+            ..Default::default()
+        };
+        map.add(MetaKind::Header, 0, cs);
+        map.add(
+            MetaKind::L1Table,
+            header.l1_table_offset,
+            u64::from(header.l1_size) * 8,
+        );
+        let rt_len = u64::from(header.refcount_table_clusters) * cs;
+        map.add(
+            MetaKind::RefcountTable,
+            header.refcount_table_offset,
+            rt_len,
+        );
+        let mut raw = vec![0u8; rt_len as usize];
+        file.read_exact_at(header.refcount_table_offset, &mut raw)?;
+        for entry in raw.chunks_exact(8) {
+            let block = u64::from_be_bytes(entry.try_into().unwrap_or([0; 8])) & OFFSET_MASK;
+            if block != 0 {
+                map.add(MetaKind::RefcountBlock, block, cs);
+            }
+        }
+        for &word in l1 {
+            map.add_l2(L1Entry(word).l2_offset(), cs);
+        }
+        if let Some((offset, len)) = header.fde_header {
+            map.add(MetaKind::Luks, offset, len);
+        }
+        if header.nb_snapshots > 0 {
+            map.add(
+                MetaKind::SnapshotTable,
+                header.snapshots_offset,
+                40 * u64::from(header.nb_snapshots),
+            );
+        }
+        let mut budget = MAX_SNAPSHOT_L1_BYTES;
+        for s in snapshots {
+            let len = u64::from(s.l1_size) * 8;
+            if len > budget || s.l1_table_offset % cs != 0 {
+                log::warn!(
+                    "{}: snapshot '{}' L1 table not checked for overlaps",
+                    file.path().display(),
+                    s.name
+                );
+                continue;
+            }
+            budget -= len;
+            map.add(MetaKind::SnapshotL1, s.l1_table_offset, len);
+            let mut table = vec![0u8; len as usize];
+            if file.read_exact_at(s.l1_table_offset, &mut table).is_err() {
+                continue;
+            }
+            for word in table.chunks_exact(8) {
+                map.add_l2(
+                    L1Entry(u64::from_be_bytes(word.try_into().unwrap_or([0; 8]))).l2_offset(),
+                    cs,
+                );
+            }
+        }
+        Ok(map)
+    }
+
+    fn add_l2(&mut self, offset: u64, cs: u64) {
+        if offset != 0 {
+            // L2 tables may be shared between the active L1 and snapshots.
+            if self.clusters.get(&(offset >> self.cluster_bits)) != Some(&MetaKind::L2Table) {
+                self.add(MetaKind::L2Table, offset, cs);
+            }
+        }
+    }
+
+    /// Record [offset, offset + len) as `kind`; remember the first collision with other metadata.
+    pub fn add(&mut self, kind: MetaKind, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset >> self.cluster_bits;
+        let last = (offset.saturating_add(len) - 1) >> self.cluster_bits;
+        for c in first..=last.min(first + (64 << 20)) {
+            if let Some(previous) = self.clusters.insert(c, kind) {
+                let both_shared_refblocks = previous == kind && kind == MetaKind::RefcountBlock;
+                if !both_shared_refblocks && self.overlap.is_none() {
+                    self.overlap = Some(FormatError::Overlap {
+                        what: kind.name(),
+                        offset: c << self.cluster_bits,
+                    });
+                    log::warn!(
+                        "{} overlaps a {} at {:#x}",
+                        kind.name(),
+                        previous.name(),
+                        c << self.cluster_bits
+                    );
+                }
+            }
+        }
+    }
+
+    pub fn remove_range(&mut self, offset: u64, len: u64) {
+        let first = offset >> self.cluster_bits;
+        let last = (offset + len.max(1) - 1) >> self.cluster_bits;
+        for c in first..=last {
+            self.clusters.remove(&c);
+        }
+    }
+
+    /// Does the host cluster containing `offset` hold metadata?
+    pub fn contains(&self, offset: u64) -> bool {
+        self.clusters.contains_key(&(offset >> self.cluster_bits))
+    }
+}
