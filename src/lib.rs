@@ -9,6 +9,7 @@ pub mod cli;
 pub mod crypto;
 pub mod disk;
 pub mod error;
+pub mod fuzz;
 pub mod info;
 pub mod io;
 pub mod mount;

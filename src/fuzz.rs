@@ -1,0 +1,67 @@
+//! Entry points for fuzzing (cargo-fuzz targets and the randomized test in tests/fuzz_images.rs): take
+//! arbitrary bytes as an image file and exercise open, reads and a write through every layer. Any
+//! outcome is fine except a panic, a hang or an allocation sized by the input.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use zeroize::Zeroizing;
+
+use crate::chain::{Chain, KeyRing, OpenOptions};
+use crate::disk::{BlockDevice, Disk, DiskOptions};
+use crate::error::{Error, Result};
+
+/// The passphrase fuzz seeds are made with.
+pub const PASSPHRASE: &[u8] = b"fuzz";
+/// Bytes read at each probed offset.
+const PROBE: usize = 64 << 10;
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// A temporary file holding one input, removed on drop.
+struct TempImage(PathBuf);
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn temp_image(dir: &Path, data: &[u8]) -> Result<TempImage> {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let path = dir.join(format!("fuzz-{}-{n}.qcow2", std::process::id()));
+    std::fs::write(&path, data).map_err(|e| Error::new(&path, e))?;
+    Ok(TempImage(path))
+}
+
+/// Open `data` as an image (read-only), read its start, end and a few places in between.
+pub fn read_image(dir: &Path, data: &[u8]) -> Result<()> {
+    let file = temp_image(dir, data)?;
+    let keys = KeyRing { default: Some(Zeroizing::new(PASSPHRASE.to_vec())), per_layer: Vec::new() };
+    let chain = Chain::open(&file.0, &keys, OpenOptions { writable: false, force_share: true, without_keys: false })?;
+    let disk = Disk::new(chain, DiskOptions { cache_size: 8 << 20, read_only: true });
+    let size = disk.size();
+    let mut buf = vec![0u8; PROBE];
+    let mut result = Ok(());
+    for at in [0, size / 3, size / 2, size.saturating_sub(PROBE as u64)] {
+        let len = (size - at.min(size)).min(PROBE as u64) as usize;
+        if let Err(e) = disk.read_at(at, &mut buf[..len]) {
+            result = Err(e);
+        }
+    }
+    result
+}
+
+/// Open `data` read-write, write a few blocks, flush. Errors are expected; panics are bugs.
+pub fn write_image(dir: &Path, data: &[u8]) -> Result<()> {
+    let file = temp_image(dir, data)?;
+    let keys = KeyRing { default: Some(Zeroizing::new(PASSPHRASE.to_vec())), per_layer: Vec::new() };
+    let chain = Chain::open(&file.0, &keys, OpenOptions { writable: true, force_share: true, without_keys: false })?;
+    let disk = Disk::new(chain, DiskOptions { cache_size: 8 << 20, read_only: false });
+    let size = disk.size();
+    let block = vec![0x5au8; 4096.min(size as usize)];
+    for at in [0, size / 2, size.saturating_sub(block.len() as u64)] {
+        disk.write_at(at & !511, &block)?;
+    }
+    disk.flush()
+}
