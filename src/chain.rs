@@ -11,7 +11,7 @@ use crate::crypto::luks::KeySlot;
 use crate::crypto::{CryptoError, LuksHeader, QcowAes, SectorCipher};
 use crate::error::{Context, Error, Result};
 use crate::io::{HostFile, ImageLock, LockMode};
-use crate::qcow2::{Encryption, FormatError, Header, Qcow2Image};
+use crate::qcow2::{ClusterSource, Encryption, FormatError, Header, Qcow2Image};
 
 /// QEMU refuses deeper chains too.
 pub const MAX_DEPTH: usize = 32;
@@ -180,6 +180,76 @@ impl Chain {
             Layer::Qcow2(q) => q.read(guest, head, &|g, b| self.read_level(level + 1, g, b)),
         }
     }
+}
+
+impl Chain {
+    /// Whether the guest bytes at `guest` hold data somewhere in the chain (as opposed to reading as
+    /// zeros because no layer has them, or a zero cluster), and for how many bytes (at most `len`)
+    /// that holds.
+    pub fn data_extent(&self, guest: u64, len: u64) -> Result<(bool, u64)> {
+        self.data_extent_level(0, guest, len)
+    }
+
+    fn data_extent_level(&self, level: usize, guest: u64, len: u64) -> Result<(bool, u64)> {
+        let Some(layer) = self.layers.get(level) else {
+            return Ok((false, len));
+        };
+        let size = self.sizes[level];
+        if guest >= size {
+            return Ok((false, len));
+        }
+        let len = len.min(size - guest);
+        match layer {
+            Layer::Raw(f) => raw_data_extent(f, guest, len),
+            Layer::Qcow2(q) => {
+                let (source, n) = q.map(guest, len)?;
+                match source {
+                    ClusterSource::Backing => self.data_extent_level(level + 1, guest, n),
+                    ClusterSource::Zero => Ok((false, n)),
+                    ClusterSource::Data { .. } | ClusterSource::Compressed { .. } => Ok((true, n)),
+                }
+            }
+        }
+    }
+
+    /// Bytes of guest data the chain holds (what `st_blocks` reports).
+    pub fn data_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        let mut at = 0;
+        while at < self.size() {
+            let (data, n) = self.data_extent(at, self.size() - at)?;
+            if data {
+                total += n;
+            }
+            at += n;
+        }
+        Ok(total)
+    }
+}
+
+/// Data or hole in a raw file, as the host file system knows it (SEEK_DATA / SEEK_HOLE).
+fn raw_data_extent(f: &HostFile, at: u64, len: u64) -> Result<(bool, u64)> {
+    use std::os::unix::io::AsRawFd;
+    let fd = f.file().as_raw_fd();
+    // SAFETY: fd is a valid descriptor for the duration of the call.
+    let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+    if data < 0 {
+        // ENXIO: no data after `at`; anything else: treat as data (no hole information).
+        let err = std::io::Error::last_os_error();
+        return Ok((err.raw_os_error() != Some(libc::ENXIO), len));
+    }
+    let data = data as u64;
+    if data > at {
+        return Ok((false, (data - at).min(len)));
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_HOLE) };
+    let n = if hole < 0 {
+        len
+    } else {
+        (hole as u64).saturating_sub(at).clamp(1, len)
+    };
+    Ok((true, n))
 }
 
 /// Backing names are relative to the directory of the image that names them.

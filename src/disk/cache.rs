@@ -79,6 +79,16 @@ impl BlockCache {
         }
     }
 
+    /// Drop `block`, dirty or clean (its content is being replaced underneath).
+    pub fn forget(&self, block: u64) {
+        let mut shard = self.shard(block);
+        shard.clean.pop(&block);
+        if let Some(data) = shard.dirty.remove(&block) {
+            self.dirty_bytes
+                .fetch_sub(data.len() as u64, Ordering::Relaxed);
+        }
+    }
+
     /// Every dirty block index, sorted.
     pub fn dirty_blocks(&self) -> Vec<u64> {
         let mut all: Vec<u64> = self

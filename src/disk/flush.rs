@@ -59,7 +59,9 @@ pub(super) fn flush(disk: &Disk) -> Result<()> {
                                 .map(|d| (b * disk.block_size - guest, pad(d)))
                         })
                         .collect(),
-                    WriteTarget::Allocate => vec![(0, assemble(disk, guest, cs)?)],
+                    WriteTarget::Allocate | WriteTarget::Discard => {
+                        vec![(0, assemble(disk, guest, cs)?)]
+                    }
                 };
                 batch_bytes += pieces
                     .iter()
@@ -120,4 +122,60 @@ fn assemble(disk: &Disk, guest: u64, cs: u64) -> Result<Vec<u8>> {
         at += bs;
     }
     Ok(out)
+}
+
+/// Zero [offset, offset + len): whole top-layer clusters become zero clusters (their data freed), the
+/// partial clusters at either end are written with zeros like any write.
+pub(super) fn discard(disk: &Disk, offset: u64, len: u64) -> Result<()> {
+    let end = offset + len;
+    let image = match disk.chain.top() {
+        Layer::Qcow2(image) if image.can_discard() => image,
+        _ => return write_zeros(disk, offset, end),
+    };
+    let cs = image.layout().cluster_size();
+    let first = offset.div_ceil(cs) * cs;
+    let last = (end / cs) * cs;
+    if first >= last {
+        return write_zeros(disk, offset, end);
+    }
+    write_zeros(disk, offset, first)?;
+    write_zeros(disk, last, end)?;
+    *disk.allocated.lock() = None;
+    let _one_flush = disk.flush_lock.lock();
+    let _no_writes = disk.write_gate.write();
+    let bs = disk.block_size;
+    let blocks = first / bs..last.div_ceil(bs);
+    // Writes to these clusters that are not stored yet are superseded by the discard.
+    for block in blocks.clone() {
+        disk.cache.forget(block);
+    }
+    let mut batch = Vec::new();
+    for guest in (first..last).step_by(cs as usize) {
+        batch.push(ClusterWrite {
+            guest,
+            target: WriteTarget::Discard,
+            pieces: Vec::new(),
+        });
+        if batch.len() >= 4096 {
+            image.commit(std::mem::take(&mut batch))?;
+        }
+    }
+    image.commit(batch)?;
+    for block in blocks {
+        disk.cache.forget(block);
+    }
+    Ok(())
+}
+
+/// Write zeros over [from, to) through the cache (nothing when empty).
+fn write_zeros(disk: &Disk, from: u64, to: u64) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(to.saturating_sub(from)) as usize];
+    let mut at = from;
+    while at < to {
+        let n = CHUNK.min(to - at) as usize;
+        crate::disk::BlockDevice::write_at(disk, at, &zeros[..n])?;
+        at += n as u64;
+    }
+    Ok(())
 }

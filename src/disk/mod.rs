@@ -25,6 +25,12 @@ pub trait BlockDevice: Send + Sync {
     /// Make every write so far durable.
     fn flush(&self) -> Result<()>;
     fn is_read_only(&self) -> bool;
+    /// Bytes of data the disk really holds (for `st_blocks`).
+    fn allocated_bytes(&self) -> Result<u64>;
+    /// The first offset at or after `offset` that holds data (`want_data`) or is a hole; None if none.
+    fn seek(&self, offset: u64, want_data: bool) -> Result<Option<u64>>;
+    /// Make [offset, offset + len) read as zeros, giving the space back where whole clusters allow.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
 }
 
 /// Tunables of a disk.
@@ -48,6 +54,8 @@ pub struct Disk {
     write_gate: RwLock<()>,
     flush_lock: Mutex<()>,
     last_write: Mutex<Option<Instant>>,
+    /// `allocated_bytes`, until the next flush or discard changes it.
+    allocated: Mutex<Option<u64>>,
     /// Bytes written and flushed, for logs.
     pub(crate) stats: Stats,
 }
@@ -79,6 +87,7 @@ impl Disk {
             write_gate: RwLock::new(()),
             flush_lock: Mutex::new(()),
             last_write: Mutex::new(None),
+            allocated: Mutex::new(None),
             stats: Stats::default(),
         }
     }
@@ -243,7 +252,44 @@ impl BlockDevice for Disk {
     }
 
     fn flush(&self) -> Result<()> {
+        *self.allocated.lock() = None;
         flush::flush(self)
+    }
+
+    fn allocated_bytes(&self) -> Result<u64> {
+        if let Some(n) = *self.allocated.lock() {
+            return Ok(n);
+        }
+        let n = self.chain.data_bytes()?;
+        *self.allocated.lock() = Some(n);
+        Ok(n)
+    }
+
+    fn seek(&self, offset: u64, want_data: bool) -> Result<Option<u64>> {
+        // Allocation is what the image says: unflushed writes are stored first.
+        if self.cache.dirty_bytes() > 0 {
+            self.flush()?;
+        }
+        let mut at = offset;
+        while at < self.size {
+            let (data, n) = self.chain.data_extent(at, self.size - at)?;
+            if data == want_data {
+                return Ok(Some(at));
+            }
+            at += n;
+        }
+        Ok(if want_data { None } else { Some(self.size) })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::new(
+                self.chain.top().path(),
+                std::io::Error::from_raw_os_error(libc::EROFS),
+            ));
+        }
+        self.check_range(offset, len as usize)?;
+        flush::discard(self, offset, len)
     }
 
     fn is_read_only(&self) -> bool {

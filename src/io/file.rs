@@ -88,6 +88,28 @@ impl HostFile {
         self.file.sync_data().at(&self.path)
     }
 
+    /// Give the space of [offset, offset + len) back to the host file system; the range reads as
+    /// zeros. Best effort: a file system without hole punching keeps the bytes.
+    pub fn punch_hole(&self, offset: u64, len: u64) {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: a valid descriptor and plain integer arguments.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            log::debug!(
+                "{}: cannot punch a hole: {}",
+                self.path.display(),
+                io::Error::last_os_error()
+            );
+        }
+    }
+
     pub fn set_len(&self, len: u64) -> Result<()> {
         self.file.set_len(len).at(&self.path)
     }

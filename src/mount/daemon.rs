@@ -98,10 +98,10 @@ fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
             return Err(e);
         }
     };
-    let (mut session, disk, outcome, record) = session;
+    let (mut session, disk, outcome, record, _life) = session;
     let mut unmounter = session.unmount_callable();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    spawn_idle_flusher(disk.clone(), stop.clone());
+    let flusher = spawn_idle_flusher(disk.clone(), stop.clone());
     if let Ok(mut signals) =
         signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
     {
@@ -127,6 +127,8 @@ fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
     let run = session.run();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let final_error = outcome.lock().take();
+    // Close the image (its last user is the flusher thread) before telling umount we are done.
+    let _ = flusher.join();
     drop(disk);
     match (run, final_error) {
         (_, Some(e)) => {
@@ -151,10 +153,14 @@ type Prepared = (
     Arc<Disk>,
     Arc<Mutex<Option<String>>>,
     Record,
+    Option<std::fs::File>,
 );
 
 fn prepare(req: &MountRequest) -> Result<Prepared> {
     let meta = std::fs::metadata(&req.mountpoint).map_err(|e| Error::new(&req.mountpoint, e))?;
+    // Resolved before mounting: afterwards the path leads into our own, not yet served, mount.
+    let mountpoint =
+        std::fs::canonicalize(&req.mountpoint).map_err(|e| Error::new(&req.mountpoint, e))?;
     if !meta.is_dir() {
         return Err(Error::new(
             &req.mountpoint,
@@ -216,16 +222,18 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
     config.clone_fd = true;
     let session = fuser::Session::new(fs, &req.mountpoint, &config)
         .map_err(|e| Error::new(&req.mountpoint, e))?;
-    let mountpoint =
-        std::fs::canonicalize(&req.mountpoint).unwrap_or_else(|_| req.mountpoint.clone());
     let record = Record::for_mountpoint(&mountpoint);
-    if let Err(e) = record.write_pid(std::process::id(), &mountpoint) {
-        log::warn!(
-            "cannot record the daemon in {}: {e}",
-            record.pid_file.display()
-        );
-    }
-    Ok((session, disk, outcome, record))
+    let life = match record.write_pid(std::process::id(), &mountpoint) {
+        Ok(file) => Some(file),
+        Err(e) => {
+            log::warn!(
+                "cannot record the daemon in {}: {e}",
+                record.pid_file.display()
+            );
+            None
+        }
+    };
+    Ok((session, disk, outcome, record, life))
 }
 
 /// Legacy AES has no key check: refuse when every sampled cluster of an encrypted layer decrypts to
@@ -256,15 +264,18 @@ fn check_passphrases(chain: &Chain) -> Result<()> {
     Ok(())
 }
 
-fn spawn_idle_flusher(disk: Arc<Disk>, stop: Arc<std::sync::atomic::AtomicBool>) {
+fn spawn_idle_flusher(
+    disk: Arc<Disk>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(500));
+            std::thread::sleep(Duration::from_millis(100));
             if let Err(e) = disk.flush_if_idle(IDLE_FLUSH) {
                 log::error!("background flush failed (will retry): {e}");
             }
         }
-    });
+    })
 }
 
 /// The daemon keeps no terminal: stdin, stdout and stderr go to /dev/null (logs go to syslog).

@@ -75,7 +75,11 @@ impl<D: BlockDevice> QcowFs<D> {
         Some(FileAttr {
             ino,
             size,
-            blocks: size.div_ceil(512),
+            blocks: if ino == DISK {
+                self.device.allocated_bytes().unwrap_or(size).div_ceil(512)
+            } else {
+                0
+            },
             atime: self.mounted_at,
             mtime: self.mounted_at,
             ctime: self.mounted_at,
@@ -114,6 +118,54 @@ impl<D: BlockDevice> QcowFs<D> {
 
     fn flush(&self) -> Result<(), Errno> {
         self.device.flush().map_err(errno)
+    }
+
+    fn lseek(&self, offset: i64, whence: i32) -> Result<i64, Errno> {
+        let size = self.device.size();
+        let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        match whence {
+            libc::SEEK_DATA | libc::SEEK_HOLE => {
+                if offset >= size {
+                    return Err(Errno::ENXIO);
+                }
+                match self
+                    .device
+                    .seek(offset, whence == libc::SEEK_DATA)
+                    .map_err(errno)?
+                {
+                    Some(at) => Ok(at as i64),
+                    None => Err(Errno::ENXIO),
+                }
+            }
+            libc::SEEK_SET => Ok(offset as i64),
+            libc::SEEK_END => Ok(size as i64),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    fn fallocate(&self, offset: u64, length: u64, mode: i32) -> Result<(), Errno> {
+        let end = offset.checked_add(length).ok_or(Errno::EINVAL)?;
+        let size = self.device.size();
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        if mode == punch || mode & !libc::FALLOC_FL_KEEP_SIZE == libc::FALLOC_FL_ZERO_RANGE {
+            if self.device.is_read_only() {
+                return Err(Errno::EROFS);
+            }
+            let end = end.min(size);
+            if offset < end {
+                self.device.discard(offset, end - offset).map_err(errno)?;
+            }
+            return Ok(());
+        }
+        if mode & !libc::FALLOC_FL_KEEP_SIZE == 0 {
+            // Preallocation: every byte of the disk already exists; the size cannot grow.
+            return if end <= size || mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
+                Ok(())
+            } else {
+                Err(Errno::EFBIG)
+            };
+        }
+        Err(Errno::EOPNOTSUPP)
     }
 }
 
@@ -284,6 +336,43 @@ impl<D: BlockDevice + 'static> Filesystem for QcowFs<D> {
             }
         }
         reply.ok();
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        if ino != DISK {
+            return reply.error(Errno::EINVAL);
+        }
+        match self.lseek(offset, whence) {
+            Ok(at) => reply.offset(at),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if ino != DISK {
+            return reply.error(Errno::EISDIR);
+        }
+        match self.fallocate(offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

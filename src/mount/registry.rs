@@ -1,5 +1,7 @@
-//! Where a running daemon records its pid and, when it ends, how its final flush went, keyed by the
-//! canonical mountpoint. `qcowfs umount` reads both.
+//! Where a running daemon records itself and, when it ends, how its final flush went, keyed by the
+//! canonical mountpoint. The daemon holds an exclusive flock on its record for its whole life and
+//! releases it only after the image is closed, so `qcowfs umount` knows the daemon is done (and the
+//! image's QEMU locks are gone) when it can take that lock, whatever happened to pids.
 
 use std::fs;
 use std::io;
@@ -15,6 +17,16 @@ fn runtime_dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) => PathBuf::from(dir).join("qcowfs"),
         None => std::env::temp_dir().join(format!("qcowfs-{uid}")),
+    }
+}
+
+fn flock(file: &fs::File, how: i32) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a valid descriptor and a plain flag argument.
+    if unsafe { libc::flock(file.as_raw_fd(), how) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -45,12 +57,38 @@ impl Record {
         }
     }
 
-    pub fn write_pid(&self, pid: u32, mountpoint: &Path) -> io::Result<()> {
+    /// Write the record and hold its lock; the lock is released when the returned file is dropped.
+    pub fn write_pid(&self, pid: u32, mountpoint: &Path) -> io::Result<fs::File> {
+        use std::io::Write;
         if let Some(dir) = self.pid_file.parent() {
             fs::create_dir_all(dir)?;
         }
         let _ = fs::remove_file(&self.status_file);
-        fs::write(&self.pid_file, format!("{pid}\n{}\n", mountpoint.display()))
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&self.pid_file)?;
+        flock(&file, libc::LOCK_EX | libc::LOCK_NB)?;
+        write!(file, "{pid}\n{}\n", mountpoint.display())?;
+        Ok(file)
+    }
+
+    /// Wait (up to `limit`) until no daemon holds the record's lock. True when it is free.
+    pub fn wait_unlocked(&self, limit: std::time::Duration) -> bool {
+        let Ok(file) = fs::File::open(&self.pid_file) else {
+            return true;
+        };
+        let start = std::time::Instant::now();
+        loop {
+            if flock(&file, libc::LOCK_SH | libc::LOCK_NB).is_ok() {
+                return true;
+            }
+            if start.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     pub fn read_pid(&self) -> Option<u32> {

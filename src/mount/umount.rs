@@ -16,6 +16,11 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
     let canon = std::fs::canonicalize(mountpoint).map_err(|e| Error::new(mountpoint, e))?;
     let record = Record::for_mountpoint(&canon);
     let pid = record.read_pid();
+    log::debug!(
+        "{}: daemon pid {pid:?} from {}",
+        canon.display(),
+        record.pid_file.display()
+    );
     // As root the kernel records the type as plain "fuse"; our record tells it is ours.
     let ours = match fuse_type_at(&canon)? {
         Some(t) => t == "fuse.qcowfs" || pid.is_some(),
@@ -41,6 +46,12 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
         })?;
     }
     unmount(&canon)?;
+    if !record.wait_unlocked(EXIT_WAIT) {
+        return Err(Error::new(
+            mountpoint,
+            Problem::Usage("the daemon did not finish writing in time".into()),
+        ));
+    }
     if let Some(pid) = pid {
         wait_for_exit(pid, &canon)?;
         if let Some(status) = record.take_status() {
@@ -121,6 +132,7 @@ fn unescape(field: &str) -> PathBuf {
 
 fn wait_for_exit(pid: u32, mountpoint: &Path) -> Result<()> {
     let start = Instant::now();
+    log::debug!("waiting for daemon {pid} to exit");
     let proc_dir = PathBuf::from(format!("/proc/{pid}"));
     while proc_dir.exists() {
         // A zombie has finished its work (its parent has not reaped it yet).
@@ -141,6 +153,7 @@ fn wait_for_exit(pid: u32, mountpoint: &Path) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    log::debug!("daemon {pid} gone after {:?}", start.elapsed());
     Ok(())
 }
 

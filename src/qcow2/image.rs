@@ -62,6 +62,8 @@ pub enum WriteTarget {
     InPlace { host: u64 },
     /// Unallocated, zero, compressed or shared: allocate a new cluster and write it whole.
     Allocate,
+    /// Make the cluster read as zeros and drop its data (discard, punch hole).
+    Discard,
 }
 
 impl Qcow2Image {
@@ -353,19 +355,28 @@ impl Qcow2Image {
         Ok(total)
     }
 
-    /// Sample up to `max` allocated data clusters: (guest offset, host offset).
+    /// Up to `max` allocated data clusters, (guest offset, host offset), spread evenly over the first
+    /// few thousand this layer maps.
     pub fn sample_data_clusters(&self, max: usize) -> Result<Vec<(u64, u64)>> {
+        const SCAN: usize = 4096;
         let size = self.virtual_size();
         let mut found = Vec::new();
         let mut at = 0;
-        while at < size && found.len() < max {
+        while at < size && found.len() < SCAN {
             let (source, n) = self.map(at, size - at)?;
             if let ClusterSource::Data { host } = source {
                 found.push((at, host));
             }
             at += n;
         }
-        Ok(found)
+        let step = found.len().div_ceil(max.max(1)).max(1);
+        Ok(found.into_iter().step_by(step).collect())
+    }
+
+    /// Can this layer mark clusters as reading zeros (v3 zero flag, or v2 without a backing file)?
+    pub fn can_discard(&self) -> bool {
+        let meta = self.meta.lock();
+        meta.header.version >= 3 || meta.header.backing_file.is_none()
     }
 
     /// Decide how the flush writer treats the guest cluster at `guest`.

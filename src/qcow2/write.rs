@@ -56,6 +56,7 @@ impl Qcow2Image {
                 hosts.push(match w.target {
                     WriteTarget::InPlace { host } => host,
                     WriteTarget::Allocate => self.alloc_cluster(&mut meta)? * cs,
+                    WriteTarget::Discard => 0,
                 });
             }
             hosts
@@ -113,11 +114,15 @@ impl Qcow2Image {
             meta.metadata.remove_range(offset, clusters * cs);
         }
         if !releases.clusters.is_empty() {
+            let mut freed = Vec::new();
             for &(offset, len) in &releases.clusters {
-                self.release(&mut meta, offset, len)?;
+                self.release(&mut meta, offset, len, &mut freed)?;
             }
             self.write_refcounts(&mut meta)?;
             self.file.sync()?;
+            for c in freed {
+                self.file.punch_hole(c * cs, cs);
+            }
         }
         Ok(())
     }
@@ -182,6 +187,21 @@ impl Qcow2Image {
                 table[word_at] = host | COPIED;
                 if ext {
                     table[word_at + 1] = u64::from(u32::MAX);
+                }
+            }
+            WriteTarget::Discard => {
+                if old.is_compressed() {
+                    releases.clusters.push(old.compressed_range(&self.layout));
+                } else if old.host_cluster() != 0 {
+                    releases.clusters.push((old.host_cluster(), cs));
+                }
+                if ext {
+                    table[word_at] = 0;
+                    table[word_at + 1] = u64::from(u32::MAX) << 32;
+                } else if self.layout.version >= 3 {
+                    table[word_at] = ZERO;
+                } else {
+                    table[word_at] = 0;
                 }
             }
             WriteTarget::InPlace { .. } if ext => {
@@ -361,8 +381,9 @@ impl Qcow2Image {
         Ok(Some(old))
     }
 
-    /// Drop one reference from every cluster overlapping [offset, offset + len).
-    fn release(&self, meta: &mut Meta, offset: u64, len: u64) -> Result<()> {
+    /// Drop one reference from every cluster overlapping [offset, offset + len); clusters that become
+    /// free are returned (their space is given back to the host once the refcounts are durable).
+    fn release(&self, meta: &mut Meta, offset: u64, len: u64, freed: &mut Vec<u64>) -> Result<()> {
         let cs = self.layout.cluster_size();
         let first = offset / cs;
         let last = (offset + len.max(1) - 1) / cs;
@@ -380,6 +401,7 @@ impl Qcow2Image {
             rc.set(&self.file, c, count - 1)?;
             if count == 1 {
                 meta.free_cursor = meta.free_cursor.min(c);
+                freed.push(c);
             }
         }
         Ok(())
