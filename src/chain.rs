@@ -120,7 +120,12 @@ impl Chain {
                         .map_err(|m| Error::new(&path, crate::Problem::Locked(m)))?,
                 );
             }
+            let is_top = layers.is_empty();
             let layer = open_layer(file, format.as_deref(), keys, opts)?;
+            // The image the user names must be qcow2; only backing files may be raw.
+            if is_top && matches!(layer, Layer::Raw(_)) {
+                return Err(Error::new(&path, FormatError::BadMagic));
+            }
             if let Layer::Qcow2(q) = &layer {
                 let header = q.header();
                 if writable && header.is_dirty() {

@@ -35,8 +35,15 @@ impl Rng {
 }
 
 fn qemu(tool: &str, args: &[&str]) {
-    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("{tool} is required: {e}"));
-    assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} is required: {e}"));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn secret() -> String {
@@ -51,22 +58,56 @@ fn seeds(dir: &Path) -> Vec<Vec<u8>> {
         ("v2", "compat=0.10,cluster_size=4096"),
         ("extl2", "extended_l2=on,cluster_size=16384"),
         ("r64", "refcount_bits=64,cluster_size=4096"),
-        ("aes", "encrypt.format=aes,encrypt.key-secret=s0,cluster_size=4096"),
-        ("luks", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=1,cluster_size=4096"),
+        (
+            "aes",
+            "encrypt.format=aes,encrypt.key-secret=s0,cluster_size=4096",
+        ),
+        (
+            "luks",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=1,cluster_size=4096",
+        ),
     ];
     let mut out = Vec::new();
     for (name, opts) in specs {
         let img = dir.join(format!("{name}.qcow2"));
         let img_s = img.to_str().unwrap_or_default();
-        qemu("qemu-img", &["create", "-q", "-f", "qcow2", "--object", &secret(), "-o", opts, img_s, "2M"]);
+        qemu(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "--object",
+                &secret(),
+                "-o",
+                opts,
+                img_s,
+                "2M",
+            ],
+        );
         let spec = format!("driver=qcow2,file.filename={img_s},encrypt.key-secret=s0");
         qemu(
             "qemu-io",
-            &["--object", &secret(), "--image-opts", &spec, "-c", "write -P 0x61 1000 70000", "-c", "write -z 300k 64k", "-c", "write -P 0x62 1536k 5000"],
+            &[
+                "--object",
+                &secret(),
+                "--image-opts",
+                &spec,
+                "-c",
+                "write -P 0x61 1000 70000",
+                "-c",
+                "write -z 300k 64k",
+                "-c",
+                "write -P 0x62 1536k 5000",
+            ],
         );
         if *name == "plain64k" {
             qemu("qemu-img", &["snapshot", "-c", "snap", img_s]);
-            qemu("qemu-io", &["-f", "qcow2", "-c", "write -P 0x63 0 4096", img_s]);
+            qemu(
+                "qemu-io",
+                &["-f", "qcow2", "-c", "write -P 0x63 0 4096", img_s],
+            );
         }
         out.push(std::fs::read(&img).unwrap_or_default());
     }
@@ -74,14 +115,34 @@ fn seeds(dir: &Path) -> Vec<Vec<u8>> {
     let src = dir.join("plain512.qcow2");
     qemu(
         "qemu-img",
-        &["convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd,cluster_size=4096", src.to_str().unwrap_or_default(), compressed.to_str().unwrap_or_default()],
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "compression_type=zstd,cluster_size=4096",
+            src.to_str().unwrap_or_default(),
+            compressed.to_str().unwrap_or_default(),
+        ],
     );
     out.push(std::fs::read(&compressed).unwrap_or_default());
     out
 }
 
 /// Interesting numbers for header and table fields.
-const BOUNDARY: [u64; 10] = [0, 1, 511, 512, 0x7fff_ffff, 0x8000_0000, 0xffff_ffff, 0x00ff_ffff_ffff_fe00, u64::MAX, 1 << 40];
+const BOUNDARY: [u64; 10] = [
+    0,
+    1,
+    511,
+    512,
+    0x7fff_ffff,
+    0x8000_0000,
+    0xffff_ffff,
+    0x00ff_ffff_ffff_fe00,
+    u64::MAX,
+    1 << 40,
+];
 
 fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
     let mut data = seed.to_vec();
@@ -89,7 +150,11 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
         match rng.below(5) {
             // Bit flips, mostly in the first clusters where the metadata lives.
             0 | 1 => {
-                let span = if rng.below(2) == 0 { data.len().min(4096) } else { data.len() };
+                let span = if rng.below(2) == 0 {
+                    data.len().min(4096)
+                } else {
+                    data.len()
+                };
                 let at = rng.below(span as u64) as usize;
                 if at < data.len() {
                     data[at] ^= 1 << rng.below(8);
@@ -99,7 +164,10 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
             2 | 3 => {
                 let value = BOUNDARY[rng.below(BOUNDARY.len() as u64) as usize];
                 let (at, width) = if rng.below(2) == 0 {
-                    (rng.below(26) as usize * 4, if rng.below(2) == 0 { 4 } else { 8 })
+                    (
+                        rng.below(26) as usize * 4,
+                        if rng.below(2) == 0 { 4 } else { 8 },
+                    )
                 } else {
                     (rng.below(data.len() as u64 / 8) as usize * 8, 8)
                 };
@@ -134,7 +202,8 @@ fn check(dir: &Path, input: Vec<u8>, write: bool) {
     });
     let verdict = rx.recv_timeout(CASE_LIMIT);
     if verdict != Ok(true) {
-        let saved = std::env::temp_dir().join(format!("qcowfs-fuzz-failure-{}.bin", std::process::id()));
+        let saved =
+            std::env::temp_dir().join(format!("qcowfs-fuzz-failure-{}.bin", std::process::id()));
         let _ = std::fs::write(&saved, &input);
         panic!(
             "input {} (saved at {}): {}",
@@ -149,8 +218,13 @@ fn check(dir: &Path, input: Vec<u8>, write: bool) {
 fn mutated_images_never_panic_or_hang() {
     let dir = tempfile::tempdir().expect("temp dir");
     let seeds = seeds(dir.path());
-    let seconds: Option<u64> = std::env::var("QCOWFS_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok());
-    let seed = std::env::var("QCOWFS_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x9e37_79b9_7f4a_7c15);
+    let seconds: Option<u64> = std::env::var("QCOWFS_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let seed = std::env::var("QCOWFS_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x9e37_79b9_7f4a_7c15);
     let mut rng = Rng(seed);
     let start = Instant::now();
     let mut cases = 0u64;
@@ -166,7 +240,10 @@ fn mutated_images_never_panic_or_hang() {
         check(dir.path(), input, cases % 4 == 0);
         cases += 1;
     }
-    eprintln!("fuzz: {cases} cases in {:.1}s, no panic, no hang", start.elapsed().as_secs_f64());
+    eprintln!(
+        "fuzz: {cases} cases in {:.1}s, no panic, no hang",
+        start.elapsed().as_secs_f64()
+    );
     assert!(cases > 0);
 }
 
@@ -178,7 +255,11 @@ fn regression_inputs_never_panic_or_hang() {
     for entry in std::fs::read_dir(&corpus).expect("tests/fuzz_corpus exists") {
         let path = entry.expect("corpus entry").path();
         if path.extension().is_some_and(|e| e == "bin") {
-            check(dir.path(), std::fs::read(&path).expect("readable corpus file"), true);
+            check(
+                dir.path(),
+                std::fs::read(&path).expect("readable corpus file"),
+                true,
+            );
             n += 1;
         }
     }

@@ -737,7 +737,7 @@ fn info_json_reports_size_clusters_encryption_and_chain() {
 }
 
 #[test]
-fn mount_is_ready_quickly_and_umount_leaves_nothing_mounted() {
+fn mount_is_ready_quickly_and_umount_waits_for_the_daemon_to_exit() {
     let dir = workdir();
     let img = qcow2(dir.path().join("quick.qcow2"), SMALL).create();
     img.write_random(0, 1000, 140);
@@ -754,6 +754,16 @@ fn mount_is_ready_quickly_and_umount_leaves_nothing_mounted() {
         .collect();
     assert_eq!(entries, vec!["disk".to_string()], "mount point contents");
     let mp = mount.mountpoint().to_path_buf();
+    let daemon = mount
+        .daemon_pid()
+        .expect("a qcowfs daemon process serves the mount");
     mount.umount();
     assert!(!is_mounted(&mp));
+    // "umount returns only after the daemon has flushed and exited" (a zombie has exited too).
+    let stat = fs::read_to_string(format!("/proc/{daemon}/stat")).unwrap_or_default();
+    let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+    assert!(
+        stat.is_empty() || state.starts_with('Z'),
+        "the daemon (pid {daemon}) is still running after umount: {stat}"
+    );
 }

@@ -72,8 +72,14 @@ pub fn mount(req: MountRequest) -> Result<()> {
         }
         _child => {
             drop(writer);
-            let mut answer = String::new();
-            let _ = reader.read_to_string(&mut answer);
+            let mut text = String::new();
+            let _ = reader.read_to_string(&mut text);
+            // Warnings come first, one per line; the last line is "ok" or the error.
+            let mut lines: Vec<&str> = text.lines().collect();
+            let answer = lines.pop().unwrap_or("").to_string();
+            for warning in lines {
+                eprintln!("qcowfs: {warning}");
+            }
             match answer.strip_prefix("ok") {
                 Some(_) => Ok(()),
                 None if answer.trim().is_empty() => Err(Error::new(
@@ -98,7 +104,7 @@ fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
             return Err(e);
         }
     };
-    let (mut session, disk, outcome, record, _life) = session;
+    let (mut session, disk, outcome, record, _life, warnings) = session;
     let mut unmounter = session.unmount_callable();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flusher = spawn_idle_flusher(disk.clone(), stop.clone());
@@ -114,7 +120,13 @@ fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
             }
         });
     }
+    for w in &warnings {
+        log::warn!("{w}");
+    }
     if let Some(mut pipe) = ready.take() {
+        for w in &warnings {
+            let _ = writeln!(pipe, "{w}");
+        }
         let _ = writeln!(pipe, "ok");
         drop(pipe);
         detach_stdio();
@@ -124,7 +136,12 @@ fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
         req.image.display(),
         req.mountpoint.display()
     );
-    let run = session.run();
+    // The kernel ends the session with ENODEV or ECONNABORTED once the file system is unmounted:
+    // that is the normal end, not an error.
+    let run = session.run().or_else(|e| match e.raw_os_error() {
+        Some(libc::ENODEV) | Some(libc::ECONNABORTED) => Ok(()),
+        _ => Err(e),
+    });
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let final_error = outcome.lock().take();
     // Close the image (its last user is the flusher thread) before telling umount we are done.
@@ -154,6 +171,7 @@ type Prepared = (
     Arc<Mutex<Option<String>>>,
     Record,
     Option<std::fs::File>,
+    Vec<String>,
 );
 
 fn prepare(req: &MountRequest) -> Result<Prepared> {
@@ -173,8 +191,13 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
         without_keys: false,
     };
     let chain = Chain::open(&req.image, &req.keys, opts)?;
+    let mut warnings = Vec::new();
     if !req.force {
-        check_passphrases(&chain)?;
+        // Writing with a wrong key would store garbage: refuse. Reading only shows garbage: warn.
+        match check_passphrases(&chain) {
+            Err(e) if req.read_only => warnings.push(format!("warning: {e}")),
+            other => other?,
+        }
     }
     let disk = Arc::new(Disk::new(
         chain,
@@ -233,7 +256,7 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
             None
         }
     };
-    Ok((session, disk, outcome, record, life))
+    Ok((session, disk, outcome, record, life, warnings))
 }
 
 /// Legacy AES has no key check: refuse when every sampled cluster of an encrypted layer decrypts to

@@ -340,14 +340,17 @@ impl Qcow2Image {
         Ok(out)
     }
 
-    /// Bytes of guest data this layer holds (allocated data, compressed and zero clusters included).
+    /// Bytes of guest data this layer stores (data and compressed clusters; zero clusters hold none).
     pub fn allocated_bytes(&self) -> Result<u64> {
         let size = self.virtual_size();
         let mut total = 0;
         let mut at = 0;
         while at < size {
             let (source, n) = self.map(at, size - at)?;
-            if source != ClusterSource::Backing {
+            if matches!(
+                source,
+                ClusterSource::Data { .. } | ClusterSource::Compressed { .. }
+            ) {
                 total += n;
             }
             at += n;

@@ -47,6 +47,8 @@ impl MetaKind {
 pub struct MetadataMap {
     clusters: HashMap<u64, MetaKind>,
     cluster_bits: u32,
+    /// Clusters past the end of the file are not tracked (nothing can be read from them).
+    end_cluster: u64,
     /// The first overlap found while building, if any.
     pub overlap: Option<FormatError>,
 }
@@ -139,7 +141,8 @@ impl MetadataMap {
         }
         let first = offset >> self.cluster_bits;
         let last = (offset.saturating_add(len) - 1) >> self.cluster_bits;
-        for c in first..=last.min(first + (64 << 20)) {
+        // Bounded by the file: a hostile length cannot make this loop (or the map) large.
+        for c in first..=last.min(self.end_cluster.saturating_sub(1)) {
             if let Some(previous) = self.clusters.insert(c, kind) {
                 let both_shared_refblocks = previous == kind && kind == MetaKind::RefcountBlock;
                 if !both_shared_refblocks && self.overlap.is_none() {
@@ -158,9 +161,14 @@ impl MetadataMap {
         }
     }
 
+    /// The file grew (the allocator appended clusters): track metadata up to `end_cluster`.
+    pub fn set_end(&mut self, end_cluster: u64) {
+        self.end_cluster = self.end_cluster.max(end_cluster);
+    }
+
     pub fn remove_range(&mut self, offset: u64, len: u64) {
         let first = offset >> self.cluster_bits;
-        let last = (offset + len.max(1) - 1) >> self.cluster_bits;
+        let last = (offset.saturating_add(len.max(1)) - 1) >> self.cluster_bits;
         for c in first..=last {
             self.clusters.remove(&c);
         }

@@ -73,6 +73,8 @@ impl Qcow2Image {
         }
         // C: metadata, in order, with barriers.
         let mut meta = self.meta.lock();
+        let end = meta.end_cluster;
+        meta.metadata.set_end(end);
         self.clear_autoclear(&mut meta)?;
         let mut releases = Releases::default();
         let mut l2_new: BTreeMap<u64, (u64, Vec<u64>)> = BTreeMap::new(); // l1 index -> (offset, table)

@@ -1,0 +1,424 @@
+#!/usr/bin/env bash
+# Benchmark: qcowfs against QEMU's own FUSE export (qemu-storage-daemon --export type=fuse) on the
+# same encrypted qcow2 images, with fio. Run as root (FUSE mounts, apt-get for missing tools).
+#
+# Images (made in a temp dir, 64 KiB clusters, legacy AES "encryption=on", passphrase as the key):
+#   A  aes.qcow2      BENCH_SIZE (1 GiB), ~40% of its 1 MiB chunks (seeded shuffle) hold random
+#                     text: a sparse raw file filled by python, then `qemu-img convert` to qcow2+AES.
+#                     (Random text, 6 bits per byte, not uniform noise: qcowfs refuses a legacy-AES
+#                     image whose sampled clusters all decrypt to noise, its wrong-passphrase check.)
+#   B  overlay.qcow2  AES overlay over base.raw, a raw BENCH_SIZE ext4 (mkfs.ext4 -d, ~30% of the
+#                     size in files of random data); ~10% of the overlay's 1 MiB chunks (seeded
+#                     shuffle) written by one qemu-io run from a few 1 MiB random-text pattern files.
+# Each side gets its own copy of each image (cp --sparse=always): both take QEMU's image locks.
+#
+# For each image, each workload and each of BENCH_ROUNDS rounds both sides run once, alternating
+# which goes first. One run of one side: (write workloads only: a fresh copy of the pristine image,
+# outside the timed part), `sync`, the image (and base) read with cat so that it is warm in the host
+# page cache, a fresh mount (the FUSE side starts cold), the fio job on the disk file, VmHWM of the
+# daemon from /proc/PID/status, unmount (qcowfs umount / SIGTERM to qemu-storage-daemon, waited for).
+#   qcowfs: qcowfs mount --passphrase-file F --cache-size BENCH_CACHE_SIZE IMG DIR  -> DIR/disk
+#   QEMU:   qemu-storage-daemon --daemonize --object secret,... --blockdev file --blockdev qcow2
+#           (encrypt.format=aes) --export type=fuse,mountpoint=FILE,writable=on  -> FILE
+#           (its defaults otherwise: cache.direct=off, i.e. it also goes through the page cache)
+# Workloads (fio, ioengine=psync, direct=1 on both sides; the QEMU export and qcowfs both accept
+# O_DIRECT, so no drop_caches is needed: the disk file's pages never enter the page cache):
+#   seqread     rw=read      bs=1M  whole disk (or BENCH_SEQ_SIZE)           MiB/s
+#   randread    rw=randread  bs=4k  QD1, time_based BENCH_RUNTIME s             IOPS
+#   randread4j  rw=randread  bs=4k  numjobs=4 (group_reporting), time_based     IOPS
+#   seqwrite    rw=write     bs=1M  BENCH_WRITE_SIZE (256M), end_fsync=1        MiB/s (fsync counted)
+#   randwrite   rw=randwrite bs=4k  fsync=64, time_based BENCH_RUNTIME s        IOPS
+# fio's random offsets are the same for both sides (randrepeat, default seed).
+#
+# Knobs (environment): BENCH_SIZE (1G), BENCH_ROUNDS (3), BENCH_RUNTIME (10), BENCH_SEQ_SIZE (whole
+# disk), BENCH_WRITE_SIZE (256M, capped at BENCH_SIZE), BENCH_CACHE_SIZE (256M, qcowfs --cache-size),
+# BENCH_OUT (also write the markdown table there), BENCH_IMAGES ("A B"), BENCH_WORKLOADS (all five),
+# BENCH_KEEP=1 (keep the temp dir), QCOWFS_BIN (use that binary, no build), BENCH_TMP (parent of the
+# temp dir, /tmp).
+# Output: one markdown table (medians, ratio qcowfs/QEMU where higher is better for both sides, peak
+# RSS = highest VmHWM over the rounds) and the per-round values.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+# shellcheck source=scripts/lib/install-deps.sh
+source scripts/lib/install-deps.sh
+
+[ "$(id -u)" -eq 0 ] || die "run the benchmark as root (FUSE mounts of qemu-storage-daemon, apt-get)"
+
+BENCH_SIZE=${BENCH_SIZE:-1G}
+BENCH_ROUNDS=${BENCH_ROUNDS:-3}
+BENCH_RUNTIME=${BENCH_RUNTIME:-10}
+BENCH_SEQ_SIZE=${BENCH_SEQ_SIZE:-}
+BENCH_WRITE_SIZE=${BENCH_WRITE_SIZE:-256M}
+BENCH_CACHE_SIZE=${BENCH_CACHE_SIZE:-256M}
+BENCH_OUT=${BENCH_OUT:-}
+BENCH_IMAGES=${BENCH_IMAGES:-A B}
+BENCH_WORKLOADS=${BENCH_WORKLOADS:-seqread randread randread4j seqwrite randwrite}
+PASS=bench-passphrase
+
+to_bytes() { numfmt --from=iec "${1%B}" 2>/dev/null || die "not a size: $1"; }
+SIZE_B=$(to_bytes "$BENCH_SIZE")
+[ $((SIZE_B % 1048576)) -eq 0 ] && [ "$SIZE_B" -ge $((16 << 20)) ] ||
+	die "BENCH_SIZE must be a whole number of MiB, at least 16M: $BENCH_SIZE"
+SEQ_B=$SIZE_B
+[ -n "$BENCH_SEQ_SIZE" ] && SEQ_B=$(to_bytes "$BENCH_SEQ_SIZE")
+WRITE_B=$(to_bytes "$BENCH_WRITE_SIZE")
+[ "$SEQ_B" -le "$SIZE_B" ] || SEQ_B=$SIZE_B
+[ "$WRITE_B" -le "$SIZE_B" ] || WRITE_B=$SIZE_B
+[[ "$BENCH_ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive integer"
+[[ "$BENCH_RUNTIME" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNTIME must be a positive integer (seconds)"
+
+step "Checking tools"
+install_deps
+require_fuse_device
+if ! command -v fio >/dev/null 2>&1; then
+	_apt_install fio
+	command -v fio >/dev/null 2>&1 || die "fio is still missing after apt-get install fio"
+fi
+command -v python3 >/dev/null 2>&1 || _apt_install python3
+note "$(fio --version), $(qemu-storage-daemon --version | head -n 1)"
+
+if [ -n "${QCOWFS_BIN:-}" ]; then
+	step "Using the qcowfs binary given by QCOWFS_BIN (no build)"
+	QCOWFS=$QCOWFS_BIN
+else
+	step "Building qcowfs (release)"
+	cargo build --release --bin qcowfs
+	QCOWFS="${CARGO_TARGET_DIR:-$REPO/target}/release/qcowfs"
+fi
+[ -x "$QCOWFS" ] || die "no binary at $QCOWFS"
+note "$QCOWFS"
+
+WORK=$(mktemp -d "${BENCH_TMP:-/tmp}/qcowfs-bench.XXXXXX")
+WORK=$(realpath "$WORK")
+RESULTS="$WORK/results.tsv"
+QCOWFS_MNT="$WORK/mnt"
+QEMU_EXPORT="$WORK/qemu-export.disk"
+QSD_PIDFILE="$WORK/qsd.pid"
+PASSFILE="$WORK/passphrase"
+mkdir -p "$QCOWFS_MNT"
+printf '%s' "$PASS" >"$PASSFILE"
+chmod 600 "$PASSFILE"
+: >"$RESULTS"
+
+# The pid of the qcowfs daemon serving $QCOWFS_MNT: its pid file in /run/qcowfs names the mountpoint
+# on its second line.
+qcowfs_daemon_pid() {
+	local f
+	for f in /run/qcowfs/*.pid; do
+		[ -e "$f" ] || continue
+		if [ "$(sed -n 2p "$f" 2>/dev/null)" = "$QCOWFS_MNT" ]; then
+			sed -n 1p "$f"
+			return 0
+		fi
+	done
+	return 1
+}
+
+# wait_gone PID [TENTHS]: wait until the process is gone (or a zombie); 1 on timeout.
+wait_gone() {
+	local pid=$1 n=${2:-300} state
+	while [ "$n" -gt 0 ]; do
+		state=$(awk '/^State:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+		if [ -z "$state" ] || [ "$state" = Z ]; then return 0; fi
+		sleep 0.1
+		n=$((n - 1))
+	done
+	return 1
+}
+
+qsd_stop() {
+	local pid
+	[ -s "$QSD_PIDFILE" ] || return 0
+	pid=$(cat "$QSD_PIDFILE")
+	if kill -0 "$pid" 2>/dev/null; then
+		kill -TERM "$pid" 2>/dev/null || true
+		if ! wait_gone "$pid" 600; then
+			note "qemu-storage-daemon $pid ignored SIGTERM for 60 s: SIGKILL"
+			kill -KILL "$pid" 2>/dev/null || true
+			wait_gone "$pid" 100 || true
+		fi
+	fi
+	rm -f "$QSD_PIDFILE"
+	if grep -qF " $QEMU_EXPORT fuse" /proc/mounts; then
+		fusermount3 -u -z "$QEMU_EXPORT" 2>/dev/null || umount -l "$QEMU_EXPORT" || true
+	fi
+}
+
+qcowfs_stop() {
+	if mountpoint -q "$QCOWFS_MNT"; then
+		"$QCOWFS" umount "$QCOWFS_MNT" || fusermount3 -u -z "$QCOWFS_MNT" || umount -l "$QCOWFS_MNT" || true
+	fi
+}
+
+cleanup() {
+	local rc=$?
+	set +e
+	trap - EXIT INT TERM
+	qcowfs_stop
+	qsd_stop
+	if grep -qF " $WORK/" /proc/mounts; then
+		note "something is still mounted under $WORK: not removing it"
+	elif [ "${BENCH_KEEP:-0}" = 1 ]; then
+		note "kept $WORK"
+	else
+		rm -rf "$WORK"
+	fi
+	if [ "$rc" -ne 0 ]; then
+		printf '\n\033[1;31mbenchmark FAILED (exit %s)\033[0m\n' "$rc" >&2
+	fi
+	exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+QEMU_SECRET=(--object "secret,id=s0,file=$PASSFILE")
+AES_OPTS=encrypt.format=aes,encrypt.key-secret=s0,cluster_size=64k
+CHUNKS=$((SIZE_B >> 20))
+
+# ---------------------------------------------------------------------------------------------------
+step "Image A: $BENCH_SIZE legacy-AES qcow2, ~40% of 1 MiB chunks random data"
+mkdir -p "$WORK/A"
+truncate -s "$SIZE_B" "$WORK/A/fill.raw"
+python3 - "$WORK/A/fill.raw" "$CHUNKS" <<'EOF'
+import os, random, sys
+path, n = sys.argv[1], int(sys.argv[2])
+idx = list(range(n))
+random.Random(20240601).shuffle(idx)
+# Random text (64 symbols, 6 bits per byte): data like a real guest's, not uniform noise, since
+# qcowfs refuses a legacy-AES image whose sampled clusters all decrypt to noise (wrong key check).
+table = bytes(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"[i % 64] for i in range(256))
+with open(path, "r+b") as f:
+    for i in sorted(idx[: n * 4 // 10]):
+        f.seek(i << 20)
+        f.write(os.urandom(1 << 20).translate(table))
+EOF
+qemu-img convert -f raw -O qcow2 "${QEMU_SECRET[@]}" -o "$AES_OPTS" "$WORK/A/fill.raw" "$WORK/A/pristine.qcow2"
+rm -f "$WORK/A/fill.raw"
+
+step "Image B: $BENCH_SIZE raw ext4 base + legacy-AES overlay, ~10% of the overlay written"
+mkdir -p "$WORK/B" "$WORK/content"
+python3 - "$WORK/content" $((SIZE_B * 3 / 10)) <<'EOF'
+import os, random, sys
+root, target = sys.argv[1], int(sys.argv[2])
+rng = random.Random(20240602)
+sizes = [4096, 16384, 65536, 262144, 1 << 20, 4 << 20, 16 << 20]
+total = i = 0
+while total < target:
+    d = os.path.join(root, "dir%02d" % (i % 16), "sub%d" % (i % 3))
+    os.makedirs(d, exist_ok=True)
+    sz = min(rng.choice(sizes), target - total)
+    with open(os.path.join(d, "file%05d.bin" % i), "wb") as f:
+        f.write(os.urandom(sz))
+    total += sz
+    i += 1
+print("    %d files, %d MiB" % (i, total >> 20))
+EOF
+truncate -s "$SIZE_B" "$WORK/B/base.raw"
+mkfs.ext4 -q -F -L bench-root -d "$WORK/content" "$WORK/B/base.raw"
+rm -rf "$WORK/content"
+qemu-img create -q -f qcow2 "${QEMU_SECRET[@]}" -b base.raw -F raw -o "$AES_OPTS" "$WORK/B/pristine.qcow2" "$SIZE_B"
+mkdir -p "$WORK/pat"
+for i in 0 1 2 3 4 5 6 7; do base64 -w0 </dev/urandom | head -c 1M >"$WORK/pat/$i" || true; done
+mapfile -t B_WRITES < <(python3 - "$CHUNKS" "$WORK/pat" <<'EOF'
+import random, sys
+n, pat = int(sys.argv[1]), sys.argv[2]
+idx = list(range(n))
+random.Random(20240603).shuffle(idx)
+for k, i in enumerate(sorted(idx[: max(1, n // 10)])):
+    print("write -q -s %s/%d %d 1M" % (pat, k % 8, i << 20))
+EOF
+)
+QEMU_IO_ARGS=()
+for c in "${B_WRITES[@]}"; do QEMU_IO_ARGS+=(-c "$c"); done
+qemu-io "${QEMU_SECRET[@]}" --image-opts \
+	"driver=qcow2,file.filename=$WORK/B/pristine.qcow2,encrypt.key-secret=s0" "${QEMU_IO_ARGS[@]}"
+rm -rf "$WORK/pat"
+
+for img in A B; do
+	qemu-img check -q "${QEMU_SECRET[@]}" --image-opts \
+		"driver=qcow2,file.filename=$WORK/$img/pristine.qcow2,encrypt.key-secret=s0"
+	note "$img: $(du -h "$WORK/$img/pristine.qcow2" | cut -f1) allocated in the qcow2 file$(
+		[ "$img" = B ] && printf ', base %s' "$(du -h "$WORK/B/base.raw" | cut -f1)")"
+done
+
+IMAGE_DESC_A="A: AES qcow2, 40% allocated"
+IMAGE_DESC_B="B: AES overlay (10%) over raw ext4"
+
+# ---------------------------------------------------------------------------------------------------
+# side_image IMG SIDE: the path of SIDE's own copy of image IMG.
+side_image() { printf '%s/%s/%s.qcow2' "$WORK" "$1" "$2"; }
+
+# fresh_copy IMG SIDE: replace SIDE's copy of IMG with a copy of the pristine image.
+fresh_copy() {
+	local dst
+	dst=$(side_image "$1" "$2")
+	rm -f "$dst"
+	cp --sparse=always "$WORK/$1/pristine.qcow2" "$dst"
+}
+
+# warm IMG SIDE: flush dirty pages, then read the image (and base) so that it is in the page cache.
+warm() {
+	sync
+	cat "$(side_image "$1" "$2")" >/dev/null
+	if [ "$1" = B ]; then cat "$WORK/B/base.raw" >/dev/null; fi
+}
+
+# side_mount IMG SIDE: mount SIDE's copy; prints the disk file's path.
+side_mount() {
+	local img=$1 side=$2 path i
+	path=$(side_image "$img" "$side")
+	case "$side" in
+	qcowfs)
+		"$QCOWFS" mount --passphrase-file "$PASSFILE" --cache-size "$BENCH_CACHE_SIZE" "$path" "$QCOWFS_MNT" >&2
+		[ "$(stat -c %s "$QCOWFS_MNT/disk")" -eq "$SIZE_B" ] || die "qcowfs: $QCOWFS_MNT/disk has the wrong size"
+		printf '%s' "$QCOWFS_MNT/disk"
+		;;
+	qemu)
+		: >"$QEMU_EXPORT"
+		rm -f "$QSD_PIDFILE"
+		qemu-storage-daemon "${QEMU_SECRET[@]}" \
+			--blockdev "driver=file,node-name=f0,filename=$path" \
+			--blockdev "driver=qcow2,node-name=d0,file=f0,encrypt.format=aes,encrypt.key-secret=s0" \
+			--export "type=fuse,id=e0,node-name=d0,mountpoint=$QEMU_EXPORT,writable=on" \
+			--pidfile "$QSD_PIDFILE" --daemonize >&2
+		for i in $(seq 100); do
+			[ "$(stat -c %s "$QEMU_EXPORT")" -eq "$SIZE_B" ] && break
+			sleep 0.1
+		done
+		[ "$(stat -c %s "$QEMU_EXPORT")" -eq "$SIZE_B" ] || die "qemu-storage-daemon: the export never showed the disk"
+		printf '%s' "$QEMU_EXPORT"
+		;;
+	esac
+}
+
+side_pid() {
+	case "$1" in
+	qcowfs) qcowfs_daemon_pid ;;
+	qemu) cat "$QSD_PIDFILE" ;;
+	esac
+}
+
+side_umount() {
+	case "$1" in
+	qcowfs) "$QCOWFS" umount "$QCOWFS_MNT" ;;
+	qemu) qsd_stop ;;
+	esac
+}
+
+# fio_args WORKLOAD: the job's options (beyond name, filename and output format).
+fio_args() {
+	local common=(--ioengine=psync --direct=1 --allow_file_create=0 --fallocate=none)
+	case "$1" in
+	seqread) echo "${common[@]} --rw=read --bs=1M --size=$SEQ_B" ;;
+	randread) echo "${common[@]} --rw=randread --bs=4k --time_based --runtime=$BENCH_RUNTIME" ;;
+	randread4j) echo "${common[@]} --rw=randread --bs=4k --numjobs=4 --group_reporting --time_based --runtime=$BENCH_RUNTIME" ;;
+	seqwrite) echo "${common[@]} --rw=write --bs=1M --size=$WRITE_B --end_fsync=1" ;;
+	randwrite) echo "${common[@]} --rw=randwrite --bs=4k --fsync=64 --time_based --runtime=$BENCH_RUNTIME" ;;
+	*) die "unknown workload: $1" ;;
+	esac
+}
+
+# fio_value JSON WORKLOAD: MiB/s for sequential workloads, IOPS for random ones.
+fio_value() {
+	python3 - "$1" "$2" <<'EOF'
+import json, sys
+with open(sys.argv[1]) as f:
+    text = f.read()
+d = json.loads(text[text.index("{"):])  # fio may print notes before the JSON
+job = d["jobs"][0]
+if job["error"]:
+    sys.exit("fio reported error %d" % job["error"])
+w = sys.argv[2]
+part = job["write" if "write" in w else "read"]
+if part["io_bytes"] <= 0:
+    sys.exit("fio moved no data")
+print("%.2f" % (part["bw_bytes"] / 1048576 if w.startswith("seq") else part["iops"]))
+EOF
+}
+
+# run_one IMG WORKLOAD SIDE ROUND
+run_one() {
+	local img=$1 wl=$2 side=$3 round=$4 disk pid hwm value json
+	case "$wl" in *write) fresh_copy "$img" "$side" ;; esac
+	warm "$img" "$side"
+	disk=$(side_mount "$img" "$side")
+	pid=$(side_pid "$side") || die "$side: no daemon pid"
+	json="$WORK/fio-$img-$wl-$side-$round.json"
+	# shellcheck disable=SC2046
+	fio --output-format=json --output="$json" --name="$wl" --filename="$disk" $(fio_args "$wl")
+	value=$(fio_value "$json" "$wl")
+	hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status")
+	side_umount "$side"
+	printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$wl" "$img" "$side" "$round" "$value" "$hwm" >>"$RESULTS"
+	note "$(printf '%-10s %s %-6s round %s: %10s %s   VmHWM %6d KiB' "$wl" "$img" "$side" "$round" \
+		"$value" "$(case $wl in seq*) echo MiB/s ;; *) echo IOPS ;; esac)" "$hwm")"
+}
+
+for img in $BENCH_IMAGES; do
+	case "$img" in A | B) ;; *) die "unknown image: $img (A or B)" ;; esac
+	fresh_copy "$img" qcowfs
+	fresh_copy "$img" qemu
+	for wl in $BENCH_WORKLOADS; do
+		fio_args "$wl" >/dev/null
+		step "Image $img, $wl: $BENCH_ROUNDS rounds"
+		for round in $(seq "$BENCH_ROUNDS"); do
+			if [ $((round % 2)) -eq 1 ]; then order="qcowfs qemu"; else order="qemu qcowfs"; fi
+			for side in $order; do
+				run_one "$img" "$wl" "$side" "$round"
+			done
+		done
+	done
+	rm -f "$(side_image "$img" qcowfs)" "$(side_image "$img" qemu)"
+done
+
+# ---------------------------------------------------------------------------------------------------
+step "Results"
+TABLE=$(python3 - "$RESULTS" "$IMAGE_DESC_A" "$IMAGE_DESC_B" <<'EOF'
+import statistics, sys
+from collections import defaultdict
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+desc = {"A": sys.argv[2], "B": sys.argv[3]}
+vals = defaultdict(list)
+rss = defaultdict(int)
+order = []
+for wl, img, side, rnd, value, hwm in rows:
+    if (wl, img) not in order:
+        order.append((wl, img))
+    vals[wl, img, side].append(float(value))
+    rss[wl, img, side] = max(rss[wl, img, side], int(hwm))
+names = {
+    "seqread": "seq read 1M",
+    "randread": "rand read 4k QD1",
+    "randread4j": "rand read 4k 4 jobs",
+    "seqwrite": "seq write 1M + fsync",
+    "randwrite": "rand write 4k fsync/64",
+}
+out = ["| workload | image | unit | qcowfs median | QEMU median | ratio qcowfs/QEMU "
+       "| qcowfs peak RSS | QEMU peak RSS |",
+       "|---|---|---|---:|---:|---:|---:|---:|"]
+detail = []
+for wl, img in sorted(order, key=lambda k: (k[1], order.index(k))):
+    q, e = vals[wl, img, "qcowfs"], vals[wl, img, "qemu"]
+    unit = "MiB/s" if wl.startswith("seq") else "IOPS"
+    mq, me = statistics.median(q), statistics.median(e)
+    ratio = "%.2f" % (mq / me) if me > 0 else "n/a"
+    out.append("| %s | %s | %s | %.1f | %.1f | %s | %.1f MiB | %.1f MiB |" % (
+        names.get(wl, wl), desc[img], unit, mq, me, ratio,
+        rss[wl, img, "qcowfs"] / 1024, rss[wl, img, "qemu"] / 1024))
+    detail.append("- %s, image %s (%s): qcowfs %s; QEMU %s" % (
+        names.get(wl, wl), img, unit, ", ".join("%.1f" % v for v in q), ", ".join("%.1f" % v for v in e)))
+print("\n".join(out))
+print()
+print("Per round (in round order):")
+print()
+print("\n".join(detail))
+EOF
+)
+HEADER="Image size $BENCH_SIZE, $BENCH_ROUNDS rounds (median), time-based jobs $BENCH_RUNTIME s, seq read $((SEQ_B >> 20)) MiB, seq write $((WRITE_B >> 20)) MiB, qcowfs --cache-size $BENCH_CACHE_SIZE; peak RSS = highest VmHWM of the daemon over the rounds."
+printf '%s\n\n%s\n' "$HEADER" "$TABLE"
+if [ -n "$BENCH_OUT" ]; then
+	printf '%s\n\n%s\n' "$HEADER" "$TABLE" >"$BENCH_OUT"
+	note "written to $BENCH_OUT"
+fi

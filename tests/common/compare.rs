@@ -1,0 +1,105 @@
+//! Comparing bytes (naming the first differing offset) and bounded reads through FUSE.
+
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+use super::data::Rng;
+use super::run::within;
+
+/// How long reading a whole `disk` through FUSE may take before the test fails instead of hanging.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The first offset where `a` and `b` differ (or the shorter length if one is a prefix).
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    const CHUNK: usize = 64 * 1024;
+    let n = a.len().min(b.len());
+    let mut base = 0;
+    while base < n {
+        let end = (base + CHUNK).min(n);
+        if a[base..end] != b[base..end] {
+            return (base..end).find(|&i| a[i] != b[i]);
+        }
+        base = end;
+    }
+    (a.len() != b.len()).then_some(n)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Asserts `actual == expected`; on a mismatch names the first differing offset (and its 512 B
+/// sector and 64 KiB cluster), how many bytes differ, and the bytes there.
+pub fn assert_same_bytes(actual: &[u8], expected: &[u8], what: &str) {
+    let Some(at) = first_difference(actual, expected) else {
+        return;
+    };
+    let differing = actual.iter().zip(expected).filter(|(x, y)| x != y).count();
+    let show = |v: &[u8]| hex(&v[at.min(v.len())..(at + 16).min(v.len())]);
+    panic!(
+        "{what}: first difference at offset {at} (0x{at:x}; sector {}, 64 KiB cluster {}); \
+         lengths {} (qcowfs) vs {} (qemu); {differing} differing bytes in the common length\n\
+         qcowfs: {}\nqemu:   {}",
+        at / 512,
+        at / 65536,
+        actual.len(),
+        expected.len(),
+        show(actual),
+        show(expected),
+    );
+}
+
+/// Reads the whole of `path` under [`READ_TIMEOUT`].
+pub fn read_all_bounded(path: &Path) -> Vec<u8> {
+    let p = path.to_path_buf();
+    within(
+        READ_TIMEOUT,
+        &format!("reading {}", path.display()),
+        move || fs::read(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display())),
+    )
+}
+
+/// Reads `len` bytes at `off` of `path` (positional read) under [`READ_TIMEOUT`].
+pub fn read_at_bounded(path: &Path, off: u64, len: usize) -> Vec<u8> {
+    let p = path.to_path_buf();
+    within(
+        READ_TIMEOUT,
+        &format!("reading {}", path.display()),
+        move || {
+            let f = File::open(&p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+            let mut buf = vec![0u8; len];
+            f.read_exact_at(&mut buf, off)
+                .unwrap_or_else(|e| panic!("read {len} bytes at {off} of {}: {e}", p.display()));
+            buf
+        },
+    )
+}
+
+/// `count` positional reads at random unaligned offsets and lengths, each compared to `expected`.
+pub fn assert_random_reads_match(disk: &Path, expected: &[u8], count: usize, seed: u64) {
+    let p = disk.to_path_buf();
+    let exp = expected.to_vec();
+    within(READ_TIMEOUT, "random reads", move || {
+        let f = File::open(&p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+        let mut rng = Rng::new(seed);
+        for _ in 0..count {
+            let len = rng.range(1, 300_000.min(exp.len() as u64)) as usize;
+            let off = rng.below(exp.len() as u64 - len as u64 + 1) as usize;
+            let mut buf = vec![0u8; len];
+            f.read_exact_at(&mut buf, off as u64)
+                .unwrap_or_else(|e| panic!("read {len} bytes at {off}: {e}"));
+            if let Some(d) = first_difference(&buf, &exp[off..off + len]) {
+                panic!(
+                    "read of {len} bytes at offset {off}: first difference at disk offset {}",
+                    off + d
+                );
+            }
+        }
+    });
+}
