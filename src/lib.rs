@@ -13,6 +13,7 @@ pub mod fuzz;
 pub mod info;
 pub mod io;
 pub mod mount;
+pub mod partition;
 pub mod qcow2;
 pub mod size;
 

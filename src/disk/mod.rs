@@ -3,6 +3,7 @@
 
 mod cache;
 mod flush;
+pub mod views;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -31,6 +32,10 @@ pub trait BlockDevice: Send + Sync {
     fn seek(&self, offset: u64, want_data: bool) -> Result<Option<u64>>;
     /// Make [offset, offset + len) read as zeros, giving the space back where whole clusters allow.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Changes when the partition table area may have changed (see `Disk::table_generation`).
+    fn table_generation(&self) -> u64 {
+        0
+    }
 }
 
 /// Tunables of a disk.
@@ -56,6 +61,7 @@ pub struct Disk {
     last_write: Mutex<Option<Instant>>,
     /// `allocated_bytes`, until the next flush or discard changes it.
     allocated: Mutex<Option<u64>>,
+    table_generation: AtomicU64,
     /// Bytes written and flushed, for logs.
     pub(crate) stats: Stats,
 }
@@ -88,12 +94,25 @@ impl Disk {
             flush_lock: Mutex::new(()),
             last_write: Mutex::new(None),
             allocated: Mutex::new(None),
+            table_generation: AtomicU64::new(0),
             stats: Stats::default(),
         }
     }
 
     pub fn chain(&self) -> &Chain {
         &self.chain
+    }
+
+    pub fn shared_chain(&self) -> Arc<Chain> {
+        self.chain.clone()
+    }
+
+    fn note_table_write(&self, offset: u64, len: u64) {
+        let end = offset + len;
+        if offset < 34 * 512 || end > self.size.saturating_sub(33 * 512) {
+            self.table_generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     fn block_len(&self, block: u64) -> usize {
@@ -245,6 +264,7 @@ impl BlockDevice for Disk {
             }
             *self.last_write.lock() = Some(Instant::now());
         }
+        self.note_table_write(offset, data.len() as u64);
         if self.cache.dirty_bytes() > self.dirty_limit {
             self.flush()?;
         }
@@ -289,10 +309,18 @@ impl BlockDevice for Disk {
             ));
         }
         self.check_range(offset, len as usize)?;
+        self.note_table_write(offset, len);
         flush::discard(self, offset, len)
     }
 
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Changes whenever a write or discard touches where partition tables live (the first 34 and
+    /// last 33 sectors: MBR, GPT and its backup), so views of partitions know to re-read them.
+    fn table_generation(&self) -> u64 {
+        self.table_generation
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -16,6 +16,7 @@ use super::fs::QcowFs;
 use super::registry::Record;
 use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
 use crate::crypto::{looks_like_plaintext, CryptoError};
+use crate::disk::views::SnapshotView;
 use crate::disk::{BlockDevice, Disk, DiskOptions};
 use crate::error::{Error, Problem, Result};
 use crate::qcow2::Encryption;
@@ -166,7 +167,7 @@ fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
 }
 
 type Prepared = (
-    fuser::Session<QcowFs<Disk>>,
+    fuser::Session<QcowFs>,
     Arc<Disk>,
     Arc<Mutex<Option<String>>>,
     Record,
@@ -219,7 +220,9 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
     };
     // SAFETY: getuid/getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let fs = QcowFs::new(disk.clone(), uid, gid).on_destroy(on_destroy);
+    let fs = QcowFs::new(disk.clone(), uid, gid)
+        .with_snapshots(snapshot_views(&disk))
+        .on_destroy(on_destroy);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(
@@ -285,6 +288,32 @@ fn check_passphrases(chain: &Chain) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A read-only file per internal snapshot of the top layer; one that cannot be read is left out.
+fn snapshot_views(disk: &Disk) -> Vec<(String, Arc<dyn BlockDevice>)> {
+    let chain = disk.shared_chain();
+    let Layer::Qcow2(image) = chain.top() else {
+        return Vec::new();
+    };
+    image
+        .snapshots()
+        .iter()
+        .filter_map(|s| match SnapshotView::new(chain.clone(), s) {
+            Ok(view) => {
+                let name = if s.name.is_empty() {
+                    s.id.clone()
+                } else {
+                    s.name.clone()
+                };
+                Some((name, Arc::new(view) as Arc<dyn BlockDevice>))
+            }
+            Err(e) => {
+                log::warn!("snapshot '{}' is not shown: {e}", s.name);
+                None
+            }
+        })
+        .collect()
 }
 
 fn spawn_idle_flusher(

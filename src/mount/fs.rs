@@ -1,4 +1,5 @@
-//! The FUSE inode layer: a root directory holding one regular file, `disk`, over a [`BlockDevice`].
+//! The FUSE inode layer: a root directory with `disk`, a `disk-partN` file per partition and a
+//! `snapshots/` directory, each a regular file over a [`BlockDevice`].
 //! Each `Filesystem` method only translates a request into a device call and replies; it never sees
 //! qcow2.
 
@@ -12,19 +13,46 @@ use fuser::{
     ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
 
+use parking_lot::Mutex;
+
+use crate::disk::views::Window;
 use crate::disk::BlockDevice;
+use crate::partition::read_partitions;
 
 pub const ROOT: INodeNo = INodeNo::ROOT;
 pub const DISK: INodeNo = INodeNo(2);
+pub const SNAPSHOT_DIR: INodeNo = INodeNo(3);
+/// Partition N is inode PARTITION_BASE + N; snapshot i is SNAPSHOT_BASE + i.
+const PARTITION_BASE: u64 = 0x100;
+const SNAPSHOT_BASE: u64 = 0x1_0000;
 pub const DISK_NAME: &str = "disk";
+pub const SNAPSHOT_DIR_NAME: &str = "snapshots";
 /// Largest read and write request we ask the kernel for.
 pub const MAX_IO: u32 = 1 << 20;
-/// Attributes never change behind the kernel's back (only we write the image while mounted).
+/// The disk and snapshots never change size behind the kernel's back.
 const TTL: Duration = Duration::from_secs(3600);
+/// Partition files come and go when the guest rewrites its partition table.
+const SHORT_TTL: Duration = Duration::from_secs(1);
 
-/// The mounted file system.
-pub struct QcowFs<D: BlockDevice> {
-    device: Arc<D>,
+/// A file of the mount and the device behind it.
+#[derive(Clone)]
+struct FileNode {
+    ino: INodeNo,
+    name: String,
+    device: Arc<dyn BlockDevice>,
+}
+
+/// The partitions of the disk, as of one table generation.
+struct PartitionCache {
+    generation: Option<u64>,
+    files: Vec<FileNode>,
+}
+
+/// The mounted file system: `disk`, `disk-partN` for each partition, `snapshots/NAME` read-only.
+pub struct QcowFs {
+    disk: Arc<dyn BlockDevice>,
+    snapshots: Vec<FileNode>,
+    partitions: Mutex<PartitionCache>,
     uid: u32,
     gid: u32,
     mounted_at: SystemTime,
@@ -32,10 +60,15 @@ pub struct QcowFs<D: BlockDevice> {
     on_destroy: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
-impl<D: BlockDevice> QcowFs<D> {
-    pub fn new(device: Arc<D>, uid: u32, gid: u32) -> Self {
+impl QcowFs {
+    pub fn new(disk: Arc<dyn BlockDevice>, uid: u32, gid: u32) -> Self {
         QcowFs {
-            device,
+            disk,
+            snapshots: Vec::new(),
+            partitions: Mutex::new(PartitionCache {
+                generation: None,
+                files: Vec::new(),
+            }),
             uid,
             gid,
             mounted_at: SystemTime::now(),
@@ -43,43 +76,101 @@ impl<D: BlockDevice> QcowFs<D> {
         }
     }
 
+    /// Show `snapshots/NAME` files (names with '/' get '_').
+    pub fn with_snapshots(mut self, views: Vec<(String, Arc<dyn BlockDevice>)>) -> Self {
+        self.snapshots = views
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, device))| FileNode {
+                ino: INodeNo(SNAPSHOT_BASE + i as u64),
+                name: name.replace('/', "_"),
+                device,
+            })
+            .collect();
+        self
+    }
+
     pub fn on_destroy(mut self, f: impl FnOnce() + Send + Sync + 'static) -> Self {
         self.on_destroy = Some(Box::new(f));
         self
     }
 
-    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
-        let (kind, perm, size, nlink) = match ino {
-            ROOT => (
-                FileType::Directory,
-                if self.device.is_read_only() {
-                    0o555
-                } else {
-                    0o755
-                },
-                0,
-                2,
-            ),
-            DISK => (
-                FileType::RegularFile,
-                if self.device.is_read_only() {
-                    0o400
-                } else {
-                    0o600
-                },
-                self.device.size(),
-                1,
-            ),
-            _ => return None,
-        };
-        Some(FileAttr {
+    /// The partition files, re-read when the disk's table area changed.
+    fn partitions(&self) -> Vec<FileNode> {
+        let generation = self.disk.table_generation();
+        let mut cache = self.partitions.lock();
+        if cache.generation != Some(generation) {
+            cache.files = read_partitions(self.disk.as_ref())
+                .into_iter()
+                .map(|p| {
+                    let name = format!("{DISK_NAME}-part{}", p.number);
+                    let device: Arc<dyn BlockDevice> =
+                        Arc::new(Window::new(name.clone(), self.disk.clone(), p.start, p.len));
+                    FileNode {
+                        ino: INodeNo(PARTITION_BASE + u64::from(p.number)),
+                        name,
+                        device,
+                    }
+                })
+                .collect();
+            cache.generation = Some(generation);
+        }
+        cache.files.clone()
+    }
+
+    fn file(&self, ino: INodeNo) -> Option<FileNode> {
+        if ino == DISK {
+            return Some(FileNode {
+                ino,
+                name: DISK_NAME.into(),
+                device: self.disk.clone(),
+            });
+        }
+        if ino.0 >= SNAPSHOT_BASE {
+            return self.snapshots.iter().find(|f| f.ino == ino).cloned();
+        }
+        if ino.0 > PARTITION_BASE {
+            return self.partitions().into_iter().find(|f| f.ino == ino);
+        }
+        None
+    }
+
+    fn dir_attr(&self, ino: INodeNo) -> FileAttr {
+        self.make_attr(
+            ino,
+            FileType::Directory,
+            if self.disk.is_read_only() {
+                0o555
+            } else {
+                0o755
+            },
+            0,
+            0,
+            2,
+        )
+    }
+
+    fn file_attr(&self, node: &FileNode) -> FileAttr {
+        let device = &node.device;
+        let perm = if device.is_read_only() { 0o400 } else { 0o600 };
+        let size = device.size();
+        let blocks = device.allocated_bytes().unwrap_or(size).div_ceil(512);
+        self.make_attr(node.ino, FileType::RegularFile, perm, size, blocks, 1)
+    }
+
+    fn make_attr(
+        &self,
+        ino: INodeNo,
+        kind: FileType,
+        perm: u16,
+        size: u64,
+        blocks: u64,
+        nlink: u32,
+    ) -> FileAttr {
+        FileAttr {
             ino,
             size,
-            blocks: if ino == DISK {
-                self.device.allocated_bytes().unwrap_or(size).div_ceil(512)
-            } else {
-                0
-            },
+            blocks,
             atime: self.mounted_at,
             mtime: self.mounted_at,
             ctime: self.mounted_at,
@@ -92,44 +183,100 @@ impl<D: BlockDevice> QcowFs<D> {
             rdev: 0,
             blksize: 4096,
             flags: 0,
-        })
+        }
     }
 
-    fn read(&self, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
-        let total = self.device.size();
+    fn attr(&self, ino: INodeNo) -> Option<(FileAttr, Duration)> {
+        match ino {
+            ROOT => Some((self.dir_attr(ino), SHORT_TTL)),
+            SNAPSHOT_DIR if !self.snapshots.is_empty() => Some((self.dir_attr(ino), TTL)),
+            _ => {
+                let node = self.file(ino)?;
+                let ttl = if ino.0 > PARTITION_BASE && ino.0 < SNAPSHOT_BASE {
+                    SHORT_TTL
+                } else {
+                    TTL
+                };
+                Some((self.file_attr(&node), ttl))
+            }
+        }
+    }
+
+    fn lookup_name(&self, parent: INodeNo, name: &str) -> Option<INodeNo> {
+        match parent {
+            ROOT if name == DISK_NAME => Some(DISK),
+            ROOT if name == SNAPSHOT_DIR_NAME && !self.snapshots.is_empty() => Some(SNAPSHOT_DIR),
+            ROOT => self
+                .partitions()
+                .into_iter()
+                .find(|f| f.name == name)
+                .map(|f| f.ino),
+            SNAPSHOT_DIR => self
+                .snapshots
+                .iter()
+                .find(|f| f.name == name)
+                .map(|f| f.ino),
+            _ => None,
+        }
+    }
+
+    fn entries(&self, dir: INodeNo) -> Option<Vec<(INodeNo, FileType, String)>> {
+        let mut out = vec![
+            (dir, FileType::Directory, ".".to_string()),
+            (ROOT, FileType::Directory, "..".to_string()),
+        ];
+        match dir {
+            ROOT => {
+                out.push((DISK, FileType::RegularFile, DISK_NAME.into()));
+                out.extend(
+                    self.partitions()
+                        .into_iter()
+                        .map(|f| (f.ino, FileType::RegularFile, f.name)),
+                );
+                if !self.snapshots.is_empty() {
+                    out.push((SNAPSHOT_DIR, FileType::Directory, SNAPSHOT_DIR_NAME.into()));
+                }
+            }
+            SNAPSHOT_DIR => out.extend(
+                self.snapshots
+                    .iter()
+                    .map(|f| (f.ino, FileType::RegularFile, f.name.clone())),
+            ),
+            _ => return None,
+        }
+        Some(out)
+    }
+
+    fn read(&self, device: &dyn BlockDevice, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let total = device.size();
         let len = u64::from(size).min(total.saturating_sub(offset)) as usize;
         let mut buf = vec![0u8; len];
-        self.device.read_at(offset, &mut buf).map_err(errno)?;
+        device.read_at(offset, &mut buf).map_err(errno)?;
         Ok(buf)
     }
 
-    fn write(&self, offset: u64, data: &[u8]) -> Result<u32, Errno> {
-        if self.device.is_read_only() {
+    fn write(&self, device: &dyn BlockDevice, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+        if device.is_read_only() {
             return Err(Errno::EROFS);
         }
-        let total = self.device.size();
+        let total = device.size();
         if offset >= total && !data.is_empty() {
             return Err(Errno::ENOSPC);
         }
         let len = (data.len() as u64).min(total - offset) as usize;
-        self.device.write_at(offset, &data[..len]).map_err(errno)?;
+        device.write_at(offset, &data[..len]).map_err(errno)?;
         Ok(len as u32)
     }
 
-    fn flush(&self) -> Result<(), Errno> {
-        self.device.flush().map_err(errno)
-    }
-
-    fn lseek(&self, offset: i64, whence: i32) -> Result<i64, Errno> {
-        let size = self.device.size();
+    fn lseek(&self, device: &dyn BlockDevice, offset: i64, whence: i32) -> Result<i64, Errno> {
+        let size = device.size();
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
         match whence {
             libc::SEEK_DATA | libc::SEEK_HOLE => {
                 if offset >= size {
                     return Err(Errno::ENXIO);
                 }
-                match self
-                    .device
+                match device
                     .seek(offset, whence == libc::SEEK_DATA)
                     .map_err(errno)?
                 {
@@ -143,17 +290,23 @@ impl<D: BlockDevice> QcowFs<D> {
         }
     }
 
-    fn fallocate(&self, offset: u64, length: u64, mode: i32) -> Result<(), Errno> {
+    fn fallocate(
+        &self,
+        device: &dyn BlockDevice,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<(), Errno> {
         let end = offset.checked_add(length).ok_or(Errno::EINVAL)?;
-        let size = self.device.size();
+        let size = device.size();
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         if mode == punch || mode & !libc::FALLOC_FL_KEEP_SIZE == libc::FALLOC_FL_ZERO_RANGE {
-            if self.device.is_read_only() {
+            if device.is_read_only() {
                 return Err(Errno::EROFS);
             }
             let end = end.min(size);
             if offset < end {
-                self.device.discard(offset, end - offset).map_err(errno)?;
+                device.discard(offset, end - offset).map_err(errno)?;
             }
             return Ok(());
         }
@@ -174,7 +327,7 @@ fn errno(e: crate::Error) -> Errno {
     Errno::from_i32(e.errno())
 }
 
-impl<D: BlockDevice + 'static> Filesystem for QcowFs<D> {
+impl Filesystem for QcowFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
@@ -188,17 +341,19 @@ impl<D: BlockDevice + 'static> Filesystem for QcowFs<D> {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match (parent, self.attr(DISK)) {
-            (ROOT, Some(attr)) if name == DISK_NAME => {
-                reply.entry(&TTL, &attr, fuser::Generation(0))
-            }
-            _ => reply.error(Errno::ENOENT),
+        let found = name
+            .to_str()
+            .and_then(|n| self.lookup_name(parent, n))
+            .and_then(|ino| self.attr(ino));
+        match found {
+            Some((attr, ttl)) => reply.entry(&ttl, &attr, fuser::Generation(0)),
+            None => reply.error(Errno::ENOENT),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.attr(ino) {
-            Some(attr) => reply.attr(&TTL, &attr),
+            Some((attr, ttl)) => reply.attr(&ttl, &attr),
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -222,26 +377,34 @@ impl<D: BlockDevice + 'static> Filesystem for QcowFs<D> {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        // The disk has the image's virtual size; resizing is qemu-img's job.
-        if matches!(size, Some(s) if s != self.device.size()) {
+        let Some((attr, ttl)) = self.attr(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        // The files have the image's sizes; resizing is qemu-img's job.
+        if matches!(size, Some(s) if s != attr.size) {
             return reply.error(Errno::EPERM);
         }
-        match self.attr(ino) {
-            Some(attr) => reply.attr(&TTL, &attr),
-            None => reply.error(Errno::ENOENT),
-        }
+        reply.attr(&ttl, &attr);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if ino != DISK {
+        let Some(node) = self.file(ino) else {
             return reply.error(Errno::EISDIR);
-        }
+        };
         let wants_write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        if wants_write && self.device.is_read_only() {
+        if wants_write && node.device.is_read_only() {
             return reply.error(Errno::EROFS);
         }
-        // Only this daemon changes the image while it is mounted, so the page cache stays valid.
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        // Only this daemon changes the image while it is mounted, so cached pages stay valid across
+        // opens, except where two files share bytes: `disk` and its partitions drop them on open.
+        let shares_bytes = ino.0 > PARTITION_BASE && ino.0 < SNAPSHOT_BASE
+            || ino == DISK && !self.partitions().is_empty();
+        let keep = if shares_bytes {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        reply.opened(FileHandle(0), keep);
     }
 
     fn read(
@@ -255,10 +418,10 @@ impl<D: BlockDevice + 'static> Filesystem for QcowFs<D> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if ino != DISK {
+        let Some(node) = self.file(ino) else {
             return reply.error(Errno::EISDIR);
-        }
-        match self.read(offset, size) {
+        };
+        match self.read(node.device.as_ref(), offset, size) {
             Ok(buf) => reply.data(&buf),
             Err(e) => reply.error(e),
         }
@@ -276,10 +439,10 @@ impl<D: BlockDevice + 'static> Filesystem for QcowFs<D> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        if ino != DISK {
+        let Some(node) = self.file(ino) else {
             return reply.error(Errno::EISDIR);
-        }
-        match self.write(offset, data) {
+        };
+        match self.write(node.device.as_ref(), offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }
@@ -288,29 +451,29 @@ impl<D: BlockDevice + 'static> Filesystem for QcowFs<D> {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         // close(2): report a failed write-back to the closer, as a local file system would.
-        match self.flush() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+        match self.file(ino).map(|n| n.device.flush()) {
+            Some(Err(e)) => reply.error(errno(e)),
+            _ => reply.ok(),
         }
     }
 
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.flush() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+        match self.file(ino).map(|n| n.device.flush()) {
+            Some(Err(e)) => reply.error(errno(e)),
+            _ => reply.ok(),
         }
     }
 
@@ -322,14 +485,9 @@ impl<D: BlockDevice + 'static> Filesystem for QcowFs<D> {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if ino != ROOT {
+        let Some(entries) = self.entries(ino) else {
             return reply.error(Errno::ENOTDIR);
-        }
-        let entries = [
-            (ROOT, FileType::Directory, "."),
-            (ROOT, FileType::Directory, ".."),
-            (DISK, FileType::RegularFile, DISK_NAME),
-        ];
+        };
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(*ino, (i + 1) as u64, *kind, name) {
                 break;
@@ -347,10 +505,10 @@ impl<D: BlockDevice + 'static> Filesystem for QcowFs<D> {
         whence: i32,
         reply: fuser::ReplyLseek,
     ) {
-        if ino != DISK {
+        let Some(node) = self.file(ino) else {
             return reply.error(Errno::EINVAL);
-        }
-        match self.lseek(offset, whence) {
+        };
+        match self.lseek(node.device.as_ref(), offset, whence) {
             Ok(at) => reply.offset(at),
             Err(e) => reply.error(e),
         }
@@ -366,17 +524,17 @@ impl<D: BlockDevice + 'static> Filesystem for QcowFs<D> {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        if ino != DISK {
+        let Some(node) = self.file(ino) else {
             return reply.error(Errno::EISDIR);
-        }
-        match self.fallocate(offset, length, mode) {
+        };
+        match self.fallocate(node.device.as_ref(), offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks = self.device.size().div_ceil(4096);
+        let blocks = self.disk.size().div_ceil(4096);
         reply.statfs(blocks, 0, 0, 2, 0, 4096, 255, 4096);
     }
 }

@@ -199,8 +199,22 @@ impl Qcow2Image {
         meta: &mut Meta,
         guest: u64,
     ) -> Result<(L1Entry, Option<(u64, L2Entry)>)> {
+        self.entry_in(meta, None, guest)
+    }
+
+    /// Like `entry`, through the L1 table `view` (a snapshot's) instead of the active one.
+    fn entry_in(
+        &self,
+        meta: &mut Meta,
+        view: Option<&[u64]>,
+        guest: u64,
+    ) -> Result<(L1Entry, Option<(u64, L2Entry)>)> {
         let l1_index = self.layout.l1_index(guest) as usize;
-        let Some(&word) = meta.l1.get(l1_index) else {
+        let word = match view {
+            Some(l1) => l1.get(l1_index).copied(),
+            None => meta.l1.get(l1_index).copied(),
+        };
+        let Some(word) = word else {
             return Ok((L1Entry(0), None));
         };
         let l1 = L1Entry(word);
@@ -226,9 +240,19 @@ impl Qcow2Image {
 
     /// Where the bytes at `guest` come from, and for how many bytes (at most `len`) that holds.
     pub fn map(&self, guest: u64, len: u64) -> Result<(ClusterSource, u64)> {
+        self.map_in(None, guest, len)
+    }
+
+    /// `map` through the L1 table `view` (a snapshot's) instead of the active one.
+    pub fn map_in(
+        &self,
+        view: Option<&[u64]>,
+        guest: u64,
+        len: u64,
+    ) -> Result<(ClusterSource, u64)> {
         let cs = self.layout.cluster_size();
         let mut meta = self.meta.lock();
-        let (_, found) = self.entry(&mut meta, guest)?;
+        let (_, found) = self.entry_in(&mut meta, view, guest)?;
         let Some((l2_offset, entry)) = found else {
             // No L2 table: the whole L2 span is unallocated.
             let span_left = self.layout.l2_span() - guest % self.layout.l2_span();
@@ -283,10 +307,21 @@ impl Qcow2Image {
         buf: &mut [u8],
         below: &dyn Fn(u64, &mut [u8]) -> Result<()>,
     ) -> Result<()> {
+        self.read_in(None, guest, buf, below)
+    }
+
+    /// `read` through the L1 table `view` (a snapshot's) instead of the active one.
+    pub fn read_in(
+        &self,
+        view: Option<&[u64]>,
+        guest: u64,
+        buf: &mut [u8],
+        below: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let at = guest + done as u64;
-            let (source, n) = self.map(at, (buf.len() - done) as u64)?;
+            let (source, n) = self.map_in(view, at, (buf.len() - done) as u64)?;
             let piece = &mut buf[done..done + n as usize];
             match source {
                 ClusterSource::Backing => below(at, piece)?,
@@ -338,6 +373,53 @@ impl Qcow2Image {
         let out = Arc::new(out);
         *self.last_decompressed.lock() = Some((host, out.clone()));
         Ok(out)
+    }
+
+    /// The L1 table of an internal snapshot, checked like the active one.
+    pub fn snapshot_l1(&self, snapshot: &Snapshot) -> Result<Vec<u64>> {
+        let cs = self.layout.cluster_size();
+        let bytes = u64::from(snapshot.l1_size) * 8;
+        if bytes > super::header::MAX_L1_BYTES {
+            return Err(Error::new(
+                self.path(),
+                FormatError::TooLarge {
+                    what: "snapshot L1 table",
+                    size: bytes,
+                    limit: super::header::MAX_L1_BYTES,
+                },
+            ));
+        }
+        if snapshot.l1_table_offset % cs != 0 {
+            return Err(Error::new(
+                self.path(),
+                FormatError::Misaligned {
+                    what: "snapshot L1 table",
+                    offset: snapshot.l1_table_offset,
+                    align: cs,
+                },
+            ));
+        }
+        let mut raw = vec![0u8; bytes as usize];
+        self.file
+            .read_exact_at(snapshot.l1_table_offset, &mut raw)?;
+        let l1: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        for &word in &l1 {
+            let l2 = L1Entry(word).l2_offset();
+            if l2 % cs != 0 {
+                return Err(Error::new(
+                    self.path(),
+                    FormatError::Misaligned {
+                        what: "L2 table",
+                        offset: l2,
+                        align: cs,
+                    },
+                ));
+            }
+        }
+        Ok(l1)
     }
 
     /// Bytes of guest data this layer stores (data and compressed clusters; zero clusters hold none).

@@ -1,0 +1,309 @@
+//! Partition tables of the guest disk (MBR with extended/logical partitions, GPT), numbered as Linux
+//! numbers them: MBR primaries 1-4 by slot and logicals from 5 in chain order; GPT entries by slot.
+//! A missing or corrupt table yields no partitions, never an error.
+
+use crate::disk::BlockDevice;
+
+const SECTOR: u64 = 512;
+/// The most logical partitions followed in an extended partition chain (a loop guard).
+const MAX_LOGICAL: usize = 128;
+/// The most GPT entries read.
+const MAX_GPT_ENTRIES: u32 = 1024;
+
+/// One partition: its Linux number and its byte range on the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partition {
+    pub number: u32,
+    pub start: u64,
+    pub len: u64,
+}
+
+/// Read the partition table of `disk`.
+pub fn read_partitions(disk: &dyn BlockDevice) -> Vec<Partition> {
+    let mut mbr = [0u8; 512];
+    if disk.size() < 1024 || disk.read_at(0, &mut mbr).is_err() || mbr[510..512] != [0x55, 0xaa] {
+        return Vec::new();
+    }
+    let entries: Vec<MbrEntry> = (0..4)
+        .map(|i| MbrEntry::parse(&mbr[446 + i * 16..462 + i * 16]))
+        .collect();
+    if entries.iter().any(|e| e.kind == 0xee) {
+        return read_gpt(disk);
+    }
+    let size = disk.size();
+    let mut out = Vec::new();
+    let mut next_logical = 5;
+    for (slot, e) in entries.iter().enumerate() {
+        if e.kind == 0 || e.sectors == 0 {
+            continue;
+        }
+        let Some((start, len)) = e.range(0, size) else {
+            continue;
+        };
+        if is_extended(e.kind) {
+            for (lstart, llen) in read_logicals(disk, start, len) {
+                out.push(Partition {
+                    number: next_logical,
+                    start: lstart,
+                    len: llen,
+                });
+                next_logical += 1;
+            }
+        } else {
+            out.push(Partition {
+                number: slot as u32 + 1,
+                start,
+                len,
+            });
+        }
+    }
+    out
+}
+
+struct MbrEntry {
+    kind: u8,
+    lba: u64,
+    sectors: u64,
+}
+
+impl MbrEntry {
+    fn parse(b: &[u8]) -> Self {
+        let le32 = |i: usize| u64::from(u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]));
+        MbrEntry {
+            kind: b[4],
+            lba: le32(8),
+            sectors: le32(12),
+        }
+    }
+
+    /// The byte range, with LBA relative to `base`, if it lies on a disk of `size` bytes.
+    fn range(&self, base: u64, size: u64) -> Option<(u64, u64)> {
+        let start = (base + self.lba).checked_mul(SECTOR)?;
+        let len = self.sectors.checked_mul(SECTOR)?;
+        (start.checked_add(len)? <= size && len > 0).then_some((start, len))
+    }
+}
+
+fn is_extended(kind: u8) -> bool {
+    matches!(kind, 0x05 | 0x0f | 0x85)
+}
+
+/// Follow the chain of extended boot records inside the extended partition [start, start + len).
+fn read_logicals(disk: &dyn BlockDevice, start: u64, len: u64) -> Vec<(u64, u64)> {
+    let ext_lba = start / SECTOR;
+    let mut out = Vec::new();
+    let mut ebr_lba = ext_lba;
+    let mut seen = std::collections::HashSet::new();
+    while out.len() < MAX_LOGICAL && seen.insert(ebr_lba) {
+        let mut ebr = [0u8; 512];
+        if ebr_lba * SECTOR >= start + len
+            || disk.read_at(ebr_lba * SECTOR, &mut ebr).is_err()
+            || ebr[510..512] != [0x55, 0xaa]
+        {
+            break;
+        }
+        let this = MbrEntry::parse(&ebr[446..462]);
+        let next = MbrEntry::parse(&ebr[462..478]);
+        if this.kind != 0 {
+            if let Some(r) = this.range(ebr_lba, disk.size()) {
+                out.push(r);
+            }
+        }
+        if next.kind == 0 || next.lba == 0 {
+            break;
+        }
+        ebr_lba = ext_lba + next.lba;
+    }
+    out
+}
+
+fn read_gpt(disk: &dyn BlockDevice) -> Vec<Partition> {
+    let mut hdr = [0u8; 512];
+    if disk.read_at(SECTOR, &mut hdr).is_err() || &hdr[..8] != b"EFI PART" {
+        return Vec::new();
+    }
+    let le32 = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let le64 = |b: &[u8], i: usize| u64::from(le32(b, i)) | (u64::from(le32(b, i + 4)) << 32);
+    let table_lba = le64(&hdr, 72);
+    let count = le32(&hdr, 80).min(MAX_GPT_ENTRIES);
+    let entry_size = le32(&hdr, 84);
+    if !(128..=4096).contains(&entry_size) || entry_size % 8 != 0 {
+        return Vec::new();
+    }
+    let Some(table_len) = u64::from(count).checked_mul(u64::from(entry_size)) else {
+        return Vec::new();
+    };
+    let Some(table_start) = table_lba.checked_mul(SECTOR) else {
+        return Vec::new();
+    };
+    if table_start.saturating_add(table_len) > disk.size() {
+        return Vec::new();
+    }
+    let mut table = vec![0u8; table_len as usize];
+    if disk.read_at(table_start, &mut table).is_err() {
+        return Vec::new();
+    }
+    let size = disk.size();
+    table
+        .chunks_exact(entry_size as usize)
+        .enumerate()
+        .filter(|(_, e)| e[..16].iter().any(|&b| b != 0))
+        .filter_map(|(i, e)| {
+            let first = le64(e, 32);
+            let last = le64(e, 40);
+            let start = first.checked_mul(SECTOR)?;
+            let len = last
+                .checked_sub(first)?
+                .checked_add(1)?
+                .checked_mul(SECTOR)?;
+            (start.checked_add(len)? <= size).then_some(Partition {
+                number: i as u32 + 1,
+                start,
+                len,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Result;
+    use parking_lot::Mutex;
+
+    /// An in-memory disk.
+    struct Mem(Mutex<Vec<u8>>);
+
+    impl BlockDevice for Mem {
+        fn size(&self) -> u64 {
+            self.0.lock().len() as u64
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            let d = self.0.lock();
+            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+            self.0.lock()[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+        fn allocated_bytes(&self) -> Result<u64> {
+            Ok(self.size())
+        }
+        fn seek(&self, offset: u64, _data: bool) -> Result<Option<u64>> {
+            Ok(Some(offset))
+        }
+        fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn entry(kind: u8, lba: u32, sectors: u32) -> [u8; 16] {
+        let mut e = [0u8; 16];
+        e[4] = kind;
+        e[8..12].copy_from_slice(&lba.to_le_bytes());
+        e[12..16].copy_from_slice(&sectors.to_le_bytes());
+        e
+    }
+
+    fn put_table(disk: &Mem, lba: u64, entries: &[[u8; 16]]) {
+        let mut sector = [0u8; 512];
+        for (i, e) in entries.iter().enumerate() {
+            sector[446 + i * 16..462 + i * 16].copy_from_slice(e);
+        }
+        sector[510] = 0x55;
+        sector[511] = 0xaa;
+        disk.write_at(lba * 512, &sector).unwrap();
+    }
+
+    #[test]
+    fn numbers_mbr_primaries_by_slot_and_logicals_from_five() {
+        let disk = Mem(Mutex::new(vec![0u8; 8 << 20]));
+        // slot 1: primary at 2048 (1000 sectors); slot 2: extended at 4096 (8000 sectors)
+        put_table(
+            &disk,
+            0,
+            &[entry(0x83, 2048, 1000), entry(0x05, 4096, 8000)],
+        );
+        // EBR 1 at 4096: logical at +63 (500 sectors), next EBR at ext+2000
+        put_table(
+            &disk,
+            4096,
+            &[entry(0x83, 63, 500), entry(0x05, 2000, 1000)],
+        );
+        put_table(&disk, 6096, &[entry(0x83, 63, 300)]);
+        let parts = read_partitions(&disk);
+        assert_eq!(
+            parts,
+            vec![
+                Partition {
+                    number: 1,
+                    start: 2048 * 512,
+                    len: 1000 * 512
+                },
+                Partition {
+                    number: 5,
+                    start: (4096 + 63) * 512,
+                    len: 500 * 512
+                },
+                Partition {
+                    number: 6,
+                    start: (6096 + 63) * 512,
+                    len: 300 * 512
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn no_signature_means_no_partitions() {
+        let disk = Mem(Mutex::new(vec![0u8; 1 << 20]));
+        assert!(read_partitions(&disk).is_empty());
+    }
+
+    #[test]
+    fn a_looping_ebr_chain_ends() {
+        let disk = Mem(Mutex::new(vec![0u8; 8 << 20]));
+        put_table(&disk, 0, &[entry(0x05, 2048, 8000)]);
+        put_table(&disk, 2048, &[entry(0x83, 63, 10), entry(0x05, 0, 100)]);
+        assert_eq!(read_partitions(&disk).len(), 1);
+    }
+
+    #[test]
+    fn partitions_past_the_disk_end_are_ignored() {
+        let disk = Mem(Mutex::new(vec![0u8; 1 << 20]));
+        put_table(&disk, 0, &[entry(0x83, 2048, 1 << 30)]);
+        assert!(read_partitions(&disk).is_empty());
+    }
+
+    #[test]
+    fn reads_gpt_entries_by_slot() {
+        let disk = Mem(Mutex::new(vec![0u8; 4 << 20]));
+        put_table(&disk, 0, &[entry(0xee, 1, 8191)]);
+        let mut hdr = [0u8; 512];
+        hdr[..8].copy_from_slice(b"EFI PART");
+        hdr[72..80].copy_from_slice(&2u64.to_le_bytes());
+        hdr[80..84].copy_from_slice(&128u32.to_le_bytes());
+        hdr[84..88].copy_from_slice(&128u32.to_le_bytes());
+        disk.write_at(512, &hdr).unwrap();
+        let mut e = [0u8; 128];
+        e[0] = 1; // non-zero type GUID
+        e[32..40].copy_from_slice(&2048u64.to_le_bytes());
+        e[40..48].copy_from_slice(&4095u64.to_le_bytes());
+        disk.write_at(1024 + 2 * 128, &e).unwrap(); // slot 3
+        assert_eq!(
+            read_partitions(&disk),
+            vec![Partition {
+                number: 3,
+                start: 2048 * 512,
+                len: 2048 * 512
+            }]
+        );
+    }
+}
