@@ -192,43 +192,61 @@ impl Chain {
     /// zeros because no layer has them, or a zero cluster), and for how many bytes (at most `len`)
     /// that holds.
     pub fn data_extent(&self, guest: u64, len: u64) -> Result<(bool, u64)> {
-        self.data_extent_level(0, guest, len)
+        let (provider, n) = self.provider(guest, len)?;
+        Ok((provider.is_some(), n))
     }
 
-    fn data_extent_level(&self, level: usize, guest: u64, len: u64) -> Result<(bool, u64)> {
-        let Some(layer) = self.layers.get(level) else {
-            return Ok((false, len));
-        };
-        let size = self.sizes[level];
-        if guest >= size {
-            return Ok((false, len));
-        }
-        let len = len.min(size - guest);
-        match layer {
-            Layer::Raw(f) => raw_data_extent(f, guest, len),
-            Layer::Qcow2(q) => {
-                let (source, n) = q.map(guest, len)?;
-                match source {
-                    ClusterSource::Backing => self.data_extent_level(level + 1, guest, n),
-                    ClusterSource::Zero => Ok((false, n)),
-                    ClusterSource::Data { .. } | ClusterSource::Compressed { .. } => Ok((true, n)),
+    /// Which layer (index, top = 0) provides the data the guest reads at `guest`, for how many bytes
+    /// (at most `len`); None where the guest reads zeros that no layer stores.
+    pub fn provider(&self, guest: u64, len: u64) -> Result<(Option<usize>, u64)> {
+        let mut level = 0;
+        let mut len = len;
+        while let Some(layer) = self.layers.get(level) {
+            let size = self.sizes[level];
+            if guest >= size {
+                return Ok((None, len));
+            }
+            len = len.min(size - guest);
+            match layer {
+                Layer::Raw(f) => {
+                    let (data, n) = raw_data_extent(f, guest, len)?;
+                    return Ok((data.then_some(level), n));
+                }
+                Layer::Qcow2(q) => {
+                    let (source, n) = q.map(guest, len)?;
+                    match source {
+                        ClusterSource::Backing => {
+                            len = n;
+                            level += 1;
+                        }
+                        ClusterSource::Zero => return Ok((None, n)),
+                        ClusterSource::Data { .. } | ClusterSource::Compressed { .. } => {
+                            return Ok((Some(level), n))
+                        }
+                    }
                 }
             }
         }
+        Ok((None, len))
+    }
+
+    /// Guest-visible data bytes each layer provides (index = layer, top first).
+    pub fn coverage(&self) -> Result<Vec<u64>> {
+        let mut per_layer = vec![0u64; self.layers.len()];
+        let mut at = 0;
+        while at < self.size() {
+            let (provider, n) = self.provider(at, self.size() - at)?;
+            if let Some(level) = provider {
+                per_layer[level] += n;
+            }
+            at += n;
+        }
+        Ok(per_layer)
     }
 
     /// Bytes of guest data the chain holds (what `st_blocks` reports).
     pub fn data_bytes(&self) -> Result<u64> {
-        let mut total = 0;
-        let mut at = 0;
-        while at < self.size() {
-            let (data, n) = self.data_extent(at, self.size() - at)?;
-            if data {
-                total += n;
-            }
-            at += n;
-        }
-        Ok(total)
+        Ok(self.coverage()?.iter().sum())
     }
 }
 

@@ -77,11 +77,31 @@ fn layer_json(layer: &Layer) -> Result<Value> {
 
 fn describe(chain: &Chain) -> Result<Value> {
     let top = chain.top();
-    let layers = chain
+    let mut layers = chain
         .layers()
         .iter()
         .map(layer_json)
         .collect::<Result<Vec<_>>>()?;
+    // Encryption coverage: what the guest reads from each layer, and how much of it is plaintext.
+    let provided = chain.coverage()?;
+    let total: u64 = provided.iter().sum();
+    let mut unencrypted = 0;
+    for ((layer, v), bytes) in chain.layers().iter().zip(layers.iter_mut()).zip(&provided) {
+        v["provided_bytes"] = json!(bytes);
+        if layer.encryption() == Encryption::None {
+            unencrypted += bytes;
+        }
+    }
+    let share = if total == 0 {
+        0.0
+    } else {
+        unencrypted as f64 / total as f64
+    };
+    let coverage = json!({
+        "data_bytes": total,
+        "unencrypted_bytes": unencrypted,
+        "unencrypted_share": share,
+    });
     let mut report = json!({
         "image": top.path().display().to_string(),
         "format": top.format(),
@@ -89,6 +109,7 @@ fn describe(chain: &Chain) -> Result<Value> {
         "encrypted": top.encryption() != Encryption::None,
         "encryption": encryption_name(top.encryption()),
         "layers": layers,
+        "coverage": coverage,
     });
     if let Layer::Qcow2(q) = top {
         let h: Header = q.header();
@@ -159,12 +180,13 @@ fn print_text(r: &Value) {
     println!("backing chain (top first):");
     for (i, l) in r["layers"].as_array().into_iter().flatten().enumerate() {
         println!(
-            "  {i}: {} [{}, {}] size {}, allocated {}",
+            "  {i}: {} [{}, {}] size {}, allocated {}, provides {} of guest data",
             l["path"].as_str().unwrap_or(""),
             l["format"].as_str().unwrap_or(""),
             l["encryption"].as_str().unwrap_or(""),
             human(num(&l["virtual_size"])),
             human(num(&l["allocated_bytes"])),
+            human(num(&l["provided_bytes"])),
         );
         if let Some(luks) = l.get("luks") {
             println!(
@@ -176,6 +198,16 @@ fn print_text(r: &Value) {
                 luks["active_keyslots"],
             );
         }
+    }
+    let cov = &r["coverage"];
+    let share = cov["unencrypted_share"].as_f64().unwrap_or(0.0);
+    println!(
+        "guest data: {} ({:.0}% unencrypted)",
+        human(num(&cov["data_bytes"])),
+        share * 100.0
+    );
+    if let Some(w) = coverage_warning(r) {
+        println!("warning: {w}");
     }
     let snaps = r["snapshots"].as_array().cloned().unwrap_or_default();
     if !snaps.is_empty() {
@@ -189,4 +221,24 @@ fn print_text(r: &Value) {
             );
         }
     }
+}
+
+/// One plain sentence when some of the guest's data is not encrypted, naming the biggest such layer.
+fn coverage_warning(r: &Value) -> Option<String> {
+    let share = r["coverage"]["unencrypted_share"].as_f64()?;
+    if share <= 0.0 {
+        return None;
+    }
+    let layers = r["layers"].as_array()?;
+    let (index, plain) = layers
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l["encrypted"] == json!(false))
+        .max_by_key(|(_, l)| l["provided_bytes"].as_u64().unwrap_or(0))?;
+    let kind = if index == 0 { "image" } else { "base image" };
+    Some(format!(
+        "{:.0}% of this disk's data lives in the unencrypted {kind} {}",
+        share * 100.0,
+        plain["path"].as_str().unwrap_or("")
+    ))
 }

@@ -15,6 +15,7 @@ pub mod io;
 pub mod mount;
 pub mod partition;
 pub mod qcow2;
+pub mod seal;
 pub mod size;
 
 pub use error::{Error, Problem, Result};

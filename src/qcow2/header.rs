@@ -33,7 +33,7 @@ const INCOMPAT_KNOWN: u64 = INCOMPAT_DIRTY
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
 const EXT_END: u32 = 0;
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+pub(super) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 const EXT_FDE: u32 = 0x0537_be77;
 const EXT_DATA_FILE: u32 = 0x4441_5441;

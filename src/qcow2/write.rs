@@ -267,6 +267,7 @@ impl Qcow2Image {
         };
         self.ensure_block(meta, cluster)?;
         self.refcounts(meta)?.set(&self.file, cluster, 1)?;
+        log::trace!("allocated cluster {cluster}");
         Ok(cluster)
     }
 
@@ -317,6 +318,14 @@ impl Qcow2Image {
                     limit: header::MAX_REFTABLE_BYTES,
                 },
             ));
+        }
+        // A table placed earlier in this same commit was never written: give its clusters back now.
+        let (placed_at, placed_clusters) = (rc.table_offset, old_clusters);
+        if placed_at != meta.header.refcount_table_offset {
+            for c in placed_at / cs..placed_at / cs + placed_clusters {
+                self.refcounts(meta)?.set(&self.file, c, 0)?;
+                meta.free_cursor = meta.free_cursor.min(c);
+            }
         }
         let start = meta.end_cluster;
         meta.end_cluster += want;
@@ -401,6 +410,7 @@ impl Qcow2Image {
                 continue;
             }
             rc.set(&self.file, c, count - 1)?;
+            log::trace!("released cluster {c}: refcount {}", count - 1);
             if count == 1 {
                 meta.free_cursor = meta.free_cursor.min(c);
                 freed.push(c);
@@ -444,6 +454,45 @@ impl Qcow2Image {
         meta.end_cluster = self.file.len()?.div_ceil(cs);
         meta.free_cursor = 0;
         Ok(())
+    }
+}
+
+impl Qcow2Image {
+    /// Make the image stand alone: clear the backing file name, then drop the backing-format
+    /// extension. Each step is one write inside the header cluster followed by a barrier; a crash
+    /// between them leaves only a stale, ignored backing-format extension.
+    pub fn drop_backing_file(&self) -> Result<()> {
+        let cs = self.layout.cluster_size() as usize;
+        let mut meta = self.meta.lock();
+        // Backing file offset (u64) and size (u32), both in the first sector.
+        self.file.write_at(8, &[0u8; 12])?;
+        self.file.sync()?;
+        meta.header.backing_file = None;
+        meta.header.backing_format = None;
+        let mut first = vec![0u8; cs];
+        self.file.read_at(0, &mut first)?;
+        let start = meta.header.header_length as usize;
+        let mut kept = Vec::new();
+        let mut at = start;
+        while at + 8 <= cs {
+            let kind = u32::from_be_bytes([first[at], first[at + 1], first[at + 2], first[at + 3]]);
+            let len =
+                u32::from_be_bytes([first[at + 4], first[at + 5], first[at + 6], first[at + 7]])
+                    as usize;
+            let padded = len.div_ceil(8) * 8;
+            if kind == 0 || at + 8 + padded > cs {
+                break;
+            }
+            if kind != header::EXT_BACKING_FORMAT {
+                kept.extend_from_slice(&first[at..at + 8 + padded]);
+            }
+            at += 8 + padded;
+        }
+        // The new list, its end marker, and zeros over what followed (the old backing name).
+        let mut area = kept;
+        area.resize(cs - start, 0);
+        self.file.write_at(start as u64, &area)?;
+        self.file.sync()
     }
 }
 
