@@ -23,16 +23,12 @@ pub(super) fn flush(disk: &Disk) -> Result<()> {
         return Ok(());
     }
     match disk.chain.top() {
+        // Chain::open only accepts a qcow2 image on top; raw layers are backing files, never written.
         Layer::Raw(file) => {
-            for &block in &dirty {
-                if let Some(data) = disk.cache.dirty_copy(block) {
-                    file.write_at(block * disk.block_size, &data)?;
-                }
-            }
-            file.sync()?;
-            for &block in &dirty {
-                disk.cache.mark_clean(block);
-            }
+            return Err(crate::Error::new(
+                file.path(),
+                std::io::Error::from_raw_os_error(libc::EROFS),
+            ))
         }
         Layer::Qcow2(image) => {
             let cs = image.layout().cluster_size();

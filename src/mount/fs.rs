@@ -533,6 +533,23 @@ impl Filesystem for QcowFs {
         }
     }
 
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        // No extended attributes. ENOSYS (not ENODATA) makes the kernel stop asking: otherwise it asks
+        // for security.capability before every write.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let blocks = self.disk.size().div_ceil(4096);
         reply.statfs(blocks, 0, 0, 2, 0, 4096, 255, 4096);
