@@ -152,6 +152,15 @@ impl Disk {
                 return Ok(());
             }
         }
+        if out.len() < self.block_len(block) {
+            // Part of an uncached block: read (and decrypt) only the sectors asked for, uncached;
+            // the kernel's page cache keeps what the guest reads again.
+            self.read_sectors(block * self.block_size + within as u64, out)?;
+            if let Some(d) = self.cache.shard(block).dirty.get(&block) {
+                out.copy_from_slice(&d[within..within + out.len()]);
+            }
+            return Ok(());
+        }
         let data = self.load_clean(block)?;
         // A write may have made it dirty meanwhile; the dirty copy wins.
         if let Some(d) = self.cache.shard(block).dirty.get(&block) {
@@ -159,6 +168,20 @@ impl Disk {
             return Ok(());
         }
         out.copy_from_slice(&data[within..within + out.len()]);
+        Ok(())
+    }
+
+    /// Read guest bytes through the chain in whole sectors (ciphers work on sectors).
+    fn read_sectors(&self, offset: u64, out: &mut [u8]) -> Result<()> {
+        let first = offset & !511;
+        let end = ((offset + out.len() as u64).div_ceil(512) * 512).min(self.size.div_ceil(512) * 512);
+        if first == offset && end == offset + out.len() as u64 {
+            return self.chain.read(offset, out);
+        }
+        let mut tmp = vec![0u8; (end - first) as usize];
+        self.chain.read(first, &mut tmp)?;
+        let skip = (offset - first) as usize;
+        out.copy_from_slice(&tmp[skip..skip + out.len()]);
         Ok(())
     }
 
