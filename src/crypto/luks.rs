@@ -130,7 +130,8 @@ impl LuksHeader {
             if stripes == 0 || stripes > MAX_STRIPES {
                 return Err(bad("key slot stripe count out of range"));
             }
-            let material = key_bytes as u64 * u64::from(stripes);
+            let material = (key_bytes as u64 * u64::from(stripes)).div_ceil(SECTOR_SIZE as u64)
+                * SECTOR_SIZE as u64;
             if material > MAX_KEY_MATERIAL
                 || material_offset + material > area_len
                 || material_offset < HEADER_LEN as u64
@@ -164,9 +165,10 @@ impl LuksHeader {
         })
     }
 
-    /// Bytes of key material of `slot` (to read from the LUKS area).
+    /// Bytes of key material of `slot` to read from the LUKS area: whole sectors, since it is
+    /// encrypted sector by sector (only the first key_bytes * stripes are used).
     pub fn material_len(&self, slot: &KeySlot) -> usize {
-        self.key_bytes * slot.stripes as usize
+        (self.key_bytes * slot.stripes as usize).div_ceil(SECTOR_SIZE) * SECTOR_SIZE
     }
 
     /// Try every active slot; `material` reads a slot's key material. Returns the data cipher.
@@ -567,6 +569,12 @@ mod tests {
         );
         assert_eq!(h.slots.len(), 1);
         assert_eq!(h.material_len(&h.slots[0]), 256_000);
+        // 24-byte keys (aes-192-cbc) * 4000 stripes is not whole sectors: rounded up.
+        let mut b = header();
+        b[40..51].copy_from_slice(b"cbc-plain64");
+        b[108..112].copy_from_slice(&24u32.to_be_bytes());
+        let h = LuksHeader::parse(&b, 1 << 20).unwrap();
+        assert_eq!(h.material_len(&h.slots[0]), 96_256);
     }
 
     #[test]

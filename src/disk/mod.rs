@@ -174,7 +174,8 @@ impl Disk {
     /// Read guest bytes through the chain in whole sectors (ciphers work on sectors).
     fn read_sectors(&self, offset: u64, out: &mut [u8]) -> Result<()> {
         let first = offset & !511;
-        let end = ((offset + out.len() as u64).div_ceil(512) * 512).min(self.size.div_ceil(512) * 512);
+        let end =
+            ((offset + out.len() as u64).div_ceil(512) * 512).min(self.size.div_ceil(512) * 512);
         if first == offset && end == offset + out.len() as u64 {
             return self.chain.read(offset, out);
         }
