@@ -281,6 +281,11 @@ impl BlockDevice for Disk {
             ));
         }
         self.check_range(offset, data.len())?;
+        // Make room first: when the flush fails (host disk full), this write is refused rather than
+        // letting dirty data grow without bound.
+        if self.cache.dirty_bytes() + data.len() as u64 > self.dirty_limit {
+            self.flush()?;
+        }
         {
             let _gate = self.write_gate.read();
             for (block, within, n, done) in self.pieces(offset, data.len()) {
@@ -289,9 +294,6 @@ impl BlockDevice for Disk {
             *self.last_write.lock() = Some(Instant::now());
         }
         self.note_table_write(offset, data.len() as u64);
-        if self.cache.dirty_bytes() > self.dirty_limit {
-            self.flush()?;
-        }
         Ok(())
     }
 

@@ -321,10 +321,17 @@ fn spawn_idle_flusher(
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
+        // After a failure (say the host disk is full) wait longer before trying again.
+        let mut pause = Duration::ZERO;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(100));
+            if pause > Duration::ZERO {
+                pause = pause.saturating_sub(Duration::from_millis(100));
+                continue;
+            }
             if let Err(e) = disk.flush_if_idle(IDLE_FLUSH) {
-                log::error!("background flush failed (will retry): {e}");
+                log::error!("background flush failed (will retry in 5 s): {e}");
+                pause = Duration::from_secs(5);
             }
         }
     })
