@@ -34,29 +34,32 @@ fn temp_image(dir: &Path, data: &[u8]) -> Result<TempImage> {
     Ok(TempImage(path))
 }
 
-/// Open `data` as an image (read-only), read its start, end and a few places in between.
-pub fn read_image(dir: &Path, data: &[u8]) -> Result<()> {
+/// Open `data` as an image, with the fuzz passphrase and no locks.
+fn open_disk(dir: &Path, data: &[u8], writable: bool) -> Result<(TempImage, Disk)> {
     let file = temp_image(dir, data)?;
     let keys = KeyRing {
         default: Some(Zeroizing::new(PASSPHRASE.to_vec())),
         per_layer: Vec::new(),
     };
-    let chain = Chain::open(
-        &file.0,
-        &keys,
-        OpenOptions {
-            writable: false,
-            force_share: true,
-            without_keys: false,
-        },
-    )?;
+    let opts = OpenOptions {
+        writable,
+        force_share: true,
+        without_keys: false,
+    };
+    let chain = Chain::open(&file.0, &keys, opts)?;
     let disk = Disk::new(
         chain,
         DiskOptions {
             cache_size: 8 << 20,
-            read_only: true,
+            read_only: !writable,
         },
     );
+    Ok((file, disk))
+}
+
+/// Open `data` as an image (read-only), read its start, end and a few places in between.
+pub fn read_image(dir: &Path, data: &[u8]) -> Result<()> {
+    let (_file, disk) = open_disk(dir, data, false)?;
     let size = disk.size();
     let mut buf = vec![0u8; PROBE];
     let mut result = Ok(());
@@ -71,27 +74,7 @@ pub fn read_image(dir: &Path, data: &[u8]) -> Result<()> {
 
 /// Open `data` read-write, write a few blocks, flush. Errors are expected; panics are bugs.
 pub fn write_image(dir: &Path, data: &[u8]) -> Result<()> {
-    let file = temp_image(dir, data)?;
-    let keys = KeyRing {
-        default: Some(Zeroizing::new(PASSPHRASE.to_vec())),
-        per_layer: Vec::new(),
-    };
-    let chain = Chain::open(
-        &file.0,
-        &keys,
-        OpenOptions {
-            writable: true,
-            force_share: true,
-            without_keys: false,
-        },
-    )?;
-    let disk = Disk::new(
-        chain,
-        DiskOptions {
-            cache_size: 8 << 20,
-            read_only: false,
-        },
-    );
+    let (_file, disk) = open_disk(dir, data, true)?;
     let size = disk.size();
     let block = vec![0x5au8; 4096.min(size as usize)];
     for at in [0, size / 2, size.saturating_sub(block.len() as u64)] {

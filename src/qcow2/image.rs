@@ -224,17 +224,7 @@ impl Qcow2Image {
         }
         let table = self.l2_table(meta, l2_offset)?;
         let i = self.layout.l2_index(guest) as usize;
-        let entry = if self.layout.extended_l2 {
-            L2Entry {
-                word: table[2 * i],
-                bitmap: table[2 * i + 1],
-            }
-        } else {
-            L2Entry {
-                word: table[i],
-                bitmap: 0,
-            }
-        };
+        let (_, entry) = L2Entry::at(&table, i, self.layout.extended_l2);
         Ok((l1, Some((l2_offset, entry))))
     }
 

@@ -60,6 +60,28 @@ pub enum ClusterSource {
 impl L2Entry {
     pub const UNALLOCATED: L2Entry = L2Entry { word: 0, bitmap: 0 };
 
+    /// Entry `i` of a decoded L2 table and the index of its first word (two words per entry with
+    /// extended L2).
+    pub fn at(table: &[u64], i: usize, extended: bool) -> (usize, L2Entry) {
+        if extended {
+            (
+                2 * i,
+                L2Entry {
+                    word: table[2 * i],
+                    bitmap: table[2 * i + 1],
+                },
+            )
+        } else {
+            (
+                i,
+                L2Entry {
+                    word: table[i],
+                    bitmap: 0,
+                },
+            )
+        }
+    }
+
     pub fn is_compressed(self) -> bool {
         self.word & COMPRESSED != 0
     }

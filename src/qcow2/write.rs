@@ -162,23 +162,7 @@ impl Qcow2Image {
         let Some((_, table)) = l2_new.get_mut(&l1_index) else {
             return Ok(());
         };
-        let (word_at, old) = if ext {
-            (
-                2 * i,
-                L2Entry {
-                    word: table[2 * i],
-                    bitmap: table[2 * i + 1],
-                },
-            )
-        } else {
-            (
-                i,
-                L2Entry {
-                    word: table[i],
-                    bitmap: 0,
-                },
-            )
-        };
+        let (word_at, old) = L2Entry::at(table, i, ext);
         match w.target {
             WriteTarget::Allocate => {
                 if old.is_compressed() {
