@@ -120,54 +120,37 @@ impl Disk {
         self.block_size.min(self.size - start) as usize
     }
 
-    /// A clean copy of `block`, from the cache or loaded through the chain.
-    fn load_clean(&self, block: u64) -> Result<Arc<Vec<u8>>> {
-        if let Some(b) = self.cache.shard(block).clean.get(&block) {
-            return Ok(b.clone());
-        }
-        let _loading = self.cache.stripe(block);
-        if let Some(b) = self.cache.shard(block).clean.get(&block) {
-            return Ok(b.clone());
-        }
-        let mut data = vec![0u8; self.block_len(block)];
-        self.chain.read(block * self.block_size, &mut data)?;
-        let data = Arc::new(data);
+    /// Copy `out.len()` bytes of `block` from offset `within` into `out`, if the cache has it.
+    fn cached(&self, block: u64, within: usize, out: &mut [u8]) -> bool {
         let mut shard = self.cache.shard(block);
-        if !shard.dirty.contains_key(&block) {
-            shard.clean.put(block, data.clone());
+        if let Some(d) = shard.dirty.get(&block) {
+            out.copy_from_slice(&d[within..within + out.len()]);
+            return true;
         }
-        Ok(data)
+        if let Some(c) = shard.clean.get(&block) {
+            out.copy_from_slice(&c[within..within + out.len()]);
+            return true;
+        }
+        false
     }
 
-    /// Copy `out.len()` bytes of `block` from offset `within` into `out`.
+    /// Copy `out.len()` bytes of `block` from offset `within` into `out`: from the cache, else read
+    /// through the chain (not cached: the kernel's page cache keeps what is read again).
     fn read_block(&self, block: u64, within: usize, out: &mut [u8]) -> Result<()> {
-        {
-            let mut shard = self.cache.shard(block);
-            if let Some(d) = shard.dirty.get(&block) {
-                out.copy_from_slice(&d[within..within + out.len()]);
-                return Ok(());
-            }
-            if let Some(c) = shard.clean.get(&block) {
-                out.copy_from_slice(&c[within..within + out.len()]);
-                return Ok(());
-            }
+        if !self.cached(block, within, out) {
+            self.read_uncached(block * self.block_size + within as u64, out)?;
         }
-        if out.len() < self.block_len(block) {
-            // Part of an uncached block: read (and decrypt) only the sectors asked for, uncached;
-            // the kernel's page cache keeps what the guest reads again.
-            self.read_sectors(block * self.block_size + within as u64, out)?;
+        Ok(())
+    }
+
+    /// Read through the chain, then let writes that landed meanwhile win.
+    fn read_uncached(&self, offset: u64, out: &mut [u8]) -> Result<()> {
+        self.read_sectors(offset, out)?;
+        for (block, within, n, done) in self.pieces(offset, out.len()) {
             if let Some(d) = self.cache.shard(block).dirty.get(&block) {
-                out.copy_from_slice(&d[within..within + out.len()]);
+                out[done..done + n].copy_from_slice(&d[within..within + n]);
             }
-            return Ok(());
         }
-        let data = self.load_clean(block)?;
-        // A write may have made it dirty meanwhile; the dirty copy wins.
-        if let Some(d) = self.cache.shard(block).dirty.get(&block) {
-            out.copy_from_slice(&d[within..within + out.len()]);
-            return Ok(());
-        }
-        out.copy_from_slice(&data[within..within + out.len()]);
         Ok(())
     }
 
@@ -267,8 +250,19 @@ impl BlockDevice for Disk {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(offset, buf.len())?;
+        // Cached blocks are copied; each run of uncached ones is one read through the chain.
+        let mut run: Option<(usize, usize)> = None; // (start, end) in buf
         for (block, within, n, done) in self.pieces(offset, buf.len()) {
-            self.read_block(block, within, &mut buf[done..done + n])?;
+            if self.cached(block, within, &mut buf[done..done + n]) {
+                if let Some((start, end)) = run.take() {
+                    self.read_uncached(offset + start as u64, &mut buf[start..end])?;
+                }
+            } else {
+                run = Some((run.map_or(done, |(start, _)| start), done + n));
+            }
+        }
+        if let Some((start, end)) = run {
+            self.read_uncached(offset + start as u64, &mut buf[start..end])?;
         }
         Ok(())
     }

@@ -247,12 +247,22 @@ impl QcowFs {
         Some(out)
     }
 
-    fn read(&self, device: &dyn BlockDevice, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    /// Read into this thread's reply buffer (reused: no allocation or page faults per request).
+    fn read(&self, device: &dyn BlockDevice, offset: u64, size: u32, reply: ReplyData) {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         let total = device.size();
         let len = u64::from(size).min(total.saturating_sub(offset)) as usize;
-        let mut buf = vec![0u8; len];
-        device.read_at(offset, &mut buf).map_err(errno)?;
-        Ok(buf)
+        BUF.with_borrow_mut(|buf| {
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            match device.read_at(offset, &mut buf[..len]) {
+                Ok(()) => reply.data(&buf[..len]),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn write(&self, device: &dyn BlockDevice, offset: u64, data: &[u8]) -> Result<u32, Errno> {
@@ -421,10 +431,7 @@ impl Filesystem for QcowFs {
         let Some(node) = self.file(ino) else {
             return reply.error(Errno::EISDIR);
         };
-        match self.read(node.device.as_ref(), offset, size) {
-            Ok(buf) => reply.data(&buf),
-            Err(e) => reply.error(e),
-        }
+        self.read(node.device.as_ref(), offset, size, reply);
     }
 
     fn write(
