@@ -13,11 +13,19 @@ use parking_lot::{Mutex, MutexGuard};
 const SHARDS: usize = 64;
 const STRIPES: usize = 256;
 
+/// A block written since the last flush. `stamp` changes with every write to it, so the flush
+/// writer can tell whether what it stored is still the latest content.
+#[derive(Debug)]
+pub struct Dirty {
+    pub data: Vec<u8>,
+    pub stamp: u64,
+}
+
 /// One shard's blocks. A block is either clean (shared, immutable) or dirty (owned), never both.
 #[derive(Debug)]
 pub struct Shard {
     pub clean: LruCache<u64, Arc<Vec<u8>>>,
-    pub dirty: HashMap<u64, Vec<u8>>,
+    pub dirty: HashMap<u64, Dirty>,
 }
 
 /// Blocks keyed by guest block index.
@@ -28,6 +36,7 @@ pub struct BlockCache {
     /// writes to one block do not interleave.
     stripes: Vec<Mutex<()>>,
     dirty_bytes: AtomicU64,
+    stamps: AtomicU64,
 }
 
 impl BlockCache {
@@ -46,6 +55,7 @@ impl BlockCache {
                 .collect(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             dirty_bytes: AtomicU64::new(0),
+            stamps: AtomicU64::new(1),
         }
     }
 
@@ -61,31 +71,62 @@ impl BlockCache {
         self.dirty_bytes.load(Ordering::Relaxed)
     }
 
+    fn next_stamp(&self) -> u64 {
+        self.stamps.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Make `data` the dirty content of `block` (it was clean or absent).
     pub fn insert_dirty(&self, shard: &mut Shard, block: u64, data: Vec<u8>) {
         shard.clean.pop(&block);
         self.dirty_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        shard.dirty.insert(block, data);
+        shard.dirty.insert(
+            block,
+            Dirty {
+                data,
+                stamp: self.next_stamp(),
+            },
+        );
     }
 
-    /// The flush writer stored `block`: it becomes clean.
-    pub fn mark_clean(&self, block: u64) {
-        let mut shard = self.shard(block);
-        if let Some(data) = shard.dirty.remove(&block) {
-            self.dirty_bytes
-                .fetch_sub(data.len() as u64, Ordering::Relaxed);
-            shard.clean.put(block, Arc::new(data));
+    /// Write `data` at `within` into the dirty `block`; false if it is not dirty.
+    pub fn update_dirty(&self, shard: &mut Shard, block: u64, within: usize, data: &[u8]) -> bool {
+        let stamp = self.next_stamp();
+        match shard.dirty.get_mut(&block) {
+            Some(d) => {
+                d.data[within..within + data.len()].copy_from_slice(data);
+                d.stamp = stamp;
+                true
+            }
+            None => false,
         }
+    }
+
+    /// The flush writer stored `block` as of `stamp`: it becomes clean, unless it was written again
+    /// since (then it stays dirty for the next flush).
+    pub fn mark_clean(&self, block: u64, stamp: u64) {
+        let mut shard = self.shard(block);
+        if shard.dirty.get(&block).is_some_and(|d| d.stamp == stamp) {
+            if let Some(d) = shard.dirty.remove(&block) {
+                self.dirty_bytes
+                    .fetch_sub(d.data.len() as u64, Ordering::Relaxed);
+                shard.clean.put(block, Arc::new(d.data));
+            }
+        }
+    }
+
+    /// The stamp of a dirty block (None when clean).
+    pub fn stamp(&self, block: u64) -> Option<u64> {
+        self.shard(block).dirty.get(&block).map(|d| d.stamp)
     }
 
     /// Drop `block`, dirty or clean (its content is being replaced underneath).
     pub fn forget(&self, block: u64) {
         let mut shard = self.shard(block);
         shard.clean.pop(&block);
-        if let Some(data) = shard.dirty.remove(&block) {
+        if let Some(d) = shard.dirty.remove(&block) {
             self.dirty_bytes
-                .fetch_sub(data.len() as u64, Ordering::Relaxed);
+                .fetch_sub(d.data.len() as u64, Ordering::Relaxed);
         }
     }
 
@@ -100,9 +141,12 @@ impl BlockCache {
         all
     }
 
-    /// A copy of a dirty block's content.
-    pub fn dirty_copy(&self, block: u64) -> Option<Vec<u8>> {
-        self.shard(block).dirty.get(&block).cloned()
+    /// A copy of a dirty block's content, with its stamp.
+    pub fn dirty_copy(&self, block: u64) -> Option<(Vec<u8>, u64)> {
+        self.shard(block)
+            .dirty
+            .get(&block)
+            .map(|d| (d.data.clone(), d.stamp))
     }
 }
 
@@ -119,9 +163,21 @@ mod tests {
         }
         assert_eq!(cache.dirty_bytes(), 1024);
         assert_eq!(cache.dirty_blocks(), vec![3]);
-        cache.mark_clean(3);
+        let stamp = cache.stamp(3).unwrap();
+        cache.mark_clean(3, stamp);
         assert_eq!(cache.dirty_bytes(), 0);
         assert!(cache.shard(3).clean.contains(&3));
+    }
+
+    #[test]
+    fn a_block_written_during_a_flush_stays_dirty() {
+        let cache = BlockCache::new(4096, 1024);
+        cache.insert_dirty(&mut cache.shard(5), 5, vec![1; 1024]);
+        let (_, stored) = cache.dirty_copy(5).unwrap();
+        assert!(cache.update_dirty(&mut cache.shard(5), 5, 0, &[2; 10]));
+        cache.mark_clean(5, stored);
+        assert_eq!(cache.dirty_blocks(), vec![5]);
+        assert_eq!(cache.dirty_bytes(), 1024);
     }
 
     #[test]

@@ -16,8 +16,9 @@ pub(super) fn flush(disk: &Disk) -> Result<()> {
     if disk.read_only {
         return Ok(());
     }
+    // Writes go on meanwhile: each block is copied with its stamp, and a block written again before
+    // its copy is stored stays dirty for the next flush.
     let _one_flush = disk.flush_lock.lock();
-    let _no_writes = disk.write_gate.write();
     let dirty = disk.cache.dirty_blocks();
     if dirty.is_empty() {
         return Ok(());
@@ -34,7 +35,7 @@ pub(super) fn flush(disk: &Disk) -> Result<()> {
             let cs = image.layout().cluster_size();
             let per_cluster = (cs / disk.block_size).max(1);
             let mut batch: Vec<ClusterWrite> = Vec::new();
-            let mut batch_blocks: Vec<u64> = Vec::new();
+            let mut batch_blocks: Vec<(u64, u64)> = Vec::new(); // (block, stamp stored)
             let mut batch_bytes = 0u64;
             let mut i = 0;
             while i < dirty.len() {
@@ -50,12 +51,18 @@ pub(super) fn flush(disk: &Disk) -> Result<()> {
                     WriteTarget::InPlace { .. } => blocks
                         .iter()
                         .filter_map(|&b| {
-                            disk.cache
-                                .dirty_copy(b)
-                                .map(|d| (b * disk.block_size - guest, pad(d)))
+                            let (data, stamp) = disk.cache.dirty_copy(b)?;
+                            batch_blocks.push((b, stamp));
+                            Some((b * disk.block_size - guest, pad(data)))
                         })
                         .collect(),
                     WriteTarget::Allocate | WriteTarget::Discard => {
+                        // Stamps first: a write landing during the copy then keeps its block dirty.
+                        batch_blocks.extend(
+                            blocks
+                                .iter()
+                                .filter_map(|&b| Some((b, disk.cache.stamp(b)?))),
+                        );
                         vec![(0, assemble(disk, guest, cs)?)]
                     }
                 };
@@ -68,7 +75,6 @@ pub(super) fn flush(disk: &Disk) -> Result<()> {
                     target,
                     pieces,
                 });
-                batch_blocks.extend_from_slice(blocks);
                 if batch_bytes >= BATCH_BYTES {
                     commit(disk, image, &mut batch, &mut batch_blocks)?;
                     batch_bytes = 0;
@@ -85,12 +91,12 @@ fn commit(
     disk: &Disk,
     image: &crate::qcow2::Qcow2Image,
     batch: &mut Vec<ClusterWrite>,
-    blocks: &mut Vec<u64>,
+    blocks: &mut Vec<(u64, u64)>,
 ) -> Result<()> {
     let n = batch.len() as u64;
     image.commit(std::mem::take(batch))?;
-    for &b in blocks.iter() {
-        disk.cache.mark_clean(b);
+    for &(b, stamp) in blocks.iter() {
+        disk.cache.mark_clean(b, stamp);
     }
     blocks.clear();
     disk.stats.flushed_clusters.fetch_add(n, Ordering::Relaxed);

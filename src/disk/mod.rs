@@ -124,7 +124,7 @@ impl Disk {
     fn cached(&self, block: u64, within: usize, out: &mut [u8]) -> bool {
         let mut shard = self.cache.shard(block);
         if let Some(d) = shard.dirty.get(&block) {
-            out.copy_from_slice(&d[within..within + out.len()]);
+            out.copy_from_slice(&d.data[within..within + out.len()]);
             return true;
         }
         if let Some(c) = shard.clean.get(&block) {
@@ -148,7 +148,7 @@ impl Disk {
         self.read_sectors(offset, out)?;
         for (block, within, n, done) in self.pieces(offset, out.len()) {
             if let Some(d) = self.cache.shard(block).dirty.get(&block) {
-                out[done..done + n].copy_from_slice(&d[within..within + n]);
+                out[done..done + n].copy_from_slice(&d.data[within..within + n]);
             }
         }
         Ok(())
@@ -174,8 +174,7 @@ impl Disk {
         let full = within == 0 && data.len() == self.block_len(block);
         {
             let mut shard = self.cache.shard(block);
-            if let Some(d) = shard.dirty.get_mut(&block) {
-                d[within..within + data.len()].copy_from_slice(data);
+            if self.cache.update_dirty(&mut shard, block, within, data) {
                 return Ok(());
             }
             if full {
@@ -229,10 +228,12 @@ impl Disk {
         }
     }
 
-    /// Flush if the writes have been idle for `idle` (called by the daemon's timer).
+    /// The background writer's call: flush when writes have been idle for `idle`, or when dirty
+    /// data passes half its bound (so writers rarely have to wait for a flush themselves).
     pub fn flush_if_idle(&self, idle: Duration) -> Result<()> {
-        let due = matches!(*self.last_write.lock(), Some(t) if t.elapsed() >= idle);
-        if due && self.cache.dirty_bytes() > 0 {
+        let dirty = self.cache.dirty_bytes();
+        let idle_now = matches!(*self.last_write.lock(), Some(t) if t.elapsed() >= idle);
+        if dirty > 0 && (idle_now || dirty > self.dirty_limit / 2) {
             self.flush()?;
         }
         Ok(())
