@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::qcow2::{ClusterWrite, WriteTarget};
 
 /// Bytes of cluster data handed to one commit: bounds the extra memory a flush needs.
-const BATCH_BYTES: u64 = 16 << 20;
+pub(super) const BATCH_BYTES: u64 = 16 << 20;
 
 pub(super) fn flush(disk: &Disk) -> Result<()> {
     if disk.read_only {

@@ -77,10 +77,13 @@ impl Disk {
             Layer::Qcow2(q) => q.layout().cluster_size().min(MAX_BLOCK),
             Layer::Raw(_) => MAX_BLOCK,
         };
+        // The cache budget holds the dirty data, the copies a flush batch makes, and clean blocks
+        // (recently written ones: reads do not fill the cache) in what is left.
         let dirty_limit = (64 << 20).min(opts.cache_size / 4).max(block_size * 4);
+        let in_flight = flush::BATCH_BYTES.min(opts.cache_size / 4);
         let clean = opts
             .cache_size
-            .saturating_sub(dirty_limit)
+            .saturating_sub(dirty_limit + in_flight)
             .max(block_size * 64);
         let size = chain.size();
         Disk {
