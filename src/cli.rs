@@ -11,6 +11,9 @@ use crate::crypto::CryptoError;
 use crate::error::{Error, Problem, Result};
 use crate::qcow2::Encryption;
 
+pub mod generate;
+pub mod mount_helper;
+
 /// Exit status: success.
 pub const EXIT_OK: i32 = 0;
 /// Exit status: the operation failed (the message says why).
@@ -18,9 +21,19 @@ pub const EXIT_FAILURE: i32 = 1;
 /// Exit status: the command line was wrong.
 pub const EXIT_USAGE: i32 = 2;
 
+/// Room reserved for a key file's contents before reading it.
+const KEY_FILE_CAPACITY: usize = 4096;
+
+/// Where libvirt keeps the values of persistent secrets, one `UUID.base64` file per secret.
+pub const LIBVIRT_SECRETS_DIR: &str = "/etc/libvirt/secrets";
+/// Overrides [`LIBVIRT_SECRETS_DIR`]; meant for tests.
+pub const LIBVIRT_SECRETS_DIR_ENV: &str = "QCOWFS_LIBVIRT_SECRETS_DIR";
+
 const AFTER_HELP: &str = "\
 Exit status: 0 success, 1 failure (one line on stderr names the file and the problem), 2 bad usage.
-Logs: -v (repeat for more) or RUST_LOG=debug; a daemonized mount logs to syslog.";
+Logs: -v (repeat for more) or RUST_LOG=debug; a daemonized mount logs to syslog (or --log-file).
+mount(8) and /etc/fstab: mount -t fuse.qcowfs IMAGE MOUNTPOINT -o ro,passphrase_file=FILE
+(see qcowfs-mount(1)).";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -62,14 +75,28 @@ layer's key and made durable on fsync, after a few idle seconds, and at umount."
     /// Describe an image: format, sizes, encryption, backing chain, snapshots, features
     #[command(after_help = "Example:\n  qcowfs info --json /var/lib/nova/instances/UUID/disk")]
     Info(InfoArgs),
+    /// Write the manual pages or shell completions (used by scripts/install.sh)
+    #[command(subcommand, hide = true)]
+    Generate(generate::Target),
 }
 
+/// Where the passphrase that serves every encrypted layer comes from. At most one source: clap's
+/// `passphrase_source` group turns a second one into a usage error (exit status 2).
 #[derive(Debug, Args)]
 pub struct KeyArgs {
-    /// Read the passphrase from FILE ('-' for stdin); one trailing newline is dropped. Without it,
-    /// an encrypted image prompts on the terminal. It serves every encrypted layer of the chain
-    #[arg(long, value_name = "FILE|-")]
+    /// Read the passphrase from FILE ('-' for stdin); one trailing newline is dropped. Without a
+    /// passphrase option, an encrypted image prompts on the terminal. It serves every encrypted
+    /// layer of the chain
+    #[arg(long, value_name = "FILE|-", group = "passphrase_source")]
     pub passphrase_file: Option<PathBuf>,
+    /// Read the passphrase base64-encoded from FILE ('-' for stdin), as `virsh secret-get-value
+    /// UUID` prints it; whitespace and newlines are ignored
+    #[arg(long, value_name = "FILE|-", group = "passphrase_source")]
+    pub passphrase_base64_file: Option<PathBuf>,
+    /// Use the libvirt secret UUID from libvirt's secret store on this host
+    /// (/etc/libvirt/secrets/UUID.base64, readable by root)
+    #[arg(long, value_name = "UUID", group = "passphrase_source", value_parser = parse_uuid)]
+    pub libvirt_secret: Option<String>,
     /// The passphrase for one layer of the chain, the file PATH; may be repeated
     #[arg(long, value_name = "PATH=FILE")]
     pub layer_passphrase_file: Vec<String>,
@@ -97,6 +124,9 @@ pub struct MountArgs {
     /// Mount even when the passphrase looks wrong (every sampled cluster decrypts to noise)
     #[arg(long)]
     pub force: bool,
+    /// Append the log to FILE (timestamped lines) instead of syslog (or stderr with --foreground)
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
     /// The qcow2 (or raw) image to mount
     pub image: PathBuf,
     /// An existing empty directory
@@ -116,7 +146,17 @@ pub struct InfoArgs {
 
 /// Read a passphrase file ('-' is stdin); one trailing newline is dropped.
 pub fn read_passphrase(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
-    let mut data = Zeroizing::new(Vec::new());
+    let mut data = read_all(path)?;
+    if data.last() == Some(&b'\n') {
+        data.pop();
+    }
+    Ok(data)
+}
+
+/// The whole of a key file ('-' is stdin), in memory that is zeroized when dropped.
+fn read_all(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    // Key files are small; reserving up front keeps a growing Vec from leaving copies behind.
+    let mut data = Zeroizing::new(Vec::with_capacity(KEY_FILE_CAPACITY));
     if path == Path::new("-") {
         std::io::stdin()
             .read_to_end(&mut data)
@@ -125,18 +165,111 @@ pub fn read_passphrase(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
         let mut f = std::fs::File::open(path).map_err(|e| Error::new(path, e))?;
         f.read_to_end(&mut data).map_err(|e| Error::new(path, e))?;
     }
-    if data.last() == Some(&b'\n') {
-        data.pop();
-    }
     Ok(data)
+}
+
+/// Read a file of base64 text ('-' is stdin), as `virsh secret-get-value` prints it, and decode it.
+/// Whitespace anywhere (line breaks, a trailing newline) is ignored; padding is optional.
+pub fn read_base64_passphrase(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    use base64::Engine;
+    let text = read_all(path)?;
+    let compact: Zeroizing<Vec<u8>> = Zeroizing::new(
+        text.iter()
+            .copied()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect(),
+    );
+    if compact.is_empty() {
+        return Err(Error::new(
+            path,
+            Problem::Usage("the base64 passphrase file is empty".into()),
+        ));
+    }
+    // Sized up front: a Vec that grew would leave copies of the key behind in freed memory.
+    let mut key = Zeroizing::new(vec![0u8; compact.len().div_ceil(4) * 3]);
+    let n = base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT
+        .decode_slice(&compact[..], &mut key[..])
+        .map_err(|e| Error::new(path, Problem::Usage(format!("not base64: {e}"))))?;
+    key.truncate(n);
+    Ok(key)
+}
+
+/// The file holding libvirt secret `uuid`'s value: `UUID.base64` in [`LIBVIRT_SECRETS_DIR`], or in
+/// `$QCOWFS_LIBVIRT_SECRETS_DIR` when set (for tests).
+pub fn libvirt_secret_path(uuid: &str) -> PathBuf {
+    let dir = std::env::var_os(LIBVIRT_SECRETS_DIR_ENV)
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(LIBVIRT_SECRETS_DIR));
+    dir.join(format!("{uuid}.base64"))
+}
+
+/// The value of libvirt secret `uuid`, read from libvirt's secret store on this host.
+pub fn read_libvirt_secret(uuid: &str) -> Result<Zeroizing<Vec<u8>>> {
+    let path = libvirt_secret_path(uuid);
+    match std::fs::metadata(&path) {
+        Ok(_) => read_base64_passphrase(&path),
+        Err(e) => {
+            let why = match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    "it is not in libvirt's secret store on this host (ephemeral secrets never are)"
+                        .to_string()
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "permission denied (libvirt's secret store is readable by root only)"
+                        .to_string()
+                }
+                _ => e.to_string(),
+            };
+            Err(Error::new(
+                &path,
+                Problem::Usage(format!("cannot read the libvirt secret: {why}")),
+            ))
+        }
+    }
+}
+
+/// A libvirt secret UUID: 32 hex digits, dashes allowed between them (libvirt's own spellings),
+/// normalized to the lower-case 8-4-4-4-12 form libvirt names its files by. Anything else, such as
+/// a path, is refused.
+pub fn parse_uuid(text: &str) -> std::result::Result<String, String> {
+    let digits: Vec<char> = text.chars().filter(|&c| c != '-').collect();
+    let dashes_ok = !text.starts_with('-') && !text.ends_with('-') && !text.contains("--");
+    if digits.len() != 32 || !dashes_ok || !digits.iter().all(char::is_ascii_hexdigit) {
+        return Err("expected a UUID such as 3f8f9a5e-6d7c-4e11-9a9b-2f1c0d7e8a41".into());
+    }
+    let hex: String = digits.iter().map(char::to_ascii_lowercase).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    ))
+}
+
+/// The passphrase for every encrypted layer, from whichever source the arguments name (at most
+/// one: clap enforces it), or `None`.
+pub fn default_passphrase(args: &KeyArgs) -> Result<Option<Zeroizing<Vec<u8>>>> {
+    if let Some(p) = &args.passphrase_file {
+        return read_passphrase(p).map(Some);
+    }
+    if let Some(p) = &args.passphrase_base64_file {
+        return read_base64_passphrase(p).map(Some);
+    }
+    if let Some(uuid) = &args.libvirt_secret {
+        return read_libvirt_secret(uuid).map(Some);
+    }
+    Ok(None)
 }
 
 /// Build the key ring from the arguments; prompt on a terminal for an encrypted chain without keys.
 pub fn key_ring(args: &KeyArgs, image: &Path, prompt: bool) -> Result<KeyRing> {
-    let mut ring = KeyRing::default();
-    if let Some(p) = &args.passphrase_file {
-        ring.default = Some(read_passphrase(p)?);
-    }
+    let mut ring = KeyRing {
+        default: default_passphrase(args)?,
+        ..KeyRing::default()
+    };
     for spec in &args.layer_passphrase_file {
         let Some((layer, file)) = spec.split_once('=') else {
             return Err(Error::new(
@@ -185,4 +318,60 @@ fn encrypted_layers_without_keys(image: &Path, ring: &KeyRing) -> Result<Vec<Pat
         })
         .map(|l| l.path().to_path_buf())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_are_normalized_and_paths_refused() {
+        let canonical = "3f8f9a5e-6d7c-4e11-9a9b-2f1c0d7e8a41";
+        assert_eq!(parse_uuid(canonical).unwrap(), canonical);
+        assert_eq!(
+            parse_uuid("3F8F9A5E6D7C4E119A9B2F1C0D7E8A41").unwrap(),
+            canonical
+        );
+        for bad in [
+            "",
+            "../../etc/shadow",
+            "3f8f9a5e-6d7c-4e11-9a9b-2f1c0d7e8a4",
+            "3f8f9a5e-6d7c-4e11-9a9b-2f1c0d7e8a41-",
+            "3f8f9a5e--6d7c-4e11-9a9b-2f1c0d7e8a41",
+            "3f8f9a5e-6d7c-4e11-9a9b-2f1c0d7e8a4g",
+        ] {
+            assert!(parse_uuid(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn base64_files_ignore_whitespace_and_padding() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: [(&str, &[u8]); 4] = [
+            ("c2VjcmV0\n", b"secret"),
+            ("  c2Vj\r\ncmV0 \n\n", b"secret"),
+            ("aHVudGVyMg==\n", b"hunter2"),
+            ("aHVudGVyMg\n", b"hunter2"),
+        ];
+        for (i, (text, want)) in cases.iter().enumerate() {
+            let path = dir.path().join(format!("k{i}"));
+            std::fs::write(&path, text).unwrap();
+            assert_eq!(
+                &read_base64_passphrase(&path).unwrap()[..],
+                *want,
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_base64_files_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [("empty", " \n"), ("junk", "not*base64!\n")] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            let e = read_base64_passphrase(&path).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+        }
+    }
 }

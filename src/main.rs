@@ -1,9 +1,17 @@
-//! The `qcowfs` command.
+//! The `qcowfs` command; started as `mount.fuse.qcowfs`, the mount(8) helper.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 
 use clap::Parser;
 
-use qcowfs::cli::{key_ring, Cli, Command, EXIT_FAILURE, EXIT_OK};
+use qcowfs::cli::mount_helper::{self, Invocation};
+use qcowfs::cli::{
+    default_passphrase, generate, key_ring, Cli, Command, EXIT_FAILURE, EXIT_OK, EXIT_USAGE,
+};
+use qcowfs::error::{Error, Result};
 use qcowfs::mount::daemon::{self, MountRequest};
+use qcowfs::mount::filelog;
 use qcowfs::mount::umount::umount;
 
 fn level(verbose: u8) -> log::LevelFilter {
@@ -16,18 +24,37 @@ fn level(verbose: u8) -> log::LevelFilter {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let cli = match argv.first() {
+        Some(argv0) if mount_helper::is_helper(argv0) => parse_helper(&argv[1..]),
+        _ => Cli::parse(),
+    };
     let log_level = std::env::var("RUST_LOG")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| level(cli.verbose));
-    // A daemonized mount logs to syslog; everything else to stderr.
-    let daemonizes = matches!(&cli.command, Command::Mount(m) if !m.foreground);
-    if !daemonizes {
-        env_logger::Builder::new()
+    // A daemonized mount logs to syslog or its --log-file; a foreground mount with --log-file to
+    // that file; everything else to stderr.
+    let log_file = match &cli.command {
+        Command::Mount(m) => m.log_file.as_deref().map(absolute_log_file),
+        _ => None,
+    };
+    let log_file = match log_file.transpose() {
+        Ok(f) => f,
+        Err(e) => fail(&e),
+    };
+    match &cli.command {
+        Command::Mount(m) if !m.foreground => {}
+        Command::Mount(_) if log_file.is_some() => {
+            let path = log_file.as_deref().unwrap_or(Path::new(""));
+            if let Err(e) = filelog::init(path, log_level) {
+                fail(&Error::new(path, e));
+            }
+        }
+        _ => env_logger::Builder::new()
             .filter_level(log_level)
             .parse_default_env()
-            .init();
+            .init(),
     }
     let result = match cli.command {
         Command::Mount(m) => key_ring(&m.keys, &m.image, true).and_then(|keys| {
@@ -42,16 +69,60 @@ fn main() {
                 force_share: m.force_share,
                 force: m.force,
                 log_level,
+                log_file,
             })
         }),
         Command::Umount { mountpoint } => umount(&mountpoint),
-        Command::Info(args) => qcowfs::info::run(&args),
+        // The key sources are read (and a bad one reported) even though describing an image
+        // needs no key.
+        Command::Info(args) => {
+            default_passphrase(&args.keys).and_then(|_| qcowfs::info::run(&args))
+        }
+        Command::Generate(target) => generate::run(&target),
     };
     match result {
         Ok(()) => std::process::exit(EXIT_OK),
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &Error) -> ! {
+    eprintln!("qcowfs: {e}");
+    std::process::exit(EXIT_FAILURE);
+}
+
+/// The command line of `mount.fuse.qcowfs IMAGE MOUNTPOINT -o OPTIONS`, as `qcowfs mount` arguments.
+/// Errors are one line and exit status 2 (usage), like clap's.
+fn parse_helper(args: &[OsString]) -> Cli {
+    match mount_helper::translate(args) {
+        Ok(Invocation::Mount { args, warnings }) => {
+            for w in warnings {
+                eprintln!("qcowfs: warning: {w}");
+            }
+            Cli::try_parse_from(args).unwrap_or_else(|e| {
+                // clap's message names the CLI flag; its first line says what is wrong.
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                eprintln!("qcowfs: {}", first.trim_start_matches("error: "));
+                std::process::exit(EXIT_USAGE);
+            })
+        }
+        Ok(Invocation::Fake) => std::process::exit(EXIT_OK),
+        Ok(Invocation::Help) => {
+            print!("{}", mount_helper::usage());
+            std::process::exit(EXIT_OK);
+        }
         Err(e) => {
             eprintln!("qcowfs: {e}");
-            std::process::exit(EXIT_FAILURE);
+            std::process::exit(EXIT_USAGE);
         }
     }
+}
+
+/// The `--log-file` path made absolute (the daemon must not depend on the working directory),
+/// opened once here so that a bad path is reported on the terminal, before daemonizing.
+fn absolute_log_file(path: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(path).map_err(|e| Error::new(path, e))?;
+    filelog::open(&abs).map_err(|e| Error::new(&abs, e))?;
+    Ok(abs)
 }

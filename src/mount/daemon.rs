@@ -40,6 +40,8 @@ pub struct MountRequest {
     pub force_share: bool,
     pub force: bool,
     pub log_level: log::LevelFilter,
+    /// Where the daemon logs instead of syslog (`--log-file`), an absolute path.
+    pub log_file: Option<PathBuf>,
 }
 
 /// Mount and, unless in the foreground, return once the daemon reports the mount live.
@@ -61,7 +63,7 @@ pub fn mount(req: MountRequest) -> Result<()> {
             drop(reader);
             // SAFETY: setsid has no preconditions; the child leaves the terminal's session.
             unsafe { libc::setsid() };
-            super::syslog::init(req.log_level);
+            super::filelog::init_daemon(req.log_file.as_deref(), req.log_level);
             let code = match serve(req, Some(writer)) {
                 Ok(()) => 0,
                 Err(e) => {

@@ -2,6 +2,7 @@
 //! records itself so `qcowfs umount` can find and wait for it (`registry`).
 
 pub mod daemon;
+pub mod filelog;
 pub mod fs;
 pub mod registry;
 mod syslog;

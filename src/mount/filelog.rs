@@ -1,0 +1,137 @@
+//! A `log` backend that appends timestamped lines to a file (`--log-file`), for operators who keep
+//! qcowfs's messages apart from syslog. Each line is one `write` on an `O_APPEND` descriptor, so
+//! lines from several mounts sharing a file do not interleave.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use parking_lot::Mutex;
+
+/// New log files are private to the mounting user: they name images and mount points.
+const LOG_FILE_MODE: u32 = 0o600;
+
+struct FileLog {
+    level: log::LevelFilter,
+    file: Mutex<File>,
+}
+
+impl log::Log for FileLog {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= self.level
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let line = format!(
+            "{} qcowfs[{}] {}: {}\n",
+            timestamp(),
+            std::process::id(),
+            record.level(),
+            record.args()
+        );
+        // A failing log write has nowhere to be reported; the daemon carries on.
+        let _ = self.file.lock().write_all(line.as_bytes());
+    }
+
+    fn flush(&self) {
+        let _ = self.file.lock().flush();
+    }
+}
+
+/// Opens `path` for appending, creating it (mode 0600) if needed. The CLI calls it before
+/// daemonizing, so a bad path is reported on the terminal.
+pub fn open(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(LOG_FILE_MODE)
+        .open(path)
+}
+
+/// Routes `log` to `path`.
+pub fn init(path: &Path, level: log::LevelFilter) -> std::io::Result<()> {
+    let file = open(path)?;
+    if log::set_boxed_logger(Box::new(FileLog {
+        level,
+        file: Mutex::new(file),
+    }))
+    .is_ok()
+    {
+        log::set_max_level(level);
+    }
+    Ok(())
+}
+
+/// The daemon's logger: `log_file` when given (falling back to syslog, with the reason logged,
+/// when it cannot be opened), else syslog.
+pub fn init_daemon(log_file: Option<&Path>, level: log::LevelFilter) {
+    let Some(path) = log_file else {
+        super::syslog::init(level);
+        return;
+    };
+    if let Err(e) = init(path, level) {
+        super::syslog::init(level);
+        log::error!(
+            "cannot open the log file {}: {e}; logging to syslog",
+            path.display()
+        );
+    }
+}
+
+/// Local time as `2024-05-01T13:45:12.345+0200`.
+fn timestamp() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs() as libc::time_t;
+    // SAFETY: an all-zero `tm` is a valid value; localtime_r writes only into it.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the duration of the call.
+    if unsafe { libc::localtime_r(&secs, &mut tm) }.is_null() {
+        return format!("{}.{:03}", now.as_secs(), now.subsec_millis());
+    }
+    let offset_min = tm.tm_gmtoff / 60;
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}{}{:02}{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec,
+        now.subsec_millis(),
+        if offset_min < 0 { '-' } else { '+' },
+        offset_min.abs() / 60,
+        offset_min.abs() % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_iso_8601_local_time_with_offset() {
+        let t = timestamp();
+        assert_eq!(t.len(), "2024-05-01T13:45:12.345+0200".len(), "{t}");
+        assert_eq!(&t[4..5], "-");
+        assert_eq!(&t[10..11], "T");
+        assert!(matches!(&t[23..24], "+" | "-"), "{t}");
+    }
+
+    #[test]
+    fn opening_creates_a_private_file_and_appends() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.log");
+        open(&path).unwrap().write_all(b"one\n").unwrap();
+        open(&path).unwrap().write_all(b"two\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "one\ntwo\n");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, LOG_FILE_MODE);
+    }
+}
