@@ -75,6 +75,14 @@ layer's key and made durable on fsync, after a few idle seconds, and at umount."
     /// Describe an image: format, sizes, encryption, backing chain, snapshots, features
     #[command(after_help = "Example:\n  qcowfs info --json /var/lib/nova/instances/UUID/disk")]
     Info(InfoArgs),
+    /// Copy all data from the backing files into IMAGE (encrypted with its key) and drop the backing file
+    #[command(after_help = "\
+Example (make a nova instance disk self-contained, its raw base's plaintext copied in encrypted):
+  qcowfs seal --progress --passphrase-file key /var/lib/nova/instances/UUID/disk
+
+Needs free space for the copied data and takes the image's write lock (the VM must be off).
+Safe to interrupt: until the last step the image still has its backing file; run it again.")]
+    Seal(SealArgs),
     /// Write the manual pages or shell completions (used by scripts/install.sh)
     #[command(subcommand, hide = true)]
     Generate(generate::Target),
@@ -141,6 +149,17 @@ pub struct InfoArgs {
     #[command(flatten)]
     pub keys: KeyArgs,
     /// The image to describe
+    pub image: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SealArgs {
+    /// Show a progress bar (on a terminal)
+    #[arg(long)]
+    pub progress: bool,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// The image to make self-contained
     pub image: PathBuf,
 }
 

@@ -5,16 +5,16 @@ use std::os::unix::fs::MetadataExt;
 use serde_json::{json, Value};
 
 use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
-use crate::cli::{read_passphrase, InfoArgs};
+use crate::cli::InfoArgs;
 use crate::error::{Error, Result};
 use crate::qcow2::{Compression, Encryption, Header};
 use crate::size::human;
 
 pub fn run(args: &InfoArgs) -> Result<()> {
-    let mut keys = KeyRing::default();
-    if let Some(p) = &args.keys.passphrase_file {
-        keys.default = Some(read_passphrase(p)?);
-    }
+    let keys = KeyRing {
+        default: crate::cli::default_passphrase(&args.keys)?,
+        per_layer: Vec::new(),
+    };
     let chain = Chain::open(
         &args.image,
         &keys,

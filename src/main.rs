@@ -79,6 +79,9 @@ fn main() {
             default_passphrase(&args.keys).and_then(|_| qcowfs::info::run(&args))
         }
         Command::Generate(target) => generate::run(&target),
+        Command::Seal(args) => {
+            key_ring(&args.keys, &args.image, true).and_then(|keys| seal(&args, &keys))
+        }
     };
     match result {
         Ok(()) => std::process::exit(EXIT_OK),
@@ -125,4 +128,39 @@ fn absolute_log_file(path: &Path) -> Result<PathBuf> {
     let abs = std::path::absolute(path).map_err(|e| Error::new(path, e))?;
     filelog::open(&abs).map_err(|e| Error::new(&abs, e))?;
     Ok(abs)
+}
+
+/// `qcowfs seal`, with a progress bar on a terminal when asked.
+fn seal(args: &qcowfs::cli::SealArgs, keys: &qcowfs::chain::KeyRing) -> Result<(), Error> {
+    use std::io::IsTerminal;
+    let bar = (args.progress && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} ({eta} left)")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let report = qcowfs::seal::seal(&args.image, keys, &|done, total| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    })?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if !report.dropped_backing {
+        println!(
+            "{}: already self-contained (no backing file)",
+            args.image.display()
+        );
+    } else {
+        println!(
+            "{}: copied {} from the backing chain; the image no longer has a backing file",
+            args.image.display(),
+            qcowfs::size::human(report.copied_bytes)
+        );
+    }
+    Ok(())
 }

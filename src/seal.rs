@@ -19,6 +19,8 @@ const METADATA_SLACK: u64 = 64 << 20;
 pub struct SealReport {
     pub copied_bytes: u64,
     pub clusters: u64,
+    /// False when the image had no backing file to begin with.
+    pub dropped_backing: bool,
 }
 
 /// Seal `image`. `progress` is called with (bytes done, bytes total).
@@ -78,6 +80,7 @@ pub fn seal(image: &Path, keys: &KeyRing, progress: &dyn Fn(u64, u64)) -> Result
     Ok(SealReport {
         copied_bytes: total,
         clusters: plan.len() as u64,
+        dropped_backing: true,
     })
 }
 

@@ -98,6 +98,10 @@ pub fn mount(req: MountRequest) -> Result<()> {
 /// Open, mount and serve until unmounted. `ready` gets "ok" or the error once that is known.
 fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
     let mut ready = ready;
+    // Few malloc arenas: FUSE threads allocate and free reply-sized buffers, and per-thread arenas
+    // would each keep their own freed memory (RSS well above the cache size).
+    // SAFETY: mallopt only tunes the allocator; called before this process starts any thread.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let session = match prepare(&req) {
         Ok(s) => s,
         Err(e) => {
@@ -107,18 +111,23 @@ fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
             return Err(e);
         }
     };
-    let (mut session, disk, outcome, record, _life, warnings) = session;
-    let mut unmounter = session.unmount_callable();
+    let (session, disk, outcome, record, _life, warnings) = session;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flusher = spawn_idle_flusher(disk.clone(), stop.clone());
     if let Ok(mut signals) =
         signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
     {
+        let disk = disk.clone();
+        let mountpoint = record_mountpoint(&req);
         std::thread::spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                log::info!("signal {sig}: unmounting");
-                if let Err(e) = unmounter.unmount() {
-                    log::error!("unmount after signal {sig}: {e}");
+            for sig in signals.forever() {
+                log::info!("signal {sig}: writing everything and unmounting");
+                if let Err(e) = disk.flush() {
+                    log::error!("flush after signal {sig}: {e}");
+                }
+                match detach(&mountpoint) {
+                    Ok(()) => break,
+                    Err(e) => log::error!("unmount after signal {sig}: {e}"),
                 }
             }
         });
@@ -290,6 +299,42 @@ fn check_passphrases(chain: &Chain) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The mountpoint as the kernel knows it (absolute), for unmounting from a signal.
+fn record_mountpoint(req: &MountRequest) -> std::path::PathBuf {
+    std::fs::canonicalize(&req.mountpoint).unwrap_or_else(|_| req.mountpoint.clone())
+}
+
+/// Unmount after a signal. A busy mount (the guest file system still loop-mounted, a file open) is
+/// detached lazily: it disappears from the tree now, and the session ends (with a final flush) once
+/// its last user lets go, exactly like `umount -l`.
+fn detach(mountpoint: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: c is a valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EBUSY) {
+        // SAFETY: as above.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            return Ok(());
+        }
+    }
+    // Not root: the setuid helper may unmount for the owner.
+    let status = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(mountpoint)
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(err)
+    }
 }
 
 /// A read-only file per internal snapshot of the top layer; one that cannot be read is left out.
