@@ -3,11 +3,11 @@
 # same encrypted qcow2 images, with fio. Run as root (FUSE mounts, apt-get for missing tools).
 #
 # Images (made in a temp dir, 64 KiB clusters, legacy AES "encryption=on", passphrase as the key):
-#   A  aes.qcow2      BENCH_SIZE (1 GiB), ~40% of its 1 MiB chunks (seeded shuffle) hold random
+#   A  A/*.qcow2      BENCH_SIZE (1 GiB), ~40% of its 1 MiB chunks (seeded shuffle) hold random
 #                     text: a sparse raw file filled by python, then `qemu-img convert` to qcow2+AES.
 #                     (Random text, 6 bits per byte, not uniform noise: qcowfs refuses a legacy-AES
 #                     image whose sampled clusters all decrypt to noise, its wrong-passphrase check.)
-#   B  overlay.qcow2  AES overlay over base.raw, a raw BENCH_SIZE ext4 (mkfs.ext4 -d, ~30% of the
+#   B  B/*.qcow2      AES overlay over B/base.raw, a raw BENCH_SIZE ext4 (mkfs.ext4 -d, ~30% of the
 #                     size in files of random data); ~10% of the overlay's 1 MiB chunks (seeded
 #                     shuffle) written by one qemu-io run from a few 1 MiB random-text pattern files.
 # Each side gets its own copy of each image (cp --sparse=always): both take QEMU's image locks.
@@ -58,8 +58,9 @@ PASS=bench-passphrase
 
 to_bytes() { numfmt --from=iec "${1%B}" 2>/dev/null || die "not a size: $1"; }
 SIZE_B=$(to_bytes "$BENCH_SIZE")
-[ $((SIZE_B % 1048576)) -eq 0 ] && [ "$SIZE_B" -ge $((16 << 20)) ] ||
+if [ $((SIZE_B % 1048576)) -ne 0 ] || [ "$SIZE_B" -lt $((16 << 20)) ]; then
 	die "BENCH_SIZE must be a whole number of MiB, at least 16M: $BENCH_SIZE"
+fi
 SEQ_B=$SIZE_B
 [ -n "$BENCH_SEQ_SIZE" ] && SEQ_B=$(to_bytes "$BENCH_SEQ_SIZE")
 WRITE_B=$(to_bytes "$BENCH_WRITE_SIZE")
@@ -178,7 +179,7 @@ AES_OPTS=encrypt.format=aes,encrypt.key-secret=s0,cluster_size=64k
 CHUNKS=$((SIZE_B >> 20))
 
 # ---------------------------------------------------------------------------------------------------
-step "Image A: $BENCH_SIZE legacy-AES qcow2, ~40% of 1 MiB chunks random data"
+step "Image A: $BENCH_SIZE legacy-AES qcow2, ~40% of 1 MiB chunks random text"
 mkdir -p "$WORK/A"
 truncate -s "$SIZE_B" "$WORK/A/fill.raw"
 python3 - "$WORK/A/fill.raw" "$CHUNKS" <<'EOF'
@@ -220,7 +221,10 @@ mkfs.ext4 -q -F -L bench-root -d "$WORK/content" "$WORK/B/base.raw"
 rm -rf "$WORK/content"
 qemu-img create -q -f qcow2 "${QEMU_SECRET[@]}" -b base.raw -F raw -o "$AES_OPTS" "$WORK/B/pristine.qcow2" "$SIZE_B"
 mkdir -p "$WORK/pat"
-for i in 0 1 2 3 4 5 6 7; do base64 -w0 </dev/urandom | head -c 1M >"$WORK/pat/$i" || true; done
+for i in 0 1 2 3 4 5 6 7; do
+	base64 -w0 </dev/urandom | head -c 1M >"$WORK/pat/$i" || true # base64 dies of SIGPIPE
+	[ "$(stat -c %s "$WORK/pat/$i")" -eq 1048576 ] || die "could not make the pattern file $WORK/pat/$i"
+done
 mapfile -t B_WRITES < <(python3 - "$CHUNKS" "$WORK/pat" <<'EOF'
 import random, sys
 n, pat = int(sys.argv[1]), sys.argv[2]
@@ -307,15 +311,15 @@ side_umount() {
 	esac
 }
 
-# fio_args WORKLOAD: the job's options (beyond name, filename and output format).
+# fio_args WORKLOAD: sets FIO_ARGS to the job's options (beyond name, filename and output format).
 fio_args() {
-	local common=(--ioengine=psync --direct=1 --allow_file_create=0 --fallocate=none)
+	FIO_ARGS=(--ioengine=psync --direct=1 --allow_file_create=0 --fallocate=none)
 	case "$1" in
-	seqread) echo "${common[@]} --rw=read --bs=1M --size=$SEQ_B" ;;
-	randread) echo "${common[@]} --rw=randread --bs=4k --time_based --runtime=$BENCH_RUNTIME" ;;
-	randread4j) echo "${common[@]} --rw=randread --bs=4k --numjobs=4 --group_reporting --time_based --runtime=$BENCH_RUNTIME" ;;
-	seqwrite) echo "${common[@]} --rw=write --bs=1M --size=$WRITE_B --end_fsync=1" ;;
-	randwrite) echo "${common[@]} --rw=randwrite --bs=4k --fsync=64 --time_based --runtime=$BENCH_RUNTIME" ;;
+	seqread) FIO_ARGS+=(--rw=read --bs=1M "--size=$SEQ_B") ;;
+	randread) FIO_ARGS+=(--rw=randread --bs=4k --time_based "--runtime=$BENCH_RUNTIME") ;;
+	randread4j) FIO_ARGS+=(--rw=randread --bs=4k --numjobs=4 --group_reporting --time_based "--runtime=$BENCH_RUNTIME") ;;
+	seqwrite) FIO_ARGS+=(--rw=write --bs=1M "--size=$WRITE_B" --end_fsync=1) ;;
+	randwrite) FIO_ARGS+=(--rw=randwrite --bs=4k --fsync=64 --time_based "--runtime=$BENCH_RUNTIME") ;;
 	*) die "unknown workload: $1" ;;
 	esac
 }
@@ -346,8 +350,8 @@ run_one() {
 	disk=$(side_mount "$img" "$side")
 	pid=$(side_pid "$side") || die "$side: no daemon pid"
 	json="$WORK/fio-$img-$wl-$side-$round.json"
-	# shellcheck disable=SC2046
-	fio --output-format=json --output="$json" --name="$wl" --filename="$disk" $(fio_args "$wl")
+	fio_args "$wl"
+	fio --output-format=json --output="$json" --name="$wl" --filename="$disk" "${FIO_ARGS[@]}"
 	value=$(fio_value "$json" "$wl")
 	hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status")
 	side_umount "$side"
@@ -361,7 +365,7 @@ for img in $BENCH_IMAGES; do
 	fresh_copy "$img" qcowfs
 	fresh_copy "$img" qemu
 	for wl in $BENCH_WORKLOADS; do
-		fio_args "$wl" >/dev/null
+		fio_args "$wl" # dies on an unknown workload before anything is mounted
 		step "Image $img, $wl: $BENCH_ROUNDS rounds"
 		for round in $(seq "$BENCH_ROUNDS"); do
 			if [ $((round % 2)) -eq 1 ]; then order="qcowfs qemu"; else order="qemu qcowfs"; fi
