@@ -12,7 +12,9 @@ use crate::qcow2::{ClusterWrite, WriteTarget};
 /// Bytes of cluster data handed to one commit: bounds the extra memory a flush needs.
 pub(super) const BATCH_BYTES: u64 = 16 << 20;
 
-pub(super) fn flush(disk: &Disk) -> Result<()> {
+/// Store the dirty blocks; with `durable` (fsync, close, umount) they are on stable storage when
+/// this returns, without it (background write-back) only the barriers that order metadata are paid.
+pub(super) fn flush(disk: &Disk, durable: bool) -> Result<()> {
     if disk.read_only {
         return Ok(());
     }
@@ -21,7 +23,10 @@ pub(super) fn flush(disk: &Disk) -> Result<()> {
     let _one_flush = disk.flush_lock.lock();
     let dirty = disk.cache.dirty_blocks();
     if dirty.is_empty() {
-        return Ok(());
+        return match disk.chain.top() {
+            Layer::Qcow2(image) if durable => image.sync_pending(),
+            _ => Ok(()),
+        };
     }
     match disk.chain.top() {
         // Chain::open only accepts a qcow2 image on top; raw layers are backing files, never written.
@@ -76,12 +81,12 @@ pub(super) fn flush(disk: &Disk) -> Result<()> {
                     pieces,
                 });
                 if batch_bytes >= BATCH_BYTES {
-                    commit(disk, image, &mut batch, &mut batch_blocks)?;
+                    commit(disk, image, &mut batch, &mut batch_blocks, false)?;
                     batch_bytes = 0;
                 }
                 i = j;
             }
-            commit(disk, image, &mut batch, &mut batch_blocks)?;
+            commit(disk, image, &mut batch, &mut batch_blocks, durable)?;
         }
     }
     Ok(())
@@ -92,9 +97,13 @@ fn commit(
     image: &crate::qcow2::Qcow2Image,
     batch: &mut Vec<ClusterWrite>,
     blocks: &mut Vec<(u64, u64)>,
+    durable: bool,
 ) -> Result<()> {
     let n = batch.len() as u64;
-    image.commit(std::mem::take(batch))?;
+    if batch.is_empty() && durable {
+        return image.sync_pending();
+    }
+    image.commit(std::mem::take(batch), durable)?;
     for &(b, stamp) in blocks.iter() {
         disk.cache.mark_clean(b, stamp);
     }
@@ -159,10 +168,10 @@ pub(super) fn discard(disk: &Disk, offset: u64, len: u64) -> Result<()> {
             pieces: Vec::new(),
         });
         if batch.len() >= 4096 {
-            image.commit(std::mem::take(&mut batch))?;
+            image.commit(std::mem::take(&mut batch), false)?;
         }
     }
-    image.commit(batch)?;
+    image.commit(batch, true)?;
     for block in blocks {
         disk.cache.forget(block);
     }

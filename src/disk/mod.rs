@@ -236,10 +236,19 @@ impl Disk {
     pub fn flush_if_idle(&self, idle: Duration) -> Result<()> {
         let dirty = self.cache.dirty_bytes();
         let idle_now = matches!(*self.last_write.lock(), Some(t) if t.elapsed() >= idle);
-        if dirty > 0 && (idle_now || dirty > self.dirty_limit / 2) {
-            self.flush()?;
+        if dirty > 0 && idle_now {
+            // Quiet now: make everything durable, as a disk's write cache would drain.
+            BlockDevice::flush(self)?;
+        } else if dirty > self.dirty_limit / 2 {
+            self.write_back()?;
         }
         Ok(())
+    }
+
+    /// Store dirty data to make room, without paying for durability (fsync does that).
+    pub fn write_back(&self) -> Result<()> {
+        *self.allocated.lock() = None;
+        flush::flush(self, false)
     }
 
     pub fn dirty_bytes(&self) -> u64 {
@@ -282,7 +291,7 @@ impl BlockDevice for Disk {
         // Make room first: when the flush fails (host disk full), this write is refused rather than
         // letting dirty data grow without bound.
         if self.cache.dirty_bytes() + data.len() as u64 > self.dirty_limit {
-            self.flush()?;
+            self.write_back()?;
         }
         {
             let _gate = self.write_gate.read();
@@ -297,7 +306,7 @@ impl BlockDevice for Disk {
 
     fn flush(&self) -> Result<()> {
         *self.allocated.lock() = None;
-        flush::flush(self)
+        flush::flush(self, true)
     }
 
     fn allocated_bytes(&self) -> Result<u64> {

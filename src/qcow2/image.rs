@@ -53,6 +53,8 @@ pub struct Qcow2Image {
     snapshots: Vec<Snapshot>,
     /// The last decompressed cluster, so consecutive blocks of one compressed cluster decompress once.
     last_decompressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// A background commit left writes without their final barrier (see `commit`).
+    pub(super) unsynced: std::sync::atomic::AtomicBool,
 }
 
 /// Is a guest cluster ours to overwrite in place, or must the flush writer allocate it?
@@ -142,6 +144,7 @@ impl Qcow2Image {
             meta: Mutex::new(meta),
             snapshots,
             last_decompressed: Mutex::new(None),
+            unsynced: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

@@ -30,13 +30,15 @@ struct Releases {
 }
 
 impl Qcow2Image {
-    /// Store `writes` durably. On error the on-disk image is consistent (at most leaks) and the
+    /// Store `writes`; with `durable`, everything is on stable storage when this returns. Without
+    /// it (background write-back), barriers that only durability needs are left for later, never
+    /// those that order metadata. On error the on-disk image is consistent (at most leaks) and the
     /// in-memory metadata is re-read from disk, so the caller may retry with the same writes.
-    pub fn commit(&self, mut writes: Vec<ClusterWrite>) -> Result<()> {
+    pub fn commit(&self, mut writes: Vec<ClusterWrite>, durable: bool) -> Result<()> {
         if writes.is_empty() {
-            return Ok(());
+            return if durable { self.sync_pending() } else { Ok(()) };
         }
-        let result = self.commit_inner(&mut writes);
+        let result = self.commit_inner(&mut writes, durable);
         if result.is_err() {
             if let Err(e) = self.reload() {
                 log::error!("{e}");
@@ -45,7 +47,22 @@ impl Qcow2Image {
         result
     }
 
-    fn commit_inner(&self, writes: &mut [ClusterWrite]) -> Result<()> {
+    /// Make earlier non-durable commits durable.
+    pub fn sync_pending(&self) -> Result<()> {
+        if self
+            .unsynced
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            if let Err(e) = self.file.sync() {
+                self.unsynced
+                    .store(true, std::sync::atomic::Ordering::Release);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn commit_inner(&self, writes: &mut [ClusterWrite], durable: bool) -> Result<()> {
         let cs = self.layout.cluster_size();
         // A: reserve host clusters for the clusters that move.
         let hosts: Vec<u64> = {
@@ -86,13 +103,21 @@ impl Qcow2Image {
         for (offset, table) in l2_new.values() {
             self.file.write_at(*offset, &encode_words(table))?;
         }
-        self.file.sync()?;
         let mut l1_changed = Vec::new();
         for (&index, (offset, _)) in &l2_new {
             let entry = L1Entry::new(*offset).0;
             if meta.l1[index as usize] != entry {
                 l1_changed.push((index, entry));
             }
+        }
+        // The L2 tables must be durable before an L1 entry points to them, and before a cluster they
+        // stopped referencing may be reused (released below). Otherwise the next barrier will do.
+        if durable || !l1_changed.is_empty() || !releases.clusters.is_empty() || old_table.is_some()
+        {
+            self.file.sync()?;
+        } else {
+            self.unsynced
+                .store(true, std::sync::atomic::Ordering::Release);
         }
         for &(index, entry) in &l1_changed {
             self.file.write_at(
@@ -121,10 +146,20 @@ impl Qcow2Image {
                 self.release(&mut meta, offset, len, &mut freed)?;
             }
             self.write_refcounts(&mut meta)?;
-            self.file.sync()?;
+            // A lost decrement is only a leak; the next commit's first barrier stores it anyway.
+            if durable {
+                self.file.sync()?;
+            } else {
+                self.unsynced
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
             for c in freed {
                 self.file.punch_hole(c * cs, cs);
             }
+        }
+        if durable {
+            self.unsynced
+                .store(false, std::sync::atomic::Ordering::Release);
         }
         Ok(())
     }
