@@ -63,6 +63,7 @@ impl MetadataMap {
         let cs = header.cluster_size();
         let mut map = MetadataMap {
             cluster_bits: header.cluster_bits,
+            end_cluster: file.len()?.div_ceil(cs),
             ..Default::default()
         };
         map.add(MetaKind::Header, 0, cs);
