@@ -202,9 +202,9 @@ fn print_text(r: &Value) {
     let cov = &r["coverage"];
     let share = cov["unencrypted_share"].as_f64().unwrap_or(0.0);
     println!(
-        "guest data: {} ({:.0}% unencrypted)",
+        "guest data: {} ({} unencrypted)",
         human(num(&cov["data_bytes"])),
-        share * 100.0
+        percent(share)
     );
     if let Some(w) = coverage_warning(r) {
         println!("warning: {w}");
@@ -237,8 +237,17 @@ fn coverage_warning(r: &Value) -> Option<String> {
         .max_by_key(|(_, l)| l["provided_bytes"].as_u64().unwrap_or(0))?;
     let kind = if index == 0 { "image" } else { "base image" };
     Some(format!(
-        "{:.0}% of this disk's data lives in the unencrypted {kind} {}",
-        share * 100.0,
+        "{} of this disk's data lives in the unencrypted {kind} {}",
+        percent(share),
         plain["path"].as_str().unwrap_or("")
     ))
+}
+
+/// A share as a whole percentage, "<1%" for a small non-zero one.
+fn percent(share: f64) -> String {
+    if share > 0.0 && share < 0.005 {
+        "<1%".to_string()
+    } else {
+        format!("{:.0}%", share * 100.0)
+    }
 }

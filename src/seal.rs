@@ -43,6 +43,16 @@ pub fn seal(image: &Path, keys: &KeyRing, progress: &dyn Fn(u64, u64)) -> Result
             Problem::Usage("only a qcow2 image can be sealed".into()),
         ));
     };
+    // Snapshots may read from the backing file too; sealing would silently change them.
+    if !top.snapshots().is_empty() {
+        return Err(Error::new(
+            image,
+            Problem::Usage(format!(
+                "the image has {} internal snapshot(s) that may read from the backing file; delete them first (qemu-img snapshot -d)",
+                top.snapshots().len()
+            )),
+        ));
+    }
     let cs = top.layout().cluster_size();
     let plan = clusters_from_below(&chain, cs)?;
     let total = plan.len() as u64 * cs;

@@ -101,7 +101,12 @@ fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
     // Few malloc arenas: FUSE threads allocate and free reply-sized buffers, and per-thread arenas
     // would each keep their own freed memory (RSS well above the cache size).
     // SAFETY: mallopt only tunes the allocator; called before this process starts any thread.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    // Cache blocks (64 KiB and up) are mapped on their own, so a freed block goes back to the system
+    // instead of fragmenting a heap: RSS stays near the cache size.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 10);
+    }
     let session = match prepare(&req) {
         Ok(s) => s,
         Err(e) => {
@@ -117,12 +122,13 @@ fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
     if let Ok(mut signals) =
         signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
     {
-        let disk = disk.clone();
+        // Weak: this thread outlives the session, and the image must close when the session ends.
+        let disk = Arc::downgrade(&disk);
         let mountpoint = record_mountpoint(&req);
         std::thread::spawn(move || {
             for sig in signals.forever() {
                 log::info!("signal {sig}: writing everything and unmounting");
-                if let Err(e) = disk.flush() {
+                if let Some(Err(e)) = disk.upgrade().map(|d| d.flush()) {
                     log::error!("flush after signal {sig}: {e}");
                 }
                 match detach(&mountpoint) {
@@ -337,8 +343,9 @@ fn detach(mountpoint: &std::path::Path) -> std::io::Result<()> {
     }
 }
 
-/// A read-only file per internal snapshot of the top layer; one that cannot be read is left out.
-fn snapshot_views(disk: &Disk) -> Vec<(String, Arc<dyn BlockDevice>)> {
+/// A read-only file per internal snapshot of the top layer, as (name, id, device); one that cannot
+/// be read is left out.
+fn snapshot_views(disk: &Disk) -> Vec<(String, String, Arc<dyn BlockDevice>)> {
     let chain = disk.shared_chain();
     let Layer::Qcow2(image) = chain.top() else {
         return Vec::new();
@@ -353,7 +360,7 @@ fn snapshot_views(disk: &Disk) -> Vec<(String, Arc<dyn BlockDevice>)> {
                 } else {
                     s.name.clone()
                 };
-                Some((name, Arc::new(view) as Arc<dyn BlockDevice>))
+                Some((name, s.id.clone(), Arc::new(view) as Arc<dyn BlockDevice>))
             }
             Err(e) => {
                 log::warn!("snapshot '{}' is not shown: {e}", s.name);

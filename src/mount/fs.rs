@@ -76,15 +76,35 @@ impl QcowFs {
         }
     }
 
-    /// Show `snapshots/NAME` files (names with '/' get '_').
-    pub fn with_snapshots(mut self, views: Vec<(String, Arc<dyn BlockDevice>)>) -> Self {
+    /// Show `snapshots/NAME` files, given (name, id, device). A '/' in a name becomes '_'; a name
+    /// that repeats (QEMU allows that; ids are unique) gets its id appended: `NAME@ID`.
+    pub fn with_snapshots(mut self, views: Vec<(String, String, Arc<dyn BlockDevice>)>) -> Self {
+        let clean = |n: &str| {
+            if n.is_empty() {
+                "_".to_string()
+            } else {
+                n.replace('/', "_")
+            }
+        };
+        let mut seen = std::collections::HashMap::<String, usize>::new();
+        for (name, _, _) in &views {
+            *seen.entry(clean(name)).or_default() += 1;
+        }
         self.snapshots = views
             .into_iter()
             .enumerate()
-            .map(|(i, (name, device))| FileNode {
-                ino: INodeNo(SNAPSHOT_BASE + i as u64),
-                name: name.replace('/', "_"),
-                device,
+            .map(|(i, (name, id, device))| {
+                let base = clean(&name);
+                let name = if seen.get(&base).copied().unwrap_or(0) > 1 {
+                    format!("{base}@{id}")
+                } else {
+                    base
+                };
+                FileNode {
+                    ino: INodeNo(SNAPSHOT_BASE + i as u64),
+                    name,
+                    device,
+                }
             })
             .collect();
         self

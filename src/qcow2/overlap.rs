@@ -145,8 +145,11 @@ impl MetadataMap {
         // Bounded by the file: a hostile length cannot make this loop (or the map) large.
         for c in first..=last.min(self.end_cluster.saturating_sub(1)) {
             if let Some(previous) = self.clusters.insert(c, kind) {
-                let both_shared_refblocks = previous == kind && kind == MetaKind::RefcountBlock;
-                if !both_shared_refblocks && self.overlap.is_none() {
+                // The same structure recorded twice (an L2 table shared with a snapshot, or
+                // registered again after a write) is not an overlap.
+                let same_kind =
+                    previous == kind && matches!(kind, MetaKind::RefcountBlock | MetaKind::L2Table);
+                if !same_kind && self.overlap.is_none() {
                     self.overlap = Some(FormatError::Overlap {
                         what: kind.name(),
                         offset: c << self.cluster_bits,
