@@ -18,6 +18,18 @@ pub(super) fn flush(disk: &Disk, durable: bool) -> Result<()> {
     if disk.read_only {
         return Ok(());
     }
+    let result = flush_blocks(disk, durable);
+    if !durable {
+        // A write burst: the blocks just stored were freed or moved to the clean cache; hand freed
+        // heap pages back to the system so memory follows the cache bound, not its high-water mark.
+        // (Not on every fsync: trimming costs more than a small flush.)
+        // SAFETY: malloc_trim only returns unused memory of the allocator.
+        unsafe { libc::malloc_trim(0) };
+    }
+    result
+}
+
+fn flush_blocks(disk: &Disk, durable: bool) -> Result<()> {
     // Writes go on meanwhile: each block is copied with its stamp, and a block written again before
     // its copy is stored stays dirty for the next flush.
     let _one_flush = disk.flush_lock.lock();

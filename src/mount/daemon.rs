@@ -101,12 +101,7 @@ fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
     // Few malloc arenas: FUSE threads allocate and free reply-sized buffers, and per-thread arenas
     // would each keep their own freed memory (RSS well above the cache size).
     // SAFETY: mallopt only tunes the allocator; called before this process starts any thread.
-    // Cache blocks (64 KiB and up) are mapped on their own, so a freed block goes back to the system
-    // instead of fragmenting a heap: RSS stays near the cache size.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 10);
-    }
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let session = match prepare(&req) {
         Ok(s) => s,
         Err(e) => {
