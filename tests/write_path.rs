@@ -1231,3 +1231,85 @@ impl Drop for QemuIoHolder {
         }
     }
 }
+
+// --- small writes in place ------------------------------------------------------------------------
+
+/// Small writes into allocated clusters, each made durable before the next: the flush stores only
+/// the sectors they cover (whole subclusters with extended L2), and the rest of each cluster, and of
+/// each subcluster that was not allocated yet, still shows what QEMU shows.
+fn small_writes_in_place_match_qemu(dir: &Path, image: &Image, options: &[OsString]) {
+    let cluster = 64 * KIB;
+    let reference = dir.join("reference.raw");
+    image.convert_raw(&reference);
+    let writes: [(u64, usize); 6] = [
+        (4 * cluster + 10, 100),              // inside one sector
+        (4 * cluster + 2047, 2),              // across a sector and a subcluster boundary
+        (4 * cluster + 20_000, 3000),         // several sectors in the middle
+        (5 * cluster - 1, 1),                 // the cluster's last byte
+        (6 * cluster + 4096 * 3, 4096),       // a 4 KiB page, as a guest writes it
+        (6 * cluster + cluster / 2 - 7, 300), // across the middle of the block
+    ];
+    let mount = Mount::new(&image.path, options);
+    let (disk_path, reference_path) = (mount.disk(), reference.clone());
+    within(WRITE_TIMEOUT, "small writes through the mount", move || {
+        let d = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk_path)
+            .expect("open MOUNTPOINT/disk read-write");
+        let r = OpenOptions::new()
+            .write(true)
+            .open(&reference_path)
+            .expect("open the raw reference");
+        for (i, &(off, len)) in writes.iter().enumerate() {
+            let data = random_bytes(len, 200 + i as u64);
+            d.write_all_at(&data, off)
+                .unwrap_or_else(|e| panic!("write of {len} bytes at {off}: {e}"));
+            r.write_all_at(&data, off).expect("write the reference");
+            d.sync_all()
+                .unwrap_or_else(|e| panic!("fsync after the write at {off}: {e}"));
+        }
+    });
+    mount.umount();
+    assert_same_guest_contents(image, &reference);
+    assert_check_clean(image);
+}
+
+#[test]
+fn small_writes_in_place_to_a_plain_image_match_qemu() {
+    let dir = workdir();
+    let img = qcow2(dir.path().join("plain.qcow2"), 8 * MIB).create();
+    img.write_random(4 * 64 * KIB, 3 * 64 * KIB as usize, 210);
+    small_writes_in_place_match_qemu(dir.path(), &img, &[]);
+}
+
+#[test]
+fn small_writes_in_place_to_an_aes_image_match_qemu() {
+    let dir = workdir();
+    let img = qcow2(dir.path().join("aes.qcow2"), 8 * MIB)
+        .aes(PASS)
+        .create();
+    img.write_random(4 * 64 * KIB, 3 * 64 * KIB as usize, 211);
+    small_writes_in_place_match_qemu(dir.path(), &img, &passphrase_opts(dir.path(), PASS));
+}
+
+#[test]
+fn small_writes_into_unallocated_subclusters_match_qemu() {
+    let dir = workdir();
+    let size = 8 * MIB;
+    let base = raw_from_bytes(
+        dir.path().join("base.raw"),
+        &random_bytes(size as usize, 212),
+    );
+    let img = qcow2(dir.path().join("ext.qcow2"), size)
+        .extended_l2()
+        .cluster_size(64 * KIB)
+        .backing_named(&base, "base.raw")
+        .create();
+    // One subcluster allocated in each cluster: the clusters are written in place, and every other
+    // subcluster of theirs still shows the backing file.
+    for c in 4..7 {
+        img.write_random(c * 64 * KIB + 8 * 2048, 2048, 213 + c);
+    }
+    small_writes_in_place_match_qemu(dir.path(), &img, &[]);
+}

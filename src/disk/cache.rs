@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -14,11 +15,14 @@ const SHARDS: usize = 64;
 const STRIPES: usize = 256;
 
 /// A block written since the last flush. `stamp` changes with every write to it, so the flush
-/// writer can tell whether what it stored is still the latest content.
+/// writer can tell whether what it stored is still the latest content. `written` is the byte range
+/// the writes covered (one span around all of them): a block written in place stores only that,
+/// so a 4 KiB write costs 4 KiB on the image, not the whole block.
 #[derive(Debug)]
 pub struct Dirty {
     pub data: Vec<u8>,
     pub stamp: u64,
+    pub written: Range<usize>,
 }
 
 /// One shard's blocks. A block is either clean (shared, immutable) or dirty (owned), never both.
@@ -75,8 +79,15 @@ impl BlockCache {
         self.stamps.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Make `data` the dirty content of `block` (it was clean or absent).
-    pub fn insert_dirty(&self, shard: &mut Shard, block: u64, data: Vec<u8>) {
+    /// Make `data` the dirty content of `block` (it was clean or absent); `written` is the part
+    /// that differs from what the image holds.
+    pub fn insert_dirty(
+        &self,
+        shard: &mut Shard,
+        block: u64,
+        data: Vec<u8>,
+        written: Range<usize>,
+    ) {
         shard.clean.pop(&block);
         self.dirty_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -85,6 +96,7 @@ impl BlockCache {
             Dirty {
                 data,
                 stamp: self.next_stamp(),
+                written,
             },
         );
     }
@@ -96,6 +108,7 @@ impl BlockCache {
             Some(d) => {
                 d.data[within..within + data.len()].copy_from_slice(data);
                 d.stamp = stamp;
+                d.written = d.written.start.min(within)..d.written.end.max(within + data.len());
                 true
             }
             None => false,
@@ -141,12 +154,20 @@ impl BlockCache {
         all
     }
 
-    /// A copy of a dirty block's content, with its stamp.
-    pub fn dirty_copy(&self, block: u64) -> Option<(Vec<u8>, u64)> {
-        self.shard(block)
-            .dirty
-            .get(&block)
-            .map(|d| (d.data.clone(), d.stamp))
+    /// A copy of the written part of a dirty block, widened to multiples of `align` (a power of two,
+    /// at least a sector): (offset in the block, bytes, stamp).
+    pub fn dirty_copy(&self, block: u64, align: usize) -> Option<(usize, Vec<u8>, u64)> {
+        debug_assert!(align.is_power_of_two() && align >= 512);
+        self.shard(block).dirty.get(&block).map(|d| {
+            let start = d.written.start & !(align - 1);
+            let end = d
+                .written
+                .end
+                .div_ceil(align)
+                .saturating_mul(align)
+                .min(d.data.len());
+            (start, d.data[start..end].to_vec(), d.stamp)
+        })
     }
 }
 
@@ -159,7 +180,7 @@ mod tests {
         let cache = BlockCache::new(4096, 1024);
         {
             let mut s = cache.shard(3);
-            cache.insert_dirty(&mut s, 3, vec![1; 1024]);
+            cache.insert_dirty(&mut s, 3, vec![1; 1024], 0..1024);
         }
         assert_eq!(cache.dirty_bytes(), 1024);
         assert_eq!(cache.dirty_blocks(), vec![3]);
@@ -172,12 +193,36 @@ mod tests {
     #[test]
     fn a_block_written_during_a_flush_stays_dirty() {
         let cache = BlockCache::new(4096, 1024);
-        cache.insert_dirty(&mut cache.shard(5), 5, vec![1; 1024]);
-        let (_, stored) = cache.dirty_copy(5).unwrap();
+        cache.insert_dirty(&mut cache.shard(5), 5, vec![1; 1024], 0..1024);
+        let (_, _, stored) = cache.dirty_copy(5, 512).unwrap();
         assert!(cache.update_dirty(&mut cache.shard(5), 5, 0, &[2; 10]));
         cache.mark_clean(5, stored);
         assert_eq!(cache.dirty_blocks(), vec![5]);
         assert_eq!(cache.dirty_bytes(), 1024);
+    }
+
+    #[test]
+    fn only_the_written_sectors_are_copied_for_storing() {
+        let cache = BlockCache::new(1 << 20, 8192);
+        cache.insert_dirty(&mut cache.shard(1), 1, vec![0; 8192], 1000..1010);
+        let (at, bytes, _) = cache.dirty_copy(1, 512).unwrap();
+        assert_eq!((at, bytes.len()), (512, 512));
+        // A second write further on widens the span to cover both, in whole sectors.
+        assert!(cache.update_dirty(&mut cache.shard(1), 1, 5000, &[7; 100]));
+        let (at, bytes, _) = cache.dirty_copy(1, 512).unwrap();
+        assert_eq!((at, bytes.len()), (512, 5120 - 512));
+        assert_eq!(bytes[5000 - 512], 7);
+    }
+
+    #[test]
+    fn the_last_block_of_a_disk_may_end_inside_a_sector() {
+        let cache = BlockCache::new(1 << 20, 8192);
+        cache.insert_dirty(&mut cache.shard(2), 2, vec![1; 700], 600..700);
+        let (at, bytes, _) = cache.dirty_copy(2, 512).unwrap();
+        assert_eq!((at, bytes.len()), (512, 188));
+        // Subclusters of 2 KiB: the whole first one is stored.
+        let (at, bytes, _) = cache.dirty_copy(2, 2048).unwrap();
+        assert_eq!((at, bytes.len()), (0, 700));
     }
 
     #[test]

@@ -51,6 +51,13 @@ fn flush_blocks(disk: &Disk, durable: bool) -> Result<()> {
         Layer::Qcow2(image) => {
             let cs = image.layout().cluster_size();
             let per_cluster = (cs / disk.block_size).max(1);
+            // Only the written part of a block is stored in place; with subclusters it must cover
+            // whole ones, since a subcluster becomes allocated as a whole.
+            let align = if image.layout().extended_l2 {
+                image.layout().subcluster_size() as usize
+            } else {
+                512
+            };
             let mut batch: Vec<ClusterWrite> = Vec::new();
             let mut batch_blocks: Vec<(u64, u64)> = Vec::new(); // (block, stamp stored)
             let mut batch_bytes = 0u64;
@@ -68,9 +75,9 @@ fn flush_blocks(disk: &Disk, durable: bool) -> Result<()> {
                     WriteTarget::InPlace { .. } => blocks
                         .iter()
                         .filter_map(|&b| {
-                            let (data, stamp) = disk.cache.dirty_copy(b)?;
+                            let (at, data, stamp) = disk.cache.dirty_copy(b, align)?;
                             batch_blocks.push((b, stamp));
-                            Some((b * disk.block_size - guest, pad(data)))
+                            Some((b * disk.block_size - guest + at as u64, pad(data)))
                         })
                         .collect(),
                     WriteTarget::Allocate | WriteTarget::Discard => {

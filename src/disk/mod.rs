@@ -181,13 +181,15 @@ impl Disk {
                 return Ok(());
             }
             if full {
-                self.cache.insert_dirty(&mut shard, block, data.to_vec());
+                self.cache
+                    .insert_dirty(&mut shard, block, data.to_vec(), 0..data.len());
                 return Ok(());
             }
             if let Some(c) = shard.clean.get(&block) {
                 let mut copy = c.as_ref().clone();
                 copy[within..within + data.len()].copy_from_slice(data);
-                self.cache.insert_dirty(&mut shard, block, copy);
+                let written = within..within + data.len();
+                self.cache.insert_dirty(&mut shard, block, copy, written);
                 return Ok(());
             }
         }
@@ -195,7 +197,8 @@ impl Disk {
         self.chain.read(block * self.block_size, &mut base)?;
         base[within..within + data.len()].copy_from_slice(data);
         let mut shard = self.cache.shard(block);
-        self.cache.insert_dirty(&mut shard, block, base);
+        let written = within..within + data.len();
+        self.cache.insert_dirty(&mut shard, block, base, written);
         Ok(())
     }
 

@@ -98,8 +98,24 @@ impl Qcow2Image {
         for (w, &host) in writes.iter().zip(&hosts) {
             self.update_l2(&mut meta, &mut l2_new, &mut releases, w, host)?;
         }
+        // Writes in place usually leave their L2 table as it was: then it is neither rewritten nor
+        // waited for, and such a commit costs one barrier (or none, in the background).
+        let mut unchanged = Vec::new();
+        for (&index, (offset, table)) in &l2_new {
+            if L1Entry(meta.l1[index as usize]).l2_offset() == *offset
+                && self.l2_table(&mut meta, *offset)?.as_slice() == table.as_slice()
+            {
+                unchanged.push(index);
+            }
+        }
+        for index in unchanged {
+            l2_new.remove(&index);
+        }
         let old_table = self.write_refcounts(&mut meta)?;
-        self.file.sync()?;
+        // Data and refcounts reach the disk before any L2 entry points to them.
+        if !l2_new.is_empty() {
+            self.file.sync()?;
+        }
         for (offset, table) in l2_new.values() {
             self.file.write_at(*offset, &encode_words(table))?;
         }
