@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::chain::{Chain, Layer};
 use crate::error::{Error, Result};
@@ -55,9 +55,14 @@ pub struct Disk {
     size: u64,
     read_only: bool,
     dirty_limit: u64,
+    /// Resident memory past which a write-back gives freed heap pages back (the cache size plus
+    /// room for the program itself).
+    memory_target: u64,
     /// Writers hold it shared; the flush writer exclusively, so blocks do not change under it.
     write_gate: RwLock<()>,
     flush_lock: Mutex<()>,
+    /// Wakes the background writer early (set: dirty data passed half its bound).
+    writer_wake: (Mutex<bool>, Condvar),
     last_write: Mutex<Option<Instant>>,
     /// `allocated_bytes`, until the next flush or discard changes it.
     allocated: Mutex<Option<u64>>,
@@ -93,8 +98,10 @@ impl Disk {
             size,
             read_only: opts.read_only,
             dirty_limit,
+            memory_target: opts.cache_size + (8 << 20),
             write_gate: RwLock::new(()),
             flush_lock: Mutex::new(()),
+            writer_wake: (Mutex::new(false), Condvar::new()),
             last_write: Mutex::new(None),
             allocated: Mutex::new(None),
             table_generation: AtomicU64::new(0),
@@ -248,6 +255,20 @@ impl Disk {
         Ok(())
     }
 
+    /// The background writer's wait: until dirty data passes half its bound, or `timeout`.
+    pub fn wait_for_dirty_data(&self, timeout: Duration) {
+        let mut woken = self.writer_wake.0.lock();
+        if !*woken {
+            self.writer_wake.1.wait_for(&mut woken, timeout);
+        }
+        *woken = false;
+    }
+
+    fn wake_writer(&self) {
+        *self.writer_wake.0.lock() = true;
+        self.writer_wake.1.notify_one();
+    }
+
     /// Store dirty data to make room, without paying for durability (fsync does that).
     pub fn write_back(&self) -> Result<()> {
         *self.allocated.lock() = None;
@@ -291,10 +312,13 @@ impl BlockDevice for Disk {
             ));
         }
         self.check_range(offset, data.len())?;
-        // Make room first: when the flush fails (host disk full), this write is refused rather than
-        // letting dirty data grow without bound.
-        if self.cache.dirty_bytes() + data.len() as u64 > self.dirty_limit {
-            self.write_back()?;
+        // Make room first: wait for the background write-back, or do one. When the flush fails
+        // (host disk full), this write is refused rather than letting dirty data grow without bound.
+        let len = data.len() as u64;
+        if self.cache.dirty_bytes() + len > self.dirty_limit {
+            self.wake_writer();
+            *self.allocated.lock() = None;
+            flush::flush_above(self, false, self.dirty_limit.saturating_sub(len))?;
         }
         {
             let _gate = self.write_gate.read();
@@ -302,6 +326,9 @@ impl BlockDevice for Disk {
                 self.write_block(block, within, &data[done..done + n])?;
             }
             *self.last_write.lock() = Some(Instant::now());
+        }
+        if self.cache.dirty_bytes() > self.dirty_limit / 2 {
+            self.wake_writer();
         }
         self.note_table_write(offset, data.len() as u64);
         Ok(())

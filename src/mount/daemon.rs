@@ -371,16 +371,17 @@ fn spawn_idle_flusher(
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         // After a failure (say the host disk is full) wait longer before trying again.
-        let mut pause = Duration::ZERO;
+        let mut retry_at: Option<std::time::Instant> = None;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(100));
-            if pause > Duration::ZERO {
-                pause = pause.saturating_sub(Duration::from_millis(100));
+            // Woken at once when writers pile up dirty data, so a write-back overlaps their work.
+            disk.wait_for_dirty_data(Duration::from_millis(100));
+            if retry_at.is_some_and(|t| std::time::Instant::now() < t) {
                 continue;
             }
+            retry_at = None;
             if let Err(e) = disk.flush_if_idle(IDLE_FLUSH) {
                 log::error!("background flush failed (will retry in 5 s): {e}");
-                pause = Duration::from_secs(5);
+                retry_at = Some(std::time::Instant::now() + Duration::from_secs(5));
             }
         }
     })

@@ -78,7 +78,10 @@ impl Qcow2Image {
             }
             hosts
         };
-        // B: encrypt and write the data, outside the lock.
+        // B: encrypt and write the data, outside the lock, letting the device start on each few
+        // MiB while the next are encrypted (the barrier below then waits for less).
+        const KICK_BYTES: usize = 4 << 20;
+        let mut unkicked = 0;
         for (w, &host) in writes.iter_mut().zip(&hosts) {
             for (off, bytes) in w.pieces.iter_mut() {
                 if let Some(cipher) = &self.cipher {
@@ -86,6 +89,11 @@ impl Qcow2Image {
                     cipher.encrypt(sector, bytes).at(self.path())?;
                 }
                 self.file.write_at(host + *off, bytes)?;
+                unkicked += bytes.len();
+                if unkicked >= KICK_BYTES {
+                    self.file.start_writeback();
+                    unkicked = 0;
+                }
             }
         }
         // C: metadata, in order, with barriers.
