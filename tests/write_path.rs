@@ -70,6 +70,13 @@ fn random_write(rng: &mut Rng, size: u64, guest_like: bool) -> GuestWrite {
         }
         _ => rng.below(size - len + 1),
     };
+    // A guest's file system writes whole sectors and pages: those may leave the rest of a cache
+    // block unloaded, a path of its own.
+    let (off, len) = match rng.below(4) {
+        0 if size >= 4 * KIB => aligned_write(off, len, 4 * KIB, size),
+        1 if size >= 512 => aligned_write(off, len, 512, size),
+        _ => (off, len),
+    };
     let data = match rng.below(3) {
         0 => {
             let byte = if rng.below(3) == 0 {
@@ -83,6 +90,13 @@ fn random_write(rng: &mut Rng, size: u64, guest_like: bool) -> GuestWrite {
         _ => random_bytes(len as usize, rng.next_u64()),
     };
     GuestWrite { off, data }
+}
+
+/// (off, len) rounded down to multiples of `unit` (at least one unit), inside a disk of `size`.
+fn aligned_write(off: u64, len: u64, unit: u64, size: u64) -> (u64, u64) {
+    let len = (len / unit * unit).max(unit);
+    let off = (off / unit * unit).min((size - len) / unit * unit);
+    (off, len)
 }
 
 /// Applies `writes` seeded random writes to `disk` (through the mount) and to `reference` (a raw

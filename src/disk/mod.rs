@@ -13,7 +13,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::chain::{Chain, Layer};
 use crate::error::{Error, Result};
-use cache::BlockCache;
+use cache::{BlockCache, Update};
 
 /// The largest cache block: bigger clusters are cached in parts so a small read decrypts little.
 const MAX_BLOCK: u64 = 64 << 10;
@@ -90,10 +90,17 @@ impl Disk {
             .cache_size
             .saturating_sub(dirty_limit + in_flight)
             .max(block_size * 64);
+        // A write may leave the rest of a block unloaded when the flush writer can store just
+        // the written span: whole sectors, or whole subclusters (they are allocated as a whole).
+        let partial_align = match chain.top() {
+            Layer::Qcow2(q) if q.layout().extended_l2 => q.layout().subcluster_size() as usize,
+            Layer::Qcow2(_) => 512,
+            Layer::Raw(_) => 0,
+        };
         let size = chain.size();
         Disk {
             chain: Arc::new(chain),
-            cache: BlockCache::new(clean, block_size),
+            cache: BlockCache::new(clean, block_size, partial_align),
             block_size,
             size,
             read_only: opts.read_only,
@@ -130,24 +137,56 @@ impl Disk {
         self.block_size.min(self.size - start) as usize
     }
 
-    /// Copy `out.len()` bytes of `block` from offset `within` into `out`, if the cache has it.
-    fn cached(&self, block: u64, within: usize, out: &mut [u8]) -> bool {
+    /// Copy `out.len()` bytes of `block` from offset `within` into `out`, if the cache has it. A
+    /// partial block that lacks them is completed first.
+    fn cached(&self, block: u64, within: usize, out: &mut [u8]) -> Result<bool> {
+        let range = within..within + out.len();
+        {
+            let mut shard = self.cache.shard(block);
+            match shard.dirty.get(&block) {
+                Some(d) if d.holds(&range) => {
+                    out.copy_from_slice(&d.data[range]);
+                    return Ok(true);
+                }
+                Some(_) => {}
+                None => {
+                    if let Some(c) = shard.clean.get(&block) {
+                        out.copy_from_slice(&c[range]);
+                        return Ok(true);
+                    }
+                    return Ok(false);
+                }
+            }
+        }
+        let serial = self.cache.stripe(block);
+        self.fill_partial(block)?;
+        drop(serial);
+        // Complete now, or stored and dropped meanwhile (then the chain has it).
+        match self.cache.shard(block).dirty.get(&block) {
+            Some(d) if d.holds(&range) => {
+                out.copy_from_slice(&d.data[range]);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Load the rest of the partial `block` from the chain (the caller holds its stripe, so no
+    /// write changes it meanwhile).
+    fn fill_partial(&self, block: u64) -> Result<()> {
+        let mut base = vec![0u8; self.block_len(block)];
+        self.chain.read(block * self.block_size, &mut base)?;
+        // The flush writer stores a partial block's written span only, so the rest of what was just
+        // read is still what the image holds for the block, whatever it did meanwhile.
         let mut shard = self.cache.shard(block);
-        if let Some(d) = shard.dirty.get(&block) {
-            out.copy_from_slice(&d.data[within..within + out.len()]);
-            return true;
-        }
-        if let Some(c) = shard.clean.get(&block) {
-            out.copy_from_slice(&c[within..within + out.len()]);
-            return true;
-        }
-        false
+        self.cache.fill_partial(&mut shard, block, base);
+        Ok(())
     }
 
     /// Copy `out.len()` bytes of `block` from offset `within` into `out`: from the cache, else read
     /// through the chain (not cached: the kernel's page cache keeps what is read again).
     fn read_block(&self, block: u64, within: usize, out: &mut [u8]) -> Result<()> {
-        if !self.cached(block, within, out) {
+        if !self.cached(block, within, out)? {
             self.read_uncached(block * self.block_size + within as u64, out)?;
         }
         Ok(())
@@ -158,7 +197,16 @@ impl Disk {
         self.read_sectors(offset, out)?;
         for (block, within, n, done) in self.pieces(offset, out.len()) {
             if let Some(d) = self.cache.shard(block).dirty.get(&block) {
-                out[done..done + n].copy_from_slice(&d.data[within..within + n]);
+                // Of a partial block, only the written span is newer than the chain.
+                let (from, to) = if d.partial {
+                    (within.max(d.written.start), (within + n).min(d.written.end))
+                } else {
+                    (within, within + n)
+                };
+                if from < to {
+                    let at = done + from - within;
+                    out[at..at + to - from].copy_from_slice(&d.data[from..to]);
+                }
             }
         }
         Ok(())
@@ -181,25 +229,40 @@ impl Disk {
 
     fn write_block(&self, block: u64, within: usize, data: &[u8]) -> Result<()> {
         let _serial = self.cache.stripe(block);
-        let full = within == 0 && data.len() == self.block_len(block);
-        {
-            let mut shard = self.cache.shard(block);
-            if self.cache.update_dirty(&mut shard, block, within, data) {
-                return Ok(());
-            }
-            if full {
-                self.cache
-                    .insert_dirty(&mut shard, block, data.to_vec(), 0..data.len());
-                return Ok(());
-            }
-            if let Some(c) = shard.clean.get(&block) {
-                let mut copy = c.as_ref().clone();
-                copy[within..within + data.len()].copy_from_slice(data);
-                let written = within..within + data.len();
-                self.cache.insert_dirty(&mut shard, block, copy, written);
-                return Ok(());
+        let len = self.block_len(block);
+        let full = within == 0 && data.len() == len;
+        let range = within..within + data.len();
+        let mut shard = self.cache.shard(block);
+        match self.cache.update_dirty(&mut shard, block, within, data) {
+            Update::Done => return Ok(()),
+            Update::NotDirty => {}
+            Update::NeedsLoad => {
+                drop(shard);
+                self.fill_partial(block)?;
+                shard = self.cache.shard(block);
+                if self.cache.update_dirty(&mut shard, block, within, data) == Update::Done {
+                    return Ok(());
+                }
+                // Stored and dropped meanwhile: go on as for a block that is not dirty.
             }
         }
+        if full {
+            self.cache
+                .insert_dirty(&mut shard, block, data.to_vec(), range);
+            return Ok(());
+        }
+        if let Some(c) = shard.clean.get(&block) {
+            let mut copy = c.as_ref().clone();
+            copy[range.clone()].copy_from_slice(data);
+            self.cache.insert_dirty(&mut shard, block, copy, range);
+            return Ok(());
+        }
+        if self.cache.may_be_partial(&range, len) {
+            self.cache
+                .insert_partial(&mut shard, block, len, within, data);
+            return Ok(());
+        }
+        drop(shard);
         let mut base = vec![0u8; self.block_len(block)];
         self.chain.read(block * self.block_size, &mut base)?;
         base[within..within + data.len()].copy_from_slice(data);
@@ -290,7 +353,7 @@ impl BlockDevice for Disk {
         // Cached blocks are copied; each run of uncached ones is one read through the chain.
         let mut run: Option<(usize, usize)> = None; // (start, end) in buf
         for (block, within, n, done) in self.pieces(offset, buf.len()) {
-            if self.cached(block, within, &mut buf[done..done + n]) {
+            if self.cached(block, within, &mut buf[done..done + n])? {
                 if let Some((start, end)) = run.take() {
                     self.read_uncached(offset + start as u64, &mut buf[start..end])?;
                 }
