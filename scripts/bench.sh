@@ -79,16 +79,7 @@ fi
 command -v python3 >/dev/null 2>&1 || _apt_install python3
 note "$(fio --version), $(qemu-storage-daemon --version | head -n 1)"
 
-if [ -n "${QCOWFS_BIN:-}" ]; then
-	step "Using the qcowfs binary given by QCOWFS_BIN (no build)"
-	QCOWFS=$QCOWFS_BIN
-else
-	step "Building qcowfs (release)"
-	cargo build --release --bin qcowfs
-	QCOWFS="${CARGO_TARGET_DIR:-$REPO/target}/release/qcowfs"
-fi
-[ -x "$QCOWFS" ] || die "no binary at $QCOWFS"
-note "$QCOWFS"
+resolve_qcowfs
 
 WORK=$(mktemp -d "${BENCH_TMP:-/tmp}/qcowfs-bench.XXXXXX")
 WORK=$(realpath "$WORK")

@@ -17,16 +17,7 @@ step "Checking tools"
 install_deps
 require_fuse_device
 
-if [ -n "${QCOWFS_BIN:-}" ]; then
-	step "Using the qcowfs binary given by QCOWFS_BIN (no build)"
-	QCOWFS=$QCOWFS_BIN
-else
-	step "Building qcowfs (release)"
-	cargo build --release --bin qcowfs
-	QCOWFS="${CARGO_TARGET_DIR:-$REPO/target}/release/qcowfs"
-fi
-[ -x "$QCOWFS" ] || die "no binary at $QCOWFS"
-note "$QCOWFS"
+resolve_qcowfs
 
 WORK=$(mktemp -d /tmp/qcowfs-demo.XXXXXX)
 MNT="$WORK/mnt"

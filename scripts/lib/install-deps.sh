@@ -1,7 +1,7 @@
 # shellcheck shell=bash
-# Sourced by scripts/test.sh and scripts/demo.sh: logging helpers and install_deps, which makes
-# sure the tools qcowfs's tests and demo need are present, installing the missing ones with
-# apt-get (Debian/Ubuntu) when run as root. apt-get update runs at most once.
+# Sourced by scripts/test.sh, demo.sh and bench.sh: logging helpers; resolve_qcowfs; install_deps,
+# which makes sure the tools qcowfs's tests and demo need are present, installing the missing ones
+# with apt-get (Debian/Ubuntu) when run as root. apt-get update runs at most once.
 
 # Tools in /sbin are not on a normal user's PATH on older Debian.
 PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
@@ -92,4 +92,19 @@ require_fuse_device() {
 	fi
 	[ -c /dev/fuse ] || die "/dev/fuse is missing: load the fuse module (modprobe fuse) or run the \
 container with --device /dev/fuse --cap-add SYS_ADMIN. The FUSE tests cannot run without it."
+}
+
+# Sets QCOWFS to the qcowfs binary: QCOWFS_BIN when given, else a fresh release build ($REPO is the
+# checkout).
+resolve_qcowfs() {
+	if [ -n "${QCOWFS_BIN:-}" ]; then
+		step "Using the qcowfs binary given by QCOWFS_BIN (no build)"
+		QCOWFS=$QCOWFS_BIN
+	else
+		step "Building qcowfs (release)"
+		cargo build --release --bin qcowfs
+		QCOWFS="${CARGO_TARGET_DIR:-$REPO/target}/release/qcowfs"
+	fi
+	[ -x "$QCOWFS" ] || die "no binary at $QCOWFS"
+	note "$QCOWFS"
 }
