@@ -175,15 +175,24 @@ impl Chain {
         };
         let size = self.sizes[level];
         let inside = size.saturating_sub(guest).min(buf.len() as u64) as usize;
-        let (head, tail) = buf.split_at_mut(inside);
+        // A qcow2 layer stores whole sectors (and decrypts nothing less): a size that ends inside
+        // one is read up to the sector's end, and what lies past the size is then cut to zeros.
+        let read = match layer {
+            Layer::Qcow2(_) if guest % 512 == 0 => inside.div_ceil(512).saturating_mul(512),
+            _ => inside,
+        }
+        .min(buf.len());
+        let (head, tail) = buf.split_at_mut(read);
         tail.fill(0);
         if head.is_empty() {
             return Ok(());
         }
         match layer {
-            Layer::Raw(f) => f.read_at(guest, head),
-            Layer::Qcow2(q) => q.read(guest, head, &|g, b| self.read_level(level + 1, g, b)),
+            Layer::Raw(f) => f.read_at(guest, head)?,
+            Layer::Qcow2(q) => q.read(guest, head, &|g, b| self.read_level(level + 1, g, b))?,
         }
+        head[inside..].fill(0);
+        Ok(())
     }
 }
 

@@ -181,6 +181,8 @@ impl BlockCache {
         }
         d.data[range].copy_from_slice(data);
         d.stamp = self.next_stamp();
+        // Written all over, a partial block is whole.
+        d.partial &= span != (0..d.data.len());
         d.written = span;
         Update::Done
     }
@@ -330,6 +332,12 @@ mod tests {
         assert_eq!(up(2048, 512), Update::Done); // adjoining, aligned
         assert_eq!(up(2560, 100), Update::NeedsLoad); // adjoining, unaligned end
         assert_eq!(up(4096, 512), Update::NeedsLoad); // a gap before it
+        cache.insert_partial(&mut cache.shard(2), 2, 8192, 4096, &[1; 4096]);
+        assert_eq!(
+            cache.update_dirty(&mut cache.shard(2), 2, 0, &[1; 4096]),
+            Update::Done
+        );
+        assert!(!cache.shard(2).dirty[&2].partial, "written all over: whole");
         {
             let shard = cache.shard(1);
             let d = &shard.dirty[&1];

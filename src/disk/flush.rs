@@ -26,7 +26,8 @@ pub(super) fn flush_above(disk: &Disk, durable: bool, dirty_bound: u64) -> Resul
         return Ok(());
     }
     let result = flush_blocks(disk, durable, dirty_bound);
-    if !durable && resident_bytes() > disk.memory_target {
+    let stored = matches!(result, Ok(true));
+    if stored && !durable && resident_bytes() > disk.memory_target {
         // A write burst left freed heap pages behind (the blocks just stored moved to the clean
         // cache or were dropped): hand them back so memory follows the cache bound, not its
         // high-water mark. Only past the bound: pages given back are faulted in again by the next
@@ -34,7 +35,7 @@ pub(super) fn flush_above(disk: &Disk, durable: bool, dirty_bound: u64) -> Resul
         // SAFETY: malloc_trim only returns unused memory of the allocator.
         unsafe { libc::malloc_trim(0) };
     }
-    result
+    result.map(|_| ())
 }
 
 /// This process's resident memory in bytes (0 when /proc cannot tell).
@@ -50,18 +51,19 @@ fn resident_bytes() -> u64 {
     pages * page
 }
 
-fn flush_blocks(disk: &Disk, durable: bool, dirty_bound: u64) -> Result<()> {
+/// Whether blocks were stored (false: nothing to do).
+fn flush_blocks(disk: &Disk, durable: bool, dirty_bound: u64) -> Result<bool> {
     // Writes go on meanwhile: each block is copied with its stamp, and a block written again before
     // its copy is stored stays dirty for the next flush.
     let _one_flush = disk.flush_lock.lock();
     if dirty_bound > 0 && disk.cache.dirty_bytes() <= dirty_bound {
-        return Ok(());
+        return Ok(false);
     }
     let dirty = disk.cache.dirty_blocks();
     if dirty.is_empty() {
         return match disk.chain.top() {
-            Layer::Qcow2(image) if durable => image.sync_pending(),
-            _ => Ok(()),
+            Layer::Qcow2(image) if durable => image.sync_pending().map(|_| false),
+            _ => Ok(false),
         };
     }
     match disk.chain.top() {
@@ -132,7 +134,7 @@ fn flush_blocks(disk: &Disk, durable: bool, dirty_bound: u64) -> Result<()> {
             commit(disk, image, &mut batch, &mut batch_blocks, durable)?;
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 fn commit(

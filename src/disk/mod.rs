@@ -175,7 +175,7 @@ impl Disk {
     /// write changes it meanwhile).
     fn fill_partial(&self, block: u64) -> Result<()> {
         let mut base = vec![0u8; self.block_len(block)];
-        self.chain.read(block * self.block_size, &mut base)?;
+        self.read_sectors(block * self.block_size, &mut base)?;
         // The flush writer stores a partial block's written span only, so the rest of what was just
         // read is still what the image holds for the block, whatever it did meanwhile.
         let mut shard = self.cache.shard(block);
@@ -263,8 +263,8 @@ impl Disk {
             return Ok(());
         }
         drop(shard);
-        let mut base = vec![0u8; self.block_len(block)];
-        self.chain.read(block * self.block_size, &mut base)?;
+        let mut base = vec![0u8; len];
+        self.read_sectors(block * self.block_size, &mut base)?;
         base[within..within + data.len()].copy_from_slice(data);
         let mut shard = self.cache.shard(block);
         let written = within..within + data.len();
