@@ -69,7 +69,6 @@ pub enum WriteTarget {
 }
 
 impl Qcow2Image {
-    /// Read and validate the header and the L1 table. `cipher` must be given iff the layer is encrypted.
     /// Read and validate the header and the L1 table. A writable image must not have overlapping
     /// metadata; a read-only one is served as far as it is intact.
     pub fn open(file: HostFile, header: Header, writable: bool) -> Result<Self> {
