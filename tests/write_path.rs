@@ -318,19 +318,23 @@ fn random_writes_to_a_v2_image_match_qemu() {
     random_writes_match_qemu(dir.path(), &img, &[], &[], 150, 8);
 }
 
-#[test]
-fn random_writes_to_an_extended_l2_overlay_over_a_backing_file_match_qemu() {
-    let dir = workdir();
-    let size = 32 * MIB;
-    let base = raw_from_bytes(
-        dir.path().join("base.raw"),
-        &random_bytes(size as usize, 90),
-    );
-    let img = qcow2(dir.path().join("ext.qcow2"), size)
+/// An empty qcow2 with extended L2 entries (64 KiB clusters, 2 KiB subclusters) in `dir` over a raw
+/// base of seeded random bytes: (overlay, base).
+fn extended_l2_overlay(dir: &Path, size: u64, seed: u64) -> (Image, Image) {
+    let base = raw_from_bytes(dir.join("base.raw"), &random_bytes(size as usize, seed));
+    let img = qcow2(dir.join("ext.qcow2"), size)
         .extended_l2()
         .cluster_size(64 * KIB)
         .backing_named(&base, "base.raw")
         .create();
+    (img, base)
+}
+
+#[test]
+fn random_writes_to_an_extended_l2_overlay_over_a_backing_file_match_qemu() {
+    let dir = workdir();
+    let size = 32 * MIB;
+    let (img, base) = extended_l2_overlay(dir.path(), size, 90);
     // Small writes allocate single subclusters; zeroed subclusters too.
     img.scatter_random(size, 40, 3 * 2048, 91);
     img.write_zeroes(5 * 64 * KIB + 3 * 2048, 2 * 2048);
@@ -1310,16 +1314,7 @@ fn small_writes_in_place_to_an_aes_image_match_qemu() {
 #[test]
 fn small_writes_into_unallocated_subclusters_match_qemu() {
     let dir = workdir();
-    let size = 8 * MIB;
-    let base = raw_from_bytes(
-        dir.path().join("base.raw"),
-        &random_bytes(size as usize, 212),
-    );
-    let img = qcow2(dir.path().join("ext.qcow2"), size)
-        .extended_l2()
-        .cluster_size(64 * KIB)
-        .backing_named(&base, "base.raw")
-        .create();
+    let (img, _base) = extended_l2_overlay(dir.path(), 8 * MIB, 212);
     // One subcluster allocated in each cluster: the clusters are written in place, and every other
     // subcluster of theirs still shows the backing file.
     for c in 4..7 {
