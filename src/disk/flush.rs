@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use super::Disk;
 use crate::chain::Layer;
 use crate::error::Result;
-use crate::qcow2::{ClusterWrite, WriteTarget};
+use crate::qcow2::{ClusterWrite, Prepared, Qcow2Image, WriteTarget};
 
 /// Bytes of cluster data handed to one commit: bounds the extra memory a flush needs.
 pub(super) const BATCH_BYTES: u64 = 16 << 20;
@@ -75,85 +75,173 @@ fn flush_blocks(disk: &Disk, durable: bool, dirty_bound: u64) -> Result<bool> {
             ))
         }
         Layer::Qcow2(image) => {
-            let cs = image.layout().cluster_size();
-            let per_cluster = (cs / disk.block_size).max(1);
-            // Only the written part of a block is stored in place; with subclusters it must cover
-            // whole ones, since a subcluster becomes allocated as a whole.
-            let align = if image.layout().extended_l2 {
-                image.layout().subcluster_size() as usize
-            } else {
-                512
-            };
-            let mut batch: Vec<ClusterWrite> = Vec::new();
-            let mut batch_blocks: Vec<(u64, u64)> = Vec::new(); // (block, stamp stored)
-            let mut batch_bytes = 0u64;
-            let mut i = 0;
-            while i < dirty.len() {
-                let cluster = dirty[i] / per_cluster;
-                let mut j = i;
-                while j < dirty.len() && dirty[j] / per_cluster == cluster {
-                    j += 1;
-                }
-                let blocks = &dirty[i..j];
-                let guest = cluster * cs;
-                let target = image.write_target(guest)?;
-                let pieces = match target {
-                    WriteTarget::InPlace { .. } => blocks
-                        .iter()
-                        .filter_map(|&b| {
-                            let (at, data, stamp) = disk.cache.dirty_copy(b, align)?;
-                            batch_blocks.push((b, stamp));
-                            Some((b * disk.block_size - guest + at as u64, pad(data)))
-                        })
-                        .collect(),
-                    WriteTarget::Allocate | WriteTarget::Discard => {
-                        // Stamps first: a write landing during the copy then keeps its block dirty.
-                        batch_blocks.extend(
-                            blocks
-                                .iter()
-                                .filter_map(|&b| Some((b, disk.cache.stamp(b)?))),
-                        );
-                        vec![(0, assemble(disk, guest, cs)?)]
-                    }
-                };
-                batch_bytes += pieces
-                    .iter()
-                    .map(|(_, d): &(u64, Vec<u8>)| d.len() as u64)
-                    .sum::<u64>();
-                batch.push(ClusterWrite {
-                    guest,
-                    target,
-                    pieces,
-                });
-                if batch_bytes >= BATCH_BYTES {
-                    commit(disk, image, &mut batch, &mut batch_blocks, false)?;
-                    batch_bytes = 0;
-                }
-                i = j;
-            }
-            commit(disk, image, &mut batch, &mut batch_blocks, durable)?;
+            std::thread::scope(|scope| store(disk, image, &dirty, durable, scope))?;
         }
     }
     Ok(true)
 }
 
-fn commit(
+/// Store the `dirty` blocks in batches. The barrier of each batch runs on a thread of `scope` while
+/// the next batch is assembled, encrypted and written, so that the device and the processor work
+/// at the same time instead of taking turns.
+fn store<'s>(
     disk: &Disk,
-    image: &crate::qcow2::Qcow2Image,
-    batch: &mut Vec<ClusterWrite>,
-    blocks: &mut Vec<(u64, u64)>,
+    image: &'s Qcow2Image,
+    dirty: &[u64],
     durable: bool,
+    scope: &'s std::thread::Scope<'s, '_>,
 ) -> Result<()> {
-    let n = batch.len() as u64;
-    if batch.is_empty() && durable {
-        return image.sync_pending();
+    let mut in_flight: Option<InFlight<'s>> = None;
+    if let Err(e) = store_batches(disk, image, dirty, scope, &mut in_flight) {
+        if let Some(dropped) = in_flight.take() {
+            // Its clusters are reserved in memory only: start again from what the disk holds.
+            if let Some(barrier) = dropped.barrier {
+                let _ = barrier.join();
+            }
+            image.abandon();
+        }
+        return Err(e);
     }
-    image.commit(std::mem::take(batch), durable)?;
-    for &(b, stamp) in blocks.iter() {
+    match in_flight {
+        Some(last) => land(disk, image, last, durable),
+        None if durable => image.sync_pending(),
+        None => Ok(()),
+    }
+}
+
+fn store_batches<'s>(
+    disk: &Disk,
+    image: &'s Qcow2Image,
+    dirty: &[u64],
+    scope: &'s std::thread::Scope<'s, '_>,
+    in_flight: &mut Option<InFlight<'s>>,
+) -> Result<()> {
+    let cs = image.layout().cluster_size();
+    let per_cluster = (cs / disk.block_size).max(1);
+    // Only the written part of a block is stored in place; with subclusters it must cover whole
+    // ones, since a subcluster becomes allocated as a whole.
+    let align = if image.layout().extended_l2 {
+        image.layout().subcluster_size() as usize
+    } else {
+        512
+    };
+    let mut batch: Vec<ClusterWrite> = Vec::new();
+    let mut batch_blocks: Vec<(u64, u64)> = Vec::new(); // (block, stamp stored)
+    let mut batch_bytes = 0u64;
+    let mut i = 0;
+    while i < dirty.len() {
+        let cluster = dirty[i] / per_cluster;
+        let mut j = i;
+        while j < dirty.len() && dirty[j] / per_cluster == cluster {
+            j += 1;
+        }
+        let blocks = &dirty[i..j];
+        let guest = cluster * cs;
+        let target = image.write_target(guest)?;
+        let pieces = match target {
+            WriteTarget::InPlace { .. } => blocks
+                .iter()
+                .filter_map(|&b| {
+                    let (at, data, stamp) = disk.cache.dirty_copy(b, align)?;
+                    batch_blocks.push((b, stamp));
+                    Some((b * disk.block_size - guest + at as u64, pad(data)))
+                })
+                .collect(),
+            WriteTarget::Allocate | WriteTarget::Discard => {
+                // Stamps first: a write landing during the copy then keeps its block dirty.
+                batch_blocks.extend(
+                    blocks
+                        .iter()
+                        .filter_map(|&b| Some((b, disk.cache.stamp(b)?))),
+                );
+                vec![(0, assemble(disk, guest, cs)?)]
+            }
+        };
+        batch_bytes += pieces
+            .iter()
+            .map(|(_, d): &(u64, Vec<u8>)| d.len() as u64)
+            .sum::<u64>();
+        batch.push(ClusterWrite {
+            guest,
+            target,
+            pieces,
+        });
+        if batch_bytes >= BATCH_BYTES {
+            let blocks = std::mem::take(&mut batch_blocks);
+            advance(
+                disk,
+                image,
+                scope,
+                std::mem::take(&mut batch),
+                blocks,
+                in_flight,
+            )?;
+            batch_bytes = 0;
+        }
+        i = j;
+    }
+    advance(disk, image, scope, batch, batch_blocks, in_flight)
+}
+
+/// A batch whose data is written and whose refcounts are written, waiting for its barrier.
+struct InFlight<'s> {
+    prepared: Prepared,
+    barrier: Option<std::thread::ScopedJoinHandle<'s, Result<()>>>,
+    /// The blocks it stores, with the stamps stored: they become clean when it lands.
+    blocks: Vec<(u64, u64)>,
+    clusters: u64,
+}
+
+/// Stage `batch` (its data goes to the device), land the batch in flight before it (whose barrier
+/// ran meanwhile), then prepare this one and start its barrier.
+fn advance<'s>(
+    disk: &Disk,
+    image: &'s Qcow2Image,
+    scope: &'s std::thread::Scope<'s, '_>,
+    batch: Vec<ClusterWrite>,
+    blocks: Vec<(u64, u64)>,
+    in_flight: &mut Option<InFlight<'s>>,
+) -> Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let staged = image.stage(batch)?;
+    if let Some(before) = in_flight.take() {
+        land(disk, image, before, false)?;
+    }
+    // After the batch before has landed: this one's L2 tables build on what it published.
+    let prepared = image.prepare(&staged)?;
+    let barrier = prepared
+        .needs_barrier()
+        .then(|| scope.spawn(move || image.barrier()));
+    *in_flight = Some(InFlight {
+        prepared,
+        barrier,
+        blocks,
+        clusters: staged.len() as u64,
+    });
+    Ok(())
+}
+
+/// Wait for the batch's barrier, write its L2 tables (with `durable`, make all durable) and mark
+/// its blocks clean.
+fn land(disk: &Disk, image: &Qcow2Image, batch: InFlight<'_>, durable: bool) -> Result<()> {
+    if let Some(barrier) = batch.barrier {
+        barrier.join().unwrap_or_else(|_| {
+            image.abandon();
+            Err(crate::Error::new(
+                image.path(),
+                std::io::Error::other("the barrier thread panicked"),
+            ))
+        })?;
+    }
+    image.complete(batch.prepared, durable)?;
+    for &(b, stamp) in &batch.blocks {
         disk.cache.mark_clean(b, stamp);
     }
-    blocks.clear();
-    disk.stats.flushed_clusters.fetch_add(n, Ordering::Relaxed);
+    disk.stats
+        .flushed_clusters
+        .fetch_add(batch.clusters, Ordering::Relaxed);
     Ok(())
 }
 

@@ -16,4 +16,4 @@ pub use header::{Compression, Encryption, Header};
 pub use image::{Qcow2Image, WriteTarget};
 pub use layout::Layout;
 pub use table::ClusterSource;
-pub use write::ClusterWrite;
+pub use write::{ClusterWrite, Prepared, Staged};

@@ -23,6 +23,49 @@ pub struct ClusterWrite {
     pub pieces: Vec<(u64, Vec<u8>)>,
 }
 
+/// A batch whose data is written (on its way to the disk, not yet durable) into reserved clusters.
+/// It holds no data, only where each piece went.
+#[derive(Debug)]
+pub struct Staged {
+    clusters: Vec<StagedCluster>,
+}
+
+impl Staged {
+    /// Clusters in the batch.
+    pub fn len(&self) -> usize {
+        self.clusters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.clusters.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct StagedCluster {
+    guest: u64,
+    target: WriteTarget,
+    host: u64,
+    /// (offset in the cluster, length) of each piece written.
+    spans: Vec<(u64, u64)>,
+}
+
+/// A staged batch whose new L2 tables are computed and whose refcounts are written: what is left
+/// waits for a barrier (`needs_barrier`), then `complete` writes the tables.
+#[derive(Debug)]
+pub struct Prepared {
+    l2_new: BTreeMap<u64, (u64, Vec<u64>)>, // l1 index -> (offset, table)
+    releases: Releases,
+    old_table: Option<(u64, u64)>,
+}
+
+impl Prepared {
+    /// Whether data and refcounts must be durable before `complete`: only when an L2 table changes.
+    pub fn needs_barrier(&self) -> bool {
+        !self.l2_new.is_empty()
+    }
+}
+
 /// Host clusters whose references a commit drops once the new metadata is durable.
 #[derive(Debug, Default)]
 struct Releases {
@@ -34,15 +77,65 @@ impl Qcow2Image {
     /// it (background write-back), barriers that only durability needs are left for later, never
     /// those that order metadata. On error the on-disk image is consistent (at most leaks) and the
     /// in-memory metadata is re-read from disk, so the caller may retry with the same writes.
-    pub fn commit(&self, mut writes: Vec<ClusterWrite>, durable: bool) -> Result<()> {
-        if writes.is_empty() {
+    ///
+    /// `stage`, `prepare`, `barrier` and `complete` are its steps, for a caller that overlaps the
+    /// barrier of one batch with staging the next; each reloads the metadata when it fails.
+    pub fn commit(&self, writes: Vec<ClusterWrite>, durable: bool) -> Result<()> {
+        let staged = self.stage(writes)?;
+        if staged.is_empty() {
             return if durable { self.sync_pending() } else { Ok(()) };
         }
-        let result = self.commit_inner(&mut writes, durable);
+        let prepared = self.prepare(&staged)?;
+        if prepared.needs_barrier() {
+            self.barrier()?;
+        }
+        self.complete(prepared, durable)
+    }
+
+    /// Reserve host clusters for `writes`, encrypt and write their data (the device starts on it
+    /// at once). The next batch may be staged before this one is completed, never prepared.
+    pub fn stage(&self, writes: Vec<ClusterWrite>) -> Result<Staged> {
+        if writes.is_empty() {
+            return Ok(Staged {
+                clusters: Vec::new(),
+            });
+        }
+        let result = self.stage_data(writes);
+        self.reload_on_error(result)
+    }
+
+    /// Compute the new L2 tables of `staged` and write the refcounts (before its barrier). Batches
+    /// are prepared and completed one at a time, in order: each builds on the tables the one
+    /// before published.
+    pub fn prepare(&self, staged: &Staged) -> Result<Prepared> {
+        let result = self.prepare_tables(&staged.clusters);
+        self.reload_on_error(result)
+    }
+
+    /// Make everything written so far durable: the barrier between data and refcounts and the L2
+    /// tables that point to them.
+    pub fn barrier(&self) -> Result<()> {
+        let result = self.file.sync();
+        self.reload_on_error(result)
+    }
+
+    /// Write the prepared L2 tables (after the barrier), then L1 entries and releases, each step
+    /// behind its own barrier; with `durable`, all of it is durable when this returns.
+    pub fn complete(&self, prepared: Prepared, durable: bool) -> Result<()> {
+        let result = self.complete_tables(prepared, durable);
+        self.reload_on_error(result)
+    }
+
+    /// Forget what a failed commit left in memory: re-read the metadata from disk.
+    pub fn abandon(&self) {
+        if let Err(e) = self.reload() {
+            log::error!("{e}");
+        }
+    }
+
+    fn reload_on_error<T>(&self, result: Result<T>) -> Result<T> {
         if result.is_err() {
-            if let Err(e) = self.reload() {
-                log::error!("{e}");
-            }
+            self.abandon();
         }
         result
     }
@@ -62,7 +155,7 @@ impl Qcow2Image {
         Ok(())
     }
 
-    fn commit_inner(&self, writes: &mut [ClusterWrite], durable: bool) -> Result<()> {
+    fn stage_data(&self, writes: Vec<ClusterWrite>) -> Result<Staged> {
         let cs = self.layout.cluster_size();
         // A: reserve host clusters for the clusters that move.
         let hosts: Vec<u64> = {
@@ -82,29 +175,43 @@ impl Qcow2Image {
         // MiB while the next are encrypted (the barrier below then waits for less).
         const KICK_BYTES: usize = 4 << 20;
         let mut unkicked = 0;
-        for (w, &host) in writes.iter_mut().zip(&hosts) {
-            for (off, bytes) in w.pieces.iter_mut() {
+        let mut clusters = Vec::with_capacity(writes.len());
+        for (w, host) in writes.into_iter().zip(hosts) {
+            let mut spans = Vec::with_capacity(w.pieces.len());
+            for (off, mut bytes) in w.pieces {
                 if let Some(cipher) = &self.cipher {
-                    let sector = self.sector_number(w.guest + *off, host + *off);
-                    cipher.encrypt(sector, bytes).at(self.path())?;
+                    let sector = self.sector_number(w.guest + off, host + off);
+                    cipher.encrypt(sector, &mut bytes).at(self.path())?;
                 }
-                self.file.write_at(host + *off, bytes)?;
+                self.file.write_at(host + off, &bytes)?;
+                spans.push((off, bytes.len() as u64));
                 unkicked += bytes.len();
                 if unkicked >= KICK_BYTES {
                     self.file.start_writeback();
                     unkicked = 0;
                 }
             }
+            clusters.push(StagedCluster {
+                guest: w.guest,
+                target: w.target,
+                host,
+                spans,
+            });
         }
-        // C: metadata, in order, with barriers.
+        Ok(Staged { clusters })
+    }
+
+    /// C, first half: the new L2 tables in memory, and the refcounts that the barrier must store
+    /// before any of them.
+    fn prepare_tables(&self, clusters: &[StagedCluster]) -> Result<Prepared> {
         let mut meta = self.meta.lock();
         let end = meta.end_cluster;
         meta.metadata.set_end(end);
         self.clear_autoclear(&mut meta)?;
         let mut releases = Releases::default();
         let mut l2_new: BTreeMap<u64, (u64, Vec<u64>)> = BTreeMap::new(); // l1 index -> (offset, table)
-        for (w, &host) in writes.iter().zip(&hosts) {
-            self.update_l2(&mut meta, &mut l2_new, &mut releases, w, host)?;
+        for c in clusters {
+            self.update_l2(&mut meta, &mut l2_new, &mut releases, c)?;
         }
         // Writes in place usually leave their L2 table as it was: then it is neither rewritten nor
         // waited for, and such a commit costs one barrier (or none, in the background).
@@ -120,10 +227,22 @@ impl Qcow2Image {
             l2_new.remove(&index);
         }
         let old_table = self.write_refcounts(&mut meta)?;
-        // Data and refcounts reach the disk before any L2 entry points to them.
-        if !l2_new.is_empty() {
-            self.file.sync()?;
-        }
+        Ok(Prepared {
+            l2_new,
+            releases,
+            old_table,
+        })
+    }
+
+    /// C, second half, once data and refcounts are durable (`Prepared::needs_barrier`).
+    fn complete_tables(&self, prepared: Prepared, durable: bool) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let Prepared {
+            l2_new,
+            mut releases,
+            old_table,
+        } = prepared;
+        let mut meta = self.meta.lock();
         for (offset, table) in l2_new.values() {
             self.file.write_at(*offset, &encode_words(table))?;
         }
@@ -169,7 +288,14 @@ impl Qcow2Image {
             for &(offset, len) in &releases.clusters {
                 self.release(&mut meta, offset, len, &mut freed)?;
             }
-            self.write_refcounts(&mut meta)?;
+            // Storing the decrements may move the refcount table itself (a batch staged meanwhile
+            // may have reserved clusters past what it covers); the table it leaves is released too.
+            let mut moved = self.write_refcounts(&mut meta)?;
+            while let Some((offset, clusters)) = moved {
+                meta.metadata.remove_range(offset, clusters * cs);
+                self.release(&mut meta, offset, clusters * cs, &mut freed)?;
+                moved = self.write_refcounts(&mut meta)?;
+            }
             // A lost decrement is only a leak; the next commit's first barrier stores it anyway.
             if durable {
                 self.file.sync()?;
@@ -188,15 +314,15 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Point the L2 entry of `w` at `host`, copying or creating its L2 table as needed.
+    /// Point the L2 entry of `w` at its host cluster, copying or creating its L2 table as needed.
     fn update_l2(
         &self,
         meta: &mut Meta,
         l2_new: &mut BTreeMap<u64, (u64, Vec<u64>)>,
         releases: &mut Releases,
-        w: &ClusterWrite,
-        host: u64,
+        w: &StagedCluster,
     ) -> Result<()> {
+        let host = w.host;
         let cs = self.layout.cluster_size();
         let l1_index = self.layout.l1_index(w.guest);
         let i = self.layout.l2_index(w.guest) as usize;
@@ -252,9 +378,9 @@ impl Qcow2Image {
             WriteTarget::InPlace { .. } if ext => {
                 let sc = self.layout.subcluster_size();
                 let mut bits = 0u32;
-                for (off, bytes) in &w.pieces {
+                for &(off, len) in &w.spans {
                     let first = off / sc;
-                    let last = (off + bytes.len() as u64 - 1) / sc;
+                    let last = (off + len - 1) / sc;
                     for s in first..=last.min(u64::from(SUBCLUSTERS) - 1) {
                         bits |= 1 << s;
                     }
