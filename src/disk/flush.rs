@@ -95,8 +95,8 @@ fn store<'s>(
     if let Err(e) = store_batches(disk, image, dirty, scope, &mut in_flight) {
         if let Some(dropped) = in_flight.take() {
             // Its clusters are reserved in memory only: start again from what the disk holds.
-            if let Some(barrier) = dropped.barrier {
-                let _ = barrier.join();
+            if let Barrier::Running(thread) = dropped.barrier {
+                let _ = thread.join();
             }
             image.abandon();
         }
@@ -168,38 +168,45 @@ fn store_batches<'s>(
         });
         if batch_bytes >= BATCH_BYTES {
             let blocks = std::mem::take(&mut batch_blocks);
-            advance(
-                disk,
-                image,
-                scope,
-                std::mem::take(&mut batch),
-                blocks,
-                in_flight,
-            )?;
+            let batch = std::mem::take(&mut batch);
+            // With more to come, the barrier runs beside them; else it is simply waited for.
+            let more = j < dirty.len();
+            advance(disk, image, scope, batch, blocks, more, in_flight)?;
             batch_bytes = 0;
         }
         i = j;
     }
-    advance(disk, image, scope, batch, batch_blocks, in_flight)
+    advance(disk, image, scope, batch, batch_blocks, false, in_flight)
 }
 
 /// A batch whose data is written and whose refcounts are written, waiting for its barrier.
 struct InFlight<'s> {
     prepared: Prepared,
-    barrier: Option<std::thread::ScopedJoinHandle<'s, Result<()>>>,
+    barrier: Barrier<'s>,
     /// The blocks it stores, with the stamps stored: they become clean when it lands.
     blocks: Vec<(u64, u64)>,
     clusters: u64,
 }
 
+/// The barrier a batch waits for before its L2 tables are written.
+enum Barrier<'s> {
+    /// No L2 table changes: nothing to order.
+    NotNeeded,
+    /// Running beside the next batch.
+    Running(std::thread::ScopedJoinHandle<'s, Result<()>>),
+    /// Not started: the batch is the last one.
+    Pending,
+}
+
 /// Stage `batch` (its data goes to the device), land the batch in flight before it (whose barrier
-/// ran meanwhile), then prepare this one and start its barrier.
+/// ran meanwhile), then prepare this one and, with `more` batches to come, start its barrier.
 fn advance<'s>(
     disk: &Disk,
     image: &'s Qcow2Image,
     scope: &'s std::thread::Scope<'s, '_>,
     batch: Vec<ClusterWrite>,
     blocks: Vec<(u64, u64)>,
+    more: bool,
     in_flight: &mut Option<InFlight<'s>>,
 ) -> Result<()> {
     if batch.is_empty() {
@@ -211,9 +218,13 @@ fn advance<'s>(
     }
     // After the batch before has landed: this one's L2 tables build on what it published.
     let prepared = image.prepare(&staged)?;
-    let barrier = prepared
-        .needs_barrier()
-        .then(|| scope.spawn(move || image.barrier()));
+    let barrier = if !prepared.needs_barrier() {
+        Barrier::NotNeeded
+    } else if more {
+        Barrier::Running(scope.spawn(move || image.barrier()))
+    } else {
+        Barrier::Pending
+    };
     *in_flight = Some(InFlight {
         prepared,
         barrier,
@@ -226,14 +237,16 @@ fn advance<'s>(
 /// Wait for the batch's barrier, write its L2 tables (with `durable`, make all durable) and mark
 /// its blocks clean.
 fn land(disk: &Disk, image: &Qcow2Image, batch: InFlight<'_>, durable: bool) -> Result<()> {
-    if let Some(barrier) = batch.barrier {
-        barrier.join().unwrap_or_else(|_| {
+    match batch.barrier {
+        Barrier::NotNeeded => {}
+        Barrier::Pending => image.barrier()?,
+        Barrier::Running(thread) => thread.join().unwrap_or_else(|_| {
             image.abandon();
             Err(crate::Error::new(
                 image.path(),
                 std::io::Error::other("the barrier thread panicked"),
             ))
-        })?;
+        })?,
     }
     image.complete(batch.prepared, durable)?;
     for &(b, stamp) in &batch.blocks {
