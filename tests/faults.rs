@@ -18,7 +18,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
@@ -1209,104 +1209,6 @@ impl Drop for Tmpfs {
                 bounded,
             );
         }
-    }
-}
-
-/// `qcowfs mount --foreground` as a child process that the test can kill -9. Dropping it kills
-/// the child if still alive and detaches the mount lazily.
-struct ForegroundMount {
-    child: Option<Child>,
-    mountpoint: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl ForegroundMount {
-    fn start(image: &Path, options: &[OsString]) -> ForegroundMount {
-        require_fuse();
-        let dir = tempfile::Builder::new()
-            .prefix("qcowfs-fg-")
-            .tempdir()
-            .expect("temp folder");
-        let mountpoint = dir.path().join("mnt");
-        fs::create_dir(&mountpoint).expect("mkdir mount point");
-        let log = dir.path().join("daemon.log");
-        let out = File::create(&log).expect("daemon log");
-        let mut cmd = Command::new(qcowfs_bin());
-        cmd.arg("mount")
-            .arg("--foreground")
-            .args(options)
-            .arg(image)
-            .arg(&mountpoint)
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out.try_clone().expect("dup log")))
-            .stderr(Stdio::from(out));
-        eprintln!("$ {cmd:?} &");
-        let child = cmd.spawn().expect("spawn qcowfs mount --foreground");
-        let mut fg = ForegroundMount {
-            child: Some(child),
-            mountpoint,
-            _dir: dir,
-        };
-        let start = Instant::now();
-        while !is_mounted(&fg.mountpoint) {
-            if let Ok(Some(status)) = fg.child.as_mut().expect("child").try_wait() {
-                fg.child = None;
-                panic!(
-                    "qcowfs mount --foreground exited ({}) before mounting:\n{}",
-                    describe_status(status),
-                    fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            assert!(
-                start.elapsed() < MOUNT_TIMEOUT,
-                "qcowfs mount --foreground did not mount within {MOUNT_TIMEOUT:?}"
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-        fg
-    }
-
-    fn disk(&self) -> PathBuf {
-        self.mountpoint.join("disk")
-    }
-
-    /// SIGKILL, reap, and detach the dead mount point.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            eprintln!("$ kill -9 {}", child.id());
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        lazy_unmount(&self.mountpoint);
-    }
-}
-
-impl Drop for ForegroundMount {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// `fusermount3 -u -z`, then `umount -l`, of a (dead) mount point, each bounded.
-fn lazy_unmount(mountpoint: &Path) {
-    let bounded = Duration::from_secs(20);
-    if is_mounted(mountpoint) {
-        let _ = run_with(
-            Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(mountpoint),
-            None,
-            bounded,
-        );
-    }
-    if is_mounted(mountpoint) {
-        let _ = run_with(
-            Command::new("umount").arg("-l").arg(mountpoint),
-            None,
-            bounded,
-        );
     }
 }
 

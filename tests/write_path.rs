@@ -15,7 +15,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -24,9 +24,6 @@ use std::time::{Duration, Instant};
 
 /// How long one batch of writes through a mount may take before the test fails instead of hanging.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(180);
-
-/// How long a `--foreground` mount may take to appear.
-const MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 
 const PASS: &str = "write path secret";
 
@@ -634,15 +631,14 @@ fn ext4_made_inside_the_mount_passes_fsck_after_umount() {
         ["-q".as_ref(), "-F".as_ref(), disk.as_os_str()],
     );
     {
-        let guest = LoopMount::new(&disk, false);
+        let guest = LoopMount::new(&disk, "loop");
         let sub = guest.path().join("sub");
         fs::create_dir(&sub).expect("mkdir inside ext4");
         for (name, _) in &files {
             fs::copy(src.join(name), sub.join(name)).expect("copy into ext4");
         }
-        guest.umount();
+        guest.umount(&disk);
     }
-    wait_until_no_loop_device_uses(&disk);
     mount.umount();
 
     assert_check_clean(&img);
@@ -657,7 +653,7 @@ fn ext4_made_inside_the_mount_passes_fsck_after_umount() {
         fsck.stderr
     );
     // And the files are there, byte for byte.
-    let guest = LoopMount::new(&raw, true);
+    let guest = LoopMount::new(&raw, "loop,ro");
     for (name, data) in &files {
         let got = fs::read(guest.path().join("sub").join(name)).expect("read file back");
         assert_same_bytes(
@@ -666,7 +662,7 @@ fn ext4_made_inside_the_mount_passes_fsck_after_umount() {
             &format!("{name} read back from the converted image"),
         );
     }
-    guest.umount();
+    guest.umount(&raw);
 }
 
 // --- crash ---------------------------------------------------------------------------------------
@@ -1002,181 +998,6 @@ fn assert_same_guest_contents(image: &Image, reference: &Path) {
             r.command,
             r.stderr
         ),
-    }
-}
-
-/// `qcowfs mount --foreground` as a child process that the test can kill -9. Dropping it kills
-/// the child if still alive and detaches the mount lazily.
-struct ForegroundMount {
-    child: Option<Child>,
-    mountpoint: PathBuf,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl ForegroundMount {
-    fn start(image: &Path, options: &[OsString]) -> ForegroundMount {
-        require_fuse();
-        let dir = tempfile::Builder::new()
-            .prefix("qcowfs-fg-")
-            .tempdir()
-            .expect("temp folder");
-        let mountpoint = dir.path().join("mnt");
-        fs::create_dir(&mountpoint).expect("mkdir mount point");
-        let log = dir.path().join("daemon.log");
-        let out = File::create(&log).expect("daemon log");
-        let mut cmd = Command::new(qcowfs_bin());
-        cmd.arg("mount")
-            .arg("--foreground")
-            .args(options)
-            .arg(image)
-            .arg(&mountpoint)
-            .current_dir("/")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out.try_clone().expect("dup log")))
-            .stderr(Stdio::from(out));
-        eprintln!("$ {cmd:?} &");
-        let child = cmd.spawn().expect("spawn qcowfs mount --foreground");
-        let mut fg = ForegroundMount {
-            child: Some(child),
-            mountpoint,
-            log,
-            _dir: dir,
-        };
-        let start = Instant::now();
-        while !is_mounted(&fg.mountpoint) {
-            if let Ok(Some(status)) = fg.child.as_mut().unwrap().try_wait() {
-                fg.child = None;
-                panic!(
-                    "qcowfs mount --foreground exited ({}) before mounting:\n{}",
-                    describe_status(status),
-                    fs::read_to_string(&fg.log).unwrap_or_default()
-                );
-            }
-            assert!(
-                start.elapsed() < MOUNT_TIMEOUT,
-                "qcowfs mount --foreground did not mount within {MOUNT_TIMEOUT:?}"
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
-        fg
-    }
-
-    fn disk(&self) -> PathBuf {
-        self.mountpoint.join("disk")
-    }
-
-    /// SIGKILL, reap, and detach the dead mount point.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        lazy_unmount(&self.mountpoint);
-    }
-}
-
-impl Drop for ForegroundMount {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn lazy_unmount(mountpoint: &Path) {
-    let bounded = Duration::from_secs(20);
-    if is_mounted(mountpoint) {
-        let _ = run_with(
-            Command::new("fusermount3")
-                .arg("-u")
-                .arg("-z")
-                .arg(mountpoint),
-            None,
-            bounded,
-        );
-    }
-    if is_mounted(mountpoint) {
-        let _ = run_with(
-            Command::new("umount").arg("-l").arg(mountpoint),
-            None,
-            bounded,
-        );
-    }
-}
-
-/// `mount -o loop[,ro] SOURCE DIR`; dropping it unmounts (lazily if it must).
-struct LoopMount {
-    target: PathBuf,
-    live: bool,
-    _dir: tempfile::TempDir,
-}
-
-impl LoopMount {
-    fn new(source: &Path, read_only: bool) -> LoopMount {
-        let dir = tempfile::Builder::new()
-            .prefix("qcowfs-loop-")
-            .tempdir()
-            .expect("temp folder");
-        let target = dir.path().join("guest");
-        fs::create_dir(&target).expect("mkdir loop target");
-        let opts = if read_only { "loop,ro" } else { "loop" };
-        run_ok(
-            "mount",
-            [
-                "-o".as_ref(),
-                opts.as_ref(),
-                source.as_os_str(),
-                target.as_os_str(),
-            ],
-        );
-        LoopMount {
-            target,
-            live: true,
-            _dir: dir,
-        }
-    }
-
-    fn path(&self) -> &Path {
-        &self.target
-    }
-
-    fn umount(mut self) {
-        run_ok("umount", [self.target.as_os_str()]);
-        self.live = false;
-    }
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        if self.live {
-            let bounded = Duration::from_secs(20);
-            let _ = run_with(Command::new("umount").arg(&self.target), None, bounded);
-            if is_mounted(&self.target) {
-                let _ = run_with(
-                    Command::new("umount").arg("-l").arg(&self.target),
-                    None,
-                    bounded,
-                );
-            }
-        }
-    }
-}
-
-/// Waits (bounded) until no loop device is backed by `file`: an auto-cleared loop device may
-/// be detached a moment after its file system is unmounted, and it keeps the file open till then.
-fn wait_until_no_loop_device_uses(file: &Path) {
-    let start = Instant::now();
-    loop {
-        let r = run("losetup", ["-j".as_ref(), file.as_os_str()]);
-        if r.stdout.is_empty() {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "a loop device still uses {}: {}",
-            file.display(),
-            r.stdout_str()
-        );
-        thread::sleep(Duration::from_millis(100));
     }
 }
 

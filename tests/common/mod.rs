@@ -11,6 +11,7 @@
 mod compare;
 mod data;
 mod fuse;
+mod guest;
 mod hostile;
 mod image;
 mod run;
@@ -22,6 +23,8 @@ pub use compare::*;
 pub use data::*;
 #[allow(unused_imports)]
 pub use fuse::*;
+#[allow(unused_imports)]
+pub use guest::*;
 #[allow(unused_imports)]
 pub use hostile::*;
 #[allow(unused_imports)]
