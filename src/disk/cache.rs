@@ -131,6 +131,11 @@ impl BlockCache {
         );
     }
 
+    /// The unit a block's written span is stored in (see `partial_align` of `new`).
+    pub fn partial_align(&self) -> usize {
+        self.partial_align
+    }
+
     /// Whether a write of `range` into an absent block of `len` bytes may make it partial.
     pub fn may_be_partial(&self, range: &Range<usize>, len: usize) -> bool {
         self.aligned(range, len) && range.len() < len

@@ -118,13 +118,9 @@ fn store_batches<'s>(
 ) -> Result<()> {
     let cs = image.layout().cluster_size();
     let per_cluster = (cs / disk.block_size).max(1);
-    // Only the written part of a block is stored in place; with subclusters it must cover whole
-    // ones, since a subcluster becomes allocated as a whole.
-    let align = if image.layout().extended_l2 {
-        image.layout().subcluster_size() as usize
-    } else {
-        512
-    };
+    // Only the written part of a block is stored in place, in the units a partial block is
+    // aligned to (sectors, or whole subclusters: a subcluster becomes allocated as a whole).
+    let align = disk.cache.partial_align();
     let mut batch: Vec<ClusterWrite> = Vec::new();
     let mut batch_blocks: Vec<(u64, u64)> = Vec::new(); // (block, stamp stored)
     let mut batch_bytes = 0u64;

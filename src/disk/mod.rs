@@ -90,8 +90,9 @@ impl Disk {
             .cache_size
             .saturating_sub(dirty_limit + in_flight)
             .max(block_size * 64);
-        // A write may leave the rest of a block unloaded when the flush writer can store just
-        // the written span: whole sectors, or whole subclusters (they are allocated as a whole).
+        // The unit the flush writer stores a written span in, and so the alignment a write needs to
+        // leave the rest of its block unloaded: whole sectors, or whole subclusters (they are
+        // allocated as a whole).
         let partial_align = match chain.top() {
             Layer::Qcow2(q) if q.layout().extended_l2 => q.layout().subcluster_size() as usize,
             Layer::Qcow2(_) => 512,
