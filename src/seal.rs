@@ -23,7 +23,8 @@ pub struct SealReport {
     pub dropped_backing: bool,
 }
 
-/// Seal `image`. `progress` is called with (bytes done, bytes total).
+/// Seal `image`. `progress` is called with (work done, work total): copying, then reading every
+/// copied cluster back to verify it, each counts as half.
 pub fn seal(image: &Path, keys: &KeyRing, progress: &dyn Fn(u64, u64)) -> Result<SealReport> {
     let chain = Chain::open(
         image,
@@ -72,7 +73,7 @@ pub fn seal(image: &Path, keys: &KeyRing, progress: &dyn Fn(u64, u64)) -> Result
         disk.read_at(guest, &mut buf[..len])?;
         disk.write_at(guest, &buf[..len])?;
         done += cs;
-        progress(done, total);
+        progress(done, 2 * total);
     }
     disk.flush()?;
     if !clusters_from_below(disk.chain(), cs)?.is_empty() {
@@ -84,6 +85,7 @@ pub fn seal(image: &Path, keys: &KeyRing, progress: &dyn Fn(u64, u64)) -> Result
             ),
         ));
     }
+    verify_copy(disk.chain(), &plan, cs, progress)?;
     if let Layer::Qcow2(top) = disk.chain().top() {
         top.drop_backing_file()?;
     }
@@ -115,6 +117,48 @@ fn clusters_from_below(chain: &Chain, cs: u64) -> Result<Vec<u64>> {
         at += n;
     }
     Ok(out)
+}
+
+/// Before the backing file is dropped: every copied cluster, read back from the image file alone
+/// (a read that would fall through to a backing layer fails), equals what the backing layers hold.
+/// A mismatch leaves the header untouched.
+fn verify_copy(chain: &Chain, plan: &[u64], cs: u64, progress: &dyn Fn(u64, u64)) -> Result<()> {
+    let Layer::Qcow2(top) = chain.top() else {
+        return Ok(());
+    };
+    let path = top.path();
+    let still_below = |_: u64, _: &mut [u8]| -> Result<()> {
+        Err(Error::new(
+            path,
+            Problem::Usage(
+                "a copied cluster still reads from the backing file; nothing was changed in the header"
+                    .into(),
+            ),
+        ))
+    };
+    let size = chain.size();
+    let total = plan.len() as u64 * cs;
+    let mut ours = vec![0u8; cs as usize];
+    let mut theirs = vec![0u8; cs as usize];
+    for (i, &guest) in plan.iter().enumerate() {
+        let len = cs.min(size - guest) as usize;
+        // Whole sectors from the image (the cipher's unit); the disk's size may end inside one.
+        let sectors = len.div_ceil(512) * 512;
+        let ours = &mut ours[..sectors.min(cs as usize)];
+        top.read(guest, ours, &still_below)?;
+        chain.read_level(1, guest, &mut theirs[..len])?;
+        if ours[..len] != theirs[..len] {
+            return Err(Error::new(
+                path,
+                Problem::Usage(format!(
+                    "verification failed: guest bytes at {guest:#x} differ from the backing file after \
+                     copying; nothing was changed in the header"
+                )),
+            ));
+        }
+        progress(total + (i as u64 + 1) * cs, 2 * total);
+    }
+    Ok(())
 }
 
 /// Is there room for `need` more bytes where the image lives?

@@ -7,33 +7,70 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Context, Result};
 
-/// An open image file. Reads past the end of the file return zeros, as QEMU's file driver does, so a
-/// cluster whose tail was never written (subclusters, sparse preallocation) reads like QEMU shows it.
+/// An open image file: a regular file or a block device (an LVM volume, a disk). Reads past the end
+/// return zeros, as QEMU's file driver does, so a cluster whose tail was never written (subclusters,
+/// sparse preallocation) reads like QEMU shows it.
 #[derive(Debug)]
 pub struct HostFile {
     file: File,
     path: PathBuf,
     writable: bool,
+    /// A block device's size never changes under us and `metadata().len()` is 0 for one.
+    device_len: Option<u64>,
+}
+
+/// What kind of object a path names, told without opening it (opening a FIFO blocks until a
+/// writer comes; opening some character devices has side effects).
+fn refuse_unless_file_or_device(path: &Path, meta: &std::fs::Metadata) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = meta.file_type();
+    let what = if kind.is_dir() {
+        return Err(crate::Error::new(
+            path,
+            io::Error::from_raw_os_error(libc::EISDIR),
+        ));
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else {
+        return Ok(());
+    };
+    Err(crate::Error::new(
+        path,
+        crate::Problem::Usage(format!(
+            "is {what}, not an image: only regular files and block devices are opened"
+        )),
+    ))
 }
 
 impl HostFile {
+    /// Open `path`. Anything but a regular file or a block device is refused before open(2) and
+    /// again after it (the path may be swapped in between); the open itself never blocks.
     pub fn open(path: &Path, writable: bool) -> Result<Self> {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        refuse_unless_file_or_device(path, &std::fs::metadata(path).at(path)?)?;
         let file = OpenOptions::new()
             .read(true)
             .write(writable)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
             .open(path)
             .at(path)?;
         let meta = file.metadata().at(path)?;
-        if meta.is_dir() {
-            return Err(crate::Error::new(
-                path,
-                io::Error::from_raw_os_error(libc::EISDIR),
-            ));
-        }
+        refuse_unless_file_or_device(path, &meta)?;
+        clear_nonblock(&file).at(path)?;
+        let device_len = if meta.file_type().is_block_device() {
+            Some(device_size(&file).at(path)?)
+        } else {
+            None
+        };
         Ok(HostFile {
             file,
             path: path.to_path_buf(),
             writable,
+            device_len,
         })
     }
 
@@ -49,8 +86,16 @@ impl HostFile {
         self.writable
     }
 
+    /// The size in bytes: a regular file's length, a block device's capacity.
     pub fn len(&self) -> Result<u64> {
-        Ok(self.file.metadata().at(&self.path)?.len())
+        match self.device_len {
+            Some(len) => Ok(len),
+            None => Ok(self.file.metadata().at(&self.path)?.len()),
+        }
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.device_len.is_some()
     }
 
     pub fn is_empty(&self) -> Result<bool> {
@@ -130,5 +175,75 @@ impl HostFile {
 
     pub fn set_len(&self, len: u64) -> Result<()> {
         self.file.set_len(len).at(&self.path)
+    }
+}
+
+/// Back to blocking I/O once the object is known to be a file or a device.
+fn clear_nonblock(file: &File) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a valid descriptor with integer arguments.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A block device's capacity: where its end is (the same as BLKGETSIZE64; positions do not matter,
+/// all I/O is positional).
+fn device_size(file: &File) -> io::Result<u64> {
+    use std::io::Seek;
+    let mut f = file;
+    f.seek(io::SeekFrom::End(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn refuses_a_fifo_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string and mode.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let start = Instant::now();
+        let err = HostFile::open(&fifo, false).unwrap_err().to_string();
+        assert!(start.elapsed() < Duration::from_secs(1));
+        assert!(err.contains("is a FIFO, not an image"), "{err}");
+        assert!(err.contains("fifo"), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_character_device() {
+        let err = HostFile::open(Path::new("/dev/null"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/dev/null: is a character device"), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_unix_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let err = HostFile::open(&path, false).unwrap_err().to_string();
+        assert!(err.contains("is a socket"), "{err}");
+    }
+
+    #[test]
+    fn a_regular_file_has_its_length_and_reads_zeros_past_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"abc").unwrap();
+        let f = HostFile::open(&path, false).unwrap();
+        assert_eq!(f.len().unwrap(), 3);
+        assert!(!f.is_block_device());
+        let mut buf = [9u8; 5];
+        f.read_at(1, &mut buf).unwrap();
+        assert_eq!(&buf, b"bc\0\0\0");
     }
 }

@@ -136,7 +136,7 @@ impl Qcow2Image {
             autoclear_cleared: false,
             metadata,
         };
-        Ok(Qcow2Image {
+        let image = Qcow2Image {
             file,
             layout,
             cipher: None,
@@ -144,7 +144,12 @@ impl Qcow2Image {
             snapshots,
             last_decompressed: Mutex::new(None),
             unsynced: std::sync::atomic::AtomicBool::new(false),
-        })
+        };
+        if writable {
+            // Refcounts that cannot take an allocation refuse the mount now, not the first flush.
+            image.ensure_refcounts(&mut image.meta.lock())?;
+        }
+        Ok(image)
     }
 
     pub fn set_cipher(&mut self, cipher: Box<dyn SectorCipher>) {

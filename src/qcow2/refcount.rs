@@ -189,6 +189,49 @@ impl Refcounts {
         self.table_dirty = true;
     }
 
+    /// For writing: every refcount block the table names must lie inside the file of `file_len`
+    /// bytes, or an allocation would fail half-way through a commit (and any write with it).
+    pub fn check_blocks_inside(&self, file: &HostFile, file_len: u64) -> Result<()> {
+        let cs = 1u64 << self.cluster_bits;
+        for &offset in self.table.iter().filter(|&&o| o != 0) {
+            if offset.checked_add(cs).is_none_or(|end| end > file_len) {
+                return Err(crate::Error::new(
+                    file.path(),
+                    FormatError::BeyondEnd {
+                        what: "refcount block",
+                        offset,
+                        len: cs,
+                        file_len,
+                    },
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The highest host cluster with a non-zero refcount, if any. The allocator hands out clusters
+    /// only past it (or free ones below): a file truncated inside its data area still has clusters
+    /// that tables reference beyond its end, and these must never be given out again.
+    pub fn last_used_cluster(&mut self, file: &HostFile) -> Result<Option<u64>> {
+        let per_block = self.per_block();
+        for index in (0..self.table.len() as u64).rev() {
+            if !self.ensure_loaded(file, index)? {
+                continue;
+            }
+            let order = self.order;
+            let Some(block) = self.blocks.get(&index) else {
+                continue;
+            };
+            if let Some(i) = (0..per_block as usize)
+                .rev()
+                .find(|&i| get_entry(block, i, order) != 0)
+            {
+                return Ok(Some(index * per_block + i as u64));
+            }
+        }
+        Ok(None)
+    }
+
     /// Entries the on-disk table has room for.
     pub fn table_capacity(&self) -> u64 {
         (self.table_clusters << self.cluster_bits) / 8
@@ -245,6 +288,53 @@ mod tests {
         assert_eq!(get_entry(&block, 1, 6), u64::MAX - 1);
         set_entry(&mut block, 2, 5, 7);
         assert_eq!(&block[8..12], &[0, 0, 0, 7]);
+    }
+
+    /// A refcount table of one cluster at 0 naming `blocks` (offsets) in a file of `len` bytes.
+    fn image_with_blocks(blocks: &[(u64, &[u8])], len: u64) -> (tempfile::TempDir, HostFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let mut bytes = vec![0u8; len as usize];
+        for (i, (offset, content)) in blocks.iter().enumerate() {
+            bytes[i * 8..i * 8 + 8].copy_from_slice(&offset.to_be_bytes());
+            if *offset + 512 <= len {
+                bytes[*offset as usize..*offset as usize + content.len()].copy_from_slice(content);
+            }
+        }
+        std::fs::write(&path, bytes).unwrap();
+        let file = HostFile::open(&path, false).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn finds_the_last_cluster_with_a_refcount_in_the_last_used_block() {
+        // 512-byte clusters, 16-bit refcounts: 256 clusters per block. Block 0 at 512 has
+        // clusters 0..=3 used; block 1 at 1024 has cluster 256 + 7 used; block 2 at 1536 is empty.
+        let mut b0 = vec![0u8; 512];
+        for i in 0..4 {
+            set_entry(&mut b0, i, 4, 1);
+        }
+        let mut b1 = vec![0u8; 512];
+        set_entry(&mut b1, 7, 4, 2);
+        let (_dir, file) = image_with_blocks(&[(512, &b0), (1024, &b1), (1536, &[0; 512])], 2048);
+        let mut rc = Refcounts::load(&file, 0, 1, 9, 4).unwrap();
+        assert_eq!(rc.last_used_cluster(&file).unwrap(), Some(256 + 7));
+    }
+
+    #[test]
+    fn an_image_without_used_clusters_has_no_last_used_cluster() {
+        let (_dir, file) = image_with_blocks(&[(512, &[0; 512])], 1024);
+        let mut rc = Refcounts::load(&file, 0, 1, 9, 4).unwrap();
+        assert_eq!(rc.last_used_cluster(&file).unwrap(), None);
+    }
+
+    #[test]
+    fn a_refcount_block_past_the_end_of_the_file_is_refused_for_writing() {
+        let (_dir, file) = image_with_blocks(&[(512, &[0; 512]), (4096, &[])], 1024);
+        let rc = Refcounts::load(&file, 0, 1, 9, 4).unwrap();
+        let err = rc.check_blocks_inside(&file, 1024).unwrap_err().to_string();
+        assert!(err.contains("refcount block"), "{err}");
+        assert!(rc.check_blocks_inside(&file, 8192).is_ok());
     }
 
     #[test]

@@ -398,16 +398,24 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// Load the refcounts before the first allocation, check that they can take one, and move the
+    /// end of allocation past every cluster they count (see `Refcounts::last_used_cluster`).
     pub(super) fn ensure_refcounts(&self, meta: &mut Meta) -> Result<()> {
         if meta.refcounts.is_none() {
             let h = &meta.header;
-            meta.refcounts = Some(Refcounts::load(
+            let mut rc = Refcounts::load(
                 &self.file,
                 h.refcount_table_offset,
                 h.refcount_table_clusters.into(),
                 h.cluster_bits,
                 h.refcount_order,
-            )?);
+            )?;
+            let file_len = self.file.len()?;
+            rc.check_blocks_inside(&self.file, file_len)?;
+            if let Some(last) = rc.last_used_cluster(&self.file)? {
+                meta.end_cluster = meta.end_cluster.max(last + 1);
+            }
+            meta.refcounts = Some(rc);
         }
         Ok(())
     }
@@ -622,7 +630,7 @@ impl Qcow2Image {
         meta.refcounts = None;
         meta.end_cluster = self.file.len()?.div_ceil(cs);
         meta.free_cursor = 0;
-        Ok(())
+        self.ensure_refcounts(&mut meta)
     }
 }
 

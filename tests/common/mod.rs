@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+mod check;
 mod compare;
 mod data;
 mod fuse;
@@ -17,6 +18,8 @@ mod image;
 mod run;
 
 // Each test crate uses a different part; an unused glob is not a mistake here.
+#[allow(unused_imports)]
+pub use check::*;
 #[allow(unused_imports)]
 pub use compare::*;
 #[allow(unused_imports)]
