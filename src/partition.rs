@@ -18,20 +18,50 @@ pub struct Partition {
     pub len: u64,
 }
 
+/// A partition table as read, and every byte range it was read from: the MBR, each EBR of the
+/// extended chain, both GPT headers and entry arrays. A write to any of them may change it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Table {
+    pub partitions: Vec<Partition>,
+    pub sources: Vec<(u64, u64)>,
+}
+
+impl Table {
+    /// Could writing [offset, offset + len) change the table? True for the sectors it was read
+    /// from, and for the first 34 and last 33 sectors (where a new MBR or GPT would appear).
+    pub fn touched_by(&self, disk_size: u64, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len);
+        let overlaps = |start: u64, n: u64| offset < start.saturating_add(n) && start < end;
+        overlaps(0, 34 * SECTOR)
+            || end > disk_size.saturating_sub(33 * SECTOR)
+            || self.sources.iter().any(|&(start, n)| overlaps(start, n))
+    }
+}
+
 /// Read the partition table of `disk`.
 pub fn read_partitions(disk: &dyn BlockDevice) -> Vec<Partition> {
+    read_table(disk).partitions
+}
+
+/// Read the partition table of `disk`, noting where it lies.
+pub fn read_table(disk: &dyn BlockDevice) -> Table {
+    let mut table = Table::default();
     let mut mbr = [0u8; 512];
-    if disk.size() < 1024 || disk.read_at(0, &mut mbr).is_err() || mbr[510..512] != [0x55, 0xaa] {
-        return Vec::new();
+    if disk.size() < 1024 || disk.read_at(0, &mut mbr).is_err() {
+        return table;
+    }
+    table.sources.push((0, SECTOR));
+    if mbr[510..512] != [0x55, 0xaa] {
+        return table;
     }
     let entries: Vec<MbrEntry> = (0..4)
         .map(|i| MbrEntry::parse(&mbr[446 + i * 16..462 + i * 16]))
         .collect();
     if entries.iter().any(|e| e.kind == 0xee) {
-        return read_gpt(disk);
+        table.partitions = read_gpt(disk, &mut table.sources);
+        return table;
     }
     let size = disk.size();
-    let mut out = Vec::new();
     let mut next_logical = 5;
     for (slot, e) in entries.iter().enumerate() {
         if e.kind == 0 || e.sectors == 0 {
@@ -41,8 +71,8 @@ pub fn read_partitions(disk: &dyn BlockDevice) -> Vec<Partition> {
             continue;
         };
         if is_extended(e.kind) {
-            for (lstart, llen) in read_logicals(disk, start, len) {
-                out.push(Partition {
+            for (lstart, llen) in read_logicals(disk, start, len, &mut table.sources) {
+                table.partitions.push(Partition {
                     number: next_logical,
                     start: lstart,
                     len: llen,
@@ -50,14 +80,14 @@ pub fn read_partitions(disk: &dyn BlockDevice) -> Vec<Partition> {
                 next_logical += 1;
             }
         } else {
-            out.push(Partition {
+            table.partitions.push(Partition {
                 number: slot as u32 + 1,
                 start,
                 len,
             });
         }
     }
-    out
+    table
 }
 
 struct MbrEntry {
@@ -89,17 +119,27 @@ fn is_extended(kind: u8) -> bool {
 }
 
 /// Follow the chain of extended boot records inside the extended partition [start, start + len).
-fn read_logicals(disk: &dyn BlockDevice, start: u64, len: u64) -> Vec<(u64, u64)> {
+fn read_logicals(
+    disk: &dyn BlockDevice,
+    start: u64,
+    len: u64,
+    sources: &mut Vec<(u64, u64)>,
+) -> Vec<(u64, u64)> {
     let ext_lba = start / SECTOR;
     let mut out = Vec::new();
     let mut ebr_lba = ext_lba;
     let mut seen = std::collections::HashSet::new();
     while out.len() < MAX_LOGICAL && seen.insert(ebr_lba) {
         let mut ebr = [0u8; 512];
-        if ebr_lba * SECTOR >= start + len
-            || disk.read_at(ebr_lba * SECTOR, &mut ebr).is_err()
-            || ebr[510..512] != [0x55, 0xaa]
-        {
+        let Some(at) = ebr_lba.checked_mul(SECTOR) else {
+            break;
+        };
+        if at >= start + len || disk.read_at(at, &mut ebr).is_err() {
+            break;
+        }
+        // Watched even when it holds no table yet: writing one there extends the chain.
+        sources.push((at, SECTOR));
+        if ebr[510..512] != [0x55, 0xaa] {
             break;
         }
         let this = MbrEntry::parse(&ebr[446..462]);
@@ -112,33 +152,61 @@ fn read_logicals(disk: &dyn BlockDevice, start: u64, len: u64) -> Vec<(u64, u64)
         if next.kind == 0 || next.lba == 0 {
             break;
         }
-        ebr_lba = ext_lba + next.lba;
+        let Some(lba) = ext_lba.checked_add(next.lba) else {
+            break;
+        };
+        ebr_lba = lba;
     }
     out
 }
 
-fn read_gpt(disk: &dyn BlockDevice) -> Vec<Partition> {
+fn le32(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+fn le64(b: &[u8], i: usize) -> u64 {
+    u64::from(le32(b, i)) | (u64::from(le32(b, i + 4)) << 32)
+}
+
+/// Where a GPT header at `lba` says its entry array is: (byte offset, byte length), if the header
+/// is there and the array lies on the disk. Notes the header (and the array) as table sources.
+fn gpt_entries(
+    disk: &dyn BlockDevice,
+    lba: u64,
+    sources: &mut Vec<(u64, u64)>,
+) -> Option<(u64, u64, u32)> {
     let mut hdr = [0u8; 512];
-    if disk.read_at(SECTOR, &mut hdr).is_err() || &hdr[..8] != b"EFI PART" {
-        return Vec::new();
+    let at = lba.checked_mul(SECTOR)?;
+    if at.checked_add(SECTOR)? > disk.size() || disk.read_at(at, &mut hdr).is_err() {
+        return None;
     }
-    let le32 = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let le64 = |b: &[u8], i: usize| u64::from(le32(b, i)) | (u64::from(le32(b, i + 4)) << 32);
-    let table_lba = le64(&hdr, 72);
+    sources.push((at, SECTOR));
+    if &hdr[..8] != b"EFI PART" {
+        return None;
+    }
     let count = le32(&hdr, 80).min(MAX_GPT_ENTRIES);
     let entry_size = le32(&hdr, 84);
     if !(128..=4096).contains(&entry_size) || entry_size % 8 != 0 {
-        return Vec::new();
+        return None;
     }
-    let Some(table_len) = u64::from(count).checked_mul(u64::from(entry_size)) else {
+    let table_len = u64::from(count).checked_mul(u64::from(entry_size))?;
+    let table_start = le64(&hdr, 72).checked_mul(SECTOR)?;
+    if table_start.checked_add(table_len)? > disk.size() {
+        return None;
+    }
+    sources.push((table_start, table_len));
+    // The backup header (normally the last sector) and its array are table data too.
+    let alternate = le64(&hdr, 32);
+    if lba == 1 && alternate != 1 {
+        let _ = gpt_entries(disk, alternate, sources);
+    }
+    Some((table_start, table_len, entry_size))
+}
+
+fn read_gpt(disk: &dyn BlockDevice, sources: &mut Vec<(u64, u64)>) -> Vec<Partition> {
+    let Some((table_start, table_len, entry_size)) = gpt_entries(disk, 1, sources) else {
         return Vec::new();
     };
-    let Some(table_start) = table_lba.checked_mul(SECTOR) else {
-        return Vec::new();
-    };
-    if table_start.saturating_add(table_len) > disk.size() {
-        return Vec::new();
-    }
     let mut table = vec![0u8; table_len as usize];
     if disk.read_at(table_start, &mut table).is_err() {
         return Vec::new();

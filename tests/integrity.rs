@@ -194,3 +194,290 @@ fn a_socket_or_character_device_backing_file_is_refused_naming_it() {
     let r = mount_failure(&top2.path, &[] as &[&str], None);
     assert_one_line_error(&r, &["sock", "socket"], REFUSAL_LIMIT);
 }
+
+// --- holes 1 and 2: `disk` and `disk-partN` over the same bytes -----------------------------------
+
+/// `sfdisk DISK < SCRIPT`, without asking the kernel to re-read anything.
+fn sfdisk(disk: &Path, script: &str) {
+    run_with(
+        Command::new("sfdisk")
+            .arg("--no-reread")
+            .arg("--no-tell-kernel")
+            .arg(disk),
+        Some(script.as_bytes()),
+        COMMAND_TIMEOUT,
+    )
+    .assert_success();
+}
+
+/// A plain qcow2 overlay over a raw base holding an MBR with one 32 MiB partition at 1 MiB.
+fn overlay_over_partitioned_base(dir: &Path, script: &str) -> Image {
+    let base = create_raw(dir.join("base.raw"), 64 * MIB);
+    sfdisk(&base.path, script);
+    qcow2(dir.join("top.qcow2"), 64 * MIB)
+        .backing(&base)
+        .create()
+}
+
+/// Change the last byte of the page at `off` of `path` through a shared mapping, and msync it.
+fn mmap_poke_last_byte(path: &Path, off: u64, value: u8) {
+    use std::os::unix::io::AsRawFd;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open for mmap");
+    // SAFETY: a fresh shared mapping of one page of an open file, unmapped below; nothing else
+    // aliases it in this process.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            off as libc::off_t,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "mmap {}", path.display());
+        *(p as *mut u8).add(4095) = value;
+        assert_eq!(libc::msync(p, 4096, libc::MS_SYNC), 0, "msync");
+        assert_eq!(libc::munmap(p, 4096), 0, "munmap");
+    }
+}
+
+#[test]
+fn disk_and_a_partition_file_show_one_truth_through_pread_pwrite_and_mmap() {
+    let dir = workdir();
+    let img = overlay_over_partitioned_base(dir.path(), ",32MiB,83\n");
+    let m = Mount::new(&img.path, &[] as &[&str]);
+    let disk = m.disk();
+    let part1 = m.mountpoint().join("disk-part1");
+
+    // disk caches the page, then the partition file writes under it.
+    let _ = read_at_bounded(&disk, MIB, 64 * KIB as usize);
+    pwrite(&part1, 0, &[b'A'; 4096]);
+    assert_eq!(
+        read_at_bounded(&disk, MIB, 8),
+        b"AAAAAAAA",
+        "disk after a write through part1"
+    );
+
+    // An mmap write-back through disk must keep the partition's bytes.
+    mmap_poke_last_byte(&disk, MIB, b'Z');
+    let mut expected = vec![b'A'; 4096];
+    expected[4095] = b'Z';
+    assert_same_bytes(
+        &read_at_bounded(&part1, 0, 4096),
+        &expected,
+        "part1 after mmap via disk",
+    );
+
+    // The other way: part1 reads, disk writes, part1 reads again.
+    let _ = read_at_bounded(&part1, 8192, 4096);
+    pwrite(&disk, MIB + 8192, &[b'B'; 4096]);
+    assert_eq!(
+        read_at_bounded(&part1, 8192, 4),
+        b"BBBB",
+        "part1 after a write through disk"
+    );
+    m.umount();
+
+    let raw = img.raw();
+    assert_same_bytes(
+        &raw[MIB as usize..(MIB + 4096) as usize],
+        &expected,
+        "qemu at 1 MiB",
+    );
+    assert_same_bytes(
+        &raw[(MIB + 8192) as usize..(MIB + 12288) as usize],
+        &[b'B'; 4096],
+        "qemu at 1 MiB + 8 KiB",
+    );
+    assert_check_clean(&img);
+}
+
+/// An extended partition at 32 MiB with logicals 5 (4 MiB) and 6 (8 MiB).
+const LOGICALS: &str = "label: dos
+unit: sectors
+
+start=2048, size=20480, type=83
+start=65536, size=65536, type=5
+start=67584, size=8192, type=83
+start=77824, size=16384, type=83
+";
+
+fn file_len(path: &Path) -> u64 {
+    fs::metadata(path).expect("stat").len()
+}
+
+#[test]
+fn shrinking_a_logical_partition_in_its_ebr_through_disk_shrinks_its_file_at_once() {
+    let dir = workdir();
+    let img = overlay_over_partitioned_base(dir.path(), LOGICALS);
+    let m = Mount::new(&img.path, &[] as &[&str]);
+    let part5 = m.mountpoint().join("disk-part5");
+    assert_eq!(file_len(&part5), 8192 * 512, "logical 5 as made");
+
+    // The first EBR sits at the start of the extended partition (LBA 65536); its first entry
+    // describes logical 5: sector count at byte 446 + 12. Halve it through disk.
+    let ebr = 65536 * 512;
+    let count = 4096u32.to_le_bytes();
+    pwrite(&m.disk(), ebr + 446 + 12, &count);
+    assert_eq!(
+        file_len(&part5),
+        4096 * 512,
+        "logical 5 after its EBR was edited"
+    );
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&part5)
+        .expect("open part5");
+    let err = f
+        .write_at(b"past the new end", 4096 * 512)
+        .expect_err("a write past the new end fails");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    drop(f);
+
+    // And the second EBR (linked from the first) moves logical 6: dropping the link removes it.
+    pwrite(&m.disk(), ebr + 462, &[0u8; 16]);
+    assert!(
+        !m.mountpoint().join("disk-part6").exists(),
+        "disk-part6 is gone once the EBR chain no longer reaches it"
+    );
+    m.umount();
+    assert_check_clean(&img);
+}
+
+// --- hole 5: writes that cannot be stored -------------------------------------------------------
+
+/// The host offset of guest cluster 0's data (64 KiB clusters, first L2 table), from its L2 entry.
+fn l2_entry_of_cluster0(img: &Image) -> (u64, u64) {
+    let l1 = read_be_u64(&img.path, 40);
+    let l2 = read_be_u64(&img.path, l1) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(l2, 0, "no L2 table");
+    (l2, read_be_u64(&img.path, l2))
+}
+
+fn write_err(path: &Path, off: u64, data: &[u8]) -> Option<i32> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open for writing");
+    // O_DIRECT is not needed: `disk` writes through the page cache to the daemon synchronously.
+    f.write_all_at(data, off)
+        .err()
+        .and_then(|e| e.raw_os_error())
+}
+
+#[test]
+fn a_partial_write_into_a_damaged_compressed_cluster_fails_at_once_and_umount_still_works() {
+    let dir = workdir();
+    let img = qcow2(dir.path().join("c.qcow2"), 4 * MIB).create();
+    img.write_compressed(0, &compressible_bytes(64 * KIB as usize, 5));
+    assert!(
+        has_extent(&img, "compressed"),
+        "qemu made a compressed cluster"
+    );
+    let (_, entry) = l2_entry_of_cluster0(&img);
+    // Compressed descriptor with 64 KiB clusters: the host offset is the low 54 bits.
+    let host = entry & ((1 << 54) - 1);
+    patch_bytes(&img.path, host, &[0xff; 64]);
+    let healthy = random_bytes(100_000, 6);
+
+    let m = Mount::new(&img.path, &[] as &[&str]);
+    assert_eq!(
+        write_err(&m.disk(), 4096, b"into the damaged cluster"),
+        Some(libc::EIO),
+        "a partial write that needs the damaged cluster fails at once"
+    );
+    pwrite(&m.disk(), MIB + 3, &healthy);
+    // A write of the whole cluster needs nothing read: it replaces the damage.
+    pwrite(&m.disk(), 0, &vec![0x77; 64 * KIB as usize]);
+    m.umount();
+
+    let raw = img.raw();
+    assert_same_bytes(
+        &raw[..64 * KIB as usize],
+        &[0x77; 64 * KIB as usize],
+        "repaired cluster",
+    );
+    assert_same_bytes(
+        &raw[(MIB + 3) as usize..(MIB + 3) as usize + healthy.len()],
+        &healthy,
+        "healthy write",
+    );
+    assert_check_no_corruption(&img);
+}
+
+#[test]
+fn a_partial_write_into_a_cluster_that_points_into_metadata_fails_and_healthy_writes_survive_sigterm(
+) {
+    let dir = workdir();
+    let img = qcow2(dir.path().join("m.qcow2"), 4 * MIB).create();
+    img.write_pattern(0, 128 * KIB, 0x11);
+    let (l2, _) = l2_entry_of_cluster0(&img);
+    // Guest cluster 1 now claims the L2 table itself as its data (COPIED: "owned").
+    patch_be_u64(&img.path, l2 + 8, (1 << 63) | l2);
+    let healthy = random_bytes(200_000, 7);
+
+    let m = Mount::new(&img.path, &[] as &[&str]);
+    let pid = m.daemon_pid().expect("daemon pid");
+    assert_eq!(
+        write_err(&m.disk(), 64 * KIB + 512, b"metadata"),
+        Some(libc::EIO),
+        "a write into a cluster inside metadata fails at once"
+    );
+    // Healthy data, not fsynced; then SIGTERM: the daemon writes it and exits.
+    {
+        let f = OpenOptions::new().write(true).open(m.disk()).expect("open");
+        f.write_all_at(&healthy, 2 * MIB + 5)
+            .expect("healthy write");
+    }
+    // SAFETY: kill(2) of the daemon this test started.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) }, 0);
+    let start = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "daemon still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(m);
+
+    // Put the L2 entry back so qemu reads the image, then look for the healthy bytes.
+    patch_be_u64(&img.path, l2 + 8, 0);
+    let raw = img.raw();
+    assert_same_bytes(
+        &raw[(2 * MIB + 5) as usize..(2 * MIB + 5) as usize + healthy.len()],
+        &healthy,
+        "the healthy write after SIGTERM",
+    );
+}
+
+#[test]
+fn a_refcount_block_past_the_end_refuses_a_read_write_mount_naming_it_and_mounts_read_only() {
+    let dir = workdir();
+    let img = qcow2(dir.path().join("r.qcow2"), 4 * MIB).create();
+    img.write_pattern(0, 64 * KIB, 0x22);
+    let table = read_be_u64(&img.path, 48);
+    let len = fs::metadata(&img.path).expect("stat").len();
+    // A second refcount block, far past the end of the file.
+    patch_be_u64(
+        &img.path,
+        table + 8,
+        (len + 100 * MIB) / (64 * KIB) * (64 * KIB),
+    );
+
+    let r = mount_failure(&img.path, &[] as &[&str], None);
+    assert_one_line_error(&r, &["r.qcow2"], REFUSAL_LIMIT);
+    assert!(
+        r.stderr.contains("refcount block"),
+        "names the refcount block: {}",
+        r.stderr
+    );
+
+    let m = Mount::new(&img.path, &["--read-only"]);
+    assert_eq!(read_at_bounded(&m.disk(), 0, 4), [0x22; 4]);
+    m.umount();
+}

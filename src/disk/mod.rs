@@ -32,10 +32,6 @@ pub trait BlockDevice: Send + Sync {
     fn seek(&self, offset: u64, want_data: bool) -> Result<Option<u64>>;
     /// Make [offset, offset + len) read as zeros, giving the space back where whole clusters allow.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
-    /// Changes when the partition table area may have changed (see `Disk::table_generation`).
-    fn table_generation(&self) -> u64 {
-        0
-    }
 }
 
 /// Tunables of a disk.
@@ -66,7 +62,6 @@ pub struct Disk {
     last_write: Mutex<Option<Instant>>,
     /// `allocated_bytes`, until the next flush or discard changes it.
     allocated: Mutex<Option<u64>>,
-    table_generation: AtomicU64,
     /// Bytes written and flushed, for logs.
     pub(crate) stats: Stats,
 }
@@ -112,7 +107,6 @@ impl Disk {
             writer_wake: (Mutex::new(false), Condvar::new()),
             last_write: Mutex::new(None),
             allocated: Mutex::new(None),
-            table_generation: AtomicU64::new(0),
             stats: Stats::default(),
         }
     }
@@ -123,14 +117,6 @@ impl Disk {
 
     pub fn shared_chain(&self) -> Arc<Chain> {
         self.chain.clone()
-    }
-
-    fn note_table_write(&self, offset: u64, len: u64) {
-        let end = offset + len;
-        if offset < 34 * 512 || end > self.size.saturating_sub(33 * 512) {
-            self.table_generation
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
     }
 
     fn block_len(&self, block: u64) -> usize {
@@ -228,10 +214,47 @@ impl Disk {
         Ok(())
     }
 
+    /// Before a block becomes dirty: can the flush writer store it? Nothing unstorable may be left
+    /// dirty (it would fail every flush, and umount with it), so a write that the flush could not
+    /// store fails here, at once: a cluster whose mapping is damaged (data inside metadata), or a
+    /// copy-on-write cluster whose other bytes cannot be read (a damaged compressed cluster, an
+    /// unreadable backing file). A write of the whole cluster needs nothing read and may repair it.
+    /// Returns whether the cluster is written in place (only then may a block stay partial).
+    fn check_storable(&self, block: u64) -> Result<bool> {
+        let Layer::Qcow2(image) = self.chain.top() else {
+            return Ok(false);
+        };
+        let cs = image.layout().cluster_size();
+        let guest = block * self.block_size / cs * cs;
+        if let crate::qcow2::WriteTarget::InPlace { .. } = image.write_target(guest)? {
+            return Ok(true);
+        }
+        let bs = self.block_size;
+        let blocks = guest / bs..(guest + cs).min(self.size).div_ceil(bs);
+        if blocks
+            .clone()
+            .any(|b| b != block && self.cache.stamp(b).is_some())
+        {
+            return Ok(false); // checked when its first block became dirty
+        }
+        // This block itself is read by the write when it is not written whole (and fails there).
+        let mut scratch = vec![0u8; bs as usize];
+        for b in blocks.filter(|&b| b != block) {
+            let len = self.block_len(b);
+            self.read_block(b, 0, &mut scratch[..len])?;
+        }
+        Ok(false)
+    }
+
     fn write_block(&self, block: u64, within: usize, data: &[u8]) -> Result<()> {
-        let _serial = self.cache.stripe(block);
         let len = self.block_len(block);
         let full = within == 0 && data.len() == len;
+        // Checked outside the block's stripe: the check reads the cluster's other blocks.
+        let in_place = match self.cache.stamp(block) {
+            None => self.check_storable(block)?,
+            Some(_) => false,
+        };
+        let _serial = self.cache.stripe(block);
         let range = within..within + data.len();
         let mut shard = self.cache.shard(block);
         match self.cache.update_dirty(&mut shard, block, within, data) {
@@ -258,7 +281,7 @@ impl Disk {
             self.cache.insert_dirty(&mut shard, block, copy, range);
             return Ok(());
         }
-        if self.cache.may_be_partial(&range, len) {
+        if in_place && self.cache.may_be_partial(&range, len) {
             self.cache
                 .insert_partial(&mut shard, block, len, within, data);
             return Ok(());
@@ -394,7 +417,6 @@ impl BlockDevice for Disk {
         if self.cache.dirty_bytes() > self.dirty_limit / 2 {
             self.wake_writer();
         }
-        self.note_table_write(offset, data.len() as u64);
         Ok(())
     }
 
@@ -436,18 +458,10 @@ impl BlockDevice for Disk {
             ));
         }
         self.check_range(offset, len as usize)?;
-        self.note_table_write(offset, len);
         flush::discard(self, offset, len)
     }
 
     fn is_read_only(&self) -> bool {
         self.read_only
-    }
-
-    /// Changes whenever a write or discard touches where partition tables live (the first 34 and
-    /// last 33 sectors: MBR, GPT and its backup), so views of partitions know to re-read them.
-    fn table_generation(&self) -> u64 {
-        self.table_generation
-            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }

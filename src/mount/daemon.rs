@@ -123,8 +123,15 @@ fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
         std::thread::spawn(move || {
             for sig in signals.forever() {
                 log::info!("signal {sig}: writing everything and unmounting");
+                // Unmounting ends the session; its last flush failing would drop the dirty data.
+                // So a failed write keeps the mount (and the data) until a later signal or
+                // `qcowfs umount` succeeds, say once space is freed.
                 if let Some(Err(e)) = disk.upgrade().map(|d| d.flush()) {
-                    log::error!("flush after signal {sig}: {e}");
+                    log::error!(
+                        "signal {sig}: not unmounting, unwritten data is kept: {e}; \
+                         fix the cause and signal again (or run qcowfs umount)"
+                    );
+                    continue;
                 }
                 match detach(&mountpoint) {
                     Ok(()) => break,
@@ -258,8 +265,10 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
     }
     config.n_threads = Some(FUSE_THREADS);
     config.clone_fd = true;
+    let notifier_slot = fs.notifier_slot();
     let session = fuser::Session::new(fs, &req.mountpoint, &config)
         .map_err(|e| Error::new(&req.mountpoint, e))?;
+    let _ = notifier_slot.set(session.notifier());
     let record = Record::for_mountpoint(&mountpoint);
     let life = match record.write_pid(std::process::id(), &mountpoint) {
         Ok(file) => Some(file),

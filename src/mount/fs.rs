@@ -4,27 +4,23 @@
 //! qcow2.
 
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
-    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request, WriteFlags,
+    LockOwner, Notifier, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
 
-use parking_lot::Mutex;
-
-use crate::disk::views::Window;
+use super::partitions::{is_partition, PartitionFiles, PartitionWriter, PARTITION_END};
 use crate::disk::BlockDevice;
-use crate::partition::read_partitions;
 
 pub const ROOT: INodeNo = INodeNo::ROOT;
 pub const DISK: INodeNo = INodeNo(2);
 pub const SNAPSHOT_DIR: INodeNo = INodeNo(3);
-/// Partition N is inode PARTITION_BASE + N; snapshot i is SNAPSHOT_BASE + i.
-const PARTITION_BASE: u64 = 0x100;
-const SNAPSHOT_BASE: u64 = 0x1_0000;
+/// Snapshot i is SNAPSHOT_BASE + i (partitions come before, see `partitions`).
+const SNAPSHOT_BASE: u64 = PARTITION_END;
 pub const DISK_NAME: &str = "disk";
 pub const SNAPSHOT_DIR_NAME: &str = "snapshots";
 /// Largest read and write request we ask the kernel for.
@@ -36,23 +32,22 @@ const SHORT_TTL: Duration = Duration::from_secs(1);
 
 /// A file of the mount and the device behind it.
 #[derive(Clone)]
-struct FileNode {
-    ino: INodeNo,
-    name: String,
-    device: Arc<dyn BlockDevice>,
-}
-
-/// The partitions of the disk, as of one table generation.
-struct PartitionCache {
-    generation: Option<u64>,
-    files: Vec<FileNode>,
+pub struct FileNode {
+    pub ino: INodeNo,
+    pub name: String,
+    pub device: Arc<dyn BlockDevice>,
+    /// Where a partition file's bytes lie on `disk`: (start, length).
+    pub disk_range: Option<(u64, u64)>,
 }
 
 /// The mounted file system: `disk`, `disk-partN` for each partition, `snapshots/NAME` read-only.
 pub struct QcowFs {
     disk: Arc<dyn BlockDevice>,
     snapshots: Vec<FileNode>,
-    partitions: Mutex<PartitionCache>,
+    partitions: Arc<PartitionFiles>,
+    partition_writer: PartitionWriter,
+    /// Set once the session exists; partition writes use it to drop `disk`'s stale pages.
+    notifier: Arc<OnceLock<Notifier>>,
     uid: u32,
     gid: u32,
     mounted_at: SystemTime,
@@ -62,13 +57,14 @@ pub struct QcowFs {
 
 impl QcowFs {
     pub fn new(disk: Arc<dyn BlockDevice>, uid: u32, gid: u32) -> Self {
+        let notifier = Arc::new(OnceLock::new());
+        let partitions = Arc::new(PartitionFiles::new(disk.clone(), notifier.clone()));
         QcowFs {
             disk,
             snapshots: Vec::new(),
-            partitions: Mutex::new(PartitionCache {
-                generation: None,
-                files: Vec::new(),
-            }),
+            partition_writer: PartitionWriter::start(partitions.clone()),
+            partitions,
+            notifier,
             uid,
             gid,
             mounted_at: SystemTime::now(),
@@ -104,6 +100,7 @@ impl QcowFs {
                     ino: INodeNo(SNAPSHOT_BASE + i as u64),
                     name,
                     device,
+                    disk_range: None,
                 }
             })
             .collect();
@@ -115,27 +112,13 @@ impl QcowFs {
         self
     }
 
-    /// The partition files, re-read when the disk's table area changed.
+    /// Where the session's notifier goes once the session exists (see `partitions`).
+    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
+        self.notifier.clone()
+    }
+
     fn partitions(&self) -> Vec<FileNode> {
-        let generation = self.disk.table_generation();
-        let mut cache = self.partitions.lock();
-        if cache.generation != Some(generation) {
-            cache.files = read_partitions(self.disk.as_ref())
-                .into_iter()
-                .map(|p| {
-                    let name = format!("{DISK_NAME}-part{}", p.number);
-                    let device: Arc<dyn BlockDevice> =
-                        Arc::new(Window::new(name.clone(), self.disk.clone(), p.start, p.len));
-                    FileNode {
-                        ino: INodeNo(PARTITION_BASE + u64::from(p.number)),
-                        name,
-                        device,
-                    }
-                })
-                .collect();
-            cache.generation = Some(generation);
-        }
-        cache.files.clone()
+        self.partitions.files()
     }
 
     fn file(&self, ino: INodeNo) -> Option<FileNode> {
@@ -144,12 +127,13 @@ impl QcowFs {
                 ino,
                 name: DISK_NAME.into(),
                 device: self.disk.clone(),
+                disk_range: None,
             });
         }
         if ino.0 >= SNAPSHOT_BASE {
             return self.snapshots.iter().find(|f| f.ino == ino).cloned();
         }
-        if ino.0 > PARTITION_BASE {
+        if is_partition(ino) {
             return self.partitions().into_iter().find(|f| f.ino == ino);
         }
         None
@@ -212,11 +196,7 @@ impl QcowFs {
             SNAPSHOT_DIR if !self.snapshots.is_empty() => Some((self.dir_attr(ino), TTL)),
             _ => {
                 let node = self.file(ino)?;
-                let ttl = if ino.0 > PARTITION_BASE && ino.0 < SNAPSHOT_BASE {
-                    SHORT_TTL
-                } else {
-                    TTL
-                };
+                let ttl = if is_partition(ino) { SHORT_TTL } else { TTL };
                 Some((self.file_attr(&node), ttl))
             }
         }
@@ -285,16 +265,23 @@ impl QcowFs {
         });
     }
 
-    fn write(&self, device: &dyn BlockDevice, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+    /// How much of a write of `len` bytes at `offset` fits the device.
+    fn writable_len(device: &dyn BlockDevice, offset: u64, len: usize) -> Result<usize, Errno> {
         if device.is_read_only() {
             return Err(Errno::EROFS);
         }
         let total = device.size();
-        if offset >= total && !data.is_empty() {
+        if offset >= total && len > 0 {
             return Err(Errno::ENOSPC);
         }
-        let len = (data.len() as u64).min(total - offset) as usize;
+        Ok((len as u64).min(total - offset) as usize)
+    }
+
+    /// A write through `disk` (partition files go through the partition writer).
+    fn write_disk(&self, device: &dyn BlockDevice, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+        let len = Self::writable_len(device, offset, data.len())?;
         device.write_at(offset, &data[..len]).map_err(errno)?;
+        self.partitions.note_write(offset, len as u64);
         Ok(len as u32)
     }
 
@@ -320,13 +307,13 @@ impl QcowFs {
         }
     }
 
-    fn fallocate(
-        &self,
+    /// What an fallocate asks: Some((offset, len)) to discard (possibly empty), None for nothing.
+    fn fallocate_plan(
         device: &dyn BlockDevice,
         offset: u64,
         length: u64,
         mode: i32,
-    ) -> Result<(), Errno> {
+    ) -> Result<Option<(u64, u64)>, Errno> {
         let end = offset.checked_add(length).ok_or(Errno::EINVAL)?;
         let size = device.size();
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -335,15 +322,12 @@ impl QcowFs {
                 return Err(Errno::EROFS);
             }
             let end = end.min(size);
-            if offset < end {
-                device.discard(offset, end - offset).map_err(errno)?;
-            }
-            return Ok(());
+            return Ok(Some((offset, end.saturating_sub(offset))));
         }
         if mode & !libc::FALLOC_FL_KEEP_SIZE == 0 {
             // Preallocation: every byte of the disk already exists; the size cannot grow.
             return if end <= size || mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
-                Ok(())
+                Ok(None)
             } else {
                 Err(Errno::EFBIG)
             };
@@ -352,7 +336,7 @@ impl QcowFs {
     }
 }
 
-fn errno(e: crate::Error) -> Errno {
+pub(super) fn errno(e: crate::Error) -> Errno {
     log::error!("{e}");
     Errno::from_i32(e.errno())
 }
@@ -365,6 +349,8 @@ impl Filesystem for QcowFs {
     }
 
     fn destroy(&mut self) {
+        // Every partition write is applied before the session's final flush.
+        self.partition_writer.finish();
         if let Some(f) = self.on_destroy.take() {
             f();
         }
@@ -425,16 +411,15 @@ impl Filesystem for QcowFs {
         if wants_write && node.device.is_read_only() {
             return reply.error(Errno::EROFS);
         }
-        // Only this daemon changes the image while it is mounted, so cached pages stay valid across
-        // opens, except where two files share bytes: `disk` and its partitions drop them on open.
-        let shares_bytes = ino.0 > PARTITION_BASE && ino.0 < SNAPSHOT_BASE
-            || ino == DISK && !self.partitions().is_empty();
-        let keep = if shares_bytes {
-            FopenFlags::empty()
+        // Only this daemon changes the image while it is mounted, so `disk`'s cached pages stay
+        // valid across opens (partition writes drop the ones they change). Partition files have no
+        // page cache at all, so they can never hold stale bytes (see `partitions`).
+        let flags = if is_partition(ino) {
+            FopenFlags::FOPEN_DIRECT_IO
         } else {
             FopenFlags::FOPEN_KEEP_CACHE
         };
-        reply.opened(FileHandle(0), keep);
+        reply.opened(FileHandle(0), flags);
     }
 
     fn read(
@@ -469,7 +454,16 @@ impl Filesystem for QcowFs {
         let Some(node) = self.file(ino) else {
             return reply.error(Errno::EISDIR);
         };
-        match self.write(node.device.as_ref(), offset, data) {
+        if node.disk_range.is_some() {
+            match Self::writable_len(node.device.as_ref(), offset, data.len()) {
+                Ok(len) => self
+                    .partition_writer
+                    .write(node, offset, &data[..len], reply),
+                Err(e) => reply.error(e),
+            }
+            return;
+        }
+        match self.write_disk(node.device.as_ref(), offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
         }
@@ -554,8 +548,18 @@ impl Filesystem for QcowFs {
         let Some(node) = self.file(ino) else {
             return reply.error(Errno::EISDIR);
         };
-        match self.fallocate(node.device.as_ref(), offset, length, mode) {
-            Ok(()) => reply.ok(),
+        match Self::fallocate_plan(node.device.as_ref(), offset, length, mode) {
+            Ok(Some((at, len))) if len > 0 && node.disk_range.is_some() => {
+                self.partition_writer.discard(node, at, len, reply)
+            }
+            Ok(Some((at, len))) if len > 0 => match node.device.discard(at, len) {
+                Ok(()) => {
+                    self.partitions.note_write(at, len);
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(e)),
+            },
+            Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }

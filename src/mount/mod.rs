@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod filelog;
 pub mod fs;
+mod partitions;
 pub mod registry;
 mod syslog;
 pub mod umount;
