@@ -824,9 +824,9 @@ fn a_mode_0444_image_file_is_refused_read_write_in_one_line_for_its_owner_and_mo
         let r = mount_failure(&img.path, &[] as &[&str], None);
         assert_one_line_error(&r, &[file_name(&img.path)], REFUSAL_LIMIT);
     } else if !tool_exists("setpriv") {
-        eprintln!(
-            "\n*** SKIPPING the read-write refusal of a mode 0444 file: running as root (which \
-             ignores file modes) and setpriv is missing (install util-linux). ***\n"
+        panic!(
+            "cannot test the read-write refusal of a mode 0444 file: running as root (which \
+             ignores file modes) and setpriv is missing (install util-linux; scripts/test.sh does)"
         );
     } else {
         // Root ignores modes: ask as nobody, from a folder nobody can enter, with a copy of the

@@ -1242,7 +1242,7 @@ fn sealing_an_image_mounted_read_write_fails_with_a_lock_error() {
 }
 
 #[test]
-fn sealing_an_image_with_internal_snapshots_keeps_every_snapshot_or_refuses() {
+fn sealing_an_image_with_internal_snapshots_is_refused_in_one_line_and_changes_nothing() {
     let dir = workdir();
     let size = 8 * MIB;
     let base = create_raw(dir.path().join("base.raw"), size);
@@ -1254,44 +1254,16 @@ fn sealing_an_image_with_internal_snapshots_keeps_every_snapshot_or_refuses() {
     top.write_random(MIB, MIB as usize, 21);
     top.snapshot("before-seal");
     top.write_random(4 * MIB, MIB as usize, 22);
-    // The snapshot reads the base wherever it has no cluster of its own.
-    let snapshot = snapshot_raw(&top, "before-seal");
-    let recorded = dir.path().join("chain.raw");
-    top.convert_raw(&recorded);
     let sha = sha256_of(&top.path);
 
+    // The snapshot reads the base wherever it has no cluster of its own: sealing would change it.
     let r = seal(&top.path, dir.path(), &[]);
-    if !r.status.success() {
-        // Refusing is fine, if it says so in one line and changes nothing.
-        assert_one_line_error(&r, &["disk"], Duration::from_secs(30));
-        assert_eq!(
-            sha256_of(&top.path),
-            sha,
-            "a refused seal changed the image"
-        );
-        return;
-    }
-    let sealed = Image {
-        path: top.path.clone(),
-        format: Format::Qcow2,
-        size,
-        secrets: vec![Some(PASS.into())],
-    };
-    assert!(
-        sealed.qemu_info().get("backing-filename").is_none(),
-        "seal exited 0 but the image still has a backing file"
-    );
-    let r = qemu_compare_with_raw(&sealed, &recorded);
-    assert!(
-        r.status.success(),
-        "current state after seal: {}",
-        r.stdout_str()
-    );
-    assert_same_bytes(
-        &snapshot_raw(&sealed, "before-seal"),
-        &snapshot,
-        "snapshot 'before-seal' per qemu-img convert -l, after the seal (\"qcowfs\" below) vs before \
-         (\"qemu\"): the seal dropped the backing file the snapshot read from",
+    assert_one_line_error(&r, &["disk"], Duration::from_secs(30));
+    assert!(r.stderr.contains("snapshot"), "says why: {}", r.stderr);
+    assert_eq!(
+        sha256_of(&top.path),
+        sha,
+        "a refused seal changed the image"
     );
 }
 

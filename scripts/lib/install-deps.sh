@@ -21,6 +21,17 @@ QCOWFS_DEPS=(
 	fusermount3:fuse3
 	mkfs.ext4:e2fsprogs
 	debugfs:e2fsprogs
+	e2fsck:e2fsprogs
+	sfdisk:fdisk
+	sgdisk:gdisk
+	partx:util-linux
+	fstrim:util-linux
+	mountpoint:util-linux
+	umount:mount
+	man:man-db
+	mandb:man-db
+	fio:fio
+	python3:python3
 	setpriv:util-linux
 	runuser:util-linux
 	losetup:mount
