@@ -330,6 +330,84 @@ mod tests {
     }
 
     #[test]
+    fn every_ebr_of_the_chain_is_a_table_source_and_touched_by_writes() {
+        let disk = Mem(Mutex::new(vec![0u8; 8 << 20]));
+        put_table(&disk, 0, &[entry(0x05, 4096, 8000)]);
+        put_table(
+            &disk,
+            4096,
+            &[entry(0x83, 63, 500), entry(0x05, 2000, 1000)],
+        );
+        put_table(&disk, 6096, &[entry(0x83, 63, 300)]);
+        let table = read_table(&disk);
+        assert_eq!(table.partitions.len(), 2);
+        for ebr in [4096u64, 6096] {
+            assert!(
+                table.sources.contains(&(ebr * 512, 512)),
+                "{:?}",
+                table.sources
+            );
+            assert!(table.touched_by(8 << 20, ebr * 512 + 446 + 12, 4));
+        }
+        // Inside a logical partition's data, away from every table: not touched.
+        assert!(!table.touched_by(8 << 20, (4096 + 100) * 512, 4096));
+    }
+
+    #[test]
+    fn the_first_34_and_last_33_sectors_are_always_watched() {
+        let table = Table::default();
+        let size = 8 << 20;
+        assert!(table.touched_by(size, 33 * 512, 1));
+        assert!(!table.touched_by(size, 34 * 512, 512));
+        assert!(table.touched_by(size, size - 33 * 512, 1));
+        assert!(!table.touched_by(size, size - 34 * 512, 512));
+    }
+
+    #[test]
+    fn gpt_headers_and_both_entry_arrays_are_table_sources() {
+        let size: u64 = 4 << 20;
+        let disk = Mem(Mutex::new(vec![0u8; size as usize]));
+        put_table(&disk, 0, &[entry(0xee, 1, 8191)]);
+        let last = size / 512 - 1;
+        let header = |entries_lba: u64, alternate: u64| {
+            let mut hdr = [0u8; 512];
+            hdr[..8].copy_from_slice(b"EFI PART");
+            hdr[32..40].copy_from_slice(&alternate.to_le_bytes());
+            hdr[72..80].copy_from_slice(&entries_lba.to_le_bytes());
+            hdr[80..84].copy_from_slice(&128u32.to_le_bytes());
+            hdr[84..88].copy_from_slice(&128u32.to_le_bytes());
+            hdr
+        };
+        disk.write_at(512, &header(2, last)).unwrap();
+        disk.write_at(last * 512, &header(last - 32, 1)).unwrap();
+        let table = read_table(&disk);
+        for source in [
+            (512, 512),
+            (1024, 128 * 128),
+            (last * 512, 512),
+            ((last - 32) * 512, 128 * 128),
+        ] {
+            assert!(
+                table.sources.contains(&source),
+                "{source:?} in {:?}",
+                table.sources
+            );
+        }
+    }
+
+    #[test]
+    fn an_ebr_offset_that_overflows_ends_the_chain() {
+        let disk = Mem(Mutex::new(vec![0u8; 8 << 20]));
+        put_table(&disk, 0, &[entry(0x05, 4096, 8000)]);
+        put_table(
+            &disk,
+            4096,
+            &[entry(0x83, 63, 10), entry(0x05, u32::MAX, 100)],
+        );
+        assert_eq!(read_partitions(&disk).len(), 1);
+    }
+
+    #[test]
     fn no_signature_means_no_partitions() {
         let disk = Mem(Mutex::new(vec![0u8; 1 << 20]));
         assert!(read_partitions(&disk).is_empty());

@@ -33,6 +33,8 @@ QCOWFS_DEPS=(
 	fio:fio
 	python3:python3
 	setpriv:util-linux
+	useradd:passwd
+	chown:coreutils
 	runuser:util-linux
 	losetup:mount
 	mount:mount

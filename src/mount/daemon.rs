@@ -273,10 +273,11 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
     let life = match record.write_pid(std::process::id(), &mountpoint) {
         Ok(file) => Some(file),
         Err(e) => {
-            log::warn!(
-                "cannot record the daemon in {}: {e}",
+            warnings.push(format!(
+                "warning: cannot record the daemon in {}: {e}; qcowfs umount will not wait for \
+                 this mount to finish writing",
                 record.pid_file.display()
-            );
+            ));
             None
         }
     };

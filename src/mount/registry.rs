@@ -2,26 +2,136 @@
 //! canonical mountpoint. The daemon holds an exclusive flock on its record for its whole life and
 //! releases it only after the image is closed, so `qcowfs umount` knows the daemon is done (and the
 //! image's QEMU locks are gone) when it can take that lock, whatever happened to pids.
+//!
+//! The host is hostile too: `/tmp` is shared, so the records live only in a directory that is
+//! verified (not assumed) to be ours with mode 0700, every file is opened relative to that
+//! directory with O_NOFOLLOW (a planted symlink is never followed), new files are created mode 0600,
+//! and `umount` waits only on a process that is a qcowfs daemon of ours.
 
-use std::fs;
-use std::io;
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-/// The per-user runtime folder for qcowfs records.
+/// The per-user runtime folder for qcowfs records: `/run/qcowfs` for root, else
+/// `$XDG_RUNTIME_DIR/qcowfs`, else `/run/user/UID/qcowfs`, else `/tmp/qcowfs-UID`.
 fn runtime_dir() -> PathBuf {
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
+    let uid = euid();
     if uid == 0 {
         return PathBuf::from("/run/qcowfs");
     }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) => PathBuf::from(dir).join("qcowfs"),
-        None => std::env::temp_dir().join(format!("qcowfs-{uid}")),
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("qcowfs");
+    }
+    let run_user = PathBuf::from(format!("/run/user/{uid}"));
+    if std::fs::metadata(&run_user).is_ok_and(|m| m.uid() == uid && m.mode() & 0o077 == 0) {
+        return run_user.join("qcowfs");
+    }
+    std::env::temp_dir().join(format!("qcowfs-{uid}"))
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+fn cstring(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// The runtime folder, opened and verified: a real directory (not a symlink), owned by us, mode
+/// 0700 (nobody else can plant, rename or remove anything in it).
+struct RuntimeDir {
+    fd: OwnedFd,
+}
+
+impl RuntimeDir {
+    /// Open the folder, creating it (mode 0700) when `create`.
+    fn open(dir: &Path, create: bool) -> io::Result<RuntimeDir> {
+        let c = cstring(dir)?;
+        if create {
+            // SAFETY: a valid C string and mode.
+            if unsafe { libc::mkdir(c.as_ptr(), 0o700) } != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    return Err(e);
+                }
+            }
+        }
+        // SAFETY: a valid C string and flags; the descriptor is owned below.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just opened and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let meta = File::from(fd.try_clone()?).metadata()?;
+        if meta.uid() != euid() || meta.mode() & 0o077 != 0 {
+            return Err(io::Error::other(format!(
+                "{} is not a private folder of this user (owner uid {}, mode {:04o}); records go only \
+                 in a folder owned by uid {} with mode 0700: remove it, or set XDG_RUNTIME_DIR",
+                dir.display(),
+                meta.uid(),
+                meta.mode() & 0o7777,
+                euid()
+            )));
+        }
+        Ok(RuntimeDir { fd })
+    }
+
+    /// `openat(dir, name, flags | O_NOFOLLOW | O_CLOEXEC, 0600)`.
+    fn open_file(&self, name: &str, flags: i32) -> io::Result<File> {
+        let c = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a valid directory descriptor, C string, flags and mode.
+        let fd = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o600 as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just opened and is owned by nobody else.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    fn remove(&self, name: &str) {
+        if let Ok(c) = CString::new(name) {
+            // SAFETY: a valid directory descriptor and C string.
+            unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), 0) };
+        }
+    }
+
+    fn read(&self, name: &str) -> Option<String> {
+        let mut file = self
+            .open_file(name, libc::O_RDONLY | libc::O_NONBLOCK)
+            .ok()?;
+        if !file.metadata().ok()?.is_file() {
+            return None;
+        }
+        let mut text = String::new();
+        // A record is a few lines: read no more than a page of whatever is there.
+        Read::by_ref(&mut file)
+            .take(4096)
+            .read_to_string(&mut text)
+            .ok()?;
+        Some(text)
     }
 }
 
-fn flock(file: &fs::File, how: i32) -> io::Result<()> {
-    use std::os::unix::io::AsRawFd;
+fn flock(file: &File, how: i32) -> io::Result<()> {
     // SAFETY: a valid descriptor and a plain flag argument.
     if unsafe { libc::flock(file.as_raw_fd(), how) } == 0 {
         Ok(())
@@ -40,79 +150,212 @@ fn key(mountpoint: &Path) -> String {
     format!("{h:016x}")
 }
 
-/// The files recording one mount.
+/// Whether `pid` is a live qcowfs process of ours (the same program, run by this user, or any
+/// user's when we are root): a stale record's pid may belong to anything by now.
+pub fn is_our_daemon(pid: u32) -> bool {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let (Ok(theirs), Ok(ours)) = (
+        std::fs::read_link(proc_dir.join("exe")),
+        std::fs::read_link("/proc/self/exe"),
+    ) else {
+        return false;
+    };
+    let owner_ok = std::fs::metadata(&proc_dir).is_ok_and(|m| euid() == 0 || m.uid() == euid());
+    let alive = std::fs::read_to_string(proc_dir.join("stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    });
+    theirs == ours && owner_ok && alive
+}
+
+/// The files recording one mount: `NAME.pid` and `NAME.status` in the runtime folder.
 #[derive(Debug, Clone)]
 pub struct Record {
+    dir: PathBuf,
+    name: String,
     pub pid_file: PathBuf,
-    pub status_file: PathBuf,
 }
 
 impl Record {
     pub fn for_mountpoint(mountpoint: &Path) -> Record {
-        let dir = runtime_dir();
-        let k = key(mountpoint);
+        Self::in_dir(runtime_dir(), mountpoint)
+    }
+
+    fn in_dir(dir: PathBuf, mountpoint: &Path) -> Record {
+        let name = key(mountpoint);
         Record {
-            pid_file: dir.join(format!("{k}.pid")),
-            status_file: dir.join(format!("{k}.status")),
+            pid_file: dir.join(format!("{name}.pid")),
+            dir,
+            name,
         }
     }
 
+    fn pid_name(&self) -> String {
+        format!("{}.pid", self.name)
+    }
+
+    fn status_name(&self) -> String {
+        format!("{}.status", self.name)
+    }
+
     /// Write the record and hold its lock; the lock is released when the returned file is dropped.
-    pub fn write_pid(&self, pid: u32, mountpoint: &Path) -> io::Result<fs::File> {
-        use std::io::Write;
-        if let Some(dir) = self.pid_file.parent() {
-            fs::create_dir_all(dir)?;
+    /// A record another live daemon holds is left alone (its lock is tried before anything is
+    /// changed); a stale one is replaced by a new file.
+    pub fn write_pid(&self, pid: u32, mountpoint: &Path) -> io::Result<File> {
+        if let Some(parent) = self.dir.parent() {
+            if euid() == 0 {
+                std::fs::create_dir_all(parent)?;
+            }
         }
-        let _ = fs::remove_file(&self.status_file);
-        let mut file = fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&self.pid_file)?;
+        let dir = RuntimeDir::open(&self.dir, true)?;
+        if let Ok(old) = dir.open_file(&self.pid_name(), libc::O_RDONLY | libc::O_NONBLOCK) {
+            if flock(&old, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+                return Err(io::Error::other(format!(
+                    "{} is held by another daemon",
+                    self.pid_file.display()
+                )));
+            }
+        }
+        dir.remove(&self.pid_name());
+        dir.remove(&self.status_name());
+        let mut file = dir.open_file(
+            &self.pid_name(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+        )?;
         flock(&file, libc::LOCK_EX | libc::LOCK_NB)?;
         write!(file, "{pid}\n{}\n", mountpoint.display())?;
         Ok(file)
     }
 
-    /// Wait (up to `limit`) until no daemon holds the record's lock. True when it is free.
-    pub fn wait_unlocked(&self, limit: std::time::Duration) -> bool {
-        let Ok(file) = fs::File::open(&self.pid_file) else {
+    /// Wait (up to `limit`) until the daemon `pid` no longer holds the record's lock. True when it
+    /// is free; a record whose pid is not a live daemon of ours is never waited for.
+    pub fn wait_unlocked(&self, pid: u32, limit: Duration) -> bool {
+        let Ok(dir) = RuntimeDir::open(&self.dir, false) else {
             return true;
         };
-        let start = std::time::Instant::now();
+        let Ok(file) = dir.open_file(&self.pid_name(), libc::O_RDONLY | libc::O_NONBLOCK) else {
+            return true;
+        };
+        let start = Instant::now();
         loop {
-            if flock(&file, libc::LOCK_SH | libc::LOCK_NB).is_ok() {
+            if flock(&file, libc::LOCK_SH | libc::LOCK_NB).is_ok() || !is_our_daemon(pid) {
                 return true;
             }
             if start.elapsed() > limit {
                 return false;
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
+    /// The recorded daemon, if the record is in our private folder and names a live daemon of ours.
     pub fn read_pid(&self) -> Option<u32> {
-        fs::read_to_string(&self.pid_file)
-            .ok()?
+        let dir = RuntimeDir::open(&self.dir, false).ok()?;
+        let pid: u32 = dir
+            .read(&self.pid_name())?
             .lines()
             .next()?
             .trim()
             .parse()
-            .ok()
+            .ok()?;
+        is_our_daemon(pid).then_some(pid)
     }
 
     /// The daemon's last words: empty when everything was written, else the error. The pid file goes
     /// only if it is still this process's: a newer mount of the same mountpoint may have replaced it.
     pub fn write_status(&self, status: &str) {
-        let _ = fs::write(&self.status_file, status);
-        if self.read_pid() == Some(std::process::id()) {
-            let _ = fs::remove_file(&self.pid_file);
+        let Ok(dir) = RuntimeDir::open(&self.dir, false) else {
+            return;
+        };
+        if let Ok(mut file) = dir.open_file(
+            &self.status_name(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+        ) {
+            let _ = file.write_all(status.as_bytes());
+        }
+        let recorded = dir
+            .read(&self.pid_name())
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok()));
+        if recorded == Some(std::process::id()) {
+            dir.remove(&self.pid_name());
         }
     }
 
     pub fn take_status(&self) -> Option<String> {
-        let s = fs::read_to_string(&self.status_file).ok()?;
-        let _ = fs::remove_file(&self.status_file);
-        Some(s)
+        let dir = RuntimeDir::open(&self.dir, false).ok()?;
+        let status = dir.read(&self.status_name())?;
+        dir.remove(&self.status_name());
+        Some(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn records_are_files_of_mode_0600_in_a_folder_of_mode_0700() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("qcowfs");
+        let record = Record::in_dir(dir.clone(), Path::new("/mnt/x"));
+        let _held = record
+            .write_pid(std::process::id(), Path::new("/mnt/x"))
+            .unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::metadata(&record.pid_file).unwrap().mode() & 0o777,
+            0o600
+        );
+        record.write_status("all written");
+        let status = dir.join(record.status_name());
+        assert_eq!(std::fs::metadata(&status).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(record.take_status().as_deref(), Some("all written"));
+    }
+
+    #[test]
+    fn a_folder_others_can_write_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("qcowfs");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let record = Record::in_dir(dir.clone(), Path::new("/mnt/x"));
+        let err = record
+            .write_pid(1, Path::new("/mnt/x"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a private folder"), "{err}");
+        assert!(record.read_pid().is_none());
+    }
+
+    #[test]
+    fn a_symlinked_record_is_never_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("qcowfs");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let record = Record::in_dir(dir.clone(), Path::new("/mnt/x"));
+        std::os::unix::fs::symlink(&victim, dir.join(record.status_name())).unwrap();
+        record.write_status("overwrite?");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        // A symlinked folder is not followed either.
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(RuntimeDir::open(&link, false).is_err());
+    }
+
+    #[test]
+    fn a_record_naming_a_process_that_is_not_a_qcowfs_daemon_is_ignored() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("qcowfs");
+        let record = Record::in_dir(dir.clone(), Path::new("/mnt/x"));
+        drop(record.write_pid(1, Path::new("/mnt/x")).unwrap());
+        // pid 1 is init, not this program.
+        assert_eq!(record.read_pid(), None);
+        assert!(record.wait_unlocked(1, Duration::from_secs(3600)));
     }
 }

@@ -15,7 +15,9 @@ const EXIT_WAIT: Duration = Duration::from_secs(3600);
 pub fn umount(mountpoint: &Path) -> Result<()> {
     let canon = std::fs::canonicalize(mountpoint).map_err(|e| Error::new(mountpoint, e))?;
     let record = Record::for_mountpoint(&canon);
-    let pid = record.read_pid();
+    // Without a usable record (none could be written, say the runtime folder was another user's),
+    // the daemon is found by its command line.
+    let pid = record.read_pid().or_else(|| find_daemon(&canon));
     log::debug!(
         "{}: daemon pid {pid:?} from {}",
         canon.display(),
@@ -46,13 +48,13 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
         })?;
     }
     unmount(&canon)?;
-    if !record.wait_unlocked(EXIT_WAIT) {
-        return Err(Error::new(
-            mountpoint,
-            Problem::Usage("the daemon did not finish writing in time".into()),
-        ));
-    }
     if let Some(pid) = pid {
+        if !record.wait_unlocked(pid, EXIT_WAIT) {
+            return Err(Error::new(
+                mountpoint,
+                Problem::Usage("the daemon did not finish writing in time".into()),
+            ));
+        }
         wait_for_exit(pid, &canon)?;
         if let Some(status) = record.take_status() {
             if !status.trim().is_empty() {
@@ -128,6 +130,38 @@ fn unescape(field: &str) -> PathBuf {
         }
     }
     PathBuf::from(std::ffi::OsStr::from_bytes(&out))
+}
+
+/// A live qcowfs daemon of ours whose `mount` command line names `mountpoint` as its mountpoint
+/// (its last argument, resolved against the daemon's working folder).
+fn find_daemon(mountpoint: &Path) -> Option<u32> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != std::process::id() && super::registry::is_our_daemon(pid))
+        .find(|&pid| {
+            let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+            let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmdline
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .collect();
+            if !args.iter().any(|a| *a == b"mount") {
+                return false;
+            }
+            let Some(last) = args.last() else {
+                return false;
+            };
+            let named = Path::new(std::ffi::OsStr::from_bytes(last));
+            let named = match std::fs::read_link(proc_dir.join("cwd")) {
+                Ok(cwd) if named.is_relative() => cwd.join(named),
+                _ => named.to_path_buf(),
+            };
+            std::fs::canonicalize(&named).is_ok_and(|c| c == mountpoint)
+        })
 }
 
 fn wait_for_exit(pid: u32, mountpoint: &Path) -> Result<()> {

@@ -16,6 +16,7 @@ mod guest;
 mod hostile;
 mod image;
 mod run;
+mod users;
 
 // Each test crate uses a different part; an unused glob is not a mistake here.
 #[allow(unused_imports)]
@@ -34,6 +35,8 @@ pub use hostile::*;
 pub use image::*;
 #[allow(unused_imports)]
 pub use run::*;
+#[allow(unused_imports)]
+pub use users::*;
 
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * KIB;
