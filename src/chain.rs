@@ -332,7 +332,9 @@ fn open_layer(
     match encryption {
         Encryption::None => {}
         Encryption::Aes => match keys.for_layer(&path) {
-            Some(key) => image.set_cipher(Box::new(QcowAes::new(key)) as Box<dyn SectorCipher>),
+            Some(key) => image.set_cipher(crate::secret::scope(|| {
+                Box::new(QcowAes::new(key)) as Box<dyn SectorCipher>
+            })),
             None if opts.without_keys => {}
             None => return Err(Error::new(&path, CryptoError::NoPassphrase)),
         },
@@ -340,10 +342,13 @@ fn open_layer(
             let luks = luks_header(&image)?;
             match keys.for_layer(&path) {
                 Some(key) => {
-                    let cipher = luks
-                        .unlock(key, &|slot| read_key_material(&image, &luks, slot))
-                        .at(&path)?;
-                    image.set_cipher(Box::new(cipher));
+                    // Key material, slot keys, the master key and the cipher: all secret memory.
+                    let cipher = crate::secret::scope(|| {
+                        luks.unlock(key, &|slot| read_key_material(&image, &luks, slot))
+                            .map(|c| Box::new(c) as Box<dyn SectorCipher>)
+                    })
+                    .at(&path)?;
+                    image.set_cipher(cipher);
                 }
                 None if opts.without_keys => {}
                 None => return Err(Error::new(&path, CryptoError::NoPassphrase)),

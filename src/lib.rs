@@ -16,6 +16,7 @@ pub mod mount;
 pub mod partition;
 pub mod qcow2;
 pub mod seal;
+pub mod secret;
 pub mod size;
 
 pub use error::{Error, Problem, Result};

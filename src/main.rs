@@ -23,7 +23,13 @@ fn level(verbose: u8) -> log::LevelFilter {
     }
 }
 
+/// Keys and what they are derived from come from a locked arena that core dumps leave out.
+#[global_allocator]
+static ALLOC: qcowfs::secret::SecretAwareAlloc = qcowfs::secret::SecretAwareAlloc;
+
 fn main() {
+    // Before any passphrase is read: no core dump and no /proc/PID/mem of this process.
+    qcowfs::secret::protect_process();
     let argv: Vec<OsString> = std::env::args_os().collect();
     let cli = match argv.first() {
         Some(argv0) if mount_helper::is_helper(argv0) => parse_helper(&argv[1..]),

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -220,13 +220,8 @@ fn overlay_over_partitioned_base(dir: &Path, script: &str) -> Image {
 }
 
 /// Change the last byte of the page at `off` of `path` through a shared mapping, and msync it.
-fn mmap_poke_last_byte(path: &Path, off: u64, value: u8) {
+fn mmap_poke_last_byte(f: &File, off: u64, value: u8) {
     use std::os::unix::io::AsRawFd;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .expect("open for mmap");
     // SAFETY: a fresh shared mapping of one page of an open file, unmapped below; nothing else
     // aliases it in this process.
     unsafe {
@@ -238,11 +233,23 @@ fn mmap_poke_last_byte(path: &Path, off: u64, value: u8) {
             f.as_raw_fd(),
             off as libc::off_t,
         );
-        assert_ne!(p, libc::MAP_FAILED, "mmap {}", path.display());
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
         *(p as *mut u8).add(4095) = value;
         assert_eq!(libc::msync(p, 4096, libc::MS_SYNC), 0, "msync");
         assert_eq!(libc::munmap(p, 4096), 0, "munmap");
     }
+}
+
+/// `len` bytes at `off` through an open file (its page cache, if it has one, is used).
+fn pread_fd(f: &File, off: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, off).expect("pread");
+    buf
 }
 
 #[test]
@@ -250,14 +257,22 @@ fn disk_and_a_partition_file_show_one_truth_through_pread_pwrite_and_mmap() {
     let dir = workdir();
     let img = overlay_over_partitioned_base(dir.path(), ",32MiB,83\n");
     let m = Mount::new(&img.path, &[] as &[&str]);
-    let disk = m.disk();
-    let part1 = m.mountpoint().join("disk-part1");
+    // Both files stay open throughout, as a program (or a loop device) keeps them.
+    let open_rw = |p: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .expect("open")
+    };
+    let disk = open_rw(&m.disk());
+    let part1 = open_rw(&m.mountpoint().join("disk-part1"));
 
     // disk caches the page, then the partition file writes under it.
-    let _ = read_at_bounded(&disk, MIB, 64 * KIB as usize);
-    pwrite(&part1, 0, &[b'A'; 4096]);
+    let _ = pread_fd(&disk, MIB, 64 * KIB as usize);
+    part1.write_all_at(&[b'A'; 4096], 0).expect("pwrite part1");
     assert_eq!(
-        read_at_bounded(&disk, MIB, 8),
+        pread_fd(&disk, MIB, 8),
         b"AAAAAAAA",
         "disk after a write through part1"
     );
@@ -267,19 +282,27 @@ fn disk_and_a_partition_file_show_one_truth_through_pread_pwrite_and_mmap() {
     let mut expected = vec![b'A'; 4096];
     expected[4095] = b'Z';
     assert_same_bytes(
-        &read_at_bounded(&part1, 0, 4096),
+        &pread_fd(&part1, 0, 4096),
         &expected,
         "part1 after mmap via disk",
     );
 
     // The other way: part1 reads, disk writes, part1 reads again.
-    let _ = read_at_bounded(&part1, 8192, 4096);
-    pwrite(&disk, MIB + 8192, &[b'B'; 4096]);
+    let _ = pread_fd(&part1, 8192, 4096);
+    disk.write_all_at(&[b'B'; 4096], MIB + 8192)
+        .expect("pwrite disk");
     assert_eq!(
-        read_at_bounded(&part1, 8192, 4),
+        pread_fd(&part1, 8192, 4),
         b"BBBB",
         "part1 after a write through disk"
     );
+    assert_eq!(
+        pread_fd(&disk, MIB, 4),
+        b"AAAA",
+        "disk still shows part1's write"
+    );
+    disk.sync_all().expect("fsync");
+    drop((disk, part1));
     m.umount();
 
     let raw = img.raw();
@@ -386,7 +409,7 @@ fn a_partial_write_into_a_damaged_compressed_cluster_fails_at_once_and_umount_st
 
     let m = Mount::new(&img.path, &[] as &[&str]);
     assert_eq!(
-        write_err(&m.disk(), 4096, b"into the damaged cluster"),
+        write_err(&m.disk(), 4096, &[0x33; 4096]),
         Some(libc::EIO),
         "a partial write that needs the damaged cluster fails at once"
     );
@@ -423,7 +446,7 @@ fn a_partial_write_into_a_cluster_that_points_into_metadata_fails_and_healthy_wr
     let m = Mount::new(&img.path, &[] as &[&str]);
     let pid = m.daemon_pid().expect("daemon pid");
     assert_eq!(
-        write_err(&m.disk(), 64 * KIB + 512, b"metadata"),
+        write_err(&m.disk(), 64 * KIB + 4096, &[0x44; 4096]),
         Some(libc::EIO),
         "a write into a cluster inside metadata fails at once"
     );

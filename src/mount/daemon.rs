@@ -75,6 +75,9 @@ pub fn mount(req: MountRequest) -> Result<()> {
         }
         _child => {
             drop(writer);
+            // Only the daemon needs the passphrases.
+            let mut req = req;
+            drop(std::mem::take(&mut req.keys));
             let mut text = String::new();
             let _ = reader.read_to_string(&mut text);
             // Warnings come first, one per line; the last line is "ok" or the error.
@@ -96,7 +99,7 @@ pub fn mount(req: MountRequest) -> Result<()> {
 }
 
 /// Open, mount and serve until unmounted. `ready` gets "ok" or the error once that is known.
-fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
+fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
     let mut ready = ready;
     // Few malloc arenas: FUSE threads allocate and free reply-sized buffers, and per-thread arenas
     // would each keep their own freed memory (RSS well above the cache size).
@@ -111,6 +114,10 @@ fn serve(req: MountRequest, ready: Option<File>) -> Result<()> {
             return Err(e);
         }
     };
+    // The keys are derived: the passphrases go now (zeroized), not at the end of the mount, and
+    // so do the copies key derivation left on the stack.
+    drop(std::mem::take(&mut req.keys));
+    crate::secret::scrub_stack();
     let (session, disk, outcome, record, _life, warnings) = session;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flusher = spawn_idle_flusher(disk.clone(), stop.clone());

@@ -150,24 +150,29 @@ fn key(mountpoint: &Path) -> String {
     format!("{h:016x}")
 }
 
-/// Whether `pid` is a live qcowfs process of ours (the same program, run by this user, or any
-/// user's when we are root): a stale record's pid may belong to anything by now.
+/// Whether `pid` is a live qcowfs process of ours: named `qcowfs` (or the mount(8) helper), run by
+/// this user (any user's when we are root), not a zombie. A stale record's pid may belong to
+/// anything by now. Told from /proc/PID/status, which stays readable although the daemon is not
+/// dumpable (its `exe` link is not).
 pub fn is_our_daemon(pid: u32) -> bool {
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    let (Ok(theirs), Ok(ours)) = (
-        std::fs::read_link(proc_dir.join("exe")),
-        std::fs::read_link("/proc/self/exe"),
-    ) else {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
         return false;
     };
-    let owner_ok = std::fs::metadata(&proc_dir).is_ok_and(|m| euid() == 0 || m.uid() == euid());
-    let alive = std::fs::read_to_string(proc_dir.join("stat")).is_ok_and(|stat| {
-        !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-    });
-    theirs == ours && owner_ok && alive
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("")
+    };
+    let named = matches!(field("Name:"), "qcowfs" | "mount.fuse.qcow");
+    let real_uid: Option<u32> = field("Uid:")
+        .split_whitespace()
+        .next()
+        .and_then(|u| u.parse().ok());
+    let owner_ok = euid() == 0 || real_uid == Some(euid());
+    let alive = !field("State:").starts_with('Z');
+    named && owner_ok && alive
 }
 
 /// The files recording one mount: `NAME.pid` and `NAME.status` in the runtime folder.
