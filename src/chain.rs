@@ -333,7 +333,8 @@ fn open_layer(
         Encryption::None => {}
         Encryption::Aes => match keys.for_layer(&path) {
             Some(key) => image.set_cipher(crate::secret::scope(|| {
-                Box::new(QcowAes::new(key)) as Box<dyn SectorCipher>
+                Box::new(crate::secret::StackHiding(Box::new(QcowAes::new(key))))
+                    as Box<dyn SectorCipher>
             })),
             None if opts.without_keys => {}
             None => return Err(Error::new(&path, CryptoError::NoPassphrase)),
@@ -345,7 +346,10 @@ fn open_layer(
                     // Key material, slot keys, the master key and the cipher: all secret memory.
                     let cipher = crate::secret::scope(|| {
                         luks.unlock(key, &|slot| read_key_material(&image, &luks, slot))
-                            .map(|c| Box::new(c) as Box<dyn SectorCipher>)
+                            .map(|c| {
+                                Box::new(crate::secret::StackHiding(Box::new(c)))
+                                    as Box<dyn SectorCipher>
+                            })
                     })
                     .at(&path)?;
                     image.set_cipher(cipher);

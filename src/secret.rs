@@ -8,7 +8,9 @@
 //!   passphrase's copies, PBKDF2 output, key material, the master key and the expanded AES round
 //!   keys that live as long as the mount. The binary installs [`SecretAwareAlloc`] as its global
 //!   allocator; without it (library tests) a scope is plain heap memory.
-//! - [`scrub_stack`] overwrites the stack below the caller, where key derivation left copies.
+//! - [`scrub_stack`] overwrites the stack below the caller, where key derivation left copies, and
+//!   every thread that encrypts or decrypts marks its own stack `MADV_DONTDUMP` (the AES code spills
+//!   round keys there): see [`StackHiding`].
 //!
 //! The arena is small and fixed (a hostile LUKS header cannot make it grow): an allocation that
 //! does not fit comes from the normal heap, like everything outside a scope.
@@ -34,6 +36,8 @@ pub fn scope<T>(f: impl FnOnce() -> T) -> T {
     let outer = IN_SCOPE.with(|s| s.replace(true));
     let out = f();
     IN_SCOPE.with(|s| s.set(outer));
+    // Threads started from here on copy this thread's registers: leave no key in them.
+    clear_vector_registers();
     out
 }
 
@@ -59,6 +63,97 @@ pub fn scrub_stack() {
         unsafe { std::ptr::write_volatile(b, 0) };
     }
     std::hint::black_box(&area);
+    clear_vector_registers();
+}
+
+thread_local! {
+    static STACK_HIDDEN: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Exclude this thread's stack from core dumps, once per thread. Ciphers spill round keys onto
+/// the stack of whichever thread encrypts or decrypts, so every such thread calls this first.
+pub fn hide_this_thread_stack() {
+    if STACK_HIDDEN.with(|h| h.replace(true)) {
+        return;
+    }
+    // SAFETY: pthread_getattr_np fills `attr` for the calling thread; it is destroyed below; the
+    // range it names is this thread's stack (for the main thread: as far as it may grow, of which
+    // madvise marks the mapped part and reports the rest as ENOMEM, ignored).
+    unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
+            return;
+        }
+        let mut addr: *mut libc::c_void = std::ptr::null_mut();
+        let mut size: libc::size_t = 0;
+        if libc::pthread_attr_getstack(&attr, &mut addr, &mut size) == 0 && !addr.is_null() {
+            let page = 4096usize;
+            let start = (addr as usize).div_ceil(page) * page;
+            let end = (addr as usize + size) / page * page;
+            if end > start {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTDUMP);
+            }
+        }
+        libc::pthread_attr_destroy(&mut attr);
+    }
+}
+
+/// Zero the vector registers, where AES-NI code leaves round keys when it returns (a core dump or
+/// `gcore` saves every thread's registers in its notes, which no madvise can exclude).
+#[inline(always)]
+pub fn clear_vector_registers() {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // memcpy copies through whole ymm registers: zero all 256 bits of each.
+        // SAFETY: only zeroes registers declared clobbered; no memory, stack or flags are touched.
+        unsafe {
+            std::arch::asm!(
+                "vzeroall",
+                out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _,
+                out("xmm4") _, out("xmm5") _, out("xmm6") _, out("xmm7") _,
+                out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
+                out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
+                options(nomem, nostack, preserves_flags),
+            );
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: only zeroes registers declared clobbered; no memory, stack or flags are touched.
+    unsafe {
+        std::arch::asm!(
+            "xorps xmm0, xmm0", "xorps xmm1, xmm1", "xorps xmm2, xmm2", "xorps xmm3, xmm3",
+            "xorps xmm4, xmm4", "xorps xmm5, xmm5", "xorps xmm6, xmm6", "xorps xmm7, xmm7",
+            "xorps xmm8, xmm8", "xorps xmm9, xmm9", "xorps xmm10, xmm10", "xorps xmm11, xmm11",
+            "xorps xmm12, xmm12", "xorps xmm13, xmm13", "xorps xmm14, xmm14", "xorps xmm15, xmm15",
+            out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _,
+            out("xmm4") _, out("xmm5") _, out("xmm6") _, out("xmm7") _,
+            out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
+            out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
+}
+
+/// A sector cipher whose users' stacks are kept out of core dumps (see `hide_this_thread_stack`)
+/// and whose round keys do not stay behind in vector registers.
+#[derive(Debug)]
+pub struct StackHiding(pub Box<dyn crate::crypto::SectorCipher>);
+
+impl crate::crypto::SectorCipher for StackHiding {
+    fn decrypt(&self, first_sector: u64, buf: &mut [u8]) -> Result<(), crate::crypto::CryptoError> {
+        hide_this_thread_stack();
+        let out = self.0.decrypt(first_sector, buf);
+        clear_vector_registers();
+        out
+    }
+
+    fn encrypt(&self, first_sector: u64, buf: &mut [u8]) -> Result<(), crate::crypto::CryptoError> {
+        hide_this_thread_stack();
+        let out = self.0.encrypt(first_sector, buf);
+        clear_vector_registers();
+        out
+    }
 }
 
 /// The arena: a fixed mapping and a bitmap of used units under a spin lock (the allocator may not

@@ -32,6 +32,9 @@ QCOWFS_DEPS=(
 	mandb:man-db
 	fio:fio
 	python3:python3
+	gcore:gdb
+	prlimit:util-linux
+	cryptsetup:cryptsetup-bin
 	setpriv:util-linux
 	useradd:passwd
 	chown:coreutils

@@ -75,6 +75,15 @@ impl RuntimeDir {
         // SAFETY: fd was just opened and is owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let meta = File::from(fd.try_clone()?).metadata()?;
+        if meta.uid() == euid() && meta.mode() & 0o077 != 0 && create {
+            // Ours but open to others (made by an older qcowfs, or by hand): close it. Whatever
+            // others may have put in it is never followed (O_NOFOLLOW) nor reused (O_EXCL).
+            // SAFETY: fchmod of a descriptor we own.
+            if unsafe { libc::fchmod(fd.as_raw_fd(), 0o700) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            return Ok(RuntimeDir { fd });
+        }
         if meta.uid() != euid() || meta.mode() & 0o077 != 0 {
             return Err(io::Error::other(format!(
                 "{} is not a private folder of this user (owner uid {}, mode {:04o}); records go only \
@@ -321,18 +330,31 @@ mod tests {
     }
 
     #[test]
-    fn a_folder_others_can_write_is_refused() {
+    fn a_folder_of_ours_open_to_others_is_closed_and_anothers_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("qcowfs");
         std::fs::create_dir(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
         let record = Record::in_dir(dir.clone(), Path::new("/mnt/x"));
-        let err = record
-            .write_pid(1, Path::new("/mnt/x"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("not a private folder"), "{err}");
-        assert!(record.read_pid().is_none());
+        // Only reading: an open folder is not trusted.
+        assert!(RuntimeDir::open(&dir, false).is_err());
+        drop(
+            record
+                .write_pid(std::process::id(), Path::new("/mnt/x"))
+                .unwrap(),
+        );
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        if euid() == 0 {
+            // Another user's folder (nobody's) is refused even at mode 0700.
+            let theirs = tmp.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            let err = Record::in_dir(theirs, Path::new("/mnt/x"))
+                .write_pid(1, Path::new("/mnt/x"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("not a private folder"), "{err}");
+        }
     }
 
     #[test]
