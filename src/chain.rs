@@ -37,7 +37,7 @@ impl KeyRing {
 }
 
 /// How to open the chain.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     /// Open the top layer for writing (backing layers are always read-only).
     pub writable: bool,
@@ -45,6 +45,9 @@ pub struct OpenOptions {
     pub force_share: bool,
     /// Open even a layer that cannot be decrypted (for `info`: no key needed to list the chain).
     pub without_keys: bool,
+    /// When not empty, every backing file must resolve (symlinks followed) inside one of these
+    /// folders (canonical paths, `--backing-within`); anything else is refused before it is opened.
+    pub backing_within: Vec<PathBuf>,
 }
 
 /// One layer of the chain.
@@ -104,6 +107,9 @@ impl Chain {
                 return Err(Error::new(image, FormatError::ChainTooDeep(MAX_DEPTH)));
             }
             let writable = opts.writable && layers.is_empty();
+            if !layers.is_empty() {
+                confine(&path, &opts.backing_within)?;
+            }
             let file = HostFile::open(&path, writable)?;
             let meta = file.file().metadata().at(&path)?;
             if !seen.insert((meta.dev(), meta.ino())) {
@@ -121,7 +127,7 @@ impl Chain {
                 );
             }
             let is_top = layers.is_empty();
-            let layer = open_layer(file, format.as_deref(), keys, opts)?;
+            let layer = open_layer(file, format.as_deref(), keys, &opts)?;
             // The image the user names must be qcow2; only backing files may be raw.
             if is_top && matches!(layer, Layer::Raw(_)) {
                 return Err(Error::new(&path, FormatError::BadMagic));
@@ -284,6 +290,35 @@ fn raw_data_extent(f: &HostFile, at: u64, len: u64) -> Result<(bool, u64)> {
     Ok((true, n))
 }
 
+/// With `--backing-within`: `path` (symlinks followed) must lie inside one of `within`.
+fn confine(path: &Path, within: &[PathBuf]) -> Result<()> {
+    if within.is_empty() {
+        return Ok(());
+    }
+    let resolved = std::fs::canonicalize(path).at(path)?;
+    if within.iter().any(|dir| resolved.starts_with(dir)) {
+        return Ok(());
+    }
+    let allowed: Vec<String> = within.iter().map(|d| crate::error::escaped(d)).collect();
+    Err(Error::new(
+        path,
+        crate::Problem::Usage(format!(
+            "the backing file resolves to {}, outside every --backing-within folder ({}): refused",
+            crate::error::escaped(&resolved),
+            allowed.join(", ")
+        )),
+    ))
+}
+
+/// Whether `layer_path` (symlinks followed) lies outside the tree of the image `image`: the folder
+/// above the image's own, which holds a nova instance's folder and `_base` alike.
+pub fn outside_tree(image: &Path, layer_path: &Path) -> Option<PathBuf> {
+    let top = std::fs::canonicalize(image).ok()?;
+    let tree = top.parent()?.parent().unwrap_or(Path::new("/"));
+    let resolved = std::fs::canonicalize(layer_path).ok()?;
+    (!resolved.starts_with(tree)).then_some(resolved)
+}
+
 /// Backing names are relative to the directory of the image that names them.
 fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
@@ -300,7 +335,7 @@ fn open_layer(
     file: HostFile,
     format: Option<&str>,
     keys: &KeyRing,
-    opts: OpenOptions,
+    opts: &OpenOptions,
 ) -> Result<Layer> {
     let path = file.path().to_path_buf();
     let mut first = [0u8; 4];

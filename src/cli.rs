@@ -110,6 +110,35 @@ pub struct KeyArgs {
     pub layer_passphrase_file: Vec<String>,
 }
 
+/// Where backing files may be.
+#[derive(Debug, Args, Default)]
+pub struct ConfineArgs {
+    /// Refuse any backing file whose path, symlinks followed, is not inside DIR (may be repeated;
+    /// e.g. /var/lib/nova/instances). Without it, backing files are opened wherever the image
+    /// says, as QEMU does
+    #[arg(long, value_name = "DIR")]
+    pub backing_within: Vec<PathBuf>,
+}
+
+impl ConfineArgs {
+    /// The folders, canonical; a folder that does not exist is an error naming it.
+    pub fn folders(&self) -> Result<Vec<PathBuf>> {
+        self.backing_within
+            .iter()
+            .map(|d| {
+                let c = std::fs::canonicalize(d).map_err(|e| Error::new(d, e))?;
+                if !c.is_dir() {
+                    return Err(Error::new(
+                        d,
+                        crate::Problem::Usage("--backing-within needs a folder".into()),
+                    ));
+                }
+                Ok(c)
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct MountArgs {
     /// Never write the image (takes QEMU's shared read lock)
@@ -117,6 +146,8 @@ pub struct MountArgs {
     pub read_only: bool,
     #[command(flatten)]
     pub keys: KeyArgs,
+    #[command(flatten)]
+    pub confine: ConfineArgs,
     /// Memory for decrypted clusters (e.g. 256M, 1G); dirty data counts against it
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = crate::size::parse_size)]
     pub cache_size: u64,
@@ -148,6 +179,8 @@ pub struct InfoArgs {
     pub json: bool,
     #[command(flatten)]
     pub keys: KeyArgs,
+    #[command(flatten)]
+    pub confine: ConfineArgs,
     /// The image to describe
     pub image: PathBuf,
 }
@@ -159,6 +192,8 @@ pub struct SealArgs {
     pub progress: bool,
     #[command(flatten)]
     pub keys: KeyArgs,
+    #[command(flatten)]
+    pub confine: ConfineArgs,
     /// The image to make self-contained
     pub image: PathBuf,
 }
@@ -182,9 +217,30 @@ fn read_all(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
             .map_err(|e| Error::new("<stdin>", e))?;
     } else {
         let mut f = std::fs::File::open(path).map_err(|e| Error::new(path, e))?;
+        warn_if_others_can_read(path, &f);
         f.read_to_end(&mut data).map_err(|e| Error::new(path, e))?;
     }
     Ok(data)
+}
+
+/// A key file that group or others may read is used, with a warning naming it and its mode (as
+/// ssh does for keys; a regular file only: a pipe or /dev/stdin has no mode worth telling).
+fn warn_if_others_can_read(path: &Path, f: &std::fs::File) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = f.metadata() else { return };
+    let mode = meta.permissions().mode() & 0o7777;
+    if meta.is_file() && mode & 0o044 != 0 {
+        eprintln!(
+            "qcowfs: warning: {}: the passphrase file is readable by {} (mode {mode:04o}); \
+             chmod 600 it",
+            crate::error::escaped(path),
+            if mode & 0o004 != 0 {
+                "everyone"
+            } else {
+                "its group"
+            }
+        );
+    }
 }
 
 /// Read a file of base64 text ('-' is stdin), as `virsh secret-get-value` prints it, and decode it.
@@ -284,7 +340,7 @@ pub fn default_passphrase(args: &KeyArgs) -> Result<Option<Zeroizing<Vec<u8>>>> 
 }
 
 /// Build the key ring from the arguments; prompt on a terminal for an encrypted chain without keys.
-pub fn key_ring(args: &KeyArgs, image: &Path, prompt: bool) -> Result<KeyRing> {
+pub fn key_ring(args: &KeyArgs, image: &Path, prompt: bool, within: &[PathBuf]) -> Result<KeyRing> {
     let mut ring = KeyRing {
         default: default_passphrase(args)?,
         ..KeyRing::default()
@@ -302,14 +358,16 @@ pub fn key_ring(args: &KeyArgs, image: &Path, prompt: bool) -> Result<KeyRing> {
             .push((canon, read_passphrase(Path::new(file))?));
     }
     if ring.default.is_none() {
-        let missing = encrypted_layers_without_keys(image, &ring)?;
+        let missing = encrypted_layers_without_keys(image, &ring, within)?;
         if let Some(first) = missing.first() {
             if !prompt || !std::io::stdin().is_terminal() {
                 return Err(Error::new(first, CryptoError::NoPassphrase));
             }
-            let answer =
-                rpassword::prompt_password(format!("Passphrase for {}: ", image.display()))
-                    .map_err(|e| Error::new(image, e))?;
+            let answer = rpassword::prompt_password(format!(
+                "Passphrase for {}: ",
+                crate::error::escaped(image)
+            ))
+            .map_err(|e| Error::new(image, e))?;
             ring.default = Some(Zeroizing::new(answer.into_bytes()));
         }
     }
@@ -317,11 +375,16 @@ pub fn key_ring(args: &KeyArgs, image: &Path, prompt: bool) -> Result<KeyRing> {
 }
 
 /// Encrypted layers of the chain that the ring has no key for.
-fn encrypted_layers_without_keys(image: &Path, ring: &KeyRing) -> Result<Vec<PathBuf>> {
+fn encrypted_layers_without_keys(
+    image: &Path,
+    ring: &KeyRing,
+    within: &[PathBuf],
+) -> Result<Vec<PathBuf>> {
     let opts = OpenOptions {
         writable: false,
         force_share: true,
         without_keys: true,
+        backing_within: within.to_vec(),
     };
     let chain = Chain::open(image, ring, opts)?;
     Ok(chain

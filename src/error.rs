@@ -77,9 +77,32 @@ impl fmt::Display for Error {
         if self.path.as_os_str().is_empty() {
             write!(f, "{}", self.problem)
         } else {
-            write!(f, "{}: {}", self.path.display(), self.problem)
+            write!(f, "{}: {}", escaped(&self.path), self.problem)
         }
     }
+}
+
+/// A path as text safe for a terminal or a log line: control characters (escape sequences, line
+/// breaks) and bytes that are not UTF-8 are shown as `\xNN` (`\n`, `\t`), so an image naming a
+/// backing file `"x\e[2J"` cannot clear the screen or forge a line of output.
+pub fn escaped(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for chunk in path.as_os_str().as_bytes().utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\r' => out.push_str("\\r"),
+                c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
 }
 
 impl std::error::Error for Error {
@@ -96,5 +119,21 @@ pub trait Context<T> {
 impl<T, E: Into<Problem>> Context<T> for std::result::Result<T, E> {
     fn at(self, path: &Path) -> Result<T> {
         self.map_err(|e| Error::new(path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn escapes_control_characters_and_bytes_that_are_not_utf8() {
+        let p = Path::new(std::ffi::OsStr::from_bytes(
+            b"/img/a\x1b[2J\nb\xff c\xc3\xa9",
+        ));
+        assert_eq!(escaped(p), "/img/a\\x1b[2J\\nb\\xff c\u{e9}");
+        let e = Error::new(p, Problem::Usage("bad".into()));
+        assert!(!e.to_string().contains('\x1b'), "{e}");
     }
 }

@@ -22,6 +22,7 @@ pub fn run(args: &InfoArgs) -> Result<()> {
             writable: false,
             force_share: true,
             without_keys: true,
+            backing_within: args.confine.folders()?,
         },
     )?;
     let report = describe(&chain)?;
@@ -34,6 +35,11 @@ pub fn run(args: &InfoArgs) -> Result<()> {
         print_text(&report);
     }
     Ok(())
+}
+
+/// A path string from the report, with control characters escaped for the terminal.
+fn esc(v: &Value) -> String {
+    crate::error::escaped(std::path::Path::new(v.as_str().unwrap_or("")))
 }
 
 fn encryption_name(e: Encryption) -> &'static str {
@@ -82,6 +88,14 @@ fn describe(chain: &Chain) -> Result<Value> {
         .iter()
         .map(layer_json)
         .collect::<Result<Vec<_>>>()?;
+    // Backing files that lie elsewhere on the host than the image (a name like ../../etc/shadow).
+    for (layer, v) in chain.layers().iter().zip(layers.iter_mut()).skip(1) {
+        let outside = crate::chain::outside_tree(top.path(), layer.path());
+        v["outside_image_tree"] = json!(outside.is_some());
+        if let Some(resolved) = outside {
+            v["resolved_path"] = json!(resolved.display().to_string());
+        }
+    }
     // Encryption coverage: what the guest reads from each layer, and how much of it is plaintext.
     let provided = chain.coverage()?;
     let total: u64 = provided.iter().sum();
@@ -149,7 +163,7 @@ fn describe(chain: &Chain) -> Result<Value> {
 
 fn print_text(r: &Value) {
     let num = |v: &Value| v.as_u64().unwrap_or(0);
-    println!("image: {}", r["image"].as_str().unwrap_or(""));
+    println!("image: {}", esc(&r["image"]));
     println!("format: {}", r["format"].as_str().unwrap_or(""));
     if let Some(v) = r["version"].as_u64() {
         println!("version: {v}");
@@ -181,13 +195,19 @@ fn print_text(r: &Value) {
     for (i, l) in r["layers"].as_array().into_iter().flatten().enumerate() {
         println!(
             "  {i}: {} [{}, {}] size {}, allocated {}, provides {} of guest data",
-            l["path"].as_str().unwrap_or(""),
+            esc(&l["path"]),
             l["format"].as_str().unwrap_or(""),
             l["encryption"].as_str().unwrap_or(""),
             human(num(&l["virtual_size"])),
             human(num(&l["allocated_bytes"])),
             human(num(&l["provided_bytes"])),
         );
+        if l["outside_image_tree"] == true {
+            println!(
+                "     warning: outside the image's tree: the file is {} (--backing-within refuses such files)",
+                esc(&l["resolved_path"])
+            );
+        }
         if let Some(luks) = l.get("luks") {
             println!(
                 "     LUKS: cipher {} mode {} ivgen {} hash {}, active key slots {}",
@@ -239,7 +259,7 @@ fn coverage_warning(r: &Value) -> Option<String> {
     Some(format!(
         "{} of this disk's data lives in the unencrypted {kind} {}",
         percent(share),
-        plain["path"].as_str().unwrap_or("")
+        esc(&plain["path"])
     ))
 }
 

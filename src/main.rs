@@ -63,11 +63,13 @@ fn main() {
             .init(),
     }
     let result = match cli.command {
-        Command::Mount(m) => key_ring(&m.keys, &m.image, true).and_then(|keys| {
+        Command::Mount(m) => m.confine.folders().and_then(|within| {
+            let keys = key_ring(&m.keys, &m.image, true, &within)?;
             daemon::mount(MountRequest {
                 image: m.image,
                 mountpoint: m.mountpoint,
                 keys,
+                backing_within: within,
                 read_only: m.read_only,
                 cache_size: m.cache_size,
                 foreground: m.foreground,
@@ -85,9 +87,10 @@ fn main() {
             default_passphrase(&args.keys).and_then(|_| qcowfs::info::run(&args))
         }
         Command::Generate(target) => generate::run(&target),
-        Command::Seal(args) => {
-            key_ring(&args.keys, &args.image, true).and_then(|keys| seal(&args, &keys))
-        }
+        Command::Seal(args) => args.confine.folders().and_then(|within| {
+            let keys = key_ring(&args.keys, &args.image, true, &within)?;
+            seal(&args, &keys, within)
+        }),
     };
     match result {
         Ok(()) => std::process::exit(EXIT_OK),
@@ -137,7 +140,11 @@ fn absolute_log_file(path: &Path) -> Result<PathBuf> {
 }
 
 /// `qcowfs seal`, with a progress bar on a terminal when asked.
-fn seal(args: &qcowfs::cli::SealArgs, keys: &qcowfs::chain::KeyRing) -> Result<(), Error> {
+fn seal(
+    args: &qcowfs::cli::SealArgs,
+    keys: &qcowfs::chain::KeyRing,
+    within: Vec<PathBuf>,
+) -> Result<(), Error> {
     use std::io::IsTerminal;
     let bar = (args.progress && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
@@ -147,7 +154,7 @@ fn seal(args: &qcowfs::cli::SealArgs, keys: &qcowfs::chain::KeyRing) -> Result<(
         );
         bar
     });
-    let report = qcowfs::seal::seal(&args.image, keys, &|done, total| {
+    let report = qcowfs::seal::seal(&args.image, keys, within, &|done, total| {
         if let Some(bar) = &bar {
             bar.set_length(total);
             bar.set_position(done);
@@ -159,12 +166,12 @@ fn seal(args: &qcowfs::cli::SealArgs, keys: &qcowfs::chain::KeyRing) -> Result<(
     if !report.dropped_backing {
         println!(
             "{}: already self-contained (no backing file)",
-            args.image.display()
+            qcowfs::error::escaped(&args.image)
         );
     } else {
         println!(
             "{}: copied {} from the backing chain; the image no longer has a backing file",
-            args.image.display(),
+            qcowfs::error::escaped(&args.image),
             qcowfs::size::human(report.copied_bytes)
         );
     }

@@ -25,7 +25,12 @@ pub struct SealReport {
 
 /// Seal `image`. `progress` is called with (work done, work total): copying, then reading every
 /// copied cluster back to verify it, each counts as half.
-pub fn seal(image: &Path, keys: &KeyRing, progress: &dyn Fn(u64, u64)) -> Result<SealReport> {
+pub fn seal(
+    image: &Path,
+    keys: &KeyRing,
+    backing_within: Vec<std::path::PathBuf>,
+    progress: &dyn Fn(u64, u64),
+) -> Result<SealReport> {
     let chain = Chain::open(
         image,
         keys,
@@ -33,6 +38,7 @@ pub fn seal(image: &Path, keys: &KeyRing, progress: &dyn Fn(u64, u64)) -> Result
             writable: true,
             force_share: false,
             without_keys: false,
+            backing_within,
         },
     )?;
     if chain.layers().len() == 1 {

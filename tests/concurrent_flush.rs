@@ -41,6 +41,7 @@ fn open_with(path: &Path, keys: &KeyRing, writable: bool, cache: u64) -> Disk {
             writable,
             force_share: false,
             without_keys: false,
+            backing_within: Vec::new(),
         },
     )
     .expect("open image");

@@ -321,3 +321,229 @@ fn keys_and_passphrases_are_in_no_core_dump_and_not_in_what_gcore_writes() {
         drop(m);
     }
 }
+
+// --- bounded LUKS unlock, passphrase files, unverifiable AES, confined backing files -----------
+
+#[test]
+fn a_luks_header_demanding_endless_key_derivation_is_refused_at_once() {
+    let dir = workdir();
+    let pass = "hostile";
+    let img = dir.path().join("luks.qcow2");
+    run_ok(
+        "qemu-img",
+        [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            &format!("secret,id=s0,data={pass}"),
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+            img.to_str().expect("UTF-8"),
+            "4M",
+        ],
+    );
+    // The LUKS header sits where the full-disk-encryption extension says (after the header
+    // cluster for a fresh image: find it by its magic).
+    let bytes = fs::read(&img).expect("read");
+    let at = find_bytes(&bytes, b"LUKS\xba\xbe").expect("LUKS magic") as u64;
+    // Eight active slots, each a copy of slot 0 with 20 M iterations, and a 20 M digest.
+    let slot0 = bytes[at as usize + 208..at as usize + 256].to_vec();
+    for i in 0..8u64 {
+        let mut slot = slot0.clone();
+        slot[4..8].copy_from_slice(&20_000_000u32.to_be_bytes());
+        patch_bytes(&img, at + 208 + i * 48, &slot);
+    }
+    patch_bytes(&img, at + 164, &20_000_000u32.to_be_bytes());
+    let key = passphrase_file(dir.path(), "key", "wrong passphrase");
+
+    let r = mount_failure(&img, &["--passphrase-file".as_ref(), key.as_os_str()], None);
+    assert_one_line_error(&r, &["luks.qcow2"], Duration::from_secs(3));
+    assert!(
+        r.stderr.contains("PBKDF2") && r.stderr.contains("8 key slot"),
+        "says what was refused: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn a_passphrase_file_others_can_read_is_used_with_a_warning_naming_it_and_its_mode() {
+    let dir = workdir();
+    let img = qcow2(dir.path().join("aes.qcow2"), 4 * MIB)
+        .aes("secret")
+        .create();
+    img.write_pattern(0, 64 * KIB, 0x11);
+    let key = passphrase_file(dir.path(), "loose.key", "secret");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).expect("chmod");
+
+    let r = qcowfs([
+        "info".as_ref(),
+        "--passphrase-file".as_ref(),
+        key.as_os_str(),
+        img.path.as_os_str(),
+    ]);
+    r.assert_success();
+    assert!(
+        r.stderr.contains("loose.key") && r.stderr.contains("0644"),
+        "info warns: {}",
+        r.stderr
+    );
+    let m = Mount::try_new(
+        &img.path,
+        &["--passphrase-file".as_ref(), key.as_os_str()],
+        None,
+        Path::new("/"),
+    )
+    .unwrap_or_else(|r| panic!("mount: {}", r.stderr));
+    m.umount();
+    // Mode 0600: silence.
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let r = qcowfs([
+        "info".as_ref(),
+        "--passphrase-file".as_ref(),
+        key.as_os_str(),
+        img.path.as_os_str(),
+    ]);
+    assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+}
+
+#[test]
+fn a_legacy_aes_image_without_data_mounts_saying_the_passphrase_cannot_be_verified() {
+    let dir = workdir();
+    let img = qcow2(dir.path().join("empty.qcow2"), 4 * MIB)
+        .aes("right")
+        .create();
+    let key = passphrase_file(dir.path(), "key", "maybe wrong");
+    let r = qcowfs([
+        "mount".as_ref(),
+        "--passphrase-file".as_ref(),
+        key.as_os_str(),
+        img.path.as_os_str(),
+        dir.path().join("mnt").as_os_str(),
+    ]);
+    // The mount point does not exist: make it and mount for real.
+    drop(r);
+    let m = {
+        let mnt = dir.path().join("mnt");
+        fs::create_dir_all(&mnt).expect("mnt");
+        Mount::try_new(
+            &img.path,
+            &["--passphrase-file".as_ref(), key.as_os_str()],
+            None,
+            Path::new("/"),
+        )
+        .unwrap_or_else(|r| panic!("mount: {}", r.stderr))
+    };
+    m.umount();
+    let again = mount_warnings(&img.path, &key);
+    let lines: Vec<&str> = again
+        .lines()
+        .filter(|l| l.contains("cannot be verified"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line says so: {again}");
+    assert!(lines[0].contains("empty.qcow2"), "{}", lines[0]);
+}
+
+/// The stderr of a successful `qcowfs mount` (then unmounted).
+fn mount_warnings(image: &Path, key: &Path) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).expect("mnt");
+    let r = qcowfs([
+        "mount".as_ref(),
+        "--passphrase-file".as_ref(),
+        key.as_os_str(),
+        image.as_os_str(),
+        mnt.as_os_str(),
+    ]);
+    r.assert_success();
+    qcowfs(["umount".as_ref(), mnt.as_os_str()]).assert_success();
+    r.stderr
+}
+
+#[test]
+fn backing_within_refuses_a_backing_file_outside_its_folders_symlinks_followed() {
+    let dir = workdir();
+    let instances = dir.path().join("instances");
+    let uuid = instances.join("uuid-1");
+    let base_dir = instances.join("_base");
+    let outside = dir.path().join("elsewhere");
+    for d in [&uuid, &base_dir, &outside] {
+        fs::create_dir_all(d).expect("mkdir");
+    }
+    let secret = create_raw(outside.join("shadow.raw"), 4 * MIB);
+    secret.write_pattern(0, 4096, 0x73);
+    let good_base = create_raw(base_dir.join("base.raw"), 4 * MIB);
+    // A nova-style disk over _base: fine. One over ../../elsewhere: refused. One over a symlink in
+    // _base that points elsewhere: refused too.
+    let good = qcow2(uuid.join("disk"), 4 * MIB)
+        .backing_named(&good_base, "../_base/base.raw")
+        .create();
+    let bad = qcow2(uuid.join("bad"), 4 * MIB)
+        .backing_named(&secret, "../../elsewhere/shadow.raw")
+        .create();
+    std::os::unix::fs::symlink(&secret.path, base_dir.join("link.raw")).expect("symlink");
+    let sneaky = qcow2(uuid.join("sneaky"), 4 * MIB)
+        .backing_named(&secret, "../_base/link.raw")
+        .create();
+    let within = ["--backing-within".as_ref(), instances.as_os_str()];
+
+    let m = Mount::new(&good.path, &within);
+    m.umount();
+    for img in [&bad, &sneaky] {
+        let r = mount_failure(&img.path, &within, None);
+        assert_one_line_error(&r, &["shadow.raw", "link.raw"], Duration::from_secs(5));
+        assert!(
+            r.stderr.contains("outside every --backing-within"),
+            "{}",
+            r.stderr
+        );
+        let mut args: Vec<&std::ffi::OsStr> = vec!["info".as_ref()];
+        args.extend(within);
+        args.push(img.path.as_os_str());
+        assert_one_line_error(
+            &qcowfs(args),
+            &["shadow.raw", "link.raw"],
+            Duration::from_secs(5),
+        );
+    }
+    // Without the option, info opens it as QEMU would, and marks it.
+    let info = qcowfs_info_json(&bad.path, &[]);
+    assert_eq!(info["layers"][1]["outside_image_tree"], true, "{info}");
+    let info = qcowfs_info_json(&good.path, &[]);
+    assert_eq!(info["layers"][1]["outside_image_tree"], false, "{info}");
+    let text = qcowfs(["info".as_ref(), bad.path.as_os_str()]);
+    assert!(
+        text.stdout_str().contains("outside the image's tree"),
+        "{}",
+        text.stdout_str()
+    );
+}
+
+#[test]
+fn escape_sequences_in_a_backing_file_name_are_printed_escaped() {
+    let dir = workdir();
+    let base = create_raw(dir.path().join("base.raw"), 4 * MIB);
+    let name = "evil\x1b[2J\x1b]0;owned\x07.raw";
+    fs::copy(&base.path, dir.path().join(name)).expect("copy");
+    let top = qcow2(dir.path().join("top.qcow2"), 4 * MIB)
+        .backing_named(&base, name)
+        .create();
+    let r = qcowfs(["info".as_ref(), top.path.as_os_str()]);
+    r.assert_success();
+    let out = r.stdout_str();
+    assert!(
+        !out.contains('\x1b') && !out.contains('\x07'),
+        "raw escape bytes printed: {out:?}"
+    );
+    assert!(out.contains("evil\\x1b[2J"), "{out}");
+    fs::remove_file(dir.path().join(name)).expect("rm");
+    let r = qcowfs(["info".as_ref(), top.path.as_os_str()]);
+    assert!(
+        !r.stderr.contains('\x1b'),
+        "error text carries the escape: {:?}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("evil\\x1b"), "{}", r.stderr);
+}

@@ -72,6 +72,12 @@ const OPTIONS: &[MountOption] = &[
         help: "The passphrase of one layer; may be repeated (--layer-passphrase-file).",
     },
     MountOption {
+        name: "backing_within",
+        value: Some("DIR"),
+        action: Action::Value("--backing-within"),
+        help: "Refuse backing files outside DIR; may be repeated (--backing-within).",
+    },
+    MountOption {
         name: "cache_size",
         value: Some("SIZE"),
         action: Action::Value("--cache-size"),

@@ -27,6 +27,12 @@ pub enum CryptoError {
     BadLuksHeader(&'static str),
     #[error("unsupported LUKS cipher: {0}")]
     UnsupportedCipher(String),
+    #[error(
+        "refusing to unlock: the LUKS header asks for {work} million PBKDF2 iterations (SHA-256 \
+         equivalent) over {slots} key slot(s) and their digest checks, past the limit of {limit} \
+         million (qemu-img makes a few million per slot)"
+    )]
+    TooMuchWork { work: u64, slots: usize, limit: u64 },
     #[error("buffer of {0} bytes is not a whole number of 512-byte sectors")]
     Unaligned(usize),
 }

@@ -33,6 +33,8 @@ pub struct MountRequest {
     pub image: PathBuf,
     pub mountpoint: PathBuf,
     pub keys: KeyRing,
+    /// `--backing-within`: canonical folders backing files must lie in (empty: anywhere).
+    pub backing_within: Vec<PathBuf>,
     pub read_only: bool,
     pub cache_size: u64,
     pub foreground: bool,
@@ -216,12 +218,13 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
         writable: !req.read_only,
         force_share: req.force_share,
         without_keys: false,
+        backing_within: req.backing_within.clone(),
     };
     let chain = Chain::open(&req.image, &req.keys, opts)?;
     let mut warnings = Vec::new();
     if !req.force {
         // Writing with a wrong key would store garbage: refuse. Reading only shows garbage: warn.
-        match check_passphrases(&chain) {
+        match check_passphrases(&chain, &mut warnings) {
             Err(e) if req.read_only => warnings.push(format!("warning: {e}")),
             other => other?,
         }
@@ -292,8 +295,9 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
 }
 
 /// Legacy AES has no key check: refuse when every sampled cluster of an encrypted layer decrypts to
-/// noise (a wrong passphrase). Layers without data yet cannot be checked; that is logged.
-fn check_passphrases(chain: &Chain) -> Result<()> {
+/// noise (a wrong passphrase). A layer without data yet cannot be checked: `warnings` says so, since
+/// writes would then use whatever key was given.
+fn check_passphrases(chain: &Chain, warnings: &mut Vec<String>) -> Result<()> {
     for (level, layer) in chain.layers().iter().enumerate() {
         let Layer::Qcow2(image) = layer else { continue };
         if image.encryption() != Encryption::Aes {
@@ -301,10 +305,12 @@ fn check_passphrases(chain: &Chain) -> Result<()> {
         }
         let samples = image.sample_data_clusters(KEY_SAMPLES)?;
         if samples.is_empty() {
-            log::info!(
-                "{}: no data yet, the passphrase cannot be checked",
-                image.path().display()
-            );
+            warnings.push(format!(
+                "warning: {}: the passphrase cannot be verified for this image (legacy AES has no \
+                 key check and the layer holds no encrypted data yet); new data will be encrypted \
+                 with the passphrase given",
+                crate::error::escaped(image.path())
+            ));
             continue;
         }
         let mut sector = [0u8; 512];
