@@ -230,16 +230,15 @@ impl Disk {
             return Ok(true);
         }
         let bs = self.block_size;
-        let blocks = guest / bs..(guest + cs).min(self.size).div_ceil(bs);
-        if blocks
-            .clone()
-            .any(|b| b != block && self.cache.stamp(b).is_some())
-        {
-            return Ok(false); // checked when its first block became dirty
-        }
         // This block itself is read by the write when it is not written whole (and fails there).
+        let others: Vec<u64> = (guest / bs..(guest + cs).min(self.size).div_ceil(bs))
+            .filter(|&b| b != block)
+            .collect();
+        if others.is_empty() || others.iter().any(|&b| self.cache.stamp(b).is_some()) {
+            return Ok(false); // none, or checked when the cluster's first block became dirty
+        }
         let mut scratch = vec![0u8; bs as usize];
-        for b in blocks.filter(|&b| b != block) {
+        for b in others {
             let len = self.block_len(b);
             self.read_block(b, 0, &mut scratch[..len])?;
         }
