@@ -35,6 +35,8 @@ pub struct Progress {
     pub since: Option<Instant>,
     /// The device of the live mount (names its /sys/fs/fuse/connections entry).
     pub fuse_dev: Option<u64>,
+    /// `qcowfs umount` refusals "the mount is busy" that a retry 100 ms later got past.
+    pub busy_retries: u32,
 }
 
 pub type Shared = Arc<Mutex<Progress>>;
@@ -121,8 +123,12 @@ pub fn run(cfg: &Config, seed: u64, ops: usize, exclude: Vec<String>, progress: 
     };
     set_phase(&progress, "first mount".into());
     e.mount();
+    let trace = std::env::var_os("QCOWFS_DIFFTEST_TRACE").is_some();
     for i in 0..ops {
         let op = gen.next_op();
+        if trace {
+            eprintln!("difftest-trace {} #{i} {op}", cfg.name);
+        }
         {
             let mut g = progress.lock().unwrap_or_else(|e| e.into_inner());
             g.log.push(op.to_string());
@@ -169,7 +175,11 @@ impl Engine<'_> {
         self.disk = None;
         self.parts.clear();
         let m = self.mount.take().expect("mounted");
-        m.umount();
+        let retries = m.umount_retrying_busy(20);
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .busy_retries += retries;
         self.progress
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -511,7 +521,11 @@ impl Engine<'_> {
             );
         }
         drop(disk);
-        m.umount();
+        let retries = m.umount_retrying_busy(20);
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .busy_retries += retries;
         let _ = self.cfg;
     }
 }

@@ -54,6 +54,7 @@ fn name_hash(name: &str) -> u64 {
 
 struct Outcome {
     name: &'static str,
+    busy_retries: u32,
     elapsed: Duration,
     failure: Option<String>,
 }
@@ -123,6 +124,7 @@ fn run_one(cfg: &'static Config, seed: u64, ops: usize, exclude: &[String]) -> O
     };
     Outcome {
         name: cfg.name,
+        busy_retries: g.busy_retries,
         elapsed: start.elapsed(),
         failure,
     }
@@ -221,10 +223,15 @@ fn random_operations_on_every_configuration_match_a_raw_reference() {
                 let Some(cfg) = next else { break };
                 let o = run_one(cfg, seed, ops, &exclude);
                 eprintln!(
-                    "difftest: {:<44} {:>6.1} s  {}",
+                    "difftest: {:<44} {:>6.1} s  {}{}",
                     o.name,
                     o.elapsed.as_secs_f64(),
-                    if o.failure.is_some() { "FAILED" } else { "ok" }
+                    if o.failure.is_some() { "FAILED" } else { "ok" },
+                    if o.busy_retries > 0 {
+                        format!(" ({} umount retries: mount busy)", o.busy_retries)
+                    } else {
+                        String::new()
+                    }
                 );
                 outcomes.lock().unwrap_or_else(|e| e.into_inner()).push(o);
             });

@@ -170,17 +170,18 @@ pub struct Gen {
     snapshot: bool,
     sealable: bool,
     sealed: bool,
-    /// The last range written, for reads (and overlapping writes) that follow it.
-    last: Option<(Via, u64, u64)>,
+    /// The last range read or written, in `disk` offsets, for reads (and overlapping writes) that follow
+    /// it, through any file that shows those bytes.
+    last: Option<(u64, u64)>,
     exclude: Vec<String>,
 }
 
 /// Relative weights of the operation kinds.
 const WEIGHTS: &[(&str, u64)] = &[
-    ("write", 26),
-    ("part-write", 10),
+    ("write", 24),
+    ("part-write", 12),
     ("read", 18),
-    ("part-read", 6),
+    ("part-read", 8),
     ("fsync", 5),
     ("punch", 4),
     ("zero", 4),
@@ -243,8 +244,13 @@ impl Gen {
                 continue;
             }
             match &op {
-                Op::Write { via, off, len, .. } | Op::Mmap { via, off, len, .. } => {
-                    self.last = Some((*via, *off, *len))
+                // Reads count too: a range one file has cached, written through another, is
+                // where views go stale.
+                Op::Write { via, off, len, .. }
+                | Op::Mmap { via, off, len, .. }
+                | Op::Read { via, off, len } => {
+                    let (base, size) = self.span(*via);
+                    self.last = Some((base + off, (*len).min(size - off)));
                 }
                 Op::Resize { part, len } => {
                     self.layout.resize(*part, *len);
@@ -367,7 +373,7 @@ impl Gen {
         let (ws, wl) = windows[self.rng.below(windows.len() as u64) as usize];
         let len = len.min(wl);
         let we = ws + wl;
-        let last = self.last.filter(|l| l.0 == via);
+        let last = self.last_in(via);
         let off = match self.rng.below(20) {
             0..=7 => ws + self.rng.below(wl - len + 1),
             8..=13 => {
@@ -379,7 +385,7 @@ impl Gen {
             }
             14..=16 => we - len,
             _ => match last {
-                Some((_, loff, llen)) => {
+                Some((loff, llen)) => {
                     let lo = loff.saturating_sub(len).max(ws);
                     let hi = (loff + llen).min(we - len).max(lo);
                     self.rng.range(lo, hi)
@@ -394,6 +400,23 @@ impl Gen {
         (off.clamp(ws, we - len), len)
     }
 
+    /// Where `via` starts on the disk and its size.
+    fn span(&self, via: Via) -> (u64, u64) {
+        match via {
+            Via::Disk => (0, self.disk_size),
+            Via::Part(n) => self.layout.parts[&n],
+        }
+    }
+
+    /// The part of the last write that `via` shows, in its offsets.
+    fn last_in(&self, via: Via) -> Option<(u64, u64)> {
+        let (off, len) = self.last?;
+        let (base, size) = self.span(via);
+        let start = off.max(base);
+        let end = (off + len).min(base + size);
+        (start < end).then(|| (start - base, end - start))
+    }
+
     fn write(&mut self, via: Via) -> Op {
         let len = self.length(MAX_IO);
         let (off, len) = self.place(via, len, true);
@@ -406,10 +429,13 @@ impl Gen {
     }
 
     fn read(&mut self, via: Via) -> Op {
-        let last = self.last.filter(|l| l.0 == via);
-        if let (Some((_, off, len)), true) = (last, self.rng.below(2) == 0) {
-            let (size, _) = self.target(via);
-            let len = len.min(size - off);
+        if self.last.is_some() && self.rng.below(2) == 0 {
+            // The bytes just written, through a file chosen among all that show them.
+            let mut views = vec![Via::Disk];
+            views.extend(self.partitions().into_iter().map(Via::Part));
+            views.retain(|&v| self.last_in(v).is_some());
+            let via = views[self.rng.below(views.len() as u64) as usize];
+            let (off, len) = self.last_in(via).expect("the view shows the last write");
             return Op::Read { via, off, len };
         }
         let len = self.length(MAX_IO);
