@@ -32,7 +32,7 @@ use config::{Config, CONFIGS};
 use engine::{Progress, Shared};
 
 /// Operations per configuration in the CI run.
-const CI_OPS: usize = 24;
+const CI_OPS: usize = 100;
 /// How long one operation (or one check phase) may run before the run counts as hung.
 const PHASE_TIMEOUT: Duration = Duration::from_secs(180);
 
