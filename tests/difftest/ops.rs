@@ -476,3 +476,39 @@ impl Gen {
         Op::Threaded { writes }
     }
 }
+
+#[test]
+fn the_same_seed_draws_the_same_operations() {
+    use crate::ptable::Guest;
+    let draw = |n: usize| {
+        let layout = Layout::new(Guest::Mbr, 64 * MIB);
+        let windows = layout.windows();
+        let mut g = Gen::new(7, windows, 64 * MIB, layout, true, true, vec![]);
+        (0..n).map(|_| g.next_op().to_string()).collect::<Vec<_>>()
+    };
+    let long = draw(300);
+    assert_eq!(draw(300), long);
+    assert_eq!(
+        draw(40)[..],
+        long[..40],
+        "op i must not depend on how many follow"
+    );
+    for kind in [
+        "write",
+        "read",
+        "mmap",
+        "threaded",
+        "table-rewrite",
+        "remount",
+        "umount + seal",
+    ] {
+        assert!(
+            long.iter().any(|o| o.starts_with(kind)),
+            "no {kind} in 300 operations"
+        );
+    }
+    assert!(
+        long.iter().any(|o| o.contains("disk-part")),
+        "no partition-file operation"
+    );
+}
