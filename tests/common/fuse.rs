@@ -241,6 +241,35 @@ impl Mount {
         r
     }
 
+    /// Like [`Mount::umount`], but a refusal because the mount is busy is retried (up to `tries`
+    /// times, 100 ms apart): in a multithreaded test another thread's fork may hold a copy of a
+    /// descriptor on the mount until its child execs. Returns how many retries it took.
+    pub fn umount_retrying_busy(mut self, tries: u32) -> u32 {
+        for retry in 0..tries {
+            let r = qcowfs(["umount".as_ref(), self.mountpoint.as_os_str()]);
+            if r.status.success() {
+                self.live = is_mounted(&self.mountpoint);
+                assert!(
+                    !self.live,
+                    "qcowfs umount exited 0 but {} is still mounted",
+                    self.mountpoint.display()
+                );
+                return retry;
+            }
+            if !r.stderr.contains("the mount is busy") {
+                panic!(
+                    "qcowfs umount failed ({}; {}):\n{}",
+                    describe_status(r.status),
+                    self.daemon_state(),
+                    r.stderr
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        self.umount();
+        tries
+    }
+
     /// Last resort: abort the FUSE connection (so no request can hang) and detach lazily.
     fn force_unmount(&self) {
         // minor(3) of a Linux dev_t, which names the FUSE connection.
