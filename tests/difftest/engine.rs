@@ -312,7 +312,15 @@ impl Engine<'_> {
             } => {
                 let data = self.built.data(*len, *seed);
                 let (f, base, _) = self.target(*via);
-                mmap_write(f, *off, &data, &via.to_string());
+                if matches!(via, Via::Part(_)) {
+                    // Partition files bypass the page cache (so they never disagree with `disk`)
+                    // and so refuse shared mappings, as the README says: map `disk` there instead.
+                    assert_shared_mmap_refused(f, *off, &via.to_string());
+                    let disk = self.disk.as_ref().expect("disk open");
+                    mmap_write(disk, base + off, &data, "disk (for a partition)");
+                } else {
+                    mmap_write(f, *off, &data, &via.to_string());
+                }
                 self.ref_write(base + off, &data);
             }
             Op::Threaded { writes } => {
@@ -542,6 +550,32 @@ fn open_rw(path: &Path) -> File {
 
 /// Maps the pages holding [off, off + data.len()) of `f` shared and writable, copies `data` in,
 /// `msync(MS_SYNC)`s and unmaps.
+/// A shared mapping of a partition file fails with ENODEV (it is opened for direct I/O).
+fn assert_shared_mmap_refused(f: &File, off: u64, what: &str) {
+    let map_off = off / 4096 * 4096;
+    // SAFETY: a mapping attempt of an open file; on the unexpected success it is unmapped at once.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            map_off as libc::off_t,
+        );
+        let err = std::io::Error::last_os_error();
+        if p != libc::MAP_FAILED {
+            libc::munmap(p, 4096);
+            panic!("a shared mapping of {what} succeeded: partition files must refuse it");
+        }
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::ENODEV),
+            "mmap of {what}: {err}"
+        );
+    }
+}
+
 fn mmap_write(f: &File, off: u64, data: &[u8], what: &str) {
     const PAGE: u64 = 4096;
     let map_off = off / PAGE * PAGE;
