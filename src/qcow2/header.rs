@@ -14,6 +14,9 @@ pub const MAX_L1_BYTES: u64 = 32 << 20;
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 pub const MAX_SNAPSHOTS: u32 = 65536;
 pub const MAX_BACKING_NAME: u32 = 1023;
+/// The largest virtual size accepted at all (the L1 limit bounds it further for small clusters); keeps
+/// every guest offset computation far from overflow.
+pub const MAX_VIRTUAL_SIZE: u64 = 1 << 62;
 
 /// Field offsets the write path updates in place.
 pub const OFF_REFCOUNT_TABLE_OFFSET: u64 = 48;
@@ -212,7 +215,9 @@ impl Header {
         let bytes_per_l1 = 1u64 << (cluster_bits + l2_bits);
         // The largest virtual size QEMU accepts is bounded by the L1 limit; this also keeps every
         // guest offset arithmetic below far from overflow.
-        let max_size = (MAX_L1_BYTES / 8).saturating_mul(bytes_per_l1).min(1 << 62);
+        let max_size = (MAX_L1_BYTES / 8)
+            .saturating_mul(bytes_per_l1)
+            .min(MAX_VIRTUAL_SIZE);
         if size > max_size {
             return Err(FormatError::VirtualSize(size));
         }
@@ -422,4 +427,4 @@ fn check_table(
 
 #[cfg(test)]
 #[path = "header/tests.rs"]
-mod tests;
+pub(crate) mod tests;
