@@ -556,7 +556,7 @@ mod tests {
     #[test]
     fn rejects_a_snapshot_l1_table_whose_end_overflows_or_passes_the_file() {
         let (_dir, img) = image();
-        for s in [snapshot(u64::MAX & !0xffff, 8), snapshot(3 << 16, 1 << 20)] {
+        for s in [snapshot(!0xffff_u64, 8), snapshot(3 << 16, 1 << 20)] {
             let err = img.snapshot_l1(&s).unwrap_err();
             assert!(err.to_string().contains("beyond the end"), "{err}");
         }

@@ -202,7 +202,7 @@ mod tests {
         let mut m = map(4);
         m.add(MetaKind::Luks, u64::MAX - 10, u64::MAX);
         m.add(MetaKind::SnapshotTable, 1 << 16, u64::MAX);
-        m.add(MetaKind::L2Table, u64::MAX & !0xffff, 1 << 16);
+        m.add(MetaKind::L2Table, !0xffff_u64, 1 << 16);
         assert!(m.clusters.len() <= 4);
         assert!(m.contains(3 << 16));
         // Removing a range as long as the address space visits only the tracked clusters.

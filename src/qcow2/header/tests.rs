@@ -225,7 +225,7 @@ fn rejects_an_extension_length_that_rounds_past_u32() {
 #[test]
 fn rejects_a_table_offset_whose_end_overflows() {
     // Cluster-aligned and 8 bytes of table from the top of the address space.
-    let top = u64::MAX & !0xffff;
+    let top = !0xffff_u64;
     for (field, what) in [
         (40, "L1 table"),
         (48, "refcount table"),
