@@ -520,45 +520,5 @@ fn overlap_offset(e: &FormatError) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The minimal image of header::tests (64 KiB clusters, 1 MiB disk), padded to its 4 clusters.
-    fn image() -> (tempfile::TempDir, Qcow2Image) {
-        let mut bytes = super::super::header::tests::v3_header();
-        bytes.resize(4 << 16, 0);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img.qcow2");
-        std::fs::write(&path, &bytes).unwrap();
-        let header = Header::parse(&bytes[..1 << 16], bytes.len() as u64).unwrap();
-        let file = HostFile::open(&path, false).unwrap();
-        (dir, Qcow2Image::open(file, header, false).unwrap())
-    }
-
-    fn snapshot(l1_table_offset: u64, l1_size: u32) -> Snapshot {
-        Snapshot {
-            id: "1".into(),
-            name: "s".into(),
-            l1_table_offset,
-            l1_size,
-            disk_size: None,
-            date_sec: 0,
-            vm_state_size: 0,
-        }
-    }
-
-    #[test]
-    fn reads_a_snapshot_l1_table_inside_the_file() {
-        let (_dir, img) = image();
-        assert_eq!(img.snapshot_l1(&snapshot(3 << 16, 2)).unwrap(), vec![0, 0]);
-    }
-
-    #[test]
-    fn rejects_a_snapshot_l1_table_whose_end_overflows_or_passes_the_file() {
-        let (_dir, img) = image();
-        for s in [snapshot(!0xffff_u64, 8), snapshot(3 << 16, 1 << 20)] {
-            let err = img.snapshot_l1(&s).unwrap_err();
-            assert!(err.to_string().contains("beyond the end"), "{err}");
-        }
-    }
-}
+#[path = "image/tests.rs"]
+mod tests;
