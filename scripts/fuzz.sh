@@ -1,10 +1,43 @@
 #!/usr/bin/env bash
-# Run the randomized image fuzzer for DURATION seconds (default 600):
-#   scripts/fuzz.sh 3600
-# A failing input is saved under /tmp (the message says where); copy it into tests/fuzz_corpus/
-# as NAME.bin to keep it as a regression case. QCOWFS_FUZZ_SEED picks another mutation sequence.
-# With a nightly toolchain and cargo-fuzz, `cargo +nightly fuzz run image` drives the same code.
+# Fuzz qcowfs for SECONDS per target (default 600):
+#   scripts/fuzz.sh 1800
+# With a nightly toolchain and cargo-fuzz: both cargo-fuzz targets, `image` (bytes as an image) and
+# `fields` (named field edits of seed images), one after the other, one job each, from the seeds of
+# scripts/fuzz-seeds.sh (made in fuzz/seeds/ when missing) plus the regression cases of
+# tests/fuzz_corpus/. Corpora grow in fuzz/corpus/TARGET, crashes land in fuzz/artifacts/TARGET, the
+# libFuzzer log (final stats at its end) in fuzz/logs/TARGET.log.
+# Without them: the stable randomized tests of tests/fuzz_images.rs for SECONDS each.
+# A failing input goes into tests/fuzz_corpus/ as NAME.bin (a plain image; for `fields` inputs,
+# QCOWFS_FIELDS_DUMP=DIR cargo +nightly fuzz run fields INPUT writes the edited image to DIR).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DURATION=${1:-600}
-QCOWFS_FUZZ_SECONDS=$DURATION cargo test --release --test fuzz_images mutated_images_never_panic_or_hang -- --nocapture
+
+if cargo +nightly --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2>&1; then
+    echo "fuzz.sh: cargo-fuzz targets image and fields, ${DURATION}s each (nightly: $(cargo +nightly --version))"
+    if ! ls fuzz/seeds/*.qcow2 >/dev/null 2>&1; then
+        scripts/fuzz-seeds.sh fuzz/seeds >/dev/null
+    fi
+    mkdir -p fuzz/corpus/image fuzz/corpus/fields fuzz/logs
+    cp -n fuzz/seeds/*.qcow2 tests/fuzz_corpus/*.bin fuzz/corpus/image/
+    # The fields target reads a u16 edit-program length first: 0, the seed unchanged.
+    for seed in fuzz/seeds/*.qcow2 tests/fuzz_corpus/*.bin; do
+        out=fuzz/corpus/fields/$(basename "$seed").in
+        [ -e "$out" ] || { printf '\0\0'; cat "$seed"; } >"$out"
+    done
+    # The overlay seed's raw backing file, where the targets open their inputs.
+    cp -n fuzz/seeds/fuzz-base.raw "${TMPDIR:-/tmp}/" 2>/dev/null || true
+    status=0
+    for target in image fields; do
+        echo "fuzz.sh: running $target (log: fuzz/logs/$target.log)"
+        nice -n 19 cargo +nightly fuzz run "$target" "fuzz/corpus/$target" -- \
+            -max_total_time="$DURATION" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
+            >"fuzz/logs/$target.log" 2>&1 || status=$?
+        grep -E '^(Done|stat::number_of_executed_units|stat::average_exec_per_sec)|SUMMARY|artifact_prefix|Test unit written' \
+            "fuzz/logs/$target.log" | sed "s/^/    $target: /" || true
+    done
+    exit "$status"
+fi
+
+echo "fuzz.sh: no nightly toolchain or cargo-fuzz; running the stable randomized tests (tests/fuzz_images.rs), ${DURATION}s each"
+QCOWFS_FUZZ_SECONDS=$DURATION cargo test --release --test fuzz_images -- --nocapture

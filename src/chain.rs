@@ -450,11 +450,58 @@ fn read_key_material(
     slot: &KeySlot,
 ) -> Result<Vec<u8>, CryptoError> {
     let mut buf = vec![0u8; luks.material_len(slot)];
-    let (offset, _) =
+    let (offset, len) =
         luks_area(image).map_err(|_| CryptoError::BadLuksHeader("LUKS area moved"))?;
+    let at = key_material_at(offset, len, slot.material_offset, buf.len() as u64)?;
     image
         .file()
-        .read_exact_at(offset + slot.material_offset, &mut buf)
+        .read_exact_at(at, &mut buf)
         .map_err(|_| CryptoError::BadLuksHeader("key material cannot be read"))?;
     Ok(buf)
+}
+
+/// The file offset of a key slot's material (`material_len` bytes at `material_offset` into the LUKS
+/// area at `area_offset`, `area_len` long), which must lie inside the area.
+fn key_material_at(
+    area_offset: u64,
+    area_len: u64,
+    material_offset: u64,
+    material_len: u64,
+) -> Result<u64, CryptoError> {
+    let outside = CryptoError::BadLuksHeader("key material lies outside the LUKS area");
+    let end = material_offset
+        .checked_add(material_len)
+        .ok_or(CryptoError::BadLuksHeader("key material offset overflows"))?;
+    if end > area_len {
+        return Err(outside);
+    }
+    area_offset
+        .checked_add(material_offset)
+        .ok_or(CryptoError::BadLuksHeader("key material offset overflows"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_key_material_whose_offset_overflows() {
+        assert!(matches!(
+            key_material_at(1 << 16, u64::MAX, u64::MAX - 10, 4096),
+            Err(CryptoError::BadLuksHeader("key material offset overflows"))
+        ));
+        assert!(matches!(
+            key_material_at(u64::MAX - 4096, u64::MAX, 1 << 20, 4096),
+            Err(CryptoError::BadLuksHeader("key material offset overflows"))
+        ));
+    }
+
+    #[test]
+    fn rejects_key_material_past_the_end_of_the_luks_area() {
+        assert!(key_material_at(1 << 16, 1 << 20, (1 << 20) - 512, 4096).is_err());
+        assert_eq!(
+            key_material_at(1 << 16, 1 << 20, 4096, 4096).unwrap(),
+            0x11000
+        );
+    }
 }

@@ -138,10 +138,10 @@ impl LuksHeader {
             }
             let material = (key_bytes as u64 * u64::from(stripes)).div_ceil(SECTOR_SIZE as u64)
                 * SECTOR_SIZE as u64;
-            if material > MAX_KEY_MATERIAL
-                || material_offset + material > area_len
-                || material_offset < HEADER_LEN as u64
-            {
+            let inside = material_offset
+                .checked_add(material)
+                .is_some_and(|end| end <= area_len);
+            if material > MAX_KEY_MATERIAL || !inside || material_offset < HEADER_LEN as u64 {
                 return Err(bad("key material lies outside the LUKS area"));
             }
             let mut salt = [0u8; 32];
@@ -509,129 +509,5 @@ impl SectorCipher for LuksCipher {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn af_merge_of_a_single_stripe_is_the_stripe() {
-        let split = vec![7u8; 32];
-        assert_eq!(af_merge("sha256", &split, 32, 1), split);
-    }
-
-    #[test]
-    fn af_merge_diffuses_all_but_the_last_stripe() {
-        // Two stripes: key = diffuse(s0) ^ s1.
-        let s0 = [1u8; 40];
-        let s1 = [2u8; 40];
-        let mut d = s0.to_vec();
-        diffuse("sha1", &mut d);
-        let expected: Vec<u8> = d.iter().zip(&s1).map(|(a, b)| a ^ b).collect();
-        let split = [s0, s1].concat();
-        assert_eq!(af_merge("sha1", &split, 40, 2), expected);
-    }
-
-    #[test]
-    fn every_mode_round_trips() {
-        for (mode, iv, key_len) in [
-            ("xts", "plain64", 64),
-            ("xts", "plain64", 32),
-            ("cbc", "essiv:sha256", 16),
-            ("cbc", "plain", 24),
-            ("cbc", "plain64", 32),
-        ] {
-            let key: Vec<u8> = (0..key_len as u8).collect();
-            let c = LuksCipher::new(mode, iv, &key).unwrap();
-            let plain: Vec<u8> = (0..2048u32).map(|i| i as u8).collect();
-            let mut buf = plain.clone();
-            c.encrypt(77, &mut buf).unwrap();
-            assert_ne!(buf, plain, "{mode}-{iv}");
-            c.decrypt(77, &mut buf).unwrap();
-            assert_eq!(buf, plain, "{mode}-{iv}");
-        }
-    }
-
-    #[test]
-    fn xts_matches_the_xts_mode_crate() {
-        let key: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(37)).collect();
-        let ours = LuksCipher::new("xts", "plain64", &key).unwrap();
-        let reference = xts_mode::Xts128::new(
-            Aes256::new(GenericArray::from_slice(&key[..32])),
-            Aes256::new(GenericArray::from_slice(&key[32..])),
-        );
-        let plain: Vec<u8> = (0..4096u32).map(|i| (i * 13 / 7) as u8).collect();
-        let mut a = plain.clone();
-        ours.encrypt(123_456, &mut a).unwrap();
-        let mut b = plain.clone();
-        reference.encrypt_area(&mut b, 512, 123_456, xts_mode::get_tweak_default);
-        assert_eq!(a, b);
-    }
-
-    #[test]
-    fn plain_iv_wraps_at_32_bits() {
-        assert_eq!(IvGen::Plain.iv(0x1_0000_0005), IvGen::Plain.iv(5));
-        assert_ne!(IvGen::Plain64.iv(0x1_0000_0005), IvGen::Plain64.iv(5));
-    }
-
-    fn header() -> Vec<u8> {
-        let mut b = vec![0u8; 4096];
-        b[..6].copy_from_slice(&MAGIC);
-        b[7] = 1;
-        b[8..11].copy_from_slice(b"aes");
-        b[40..51].copy_from_slice(b"xts-plain64");
-        b[72..78].copy_from_slice(b"sha256");
-        b[108..112].copy_from_slice(&64u32.to_be_bytes());
-        b[164..168].copy_from_slice(&1000u32.to_be_bytes());
-        for i in 0..8 {
-            let s = 208 + i * 48;
-            b[s..s + 4].copy_from_slice(&SLOT_INACTIVE.to_be_bytes());
-        }
-        b[208..212].copy_from_slice(&SLOT_ACTIVE.to_be_bytes());
-        b[212..216].copy_from_slice(&1000u32.to_be_bytes());
-        b[248..252].copy_from_slice(&8u32.to_be_bytes());
-        b[252..256].copy_from_slice(&4000u32.to_be_bytes());
-        b
-    }
-
-    #[test]
-    fn parses_a_luks_header() {
-        let h = LuksHeader::parse(&header(), 1 << 20).unwrap();
-        assert_eq!(
-            (
-                h.cipher.as_str(),
-                h.mode.as_str(),
-                h.ivgen.as_str(),
-                h.hash.as_str()
-            ),
-            ("aes", "xts", "plain64", "sha256")
-        );
-        assert_eq!(h.slots.len(), 1);
-        assert_eq!(h.material_len(&h.slots[0]), 256_000);
-        // 24-byte keys (aes-192-cbc) * 4000 stripes is not whole sectors: rounded up.
-        let mut b = header();
-        b[40..51].copy_from_slice(b"cbc-plain64");
-        b[108..112].copy_from_slice(&24u32.to_be_bytes());
-        let h = LuksHeader::parse(&b, 1 << 20).unwrap();
-        assert_eq!(h.material_len(&h.slots[0]), 96_256);
-    }
-
-    #[test]
-    fn rejects_absurd_key_slots() {
-        let mut b = header();
-        b[212..216].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(LuksHeader::parse(&b, 1 << 20).is_err());
-        let mut b = header();
-        b[252..256].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(LuksHeader::parse(&b, 1 << 20).is_err());
-        let b = header();
-        assert!(
-            LuksHeader::parse(&b, 4096).is_err(),
-            "key material beyond the area"
-        );
-        let mut b = header();
-        b[208..212].copy_from_slice(&SLOT_INACTIVE.to_be_bytes());
-        assert!(LuksHeader::parse(&b, 1 << 20).is_err(), "no active slot");
-        let mut b = header();
-        b[8..11].copy_from_slice(b"twf");
-        assert!(LuksHeader::parse(&b, 1 << 20).is_err());
-    }
-}
+#[path = "luks/tests.rs"]
+mod tests;

@@ -14,6 +14,9 @@ pub const MAX_L1_BYTES: u64 = 32 << 20;
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 pub const MAX_SNAPSHOTS: u32 = 65536;
 pub const MAX_BACKING_NAME: u32 = 1023;
+/// The largest virtual size accepted at all (the L1 limit bounds it further for small clusters); keeps
+/// every guest offset computation far from overflow.
+pub const MAX_VIRTUAL_SIZE: u64 = 1 << 62;
 
 /// Field offsets the write path updates in place.
 pub const OFF_REFCOUNT_TABLE_OFFSET: u64 = 48;
@@ -212,7 +215,9 @@ impl Header {
         let bytes_per_l1 = 1u64 << (cluster_bits + l2_bits);
         // The largest virtual size QEMU accepts is bounded by the L1 limit; this also keeps every
         // guest offset arithmetic below far from overflow.
-        let max_size = (MAX_L1_BYTES / 8).saturating_mul(bytes_per_l1).min(1 << 62);
+        let max_size = (MAX_L1_BYTES / 8)
+            .saturating_mul(bytes_per_l1)
+            .min(MAX_VIRTUAL_SIZE);
         if size > max_size {
             return Err(FormatError::VirtualSize(size));
         }
@@ -314,7 +319,9 @@ impl Header {
         }
         let start =
             usize::try_from(offset).map_err(|_| FormatError::BackingName("offset out of range"))?;
-        let end = start + len as usize;
+        let end = start
+            .checked_add(len as usize)
+            .ok_or(FormatError::BackingName("offset plus length overflows"))?;
         if start < self.header_length as usize || end > buf.len() {
             return Err(FormatError::BackingName(
                 "stored outside the header cluster",
@@ -335,14 +342,15 @@ impl Header {
         while at + 8 <= end {
             let kind = be32(buf, at);
             let len = be32(buf, at + 4);
-            let data_start = at + 8;
-            let padded = (len as usize).div_ceil(8) * 8;
             if kind == EXT_END {
                 break;
             }
-            if data_start + padded > buf.len() {
-                return Err(FormatError::Extension { kind, len });
-            }
+            let data_start = at + 8;
+            let data_end = usize::try_from(u64::from(len).div_ceil(8) * 8)
+                .ok()
+                .and_then(|padded| data_start.checked_add(padded))
+                .filter(|&e| e <= buf.len())
+                .ok_or(FormatError::Extension { kind, len })?;
             let data = &buf[data_start..data_start + len as usize];
             match kind {
                 EXT_BACKING_FORMAT => {
@@ -369,7 +377,7 @@ impl Header {
                 }
                 _ => {} // bitmaps and unknown extensions are only advisory for reading
             }
-            at = data_start + padded;
+            at = data_end;
         }
         Ok(())
     }
@@ -418,204 +426,5 @@ fn check_table(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-
-    /// A minimal valid v3 header with 64 KiB clusters, a 1 MiB disk, L1 at 3 clusters and the refcount
-    /// table at 1 cluster, in a 4-cluster file.
-    pub(crate) fn v3_header() -> Vec<u8> {
-        let mut b = vec![0u8; 65536];
-        b[..4].copy_from_slice(&MAGIC);
-        b[4..8].copy_from_slice(&3u32.to_be_bytes());
-        b[20..24].copy_from_slice(&16u32.to_be_bytes());
-        b[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
-        b[36..40].copy_from_slice(&1u32.to_be_bytes());
-        b[40..48].copy_from_slice(&(3u64 << 16).to_be_bytes());
-        b[48..56].copy_from_slice(&(1u64 << 16).to_be_bytes());
-        b[56..60].copy_from_slice(&1u32.to_be_bytes());
-        b[96..100].copy_from_slice(&4u32.to_be_bytes());
-        b[100..104].copy_from_slice(&112u32.to_be_bytes());
-        b
-    }
-
-    const FILE_LEN: u64 = 4 << 16;
-
-    fn put32(b: &mut [u8], at: usize, v: u32) {
-        b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-    }
-
-    fn put64(b: &mut [u8], at: usize, v: u64) {
-        b[at..at + 8].copy_from_slice(&v.to_be_bytes());
-    }
-
-    #[test]
-    fn parses_a_minimal_v3_header() {
-        let h = Header::parse(&v3_header(), FILE_LEN).unwrap();
-        assert_eq!(h.version, 3);
-        assert_eq!(h.cluster_size(), 65536);
-        assert_eq!(h.size, 1 << 20);
-        assert_eq!(h.refcount_bits(), 16);
-        assert_eq!(h.encryption, Encryption::None);
-        assert!(h.backing_file.is_none());
-    }
-
-    #[test]
-    fn rejects_bad_magic() {
-        let mut b = v3_header();
-        b[0] = b'X';
-        assert!(matches!(
-            Header::parse(&b, FILE_LEN),
-            Err(FormatError::BadMagic)
-        ));
-    }
-
-    #[test]
-    fn rejects_unknown_version() {
-        let mut b = v3_header();
-        put32(&mut b, 4, 4);
-        assert!(matches!(
-            Header::parse(&b, FILE_LEN),
-            Err(FormatError::UnsupportedVersion(4))
-        ));
-    }
-
-    #[test]
-    fn rejects_cluster_bits_out_of_range() {
-        for bits in [8, 22, 0xffff_ffff] {
-            let mut b = v3_header();
-            put32(&mut b, 20, bits);
-            assert!(
-                matches!(
-                    Header::parse(&b, FILE_LEN),
-                    Err(FormatError::ClusterBits(_))
-                ),
-                "{bits}"
-            );
-        }
-    }
-
-    #[test]
-    fn rejects_unknown_incompatible_bit() {
-        let mut b = v3_header();
-        put64(&mut b, 72, 1 << 20);
-        assert!(matches!(
-            Header::parse(&b, FILE_LEN),
-            Err(FormatError::UnknownIncompatible(_))
-        ));
-    }
-
-    #[test]
-    fn rejects_the_corrupt_bit() {
-        let mut b = v3_header();
-        put64(&mut b, 72, INCOMPAT_CORRUPT);
-        assert!(matches!(
-            Header::parse(&b, FILE_LEN),
-            Err(FormatError::CorruptBit)
-        ));
-    }
-
-    #[test]
-    fn rejects_a_huge_l1_table() {
-        let mut b = v3_header();
-        put32(&mut b, 36, 0x7fff_ffff);
-        assert!(matches!(
-            Header::parse(&b, FILE_LEN),
-            Err(FormatError::TooLarge { .. })
-        ));
-    }
-
-    #[test]
-    fn rejects_an_l1_table_too_small_for_the_disk() {
-        let mut b = v3_header();
-        put64(&mut b, 24, 1 << 40);
-        assert!(matches!(
-            Header::parse(&b, FILE_LEN),
-            Err(FormatError::L1TooSmall { .. })
-        ));
-    }
-
-    #[test]
-    fn rejects_a_misaligned_l1_table() {
-        let mut b = v3_header();
-        put64(&mut b, 40, (3 << 16) + 8);
-        assert!(matches!(
-            Header::parse(&b, FILE_LEN),
-            Err(FormatError::Misaligned { .. })
-        ));
-    }
-
-    #[test]
-    fn rejects_tables_beyond_the_end_of_the_file() {
-        let mut b = v3_header();
-        put64(&mut b, 40, 100 << 16);
-        assert!(matches!(
-            Header::parse(&b, FILE_LEN),
-            Err(FormatError::BeyondEnd { .. })
-        ));
-    }
-
-    #[test]
-    fn rejects_a_huge_refcount_table() {
-        let mut b = v3_header();
-        put32(&mut b, 56, 0xffff_ffff);
-        assert!(matches!(
-            Header::parse(&b, FILE_LEN),
-            Err(FormatError::TooLarge { .. })
-        ));
-    }
-
-    #[test]
-    fn rejects_a_backing_name_longer_than_qemu_allows() {
-        let mut b = v3_header();
-        put64(&mut b, 8, 512);
-        put32(&mut b, 16, 2000);
-        assert!(matches!(
-            Header::parse(&b, FILE_LEN),
-            Err(FormatError::BackingName(_))
-        ));
-    }
-
-    #[test]
-    fn reads_backing_name_and_format_extension() {
-        let mut b = v3_header();
-        // backing format extension right after the header
-        put32(&mut b, 112, EXT_BACKING_FORMAT);
-        put32(&mut b, 116, 3);
-        b[120..123].copy_from_slice(b"raw");
-        put64(&mut b, 8, 256);
-        put32(&mut b, 16, 8);
-        b[256..264].copy_from_slice(b"base.img");
-        let h = Header::parse(&b, FILE_LEN).unwrap();
-        assert_eq!(h.backing_file.as_deref(), Some("base.img"));
-        assert_eq!(h.backing_format.as_deref(), Some("raw"));
-    }
-
-    #[test]
-    fn rejects_an_extension_running_past_the_cluster() {
-        let mut b = v3_header();
-        put32(&mut b, 112, 0x1234_5678);
-        put32(&mut b, 116, 0xffff_fff0);
-        assert!(matches!(
-            Header::parse(&b, FILE_LEN),
-            Err(FormatError::Extension { .. })
-        ));
-    }
-
-    #[test]
-    fn rejects_truncated_headers() {
-        let b = v3_header();
-        assert!(matches!(
-            Header::parse(&b[..50], FILE_LEN),
-            Err(FormatError::Truncated)
-        ));
-    }
-
-    #[test]
-    fn v2_headers_have_sixteen_bit_refcounts() {
-        let mut b = v3_header();
-        put32(&mut b, 4, 2);
-        let h = Header::parse(&b, FILE_LEN).unwrap();
-        assert_eq!(h.refcount_order, 4);
-        assert_eq!(h.incompatible, 0);
-    }
-}
+#[path = "header/tests.rs"]
+pub(crate) mod tests;

@@ -396,6 +396,22 @@ impl Qcow2Image {
                 },
             ));
         }
+        let file_len = self.file.len()?;
+        if snapshot
+            .l1_table_offset
+            .checked_add(bytes)
+            .is_none_or(|end| end > file_len)
+        {
+            return Err(Error::new(
+                self.path(),
+                FormatError::BeyondEnd {
+                    what: "snapshot L1 table",
+                    offset: snapshot.l1_table_offset,
+                    len: bytes,
+                    file_len,
+                },
+            ));
+        }
         let mut raw = vec![0u8; bytes as usize];
         self.file
             .read_exact_at(snapshot.l1_table_offset, &mut raw)?;
@@ -507,3 +523,7 @@ fn overlap_offset(e: &FormatError) -> u64 {
         _ => 0,
     }
 }
+
+#[cfg(test)]
+#[path = "image/tests.rs"]
+mod tests;

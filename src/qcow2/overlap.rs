@@ -173,7 +173,8 @@ impl MetadataMap {
     pub fn remove_range(&mut self, offset: u64, len: u64) {
         let first = offset >> self.cluster_bits;
         let last = (offset.saturating_add(len.max(1)) - 1) >> self.cluster_bits;
-        for c in first..=last {
+        // Nothing is recorded past the end (see `add`), so nothing there needs removing.
+        for c in first..=last.min(self.end_cluster.saturating_sub(1)) {
             self.clusters.remove(&c);
         }
     }
@@ -181,5 +182,45 @@ impl MetadataMap {
     /// Does the host cluster containing `offset` hold metadata?
     pub fn contains(&self, offset: u64) -> bool {
         self.clusters.contains_key(&(offset >> self.cluster_bits))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(clusters: u64) -> MetadataMap {
+        MetadataMap {
+            cluster_bits: 16,
+            end_cluster: clusters,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bounds_hostile_ranges_by_the_end_of_the_file() {
+        let mut m = map(4);
+        m.add(MetaKind::Luks, u64::MAX - 10, u64::MAX);
+        m.add(MetaKind::SnapshotTable, 1 << 16, u64::MAX);
+        m.add(MetaKind::L2Table, !0xffff_u64, 1 << 16);
+        assert!(m.clusters.len() <= 4);
+        assert!(m.contains(3 << 16));
+        // Removing a range as long as the address space visits only the tracked clusters.
+        m.remove_range(0, u64::MAX);
+        assert!(m.clusters.is_empty());
+    }
+
+    #[test]
+    fn reports_the_first_overlap() {
+        let mut m = map(8);
+        m.add(MetaKind::L1Table, 2 << 16, 8);
+        m.add(MetaKind::RefcountBlock, 2 << 16, 1 << 16);
+        assert!(matches!(
+            m.overlap,
+            Some(FormatError::Overlap {
+                what: "refcount block",
+                offset: 0x20000
+            })
+        ));
     }
 }

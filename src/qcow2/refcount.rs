@@ -78,7 +78,20 @@ impl Refcounts {
         cluster_bits: u32,
         order: u32,
     ) -> Result<Self> {
-        let bytes = clusters << cluster_bits;
+        let limit = super::header::MAX_REFTABLE_BYTES;
+        let bytes = clusters
+            .checked_mul(1 << cluster_bits)
+            .filter(|&b| b <= limit)
+            .ok_or_else(|| {
+                crate::Error::new(
+                    file.path(),
+                    FormatError::TooLarge {
+                        what: "refcount table",
+                        size: clusters.saturating_mul(1 << cluster_bits),
+                        limit,
+                    },
+                )
+            })?;
         let mut raw = vec![0u8; bytes as usize];
         file.read_exact_at(offset, &mut raw)?;
         let mut table = Vec::with_capacity(raw.len() / 8);
@@ -263,6 +276,22 @@ impl Refcounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refuses_a_refcount_table_larger_than_qemu_allows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![0u8; 8192]).unwrap();
+        let file = HostFile::open(&path, false).unwrap();
+        for clusters in [u64::MAX, 1 << 52, (8 << 20) / 4096 + 1] {
+            let err = Refcounts::load(&file, 4096, clusters, 12, 4).unwrap_err();
+            assert!(err.to_string().contains("refcount table"), "{err}");
+        }
+        assert_eq!(
+            Refcounts::load(&file, 4096, 1, 12, 4).unwrap().table.len(),
+            512
+        );
+    }
 
     #[test]
     fn packs_sub_byte_refcounts_from_the_low_bits() {

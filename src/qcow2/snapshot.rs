@@ -1,5 +1,6 @@
 //! The internal snapshot table: a list of variable-length entries, each naming an L1 table.
 
+use super::header::MAX_VIRTUAL_SIZE;
 use super::FormatError;
 use crate::io::HostFile;
 
@@ -46,7 +47,10 @@ pub fn read_table(file: &HostFile, offset: u64, count: u32) -> Result<Vec<Snapsh
         let id_len = usize::from(be16(12));
         let name_len = usize::from(be16(14));
         let mut rest = vec![0u8; extra_len as usize + id_len + name_len];
-        file.read_exact_at(at + ENTRY_HEADER as u64, &mut rest)
+        let rest_at = at
+            .checked_add(ENTRY_HEADER as u64)
+            .ok_or(FormatError::Snapshot(index))?;
+        file.read_exact_at(rest_at, &mut rest)
             .map_err(|_| FormatError::Snapshot(index))?;
         let extra = &rest[..extra_len as usize];
         let extra64 = |i: usize| {
@@ -58,17 +62,80 @@ pub fn read_table(file: &HostFile, offset: u64, count: u32) -> Result<Vec<Snapsh
         let id = String::from_utf8_lossy(&rest[extra_len as usize..extra_len as usize + id_len])
             .into_owned();
         let name = String::from_utf8_lossy(&rest[extra_len as usize + id_len..]).into_owned();
+        let disk_size = extra64(8);
+        if disk_size.is_some_and(|size| size > MAX_VIRTUAL_SIZE) {
+            return Err(FormatError::Snapshot(index));
+        }
         snapshots.push(Snapshot {
             id,
             name,
             l1_table_offset: be64(0),
             l1_size: be32(8),
-            disk_size: extra64(8),
+            disk_size,
             date_sec: be32(16),
             vm_state_size,
         });
         let len = (ENTRY_HEADER + rest.len()).div_ceil(8) * 8;
-        at += len as u64;
+        at = at
+            .checked_add(len as u64)
+            .ok_or(FormatError::Snapshot(index))?;
     }
     Ok(snapshots)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file with snapshot entries at 512: each has an 16-byte extra data (VM state size, disk size),
+    /// an id "1" and a name "s".
+    fn table(disk_sizes: &[u64]) -> (tempfile::TempDir, HostFile) {
+        let mut b = vec![0u8; 512];
+        for &size in disk_sizes {
+            let mut e = vec![0u8; 40];
+            e[0..8].copy_from_slice(&0x3_0000u64.to_be_bytes());
+            e[8..12].copy_from_slice(&1u32.to_be_bytes());
+            e[12..14].copy_from_slice(&1u16.to_be_bytes());
+            e[14..16].copy_from_slice(&1u16.to_be_bytes());
+            e[36..40].copy_from_slice(&16u32.to_be_bytes());
+            e.extend_from_slice(&0u64.to_be_bytes());
+            e.extend_from_slice(&size.to_be_bytes());
+            e.extend_from_slice(b"1s");
+            e.resize(e.len().div_ceil(8) * 8, 0);
+            b.extend_from_slice(&e);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snapshots");
+        std::fs::write(&path, &b).unwrap();
+        let file = HostFile::open(&path, false).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn reads_snapshot_entries_with_extra_data() {
+        let (_dir, file) = table(&[1 << 20, 2 << 20]);
+        let s = read_table(&file, 512, 2).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[1].id.as_str(), s[1].name.as_str()), ("1", "s"));
+        assert_eq!(s[1].disk_size, Some(2 << 20));
+        assert_eq!(s[0].l1_table_offset, 0x3_0000);
+    }
+
+    #[test]
+    fn rejects_a_snapshot_disk_size_beyond_the_largest_virtual_size() {
+        let (_dir, file) = table(&[1 << 20, u64::MAX - 511]);
+        assert!(matches!(
+            read_table(&file, 512, 2),
+            Err(FormatError::Snapshot(1))
+        ));
+    }
+
+    #[test]
+    fn rejects_a_snapshot_table_at_the_top_of_the_address_space() {
+        let (_dir, file) = table(&[1 << 20]);
+        assert!(matches!(
+            read_table(&file, u64::MAX - 8, 1),
+            Err(FormatError::Snapshot(0))
+        ));
+    }
 }

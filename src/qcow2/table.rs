@@ -213,6 +213,24 @@ mod tests {
     }
 
     #[test]
+    fn compressed_descriptors_with_every_bit_set_stay_in_range() {
+        // The largest offset and sector count any cluster size can encode: the range ends far
+        // below u64::MAX and is at most two clusters long (QEMU's bound), so reading it allocates
+        // little and adding its length cannot overflow.
+        for bits in 9..=21 {
+            let l = layout(bits, false);
+            let e = L2Entry {
+                word: u64::MAX,
+                bitmap: 0,
+            };
+            let (offset, len) = e.compressed_range(&l);
+            assert!(offset < 1 << 62, "{bits}");
+            assert!(len <= 2 << bits && len > 0, "{bits}: {len}");
+            assert!(offset.checked_add(len).is_some());
+        }
+    }
+
+    #[test]
     fn groups_subclusters_with_the_same_state() {
         let l = layout(16, true);
         // subclusters 0-1 allocated, 2 zero, rest unallocated

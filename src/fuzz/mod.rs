@@ -1,13 +1,17 @@
 //! Entry points for fuzzing (cargo-fuzz targets and the randomized test in tests/fuzz_images.rs): take
 //! arbitrary bytes as an image file and exercise open, reads and a write through every layer. Any
-//! outcome is fine except a panic, a hang or an allocation sized by the input.
+//! outcome is fine except a panic, a hang or an allocation sized by the input. `fields` edits named
+//! fields of seed images for the structure-aware target.
+
+pub mod fields;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use zeroize::Zeroizing;
 
-use crate::chain::{Chain, KeyRing, OpenOptions};
+use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
+use crate::disk::views::SnapshotView;
 use crate::disk::{BlockDevice, Disk, DiskOptions};
 use crate::error::{Error, Result};
 
@@ -15,6 +19,12 @@ use crate::error::{Error, Result};
 pub const PASSPHRASE: &[u8] = b"fuzz";
 /// Bytes read at each probed offset.
 const PROBE: usize = 64 << 10;
+/// The raw backing file the overlay seed of scripts/fuzz-seeds.sh names; made in the input's directory.
+pub const BACKING_NAME: &str = "fuzz-base.raw";
+const BACKING_LEN: usize = 1 << 20;
+/// PBKDF2 iterations an input may ask for (the LUKS seed, iter-time=10, needs about 61 000); a
+/// larger count is slow by design, not a bug, and would only time the fuzzer out.
+pub const MAX_LUKS_ITERATIONS: u64 = 1_000_000;
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
@@ -36,6 +46,17 @@ fn temp_image(dir: &Path, data: &[u8]) -> Result<TempImage> {
 
 /// Open `data` as an image, with the fuzz passphrase and no locks.
 fn open_disk(dir: &Path, data: &[u8], writable: bool) -> Result<(TempImage, Disk)> {
+    if fields::luks_iterations(data) > MAX_LUKS_ITERATIONS {
+        return Err(Error::new(
+            dir,
+            crate::crypto::CryptoError::BadLuksHeader("too many iterations for a fuzz run"),
+        ));
+    }
+    let base = dir.join(BACKING_NAME);
+    if !base.exists() {
+        let pattern: Vec<u8> = (0..BACKING_LEN).map(|i| (i / 512) as u8).collect();
+        std::fs::write(&base, pattern).map_err(|e| Error::new(&base, e))?;
+    }
     let file = temp_image(dir, data)?;
     let keys = KeyRing {
         default: Some(Zeroizing::new(PASSPHRASE.to_vec())),
@@ -58,15 +79,32 @@ fn open_disk(dir: &Path, data: &[u8], writable: bool) -> Result<(TempImage, Disk
     Ok((file, disk))
 }
 
-/// Open `data` as an image (read-only), read its start, end and a few places in between.
+/// Open `data` as an image (read-only), read its start, end and a few places in between, and the
+/// same of the first internal snapshots.
 pub fn read_image(dir: &Path, data: &[u8]) -> Result<()> {
     let (_file, disk) = open_disk(dir, data, false)?;
-    let size = disk.size();
+    let mut result = probe(&disk);
+    let chain = disk.shared_chain();
+    if let Layer::Qcow2(image) = chain.top() {
+        for snapshot in image.snapshots().iter().take(MAX_SNAPSHOT_VIEWS) {
+            let view = SnapshotView::new(chain.clone(), snapshot).and_then(|v| probe(&v));
+            result = result.and(view);
+        }
+    }
+    result
+}
+
+/// Snapshot views read per input.
+const MAX_SNAPSHOT_VIEWS: usize = 4;
+
+/// Read the start, end and a few places in between of a device.
+fn probe(device: &dyn BlockDevice) -> Result<()> {
+    let size = device.size();
     let mut buf = vec![0u8; PROBE];
     let mut result = Ok(());
     for at in [0, size / 3, size / 2, size.saturating_sub(PROBE as u64)] {
         let len = (size - at.min(size)).min(PROBE as u64) as usize;
-        if let Err(e) = disk.read_at(at, &mut buf[..len]) {
+        if let Err(e) = device.read_at(at, &mut buf[..len]) {
             result = Err(e);
         }
     }
@@ -82,4 +120,13 @@ pub fn write_image(dir: &Path, data: &[u8]) -> Result<()> {
         disk.write_at(at & !511, &block)?;
     }
     disk.flush()
+}
+
+/// Apply `edits` to a copy of `seed`, then run the same reads and write as `read_image` and
+/// `write_image` (the structure-aware fuzz target and its stable counterpart).
+pub fn edited_image(dir: &Path, seed: &[u8], edits: &[fields::Edit]) -> Result<()> {
+    let data = fields::edited(seed, edits);
+    let read = read_image(dir, &data);
+    let write = write_image(dir, &data);
+    read.and(write)
 }

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Make the fuzz seed images with qemu-img and qemu-io:
+#   scripts/fuzz-seeds.sh DIR
+# Small images (1-4 MiB virtual, a few written clusters, each file < 1 MiB) of every kind qcowfs
+# reads: plain v3 and v2, 512-byte clusters (2 MiB clusters make files of 10+ MiB, too big for a seed), refcount_bits 1 and 64, extended L2, AES and
+# LUKS (passphrase "fuzz", as src/fuzz/mod.rs expects; LUKS with encrypt.iter-time=10), zlib and zstd
+# compressed, internal snapshots, a raw-backed overlay (the base sits beside it in DIR).
+set -euo pipefail
+DIR=${1:?usage: scripts/fuzz-seeds.sh DIR}
+mkdir -p "$DIR"
+cd "$DIR"
+SECRET=(--object secret,id=s0,data=fuzz)
+
+# create NAME SIZE OPTIONS: a qcow2 image with some data, a zeroed range and a sub-cluster write.
+create() {
+    local name=$1 size=$2 opts=$3
+    qemu-img create -q -f qcow2 "${SECRET[@]}" -o "$opts" "$name.qcow2" "$size"
+    qemu-io "${SECRET[@]}" --image-opts "driver=qcow2,file.filename=$name.qcow2,encrypt.key-secret=s0" \
+        -c "write -P 0x61 1000 70000" -c "write -z 300k 64k" -c "write -P 0x62 1536k 5000" >/dev/null
+}
+
+create plain 2M cluster_size=65536
+create v2 2M compat=0.10,cluster_size=4096
+create c512 2M cluster_size=512
+create r1 2M cluster_size=4096,refcount_bits=1
+create r64 2M cluster_size=4096,refcount_bits=64
+create extl2 2M cluster_size=16384,extended_l2=on
+create aes 2M encrypt.format=aes,encrypt.key-secret=s0,cluster_size=4096
+# AES-128 keeps the eight key slots' material at 512 KiB (XTS doubles the key: a 1 MiB+ file).
+create luks 2M encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256,cluster_size=4096
+create lazy 2M cluster_size=4096,lazy_refcounts=on
+
+# Internal snapshots: two, with data written between them.
+create snap 2M cluster_size=4096
+qemu-img snapshot -c first snap.qcow2
+qemu-io -f qcow2 -c "write -P 0x63 0 4096" snap.qcow2 >/dev/null
+qemu-img snapshot -c second snap.qcow2
+qemu-io -f qcow2 -c "write -P 0x64 8k 4096" snap.qcow2 >/dev/null
+
+# Compressed clusters, zlib and zstd.
+qemu-img convert -c -O qcow2 -o cluster_size=4096 plain.qcow2 zlib.qcow2
+qemu-img convert -c -O qcow2 -o compression_type=zstd,cluster_size=4096 plain.qcow2 zstd.qcow2
+
+# A raw-backed overlay (backing file name relative, in DIR).
+qemu-img create -q -f raw fuzz-base.raw 1M
+qemu-io -f raw -c "write -P 0x71 0 64k" fuzz-base.raw >/dev/null
+qemu-img create -q -f qcow2 -b fuzz-base.raw -F raw -o cluster_size=4096 overlay.qcow2 1M
+qemu-io -f qcow2 -c "write -P 0x72 4k 4k" overlay.qcow2 >/dev/null
+
+for f in *.qcow2; do
+    size=$(stat -c %s "$f")
+    if [ "$size" -ge $((1 << 20)) ]; then
+        echo "fuzz-seeds: $f is $size bytes (want < 1 MiB)" >&2
+        exit 1
+    fi
+done
+ls -l "$DIR"/*.qcow2 | awk '{print "    " $5 "\t" $9}'
