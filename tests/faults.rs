@@ -12,7 +12,6 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
@@ -1299,48 +1298,6 @@ fn qemu_range(image: &Path, off: u64, len: u64) -> Vec<u8> {
         dest.path().as_os_str(),
     ]);
     fs::read(dest.path()).expect("read window")
-}
-
-/// `qemu-img check --output=json [EXTRA]` of `image`'s chain, whatever its exit code, parsed.
-fn qemu_check_json(image: &Image, extra: &[&str]) -> (Run, Value) {
-    let (mut args, target) = image.qemu_open_args();
-    args.insert(0, "check".into());
-    args.insert(1, "--output=json".into());
-    for (i, e) in extra.iter().enumerate() {
-        args.insert(2 + i, (*e).into());
-    }
-    args.push(target);
-    let r = run("qemu-img", &args);
-    let v = serde_json::from_slice(&r.stdout).unwrap_or_else(|e| {
-        panic!(
-            "qemu-img check --output=json gave no JSON ({e}; {}):\n{}\n{}",
-            describe_status(r.status),
-            r.stdout_str(),
-            r.stderr
-        )
-    });
-    (r, v)
-}
-
-/// A counter of `qemu-img check` JSON (absent means 0).
-fn json_count(v: &Value, key: &str) -> u64 {
-    v.get(key).and_then(Value::as_u64).unwrap_or(0)
-}
-
-/// `qemu-img check`: exit 0 and no corruption, leak or check error.
-fn assert_check_clean(image: &Image) {
-    let (r, v) = qemu_check_json(image, &[]);
-    assert!(
-        r.status.code() == Some(0)
-            && json_count(&v, "corruptions") == 0
-            && json_count(&v, "leaks") == 0
-            && json_count(&v, "check-errors") == 0,
-        "qemu-img check of {} is not clean ({}; exit 2 = corruption, 3 = leaks):\n{}\n{}",
-        image.path.display(),
-        describe_status(r.status),
-        r.stdout_str(),
-        r.stderr
-    );
 }
 
 /// `qemu-img compare IMAGE REFERENCE.raw` (plain chains) says identical; on a difference, names the

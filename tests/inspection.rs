@@ -98,28 +98,6 @@ fn find_bytes(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     None
 }
 
-/// `qemu-img check --output=json`: exit 0 and no corruption, leak or check error.
-fn assert_check_clean(image: &Image) {
-    let (mut args, target) = image.qemu_open_args();
-    args.insert(0, "check".into());
-    args.push("--output=json".into());
-    args.push(target);
-    let r = run("qemu-img", &args);
-    let v: Value = serde_json::from_slice(&r.stdout).unwrap_or(Value::Null);
-    let count = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-    assert!(
-        r.status.code() == Some(0)
-            && count("corruptions") == 0
-            && count("leaks") == 0
-            && count("check-errors") == 0,
-        "qemu-img check of {} is not clean ({}):\n{}\n{}",
-        image.path.display(),
-        describe_status(r.status),
-        r.stdout_str(),
-        r.stderr
-    );
-}
-
 /// `qemu-img compare IMAGE RAW` (the whole chain of `image`, with its secrets, against a raw file).
 fn qemu_compare_with_raw(image: &Image, raw: &Path) -> Run {
     let (mut args, target) = image.qemu_open_args();

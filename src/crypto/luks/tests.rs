@@ -138,3 +138,53 @@ fn rejects_key_material_offset_past_the_luks_area_without_overflow() {
     let h = LuksHeader::parse(&b, u64::MAX).unwrap();
     assert_eq!(h.slots[0].material_offset, u64::from(u32::MAX) * 512);
 }
+
+/// `header()` with all eight slots active like slot 0, `iterations` each, and that digest count.
+fn header_with_slots(iterations: u32, digest: u32, hash: &[u8]) -> Vec<u8> {
+    let mut b = header();
+    b[72..72 + 32].fill(0);
+    b[72..72 + hash.len()].copy_from_slice(hash);
+    b[164..168].copy_from_slice(&digest.to_be_bytes());
+    let slot0 = b[208..256].to_vec();
+    for i in 0..8 {
+        let s = 208 + i * 48;
+        b[s..s + 48].copy_from_slice(&slot0);
+        b[s + 4..s + 8].copy_from_slice(&iterations.to_be_bytes());
+    }
+    b
+}
+
+#[test]
+fn a_header_asking_for_too_much_key_derivation_is_refused_before_any_is_done() {
+    let h = LuksHeader::parse(
+        &header_with_slots(20_000_000, 20_000_000, b"sha256"),
+        1 << 20,
+    )
+    .unwrap();
+    assert_eq!(h.slots.len(), 8);
+    let never = |_: &KeySlot| -> Result<Vec<u8>, CryptoError> {
+        panic!("no key material may be read for a refused header")
+    };
+    match h.unlock(b"anything", &never) {
+        Err(CryptoError::TooMuchWork { work, slots, limit }) => {
+            assert_eq!((work, slots, limit), (40, 8, MAX_SLOT_WORK / 1_000_000));
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn sha512_key_derivation_counts_three_times_sha256() {
+    let h256 =
+        LuksHeader::parse(&header_with_slots(1_000_000, 100_000, b"sha256"), 1 << 20).unwrap();
+    let h512 =
+        LuksHeader::parse(&header_with_slots(1_000_000, 100_000, b"sha512"), 1 << 20).unwrap();
+    assert_eq!(h256.slot_work(&h256.slots[0]), 1_100_000);
+    assert_eq!(h512.slot_work(&h512.slots[0]), 3_300_000);
+    // Twelve million SHA-512 iterations are 36 M SHA-256 ones: past the per-slot limit.
+    let slow = LuksHeader::parse(&header_with_slots(12_000_000, 1000, b"sha512"), 1 << 20).unwrap();
+    assert!(matches!(
+        slow.unlock(b"x", &|_| panic!("refused first")),
+        Err(CryptoError::TooMuchWork { .. })
+    ));
+}
