@@ -231,7 +231,14 @@ fn programs_in_shell(text: &str, functions: &BTreeSet<String>) -> BTreeSet<Strin
                 i += 2;
                 continue;
             }
-            if matches!(c, '|' | ';' | '(' | '`' | '{' | '}' | ')') {
+            // `$(basename "$x").in`: text right after a `)` continues the word, it is no command.
+            let continues = c == ')'
+                && chars
+                    .get(i + 1)
+                    .is_some_and(|n| !n.is_whitespace() && !matches!(n, ';' | '|' | '&' | ')'));
+            if continues {
+                current.push(' ');
+            } else if matches!(c, '|' | ';' | '(' | '`' | '{' | '}' | ')') {
                 segments.push(std::mem::take(&mut current));
             } else {
                 current.push(c);
@@ -330,7 +337,7 @@ fn every_program_the_tests_and_scripts_run_is_installed_by_install_deps() {
 
 #[test]
 fn the_shell_scan_finds_commands_after_pipes_and_in_substitutions_but_not_in_heredocs() {
-    let script = "set +e\nfor cmd in a b; do\n  nice -n 19 fuzzer x\ndone\ndie \"a long \\\nquoted line\"\n[ $((N % 2)) ]\nx=$(sgdisk -p a | partx --show)\nif fio --x; then\n  cat <<EOF\nnotaprogram here\nEOF\nfi\nfoo() {\n  bar \\\n    baz\n}\nfoo\n# comment: wrongtool\necho 'quoted tool' && e2fsck -n x\n";
+    let script = "set +e\nfor cmd in a b; do\n  nice -n 19 fuzzer x\ndone\ndie \"a long \\\nquoted line\"\n[ $((N % 2)) ]\nout=$(basename x).in\nx=$(sgdisk -p a | partx --show)\nif fio --x; then\n  cat <<EOF\nnotaprogram here\nEOF\nfi\nfoo() {\n  bar \\\n    baz\n}\nfoo\n# comment: wrongtool\necho 'quoted tool' && e2fsck -n x\n";
     let functions = shell_functions(script);
     let found = programs_in_shell(script, &functions);
     let expected: BTreeSet<String> = [
