@@ -341,7 +341,7 @@ fn the_shell_scan_finds_commands_after_pipes_and_in_substitutions_but_not_in_her
     let functions = shell_functions(script);
     let found = programs_in_shell(script, &functions);
     let expected: BTreeSet<String> = [
-        "fuzzer", "die", "sgdisk", "partx", "fio", "cat", "bar", "e2fsck",
+        "fuzzer", "die", "basename", "sgdisk", "partx", "fio", "cat", "bar", "e2fsck",
     ]
     .iter()
     .map(|s| s.to_string())
