@@ -20,10 +20,12 @@ if cargo +nightly --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2
     fi
     mkdir -p fuzz/corpus/image fuzz/corpus/fields fuzz/logs
     cp -n fuzz/seeds/*.qcow2 tests/fuzz_corpus/*.bin fuzz/corpus/image/
-    # The fields target reads a u16 edit-program length first: 0, the seed unchanged.
-    for seed in fuzz/seeds/*.qcow2 tests/fuzz_corpus/*.bin; do
-        out=fuzz/corpus/fields/$(basename "$seed").in
-        [ -e "$out" ] || { printf '\0\0'; cat "$seed"; } >"$out"
+    # The fields target's input is a seed index byte then the edit program: one byte per seed
+    # (the sorted fuzz/seeds/*.qcow2), each unchanged.
+    n=$(ls fuzz/seeds/*.qcow2 | wc -l)
+    for i in $(seq 0 $((n - 1))); do
+        out=fuzz/corpus/fields/seed$i.in
+        [ -e "$out" ] || printf "\\$(printf %03o "$i")" >"$out"
     done
     # The overlay seed's raw backing file, where the targets open their inputs.
     cp -n fuzz/seeds/fuzz-base.raw "${TMPDIR:-/tmp}/" 2>/dev/null || true
