@@ -38,11 +38,6 @@ impl Table {
     }
 }
 
-/// Read the partition table of `disk`.
-pub fn read_partitions(disk: &dyn BlockDevice) -> Vec<Partition> {
-    read_table(disk).partitions
-}
-
 /// Read the partition table of `disk`, noting where it lies.
 pub fn read_table(disk: &dyn BlockDevice) -> Table {
     let mut table = Table::default();
@@ -306,7 +301,7 @@ mod tests {
             &[entry(0x83, 63, 500), entry(0x05, 2000, 1000)],
         );
         put_table(&disk, 6096, &[entry(0x83, 63, 300)]);
-        let parts = read_partitions(&disk);
+        let parts = read_table(&disk).partitions;
         assert_eq!(
             parts,
             vec![
@@ -404,13 +399,13 @@ mod tests {
             4096,
             &[entry(0x83, 63, 10), entry(0x05, u32::MAX, 100)],
         );
-        assert_eq!(read_partitions(&disk).len(), 1);
+        assert_eq!(read_table(&disk).partitions.len(), 1);
     }
 
     #[test]
     fn no_signature_means_no_partitions() {
         let disk = Mem(Mutex::new(vec![0u8; 1 << 20]));
-        assert!(read_partitions(&disk).is_empty());
+        assert!(read_table(&disk).partitions.is_empty());
     }
 
     #[test]
@@ -418,14 +413,14 @@ mod tests {
         let disk = Mem(Mutex::new(vec![0u8; 8 << 20]));
         put_table(&disk, 0, &[entry(0x05, 2048, 8000)]);
         put_table(&disk, 2048, &[entry(0x83, 63, 10), entry(0x05, 0, 100)]);
-        assert_eq!(read_partitions(&disk).len(), 1);
+        assert_eq!(read_table(&disk).partitions.len(), 1);
     }
 
     #[test]
     fn partitions_past_the_disk_end_are_ignored() {
         let disk = Mem(Mutex::new(vec![0u8; 1 << 20]));
         put_table(&disk, 0, &[entry(0x83, 2048, 1 << 30)]);
-        assert!(read_partitions(&disk).is_empty());
+        assert!(read_table(&disk).partitions.is_empty());
     }
 
     #[test]
@@ -444,7 +439,7 @@ mod tests {
         e[40..48].copy_from_slice(&4095u64.to_le_bytes());
         disk.write_at(1024 + 2 * 128, &e).unwrap(); // slot 3
         assert_eq!(
-            read_partitions(&disk),
+            read_table(&disk).partitions,
             vec![Partition {
                 number: 3,
                 start: 2048 * 512,

@@ -264,17 +264,20 @@ impl Record {
         }
     }
 
-    /// The recorded daemon, if the record is in our private folder and names a live daemon of ours.
-    pub fn read_pid(&self) -> Option<u32> {
-        let dir = RuntimeDir::open(&self.dir, false).ok()?;
-        let pid: u32 = dir
-            .read(&self.pid_name())?
+    /// The pid the record in `dir` names (its first line), whoever it is now.
+    fn recorded_pid(&self, dir: &RuntimeDir) -> Option<u32> {
+        dir.read(&self.pid_name())?
             .lines()
             .next()?
             .trim()
             .parse()
-            .ok()?;
-        is_our_daemon(pid).then_some(pid)
+            .ok()
+    }
+
+    /// The recorded daemon, if the record is in our private folder and names a live daemon of ours.
+    pub fn read_pid(&self) -> Option<u32> {
+        let dir = RuntimeDir::open(&self.dir, false).ok()?;
+        self.recorded_pid(&dir).filter(|&pid| is_our_daemon(pid))
     }
 
     /// The daemon's last words: empty when everything was written, else the error. The pid file goes
@@ -289,10 +292,7 @@ impl Record {
         ) {
             let _ = file.write_all(status.as_bytes());
         }
-        let recorded = dir
-            .read(&self.pid_name())
-            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u32>().ok()));
-        if recorded == Some(std::process::id()) {
+        if self.recorded_pid(&dir) == Some(std::process::id()) {
             dir.remove(&self.pid_name());
         }
     }
