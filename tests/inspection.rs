@@ -220,19 +220,6 @@ fn assert_partition_files(mountpoint: &Path, expected: &BTreeMap<u32, Part>, whe
     );
 }
 
-/// `sfdisk DISK < SCRIPT`.
-fn sfdisk(disk: &Path, script: &str) {
-    run_with(
-        Command::new("sfdisk")
-            .arg("--no-reread")
-            .arg("--no-tell-kernel")
-            .arg(disk),
-        Some(script.as_bytes()),
-        COMMAND_TIMEOUT,
-    )
-    .assert_success();
-}
-
 /// A primary partition (15 MiB, slot 1) and an extended one (slot 2) holding two logical ones.
 const MBR_WITH_LOGICALS: &str = "label: dos
 unit: sectors

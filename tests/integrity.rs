@@ -197,19 +197,6 @@ fn a_socket_or_character_device_backing_file_is_refused_naming_it() {
 
 // --- holes 1 and 2: `disk` and `disk-partN` over the same bytes -----------------------------------
 
-/// `sfdisk DISK < SCRIPT`, without asking the kernel to re-read anything.
-fn sfdisk(disk: &Path, script: &str) {
-    run_with(
-        Command::new("sfdisk")
-            .arg("--no-reread")
-            .arg("--no-tell-kernel")
-            .arg(disk),
-        Some(script.as_bytes()),
-        COMMAND_TIMEOUT,
-    )
-    .assert_success();
-}
-
 /// A plain qcow2 overlay over a raw base holding an MBR with one 32 MiB partition at 1 MiB.
 fn overlay_over_partitioned_base(dir: &Path, script: &str) -> Image {
     let base = create_raw(dir.join("base.raw"), 64 * MIB);
@@ -217,32 +204,6 @@ fn overlay_over_partitioned_base(dir: &Path, script: &str) -> Image {
     qcow2(dir.join("top.qcow2"), 64 * MIB)
         .backing(&base)
         .create()
-}
-
-/// Change the last byte of the page at `off` of `path` through a shared mapping, and msync it.
-fn mmap_poke_last_byte(f: &File, off: u64, value: u8) {
-    use std::os::unix::io::AsRawFd;
-    // SAFETY: a fresh shared mapping of one page of an open file, unmapped below; nothing else
-    // aliases it in this process.
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            off as libc::off_t,
-        );
-        assert_ne!(
-            p,
-            libc::MAP_FAILED,
-            "mmap: {}",
-            std::io::Error::last_os_error()
-        );
-        *(p as *mut u8).add(4095) = value;
-        assert_eq!(libc::msync(p, 4096, libc::MS_SYNC), 0, "msync");
-        assert_eq!(libc::munmap(p, 4096), 0, "munmap");
-    }
 }
 
 /// `len` bytes at `off` through an open file (its page cache, if it has one, is used).
@@ -278,7 +239,7 @@ fn disk_and_a_partition_file_show_one_truth_through_pread_pwrite_and_mmap() {
     );
 
     // An mmap write-back through disk must keep the partition's bytes.
-    mmap_poke_last_byte(&disk, MIB, b'Z');
+    mmap_write(&disk, MIB + 4095, b"Z", "disk");
     let mut expected = vec![b'A'; 4096];
     expected[4095] = b'Z';
     assert_same_bytes(

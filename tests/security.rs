@@ -248,22 +248,10 @@ fn keys_and_passphrases_are_in_no_core_dump_and_not_in_what_gcore_writes() {
     let luks_key_file = passphrase_file(dir.path(), "luks.key", luks_pass);
     let luks_raw_key = dir.path().join("luks.raw-key");
     fs::write(&luks_raw_key, luks_pass).expect("raw key file");
-    let luks = dir.path().join("luks.qcow2");
-    run_ok(
-        "qemu-img",
-        [
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "--object",
-            &format!("secret,id=s0,data={luks_pass}"),
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-            luks.to_str().expect("UTF-8"),
-            "16M",
-        ],
-    );
+    let luks = qcow2(dir.path().join("luks.qcow2"), 16 * MIB)
+        .luks(luks_pass)
+        .create()
+        .path;
     let master = luks_master_key(&luks, &luks_raw_key, dir.path());
 
     for (image, key_file, secrets) in [
@@ -328,22 +316,10 @@ fn keys_and_passphrases_are_in_no_core_dump_and_not_in_what_gcore_writes() {
 fn a_luks_header_demanding_endless_key_derivation_is_refused_at_once() {
     let dir = workdir();
     let pass = "hostile";
-    let img = dir.path().join("luks.qcow2");
-    run_ok(
-        "qemu-img",
-        [
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "--object",
-            &format!("secret,id=s0,data={pass}"),
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-            img.to_str().expect("UTF-8"),
-            "4M",
-        ],
-    );
+    let img = qcow2(dir.path().join("luks.qcow2"), 4 * MIB)
+        .luks(pass)
+        .create()
+        .path;
     // The LUKS header sits where the full-disk-encryption extension says (after the header
     // cluster for a fresh image: find it by its magic).
     let bytes = fs::read(&img).expect("read");

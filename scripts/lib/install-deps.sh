@@ -38,6 +38,7 @@ QCOWFS_DEPS=(
 	setpriv:util-linux
 	useradd:passwd
 	chown:coreutils
+	id:coreutils
 	runuser:util-linux
 	losetup:mount
 	mount:mount

@@ -185,3 +185,16 @@ pub fn wait_until_no_loop_device_uses(file: &Path) {
         thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `sfdisk DISK < SCRIPT`, without asking the kernel to re-read anything.
+pub fn sfdisk(disk: &Path, script: &str) {
+    run_with(
+        Command::new("sfdisk")
+            .arg("--no-reread")
+            .arg("--no-tell-kernel")
+            .arg(disk),
+        Some(script.as_bytes()),
+        super::run::COMMAND_TIMEOUT,
+    )
+    .assert_success();
+}

@@ -15,6 +15,7 @@ mod fuse;
 mod guest;
 mod hostile;
 mod image;
+mod mmap;
 mod run;
 mod users;
 
@@ -33,6 +34,8 @@ pub use guest::*;
 pub use hostile::*;
 #[allow(unused_imports)]
 pub use image::*;
+#[allow(unused_imports)]
+pub use mmap::*;
 #[allow(unused_imports)]
 pub use run::*;
 #[allow(unused_imports)]
