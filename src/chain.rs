@@ -48,6 +48,8 @@ pub struct OpenOptions {
     /// When not empty, every backing file must resolve (symlinks followed) inside one of these
     /// folders (canonical paths, `--backing-within`); anything else is refused before it is opened.
     pub backing_within: Vec<PathBuf>,
+    /// Log every write and barrier to the top layer (crash-state tests build states from it).
+    pub record: Option<crate::io::WriteLog>,
 }
 
 /// One layer of the chain.
@@ -110,8 +112,11 @@ impl Chain {
             if !layers.is_empty() {
                 confine(&path, &opts.backing_within)?;
             }
-            let file = HostFile::open(&path, writable)?;
-            let meta = file.file().metadata().at(&path)?;
+            let mut file = HostFile::open(&path, writable)?;
+            let os = file.os_file().ok_or_else(|| {
+                Error::new(&path, std::io::Error::from(std::io::ErrorKind::Unsupported))
+            })?;
+            let meta = os.metadata().at(&path)?;
             if !seen.insert((meta.dev(), meta.ino())) {
                 return Err(Error::new(&path, FormatError::ChainLoop));
             }
@@ -122,11 +127,14 @@ impl Chain {
                     LockMode::Read
                 };
                 locks.push(
-                    ImageLock::acquire(file.file(), mode)
+                    ImageLock::acquire(os, mode)
                         .map_err(|m| Error::new(&path, crate::Problem::Locked(m)))?,
                 );
             }
             let is_top = layers.is_empty();
+            if let (true, Some(log)) = (is_top, &opts.record) {
+                file = file.recorded(log.clone());
+            }
             let layer = open_layer(file, format.as_deref(), keys, &opts)?;
             // The image the user names must be qcow2; only backing files may be raw.
             if is_top && matches!(layer, Layer::Raw(_)) {
@@ -268,7 +276,10 @@ impl Chain {
 /// Data or hole in a raw file, as the host file system knows it (SEEK_DATA / SEEK_HOLE).
 fn raw_data_extent(f: &HostFile, at: u64, len: u64) -> Result<(bool, u64)> {
     use std::os::unix::io::AsRawFd;
-    let fd = f.file().as_raw_fd();
+    let Some(os) = f.os_file() else {
+        return Ok((true, len));
+    };
+    let fd = os.as_raw_fd();
     // SAFETY: fd is a valid descriptor for the duration of the call.
     let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
     if data < 0 {

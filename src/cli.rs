@@ -385,6 +385,7 @@ fn encrypted_layers_without_keys(
         force_share: true,
         without_keys: true,
         backing_within: within.to_vec(),
+        record: None,
     };
     let chain = Chain::open(image, ring, opts)?;
     Ok(chain

@@ -23,6 +23,7 @@ pub fn run(args: &InfoArgs) -> Result<()> {
             force_share: true,
             without_keys: true,
             backing_within: args.confine.folders()?,
+            record: None,
         },
     )?;
     let report = describe(&chain)?;
@@ -74,8 +75,10 @@ fn layer_json(layer: &Layer) -> Result<Value> {
             }
         }
         Layer::Raw(f) => {
-            let meta = f.file().metadata().map_err(|e| Error::new(path, e))?;
-            v["allocated_bytes"] = json!(meta.blocks() * 512);
+            if let Some(os) = f.os_file() {
+                let meta = os.metadata().map_err(|e| Error::new(path, e))?;
+                v["allocated_bytes"] = json!(meta.blocks() * 512);
+            }
         }
     }
     Ok(v)

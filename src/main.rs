@@ -154,7 +154,11 @@ fn seal(
         );
         bar
     });
-    let report = qcowfs::seal::seal(&args.image, keys, within, &|done, total| {
+    let open = qcowfs::chain::OpenOptions {
+        backing_within: within,
+        ..Default::default()
+    };
+    let report = qcowfs::seal::seal(&args.image, keys, open, &|done, total| {
         if let Some(bar) = &bar {
             bar.set_length(total);
             bar.set_position(done);

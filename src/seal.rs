@@ -24,11 +24,12 @@ pub struct SealReport {
 }
 
 /// Seal `image`. `progress` is called with (work done, work total): copying, then reading every
-/// copied cluster back to verify it, each counts as half.
+/// copied cluster back to verify it, each counts as half. `open` gives `backing_within` and
+/// `record`; the image is always opened for writing, with locks and keys.
 pub fn seal(
     image: &Path,
     keys: &KeyRing,
-    backing_within: Vec<std::path::PathBuf>,
+    open: OpenOptions,
     progress: &dyn Fn(u64, u64),
 ) -> Result<SealReport> {
     let chain = Chain::open(
@@ -38,7 +39,7 @@ pub fn seal(
             writable: true,
             force_share: false,
             without_keys: false,
-            backing_within,
+            ..open
         },
     )?;
     if chain.layers().len() == 1 {

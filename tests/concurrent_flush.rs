@@ -42,6 +42,7 @@ fn open_with(path: &Path, keys: &KeyRing, writable: bool, cache: u64) -> Disk {
             force_share: false,
             without_keys: false,
             backing_within: Vec::new(),
+            record: None,
         },
     )
     .expect("open image");

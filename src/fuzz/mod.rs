@@ -67,6 +67,7 @@ fn open_disk(dir: &Path, data: &[u8], writable: bool) -> Result<(TempImage, Disk
         force_share: true,
         without_keys: false,
         backing_within: Vec::new(),
+        record: None,
     };
     let chain = Chain::open(&file.0, &keys, opts)?;
     let disk = Disk::new(

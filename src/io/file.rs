@@ -2,17 +2,20 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use super::host::{HostIo, MemFile, OsFile, Recorder, WriteLog};
 use crate::error::{Context, Result};
 
 /// An open image file: a regular file or a block device (an LVM volume, a disk). Reads past the end
 /// return zeros, as QEMU's file driver does, so a cluster whose tail was never written (subclusters,
-/// sparse preallocation) reads like QEMU shows it.
+/// sparse preallocation) reads like QEMU shows it. Every operation goes through the `HostIo` seam.
 #[derive(Debug)]
 pub struct HostFile {
-    file: File,
+    io: Box<dyn HostIo>,
+    /// The operating system's file, for locks and `stat` (None for a file held in memory).
+    os: Option<Arc<File>>,
     path: PathBuf,
     writable: bool,
     /// A block device's size never changes under us and `metadata().len()` is 0 for one.
@@ -66,20 +69,50 @@ impl HostFile {
         } else {
             None
         };
+        let file = Arc::new(file);
         Ok(HostFile {
-            file,
+            io: Box::new(OsFile(file.clone())),
+            os: Some(file),
             path: path.to_path_buf(),
             writable,
             device_len,
         })
     }
 
+    /// A writable file held in memory, named `path` in messages (unit tests of the formats).
+    pub fn in_memory(path: &Path, bytes: Vec<u8>) -> Self {
+        Self::over(path, Box::new(MemFile::new(bytes)))
+    }
+
+    /// A writable file over any implementation of the seam.
+    pub fn over(path: &Path, io: Box<dyn HostIo>) -> Self {
+        HostFile {
+            io,
+            os: None,
+            path: path.to_path_buf(),
+            writable: true,
+            device_len: None,
+        }
+    }
+
+    /// The same file, with every write, barrier and hole punched from now on logged to `log`.
+    pub fn recorded(self, log: WriteLog) -> Self {
+        HostFile {
+            io: Box::new(Recorder {
+                inner: self.io,
+                log,
+            }),
+            ..self
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The operating system's file (None for a file held in memory).
+    pub fn os_file(&self) -> Option<&File> {
+        self.os.as_deref()
     }
 
     pub fn is_writable(&self) -> bool {
@@ -90,7 +123,7 @@ impl HostFile {
     pub fn len(&self) -> Result<u64> {
         match self.device_len {
             Some(len) => Ok(len),
-            None => Ok(self.file.metadata().at(&self.path)?.len()),
+            None => self.io.len().at(&self.path),
         }
     }
 
@@ -106,7 +139,7 @@ impl HostFile {
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let mut done = 0;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+            match self.io.read_at(&mut buf[done..], offset + done as u64) {
                 Ok(0) => {
                     buf[done..].fill(0);
                     return Ok(());
@@ -121,60 +154,46 @@ impl HostFile {
 
     /// Read exactly `buf.len()` bytes; the range must lie inside the file (metadata reads).
     pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.file.read_exact_at(buf, offset).at(&self.path)
+        let mut done = 0;
+        while done < buf.len() {
+            match self.io.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)).at(&self.path),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).at(&self.path),
+            }
+        }
+        Ok(())
     }
 
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.file.write_all_at(data, offset).at(&self.path)
+        self.io.write_all_at(data, offset).at(&self.path)
     }
 
     /// A barrier: everything written before is durable before anything written after.
     pub fn sync(&self) -> Result<()> {
-        self.file.sync_data().at(&self.path)
+        self.io.sync_data().at(&self.path)
     }
 
     /// Start writing the file's dirty pages to the device without waiting: the next `sync` then
     /// finds most of them on their way, so the disk works while the caller prepares more.
     pub fn start_writeback(&self) {
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: a valid descriptor and plain integer arguments (0, 0: the whole file).
-        let rc = unsafe {
-            libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
-        };
-        if rc != 0 {
+        if let Err(e) = self.io.start_writeback() {
             // Only a hint; a real write error shows again at the next sync.
-            log::debug!(
-                "{}: cannot start write-back: {}",
-                self.path.display(),
-                io::Error::last_os_error()
-            );
+            log::debug!("{}: cannot start write-back: {e}", self.path.display());
         }
     }
 
     /// Give the space of [offset, offset + len) back to the host file system; the range reads as
     /// zeros. Best effort: a file system without hole punching keeps the bytes.
     pub fn punch_hole(&self, offset: u64, len: u64) {
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: a valid descriptor and plain integer arguments.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc != 0 {
-            log::debug!(
-                "{}: cannot punch a hole: {}",
-                self.path.display(),
-                io::Error::last_os_error()
-            );
+        if let Err(e) = self.io.punch_hole(offset, len) {
+            log::debug!("{}: cannot punch a hole: {e}", self.path.display());
         }
     }
 
     pub fn set_len(&self, len: u64) -> Result<()> {
-        self.file.set_len(len).at(&self.path)
+        self.io.set_len(len).at(&self.path)
     }
 }
 

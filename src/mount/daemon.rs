@@ -219,6 +219,7 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
         force_share: req.force_share,
         without_keys: false,
         backing_within: req.backing_within.clone(),
+        record: None,
     };
     let chain = Chain::open(&req.image, &req.keys, opts)?;
     let mut warnings = Vec::new();
