@@ -11,6 +11,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 /// What a layer does to its host file. Offsets are bytes; reads past the end return short counts.
+#[allow(clippy::len_without_is_empty)] // a file length, not a collection
 pub trait HostIo: Send + Sync + std::fmt::Debug {
     /// Read into `buf` from `offset`; fewer bytes (0 at the end) when the file ends first.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
