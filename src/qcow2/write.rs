@@ -540,7 +540,7 @@ impl Qcow2Image {
             offset: rc.table_offset,
             clusters: rc.table_clusters as u32,
         }
-        .write();
+        .encode();
         file.write_at(at, &fields)?;
         file.sync()?;
         let old = (
@@ -589,7 +589,7 @@ impl Qcow2Image {
         if meta.autoclear_cleared || meta.header.autoclear == 0 {
             return Ok(());
         }
-        let (at, bytes) = HeaderUpdate::Autoclear(0).write();
+        let (at, bytes) = HeaderUpdate::Autoclear(0).encode();
         self.file.write_at(at, &bytes)?;
         self.file.sync()?;
         meta.header.autoclear = 0;
@@ -625,7 +625,7 @@ impl Qcow2Image {
         let cs = self.layout.cluster_size() as usize;
         let mut meta = self.meta.lock();
         // Backing file offset (u64) and size (u32), both in the first sector.
-        let (at, bytes) = HeaderUpdate::BackingFile { offset: 0, size: 0 }.write();
+        let (at, bytes) = HeaderUpdate::BackingFile { offset: 0, size: 0 }.encode();
         self.file.write_at(at, &bytes)?;
         self.file.sync()?;
         meta.header.backing_file = None;

@@ -219,8 +219,8 @@ pub(crate) enum HeaderUpdate {
 }
 
 impl HeaderUpdate {
-    /// The write that makes this change: file offset and bytes.
-    pub fn write(self) -> (u64, Vec<u8>) {
+    /// The one write that makes this change: file offset and bytes.
+    pub fn encode(self) -> (u64, Vec<u8>) {
         match self {
             HeaderUpdate::RefcountTable { offset, clusters } => span(&[
                 (field::REFCOUNT_TABLE_OFFSET, offset),

@@ -150,19 +150,19 @@ fn header_updates_write_exactly_the_fields_qcow2_txt_places() {
             offset: 0x0000_0012_3456_0000,
             clusters: 0x0102_0304,
         }
-        .write(),
+        .encode(),
         (
             48,
             vec![0, 0, 0, 0x12, 0x34, 0x56, 0, 0, 1, 2, 3, 4] // bytes 48..55, then 56..59
         )
     );
-    assert_eq!(HeaderUpdate::Autoclear(0).write(), (88, vec![0; 8]));
+    assert_eq!(HeaderUpdate::Autoclear(0).encode(), (88, vec![0; 8]));
     assert_eq!(
-        HeaderUpdate::Autoclear(0x8000_0000_0000_0001).write(),
+        HeaderUpdate::Autoclear(0x8000_0000_0000_0001).encode(),
         (88, vec![0x80, 0, 0, 0, 0, 0, 0, 1])
     );
     assert_eq!(
-        HeaderUpdate::BackingFile { offset: 0, size: 0 }.write(),
+        HeaderUpdate::BackingFile { offset: 0, size: 0 }.encode(),
         (8, vec![0; 12]) // bytes 8..15, then 16..19
     );
 }
@@ -172,7 +172,7 @@ fn header_updates_change_only_their_fields_of_a_qemu_img_header() {
     let before = V3_BACKING.bytes();
     let old = RawHeader::decode(&before).unwrap();
     let apply = |update: HeaderUpdate| {
-        let (at, bytes) = update.write();
+        let (at, bytes) = update.encode();
         let mut after = before.clone();
         after[at as usize..at as usize + bytes.len()].copy_from_slice(&bytes);
         RawHeader::decode(&after).unwrap()
