@@ -1,12 +1,14 @@
-//! The qcow2 header and its extensions: raw big-endian bytes in, a validated [`Header`] out.
-//! After `Header::parse` succeeds nothing downstream re-checks these numbers.
+//! The qcow2 header and its extensions: raw big-endian bytes in (through the on-disk record of
+//! `record`), a validated [`Header`] out. After `Header::parse` succeeds nothing downstream
+//! re-checks these numbers.
+
+mod record;
 
 use super::FormatError;
+pub(crate) use record::{extensions, field, Extension, Field, HeaderUpdate, RawHeader};
+pub use record::{V2_HEADER_LEN, V3_MIN_HEADER_LEN};
 
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
-/// Bytes of the version 2 header; version 3 adds fields up to `header_length`.
-pub const V2_HEADER_LEN: usize = 72;
-pub const V3_MIN_HEADER_LEN: u32 = 104;
 pub const MIN_CLUSTER_BITS: u32 = 9;
 pub const MAX_CLUSTER_BITS: u32 = 21;
 /// QEMU's limits (block/qcow2.h): L1 table 32 MiB, refcount table 8 MiB, 64 Ki snapshots.
@@ -17,11 +19,6 @@ pub const MAX_BACKING_NAME: u32 = 1023;
 /// The largest virtual size accepted at all (the L1 limit bounds it further for small clusters); keeps
 /// every guest offset computation far from overflow.
 pub const MAX_VIRTUAL_SIZE: u64 = 1 << 62;
-
-/// Field offsets the write path updates in place.
-pub const OFF_REFCOUNT_TABLE_OFFSET: u64 = 48;
-pub const OFF_INCOMPATIBLE: u64 = 72;
-pub const OFF_AUTOCLEAR: u64 = 88;
 
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
 pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
@@ -35,7 +32,6 @@ const INCOMPAT_KNOWN: u64 = INCOMPAT_DIRTY
     | INCOMPAT_EXTENDED_L2;
 pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 
-const EXT_END: u32 = 0;
 pub(super) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 const EXT_FDE: u32 = 0x0537_be77;
@@ -84,26 +80,16 @@ pub struct Header {
     pub feature_names: Vec<(u8, u8, String)>,
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
-}
-
 impl Header {
     /// How many bytes of the file `parse` wants: the first cluster, once cluster_bits is known.
     pub fn bytes_wanted(first: &[u8]) -> Result<usize, FormatError> {
-        if first.len() < 24 {
+        if first.len() < field::CLUSTER_BITS.end() {
             return Err(FormatError::Truncated);
         }
-        if first[..4] != MAGIC {
+        if RawHeader::has_magic(first) != Some(true) {
             return Err(FormatError::BadMagic);
         }
-        let bits = be32(first, 20);
+        let bits = field::CLUSTER_BITS.read(first).unwrap_or(0) as u32;
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&bits) {
             return Err(FormatError::ClusterBits(bits));
         }
@@ -113,40 +99,31 @@ impl Header {
     /// Parse and validate the header from the first cluster of the file (`buf`, shorter if the file
     /// is) given the file's length.
     pub fn parse(buf: &[u8], file_len: u64) -> Result<Header, FormatError> {
-        if buf.len() < 4 || buf[..4] != MAGIC {
-            return Err(if buf.len() < 4 {
-                FormatError::Truncated
-            } else {
-                FormatError::BadMagic
-            });
+        match RawHeader::has_magic(buf) {
+            None => return Err(FormatError::Truncated),
+            Some(false) => return Err(FormatError::BadMagic),
+            Some(true) => {}
         }
-        if buf.len() < V2_HEADER_LEN {
-            return Err(FormatError::Truncated);
-        }
-        let version = be32(buf, 4);
+        let raw = RawHeader::decode(buf)?;
+        let version = raw.version;
         if version != 2 && version != 3 {
             return Err(FormatError::UnsupportedVersion(version));
         }
-        let cluster_bits = be32(buf, 20);
+        let cluster_bits = raw.cluster_bits;
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
             return Err(FormatError::ClusterBits(cluster_bits));
         }
         let cluster_size = 1u64 << cluster_bits;
 
-        let (incompatible, compatible, autoclear, refcount_order, header_length) = if version == 2 {
-            (0, 0, 0, 4, V2_HEADER_LEN as u32)
-        } else {
-            if buf.len() < V3_MIN_HEADER_LEN as usize {
-                return Err(FormatError::Truncated);
-            }
-            (
-                be64(buf, 72),
-                be64(buf, 80),
-                be64(buf, 88),
-                be32(buf, 96),
-                be32(buf, 100),
-            )
-        };
+        // The record gives a version 3 header cut short the version 2 defaults: refuse it here.
+        if version == 3 && buf.len() < V3_MIN_HEADER_LEN as usize {
+            return Err(FormatError::Truncated);
+        }
+        let incompatible = raw.incompatible_features;
+        let compatible = raw.compatible_features;
+        let autoclear = raw.autoclear_features;
+        let refcount_order = raw.refcount_order;
+        let header_length = raw.header_length;
         if version == 3
             && (header_length < V3_MIN_HEADER_LEN
                 || u64::from(header_length) > cluster_size
@@ -168,10 +145,10 @@ impl Header {
             return Err(FormatError::ExternalDataFile);
         }
         let compression = if incompatible & INCOMPAT_COMPRESSION_TYPE != 0 {
-            if header_length <= 104 {
+            if header_length as usize <= field::COMPRESSION_TYPE.at {
                 return Err(FormatError::HeaderLength(header_length));
             }
-            match buf[104] {
+            match raw.compression_type {
                 0 => Compression::Zlib,
                 1 => Compression::Zstd,
                 other => return Err(FormatError::CompressionType(other)),
@@ -183,8 +160,8 @@ impl Header {
             return Err(FormatError::ExtendedL2Cluster);
         }
 
-        let size = be64(buf, 24);
-        let encryption = match be32(buf, 32) {
+        let size = raw.size;
+        let encryption = match raw.crypt_method {
             0 => Encryption::None,
             1 => Encryption::Aes,
             2 => Encryption::Luks,
@@ -196,8 +173,8 @@ impl Header {
         };
 
         // L1 table: within QEMU's size limit, aligned, in the file, and large enough for the disk.
-        let l1_size = be32(buf, 36);
-        let l1_table_offset = be64(buf, 40);
+        let l1_size = raw.l1_size;
+        let l1_table_offset = raw.l1_table_offset;
         let l1_bytes = u64::from(l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
             return Err(FormatError::TooLarge {
@@ -238,8 +215,8 @@ impl Header {
             )?;
         }
 
-        let refcount_table_offset = be64(buf, 48);
-        let refcount_table_clusters = be32(buf, 56);
+        let refcount_table_offset = raw.refcount_table_offset;
+        let refcount_table_clusters = raw.refcount_table_clusters;
         let rt_bytes = u64::from(refcount_table_clusters) << cluster_bits;
         if rt_bytes > MAX_REFTABLE_BYTES {
             return Err(FormatError::TooLarge {
@@ -256,8 +233,8 @@ impl Header {
             file_len,
         )?;
 
-        let nb_snapshots = be32(buf, 60);
-        let snapshots_offset = be64(buf, 64);
+        let nb_snapshots = raw.nb_snapshots;
+        let snapshots_offset = raw.snapshots_offset;
         if nb_snapshots > MAX_SNAPSHOTS {
             return Err(FormatError::TooLarge {
                 what: "snapshot count",
@@ -298,7 +275,7 @@ impl Header {
             fde_header: None,
             feature_names: Vec::new(),
         };
-        let backing_end = header.parse_backing_name(buf)?;
+        let backing_end = header.parse_backing_name(buf, &raw)?;
         header.parse_extensions(buf, backing_end)?;
         if encryption == Encryption::Luks && header.fde_header.is_none() {
             return Err(FormatError::BadExtension(
@@ -308,9 +285,9 @@ impl Header {
         Ok(header)
     }
 
-    fn parse_backing_name(&mut self, buf: &[u8]) -> Result<usize, FormatError> {
-        let offset = be64(buf, 8);
-        let len = be32(buf, 16);
+    fn parse_backing_name(&mut self, buf: &[u8], raw: &RawHeader) -> Result<usize, FormatError> {
+        let offset = raw.backing_file_offset;
+        let len = raw.backing_file_size;
         if offset == 0 || len == 0 {
             return Ok(buf.len());
         }
@@ -338,20 +315,9 @@ impl Header {
 
     /// Header extensions follow the header up to the backing name (or the end of the first cluster).
     fn parse_extensions(&mut self, buf: &[u8], end: usize) -> Result<(), FormatError> {
-        let mut at = self.header_length as usize;
-        while at + 8 <= end {
-            let kind = be32(buf, at);
-            let len = be32(buf, at + 4);
-            if kind == EXT_END {
-                break;
-            }
-            let data_start = at + 8;
-            let data_end = usize::try_from(u64::from(len).div_ceil(8) * 8)
-                .ok()
-                .and_then(|padded| data_start.checked_add(padded))
-                .filter(|&e| e <= buf.len())
-                .ok_or(FormatError::Extension { kind, len })?;
-            let data = &buf[data_start..data_start + len as usize];
+        for ext in extensions(buf, self.header_length as usize, end) {
+            let Extension { kind, data, .. } = ext?;
+            let data = &buf[data];
             match kind {
                 EXT_BACKING_FORMAT => {
                     let name = std::str::from_utf8(data)
@@ -362,7 +328,8 @@ impl Header {
                     if data.len() != 16 {
                         return Err(FormatError::BadExtension("full disk encryption"));
                     }
-                    self.fde_header = Some((be64(data, 0), be64(data, 8)));
+                    let get = |f: Field| f.read(data).unwrap_or(0);
+                    self.fde_header = Some((get(field::FDE_OFFSET), get(field::FDE_LENGTH)));
                 }
                 EXT_DATA_FILE => return Err(FormatError::ExternalDataFile),
                 EXT_FEATURE_TABLE => {
@@ -377,7 +344,6 @@ impl Header {
                 }
                 _ => {} // bitmaps and unknown extensions are only advisory for reading
             }
-            at = data_end;
         }
         Ok(())
     }
@@ -424,6 +390,9 @@ fn check_table(
         }),
     }
 }
+
+#[cfg(test)]
+mod qemu_fixtures;
 
 #[cfg(test)]
 #[path = "header/tests.rs"]

@@ -15,6 +15,7 @@ use super::overlap::MetadataMap;
 use super::refcount::Refcounts;
 use super::snapshot::{self, Snapshot};
 use super::table::{ClusterSource, L1Entry, L2Entry};
+use super::words::{decode_words, read_words};
 use super::FormatError;
 use crate::crypto::SectorCipher;
 use crate::error::{Context, Error, Result};
@@ -75,12 +76,7 @@ impl Qcow2Image {
         let path = file.path().to_path_buf();
         let layout = Layout::new(header.cluster_bits, header.version, header.extended_l2());
         let file_len = file.len()?;
-        let mut raw = vec![0u8; header.l1_size as usize * 8];
-        file.read_exact_at(header.l1_table_offset, &mut raw)?;
-        let l1: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
+        let l1 = read_words(&file, header.l1_table_offset, header.l1_size as usize)?;
         let end_cluster = file_len.div_ceil(layout.cluster_size());
         for (i, &word) in l1.iter().enumerate() {
             let l2 = L1Entry(word).l2_offset();
@@ -189,13 +185,10 @@ impl Qcow2Image {
         if let Some(t) = meta.l2_cache.get(&offset) {
             return Ok(t.clone());
         }
+        // Not `read_words`: a table in a last cluster the file only partly holds reads as zeros.
         let mut raw = vec![0u8; self.layout.cluster_size() as usize];
         self.file.read_at(offset, &mut raw)?;
-        let words: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
-        let table = Arc::new(words);
+        let table = Arc::new(decode_words(&raw));
         meta.l2_cache.put(offset, table.clone());
         Ok(table)
     }
@@ -412,13 +405,7 @@ impl Qcow2Image {
                 },
             ));
         }
-        let mut raw = vec![0u8; bytes as usize];
-        self.file
-            .read_exact_at(snapshot.l1_table_offset, &mut raw)?;
-        let l1: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
+        let l1 = read_words(&self.file, snapshot.l1_table_offset, bytes as usize / 8)?;
         for &word in &l1 {
             let l2 = L1Entry(word).l2_offset();
             if l2 % cs != 0 {

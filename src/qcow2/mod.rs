@@ -9,6 +9,7 @@ mod overlap;
 pub mod refcount;
 pub mod snapshot;
 pub mod table;
+mod words;
 mod write;
 
 pub use error::FormatError;

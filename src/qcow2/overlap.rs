@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use super::header::Header;
 use super::snapshot::Snapshot;
 use super::table::{L1Entry, OFFSET_MASK};
+use super::words::read_words;
 use super::FormatError;
 use crate::error::Result;
 use crate::io::HostFile;
@@ -78,10 +79,8 @@ impl MetadataMap {
             header.refcount_table_offset,
             rt_len,
         );
-        let mut raw = vec![0u8; rt_len as usize];
-        file.read_exact_at(header.refcount_table_offset, &mut raw)?;
-        for entry in raw.chunks_exact(8) {
-            let block = u64::from_be_bytes(entry.try_into().unwrap_or([0; 8])) & OFFSET_MASK;
+        for entry in read_words(file, header.refcount_table_offset, rt_len as usize / 8)? {
+            let block = entry & OFFSET_MASK;
             if block != 0 {
                 map.add(MetaKind::RefcountBlock, block, cs);
             }
@@ -112,15 +111,11 @@ impl MetadataMap {
             }
             budget -= len;
             map.add(MetaKind::SnapshotL1, s.l1_table_offset, len);
-            let mut table = vec![0u8; len as usize];
-            if file.read_exact_at(s.l1_table_offset, &mut table).is_err() {
+            let Ok(table) = read_words(file, s.l1_table_offset, s.l1_size as usize) else {
                 continue;
-            }
-            for word in table.chunks_exact(8) {
-                map.add_l2(
-                    L1Entry(u64::from_be_bytes(word.try_into().unwrap_or([0; 8]))).l2_offset(),
-                    cs,
-                );
+            };
+            for word in table {
+                map.add_l2(L1Entry(word).l2_offset(), cs);
             }
         }
         Ok(map)

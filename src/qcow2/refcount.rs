@@ -5,6 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::table::OFFSET_MASK;
+use super::words::{encode_words, read_words};
 use super::FormatError;
 use crate::error::Result;
 use crate::io::HostFile;
@@ -92,11 +93,10 @@ impl Refcounts {
                     },
                 )
             })?;
-        let mut raw = vec![0u8; bytes as usize];
-        file.read_exact_at(offset, &mut raw)?;
-        let mut table = Vec::with_capacity(raw.len() / 8);
-        for chunk in raw.chunks_exact(8) {
-            let entry = u64::from_be_bytes(chunk.try_into().unwrap_or([0; 8])) & OFFSET_MASK;
+        let raw = read_words(file, offset, bytes as usize / 8)?;
+        let mut table = Vec::with_capacity(raw.len());
+        for word in raw {
+            let entry = word & OFFSET_MASK;
             if entry & ((1 << cluster_bits) - 1) != 0 {
                 return Err(crate::Error::new(
                     file.path(),
@@ -265,10 +265,10 @@ impl Refcounts {
 
     /// The table as it is stored: big-endian entries, padded to its clusters.
     pub fn table_bytes(&self) -> Vec<u8> {
-        let mut out = vec![0u8; (self.table_clusters << self.cluster_bits) as usize];
-        for (i, &entry) in self.table.iter().enumerate() {
-            out[i * 8..i * 8 + 8].copy_from_slice(&entry.to_be_bytes());
-        }
+        // The table never outgrows its clusters: `ensure_block` grows them first.
+        assert!(self.table.len() as u64 <= self.table_capacity());
+        let mut out = encode_words(&self.table);
+        out.resize((self.table_clusters << self.cluster_bits) as usize, 0);
         out
     }
 }

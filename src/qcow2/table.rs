@@ -13,6 +13,8 @@ pub const COMPRESSED: u64 = 1 << 62;
 pub const ZERO: u64 = 1;
 /// Subclusters per cluster with extended L2 entries.
 pub const SUBCLUSTERS: u32 = 32;
+/// Every subcluster, as a mask of one half of the extended L2 bitmap.
+pub const ALL_SUBCLUSTERS: u32 = u32::MAX;
 
 /// An L1 entry: where the L2 table for 1 << (cluster_bits + l2_bits) bytes of guest space lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +84,88 @@ impl L2Entry {
         }
     }
 
+    /// Store this entry as entry `i` of a decoded L2 table: the inverse of [`L2Entry::at`]. The
+    /// bitmap is stored only with extended L2.
+    pub fn store_at(self, table: &mut [u64], i: usize, extended: bool) {
+        if extended {
+            table[2 * i] = self.word;
+            table[2 * i + 1] = self.bitmap;
+        } else {
+            table[i] = self.word;
+        }
+    }
+
+    /// The extended L2 bitmap word: one bit per subcluster, "allocated" in the low half, "reads as
+    /// zero" in the high half.
+    pub const fn bitmap_word(alloc: u32, zero: u32) -> u64 {
+        (alloc as u64) | ((zero as u64) << 32)
+    }
+
+    /// Extended L2: the subclusters allocated in this layer.
+    pub fn alloc_bits(self) -> u32 {
+        self.bitmap as u32
+    }
+
+    /// Extended L2: the subclusters that read as zeros.
+    pub fn zero_bits(self) -> u32 {
+        (self.bitmap >> 32) as u32
+    }
+
+    /// A data cluster at `host` that only this table references (COPIED, so later writes go in
+    /// place); with extended L2 all its subclusters are allocated.
+    pub fn data(host: u64, layout: &Layout) -> L2Entry {
+        debug_assert_eq!(host & !OFFSET_MASK, 0, "unaligned host cluster {host:#x}");
+        L2Entry {
+            word: host | COPIED,
+            bitmap: if layout.extended_l2 {
+                Self::bitmap_word(ALL_SUBCLUSTERS, 0)
+            } else {
+                0
+            },
+        }
+    }
+
+    /// A cluster with no host cluster that reads as zeros: all subclusters zero (extended L2), the
+    /// ZERO flag (version 3). Version 2 has no zero clusters: there it is unallocated, so the
+    /// backing layer shows through (as QEMU's discard of a v2 image does).
+    pub fn zero(layout: &Layout) -> L2Entry {
+        if layout.extended_l2 {
+            L2Entry {
+                word: 0,
+                bitmap: Self::bitmap_word(0, ALL_SUBCLUSTERS),
+            }
+        } else if layout.version >= 3 {
+            L2Entry {
+                word: ZERO,
+                bitmap: 0,
+            }
+        } else {
+            L2Entry::UNALLOCATED
+        }
+    }
+
+    /// Extended L2: this entry once the subclusters `written` hold data written in place (they
+    /// are allocated and no longer read as zeros).
+    pub fn with_subclusters_written(self, written: u32) -> L2Entry {
+        L2Entry {
+            word: self.word,
+            bitmap: Self::bitmap_word(self.alloc_bits() | written, self.zero_bits() & !written),
+        }
+    }
+
+    /// A standard entry once its cluster is written in place: it no longer reads as zeros (version
+    /// 3; in version 2 bit 0 means nothing and is left alone).
+    pub fn without_zero_flag(self, layout: &Layout) -> L2Entry {
+        L2Entry {
+            word: if layout.version >= 3 {
+                self.word & !ZERO
+            } else {
+                self.word
+            },
+            bitmap: self.bitmap,
+        }
+    }
+
     pub fn is_compressed(self) -> bool {
         self.word & COMPRESSED != 0
     }
@@ -134,8 +218,8 @@ impl L2Entry {
             };
             return Ok((source, 1));
         }
-        let alloc = self.bitmap as u32;
-        let zero = (self.bitmap >> 32) as u32;
+        let alloc = self.alloc_bits();
+        let zero = self.zero_bits();
         if alloc & zero != 0 {
             return Err(bad("a subcluster is both allocated and zero"));
         }
@@ -253,6 +337,102 @@ mod tests {
         );
         assert_eq!(e.source(&l, 2, 0).unwrap(), (ClusterSource::Zero, 1));
         assert_eq!(e.source(&l, 3, 0).unwrap(), (ClusterSource::Backing, 29));
+    }
+
+    #[test]
+    fn new_data_entries_are_copied_and_fully_allocated() {
+        let e = L2Entry::data(0x5_0000, &layout(16, false));
+        assert_eq!(
+            e,
+            L2Entry {
+                word: 0x8000_0000_0005_0000,
+                bitmap: 0
+            }
+        );
+        let l = layout(16, true);
+        let e = L2Entry::data(0x5_0000, &l);
+        assert_eq!((e.word, e.bitmap), (0x8000_0000_0005_0000, 0xffff_ffff));
+        assert_eq!(
+            e.source(&l, 0, 0).unwrap(),
+            (ClusterSource::Data { host: 0x5_0000 }, 32)
+        );
+    }
+
+    #[test]
+    fn zero_entries_read_as_zeros_and_hold_no_cluster() {
+        let l = layout(16, false);
+        assert_eq!(L2Entry::zero(&l), L2Entry { word: 1, bitmap: 0 });
+        assert_eq!(
+            L2Entry::zero(&l).source(&l, 0, 0).unwrap().0,
+            ClusterSource::Zero
+        );
+        let l = layout(16, true);
+        let e = L2Entry::zero(&l);
+        assert_eq!((e.word, e.bitmap), (0, 0xffff_ffff_0000_0000));
+        assert_eq!(e.source(&l, 0, 0).unwrap(), (ClusterSource::Zero, 32));
+        // Version 2 has no zero flag: the entry is unallocated.
+        let l = Layout::new(16, 2, false);
+        assert_eq!(L2Entry::zero(&l), L2Entry::UNALLOCATED);
+    }
+
+    #[test]
+    fn the_bitmap_word_holds_allocated_bits_low_and_zero_bits_high() {
+        let word = L2Entry::bitmap_word(0x8000_0001, 0x0000_0006);
+        assert_eq!(word, 0x0000_0006_8000_0001);
+        let e = L2Entry {
+            word: 0,
+            bitmap: word,
+        };
+        assert_eq!((e.alloc_bits(), e.zero_bits()), (0x8000_0001, 6));
+    }
+
+    #[test]
+    fn writing_subclusters_in_place_allocates_them_and_clears_their_zero_bits() {
+        let e = L2Entry {
+            word: 0x3_0000 | COPIED,
+            bitmap: L2Entry::bitmap_word(0b0001, 0b0110),
+        };
+        let w = e.with_subclusters_written(0b0100);
+        assert_eq!(w.word, e.word);
+        assert_eq!((w.alloc_bits(), w.zero_bits()), (0b0101, 0b0010));
+    }
+
+    #[test]
+    fn writing_a_zero_cluster_in_place_drops_the_zero_flag_in_version_3_only() {
+        let e = L2Entry {
+            word: 0x5_0000 | COPIED | ZERO,
+            bitmap: 0,
+        };
+        assert_eq!(
+            e.without_zero_flag(&layout(16, false)).word,
+            0x5_0000 | COPIED
+        );
+        assert_eq!(e.without_zero_flag(&Layout::new(16, 2, false)), e);
+    }
+
+    #[test]
+    fn storing_an_entry_is_the_inverse_of_reading_it() {
+        let e = L2Entry {
+            word: 0x7_0000 | COPIED,
+            bitmap: 0x1234_5678_9abc_def0,
+        };
+        let mut table = vec![0u64; 8];
+        e.store_at(&mut table, 1, true);
+        assert_eq!(table, [0, 0, e.word, e.bitmap, 0, 0, 0, 0]);
+        assert_eq!(L2Entry::at(&table, 1, true), (2, e));
+        let mut table = vec![0u64; 4];
+        e.store_at(&mut table, 3, false);
+        assert_eq!(table, [0, 0, 0, e.word]);
+        assert_eq!(
+            L2Entry::at(&table, 3, false),
+            (
+                3,
+                L2Entry {
+                    word: e.word,
+                    bitmap: 0
+                }
+            )
+        );
     }
 
     #[test]

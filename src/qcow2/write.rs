@@ -4,11 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use super::header::{self, Header};
+use super::header::{self, Header, HeaderUpdate};
 use super::image::{Meta, Qcow2Image};
 use super::overlap::{MetaKind, MetadataMap};
 use super::refcount::Refcounts;
-use super::table::{L1Entry, L2Entry, COPIED, SUBCLUSTERS, ZERO};
+use super::table::{L1Entry, L2Entry, SUBCLUSTERS};
+use super::words::{encode_words, read_words};
 use super::{FormatError, WriteTarget};
 use crate::error::{Context, Error, Result};
 
@@ -347,18 +348,15 @@ impl Qcow2Image {
         let Some((_, table)) = l2_new.get_mut(&l1_index) else {
             return Ok(());
         };
-        let (word_at, old) = L2Entry::at(table, i, ext);
-        match w.target {
+        let (_, old) = L2Entry::at(table, i, ext);
+        let new = match w.target {
             WriteTarget::Allocate => {
                 if old.is_compressed() {
                     releases.clusters.push(old.compressed_range(&self.layout));
                 } else if old.host_cluster() != 0 {
                     releases.clusters.push((old.host_cluster(), cs));
                 }
-                table[word_at] = host | COPIED;
-                if ext {
-                    table[word_at + 1] = u64::from(u32::MAX);
-                }
+                L2Entry::data(host, &self.layout)
             }
             WriteTarget::Discard => {
                 if old.is_compressed() {
@@ -366,14 +364,7 @@ impl Qcow2Image {
                 } else if old.host_cluster() != 0 {
                     releases.clusters.push((old.host_cluster(), cs));
                 }
-                if ext {
-                    table[word_at] = 0;
-                    table[word_at + 1] = u64::from(u32::MAX) << 32;
-                } else if self.layout.version >= 3 {
-                    table[word_at] = ZERO;
-                } else {
-                    table[word_at] = 0;
-                }
+                L2Entry::zero(&self.layout)
             }
             WriteTarget::InPlace { .. } if ext => {
                 let sc = self.layout.subcluster_size();
@@ -385,16 +376,11 @@ impl Qcow2Image {
                         bits |= 1 << s;
                     }
                 }
-                let alloc = (old.bitmap as u32) | bits;
-                let zero = ((old.bitmap >> 32) as u32) & !bits;
-                table[word_at + 1] = u64::from(alloc) | (u64::from(zero) << 32);
+                old.with_subclusters_written(bits)
             }
-            WriteTarget::InPlace { .. } => {
-                if old.word & ZERO != 0 && self.layout.version >= 3 {
-                    table[word_at] &= !ZERO;
-                }
-            }
-        }
+            WriteTarget::InPlace { .. } => old.without_zero_flag(&self.layout),
+        };
+        new.store_at(table, i, ext);
         Ok(())
     }
 
@@ -550,10 +536,12 @@ impl Qcow2Image {
             return Ok(None);
         }
         file.sync()?;
-        let mut fields = [0u8; 12];
-        fields[..8].copy_from_slice(&rc.table_offset.to_be_bytes());
-        fields[8..].copy_from_slice(&(rc.table_clusters as u32).to_be_bytes());
-        file.write_at(header::OFF_REFCOUNT_TABLE_OFFSET, &fields)?;
+        let (at, fields) = HeaderUpdate::RefcountTable {
+            offset: rc.table_offset,
+            clusters: rc.table_clusters as u32,
+        }
+        .encode();
+        file.write_at(at, &fields)?;
         file.sync()?;
         let old = (
             meta.header.refcount_table_offset,
@@ -601,8 +589,8 @@ impl Qcow2Image {
         if meta.autoclear_cleared || meta.header.autoclear == 0 {
             return Ok(());
         }
-        self.file
-            .write_at(header::OFF_AUTOCLEAR, &0u64.to_be_bytes())?;
+        let (at, bytes) = HeaderUpdate::Autoclear(0).encode();
+        self.file.write_at(at, &bytes)?;
         self.file.sync()?;
         meta.header.autoclear = 0;
         meta.autoclear_cleared = true;
@@ -615,12 +603,7 @@ impl Qcow2Image {
         let mut first = vec![0u8; cs as usize];
         self.file.read_at(0, &mut first)?;
         let header = Header::parse(&first, self.file.len()?).at(self.path())?;
-        let mut raw = vec![0u8; header.l1_size as usize * 8];
-        self.file.read_exact_at(header.l1_table_offset, &mut raw)?;
-        let l1: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
+        let l1 = read_words(&self.file, header.l1_table_offset, header.l1_size as usize)?;
         let metadata = MetadataMap::build(&self.file, &header, &l1, self.snapshots())?;
         let mut meta = self.meta.lock();
         meta.metadata = metadata;
@@ -642,28 +625,21 @@ impl Qcow2Image {
         let cs = self.layout.cluster_size() as usize;
         let mut meta = self.meta.lock();
         // Backing file offset (u64) and size (u32), both in the first sector.
-        self.file.write_at(8, &[0u8; 12])?;
+        let (at, bytes) = HeaderUpdate::BackingFile { offset: 0, size: 0 }.encode();
+        self.file.write_at(at, &bytes)?;
         self.file.sync()?;
         meta.header.backing_file = None;
         meta.header.backing_format = None;
         let mut first = vec![0u8; cs];
         self.file.read_at(0, &mut first)?;
         let start = meta.header.header_length as usize;
+        // Every extension but the backing format, up to the end marker; one running past the
+        // cluster ends the list.
         let mut kept = Vec::new();
-        let mut at = start;
-        while at + 8 <= cs {
-            let kind = u32::from_be_bytes([first[at], first[at + 1], first[at + 2], first[at + 3]]);
-            let len =
-                u32::from_be_bytes([first[at + 4], first[at + 5], first[at + 6], first[at + 7]])
-                    as usize;
-            let padded = len.div_ceil(8) * 8;
-            if kind == 0 || at + 8 + padded > cs {
-                break;
+        for ext in header::extensions(&first, start, cs).map_while(|e| e.ok()) {
+            if ext.kind != header::EXT_BACKING_FORMAT {
+                kept.extend_from_slice(&first[ext.bytes]);
             }
-            if kind != header::EXT_BACKING_FORMAT {
-                kept.extend_from_slice(&first[at..at + 8 + padded]);
-            }
-            at += 8 + padded;
         }
         // The new list, its end marker, and zeros over what followed (the old backing name).
         let mut area = kept;
@@ -671,12 +647,4 @@ impl Qcow2Image {
         self.file.write_at(start as u64, &area)?;
         self.file.sync()
     }
-}
-
-fn encode_words(words: &[u64]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(words.len() * 8);
-    for w in words {
-        out.extend_from_slice(&w.to_be_bytes());
-    }
-    out
 }

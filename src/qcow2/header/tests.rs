@@ -241,3 +241,30 @@ fn rejects_a_table_offset_whose_end_overflows() {
         }
     }
 }
+
+#[test]
+fn parses_the_headers_qemu_img_makes() {
+    use super::qemu_fixtures::{V2, V3_BACKING, V3_EXTENDED_ZSTD, V3_LUKS};
+    // Long enough for every table these headers name (the LUKS area ends below 2.1 MiB).
+    let file_len = 4 << 20;
+    let h = Header::parse(&V2.bytes(), file_len).unwrap();
+    assert_eq!((h.version, h.refcount_order, h.header_length), (2, 4, 72));
+    assert_eq!(h.l1_table_offset, 0x3_0000);
+
+    let h = Header::parse(&V3_BACKING.bytes(), file_len).unwrap();
+    assert_eq!(h.backing_file.as_deref(), Some("base.raw"));
+    assert_eq!(h.backing_format.as_deref(), Some("raw"));
+    assert_eq!(h.feature_names.len(), 8);
+    assert!(h
+        .feature_names
+        .contains(&(1, 0, "lazy refcounts".to_string())));
+
+    let h = Header::parse(&V3_EXTENDED_ZSTD.bytes(), file_len).unwrap();
+    assert!(h.extended_l2());
+    assert_eq!(h.compression, Compression::Zstd);
+    assert_eq!(h.size, 4 << 20);
+
+    let h = Header::parse(&V3_LUKS.bytes(), file_len).unwrap();
+    assert_eq!(h.encryption, Encryption::Luks);
+    assert_eq!(h.fde_header, Some((0x4_0000, 0x1f_9000)));
+}
