@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use super::Disk;
 use crate::chain::Layer;
 use crate::error::Result;
-use crate::qcow2::{ClusterWrite, Prepared, Qcow2Image, WriteTarget};
+use crate::qcow2::{ClusterWrite, Qcow2Image, WriteTarget};
 
 /// Bytes of cluster data handed to one commit: bounds the extra memory a flush needs.
 pub(super) const BATCH_BYTES: u64 = 16 << 20;
@@ -74,48 +74,17 @@ fn flush_blocks(disk: &Disk, durable: bool, dirty_bound: u64) -> Result<bool> {
                 std::io::Error::from_raw_os_error(libc::EROFS),
             ))
         }
-        Layer::Qcow2(image) => {
-            std::thread::scope(|scope| store(disk, image, &dirty, durable, scope))?;
-        }
+        Layer::Qcow2(image) => store(disk, image, &dirty, durable)?,
     }
     Ok(true)
 }
 
-/// Store the `dirty` blocks in batches. The barrier of each batch runs on a thread of `scope` while
-/// the next batch is assembled, encrypted and written, so that the device and the processor work
-/// at the same time instead of taking turns.
-fn store<'s>(
-    disk: &Disk,
-    image: &'s Qcow2Image,
-    dirty: &[u64],
-    durable: bool,
-    scope: &'s std::thread::Scope<'s, '_>,
-) -> Result<()> {
-    let mut in_flight: Option<InFlight<'s>> = None;
-    if let Err(e) = store_batches(disk, image, dirty, scope, &mut in_flight) {
-        if let Some(dropped) = in_flight.take() {
-            // Its clusters are reserved in memory only: start again from what the disk holds.
-            if let Barrier::Running(thread) = dropped.barrier {
-                let _ = thread.join();
-            }
-            image.abandon();
-        }
-        return Err(e);
-    }
-    match in_flight {
-        Some(last) => land(disk, image, last, durable),
-        None if durable => image.sync_pending(),
-        None => Ok(()),
-    }
-}
-
-fn store_batches<'s>(
-    disk: &Disk,
-    image: &'s Qcow2Image,
-    dirty: &[u64],
-    scope: &'s std::thread::Scope<'s, '_>,
-    in_flight: &mut Option<InFlight<'s>>,
-) -> Result<()> {
+/// Store the `dirty` blocks in batches through the image's commit pipeline, which runs each
+/// batch's barrier while the next is assembled, encrypted and written: the device and the
+/// processor work at the same time instead of taking turns. A batch's blocks become clean once it
+/// is complete.
+fn store(disk: &Disk, image: &Qcow2Image, dirty: &[u64], durable: bool) -> Result<()> {
+    let mut pipeline = image.pipeline();
     let cs = image.layout().cluster_size();
     let per_cluster = (cs / disk.block_size).max(1);
     // Only the written part of a block is stored in place, in the units a partial block is
@@ -163,95 +132,29 @@ fn store_batches<'s>(
             pieces,
         });
         if batch_bytes >= BATCH_BYTES {
-            let blocks = std::mem::take(&mut batch_blocks);
-            let batch = std::mem::take(&mut batch);
-            // With more to come, the barrier runs beside them; else it is simply waited for.
-            let more = j < dirty.len();
-            advance(disk, image, scope, batch, blocks, more, in_flight)?;
+            let stored = (std::mem::take(&mut batch_blocks), 0);
+            let done = pipeline.submit(std::mem::take(&mut batch), stored)?;
+            mark_clean(disk, done);
             batch_bytes = 0;
         }
         i = j;
     }
-    advance(disk, image, scope, batch, batch_blocks, false, in_flight)
-}
-
-/// A batch whose data is written and whose refcounts are written, waiting for its barrier.
-struct InFlight<'s> {
-    prepared: Prepared,
-    barrier: Barrier<'s>,
-    /// The blocks it stores, with the stamps stored: they become clean when it lands.
-    blocks: Vec<(u64, u64)>,
-    clusters: u64,
-}
-
-/// The barrier a batch waits for before its L2 tables are written.
-enum Barrier<'s> {
-    /// No L2 table changes: nothing to order.
-    NotNeeded,
-    /// Running beside the next batch.
-    Running(std::thread::ScopedJoinHandle<'s, Result<()>>),
-    /// Not started: the batch is the last one.
-    Pending,
-}
-
-/// Stage `batch` (its data goes to the device), land the batch in flight before it (whose barrier
-/// ran meanwhile), then prepare this one and, with `more` batches to come, start its barrier.
-fn advance<'s>(
-    disk: &Disk,
-    image: &'s Qcow2Image,
-    scope: &'s std::thread::Scope<'s, '_>,
-    batch: Vec<ClusterWrite>,
-    blocks: Vec<(u64, u64)>,
-    more: bool,
-    in_flight: &mut Option<InFlight<'s>>,
-) -> Result<()> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    let staged = image.stage(batch)?;
-    if let Some(before) = in_flight.take() {
-        land(disk, image, before, false)?;
-    }
-    // After the batch before has landed: this one's L2 tables build on what it published.
-    let prepared = image.prepare(&staged)?;
-    let barrier = if !prepared.needs_barrier() {
-        Barrier::NotNeeded
-    } else if more {
-        Barrier::Running(scope.spawn(move || image.barrier()))
-    } else {
-        Barrier::Pending
-    };
-    *in_flight = Some(InFlight {
-        prepared,
-        barrier,
-        blocks,
-        clusters: staged.len() as u64,
-    });
+    let done = pipeline.submit(batch, (batch_blocks, 0))?;
+    mark_clean(disk, done);
+    let last = pipeline.finish(durable)?;
+    mark_clean(disk, last);
     Ok(())
 }
 
-/// Wait for the batch's barrier, write its L2 tables (with `durable`, make all durable) and mark
-/// its blocks clean.
-fn land(disk: &Disk, image: &Qcow2Image, batch: InFlight<'_>, durable: bool) -> Result<()> {
-    match batch.barrier {
-        Barrier::NotNeeded => {}
-        Barrier::Pending => image.barrier()?,
-        Barrier::Running(thread) => thread.join().unwrap_or_else(|_| {
-            image.abandon();
-            Err(crate::Error::new(
-                image.path(),
-                std::io::Error::other("the barrier thread panicked"),
-            ))
-        })?,
-    }
-    image.complete(batch.prepared, durable)?;
-    for &(b, stamp) in &batch.blocks {
+/// The blocks of a complete batch (with the stamps stored) become clean.
+fn mark_clean(disk: &Disk, done: Option<(Vec<(u64, u64)>, u64)>) {
+    let Some((blocks, _)) = done else { return };
+    for &(b, stamp) in &blocks {
         disk.cache.mark_clean(b, stamp);
     }
     disk.stats
         .flushed_clusters
-        .fetch_add(batch.clusters, Ordering::Relaxed);
-    Ok(())
+        .fetch_add(blocks.len() as u64, Ordering::Relaxed);
 }
 
 /// Blocks are whole sectors except possibly the disk's last one; the image stores whole sectors.

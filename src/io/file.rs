@@ -13,7 +13,7 @@ use crate::error::{Context, Result};
 /// sparse preallocation) reads like QEMU shows it. Every operation goes through the `HostIo` seam.
 #[derive(Debug)]
 pub struct HostFile {
-    io: Box<dyn HostIo>,
+    io: Arc<dyn HostIo>,
     /// The operating system's file, for locks and `stat` (None for a file held in memory).
     os: Option<Arc<File>>,
     path: PathBuf,
@@ -71,7 +71,7 @@ impl HostFile {
         };
         let file = Arc::new(file);
         Ok(HostFile {
-            io: Box::new(OsFile(file.clone())),
+            io: Arc::new(OsFile(file.clone())),
             os: Some(file),
             path: path.to_path_buf(),
             writable,
@@ -81,11 +81,11 @@ impl HostFile {
 
     /// A writable file held in memory, named `path` in messages (unit tests of the formats).
     pub fn in_memory(path: &Path, bytes: Vec<u8>) -> Self {
-        Self::over(path, Box::new(MemFile::new(bytes)))
+        Self::over(path, Arc::new(MemFile::new(bytes)))
     }
 
     /// A writable file over any implementation of the seam.
-    pub fn over(path: &Path, io: Box<dyn HostIo>) -> Self {
+    pub fn over(path: &Path, io: Arc<dyn HostIo>) -> Self {
         HostFile {
             io,
             os: None,
@@ -98,7 +98,7 @@ impl HostFile {
     /// The same file, with every write, barrier and hole punched from now on logged to `log`.
     pub fn recorded(self, log: WriteLog) -> Self {
         HostFile {
-            io: Box::new(Recorder {
+            io: Arc::new(Recorder {
                 inner: self.io,
                 log,
             }),
@@ -108,6 +108,11 @@ impl HostFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The seam itself, for a barrier run on another thread.
+    pub fn io_handle(&self) -> Arc<dyn HostIo> {
+        self.io.clone()
     }
 
     /// The operating system's file (None for a file held in memory).

@@ -191,7 +191,7 @@ impl WriteLog {
 /// Passes every operation to `inner` and logs those that change the file.
 #[derive(Debug)]
 pub struct Recorder {
-    pub inner: Box<dyn HostIo>,
+    pub inner: Arc<dyn HostIo>,
     pub log: WriteLog,
 }
 
@@ -255,7 +255,7 @@ mod tests {
     fn the_recorder_logs_changes_in_order_and_passes_them_on() {
         let log = WriteLog::default();
         let r = Recorder {
-            inner: Box::new(MemFile::new(Vec::new())),
+            inner: Arc::new(MemFile::new(Vec::new())),
             log: log.clone(),
         };
         r.write_all_at(b"ab", 0).unwrap();

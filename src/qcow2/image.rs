@@ -8,11 +8,11 @@ use std::sync::Arc;
 use lru::LruCache;
 use parking_lot::Mutex;
 
+use super::alloc::Allocator;
 use super::compress::decompress;
 use super::header::{Encryption, Header};
 use super::layout::Layout;
 use super::overlap::MetadataMap;
-use super::refcount::Refcounts;
 use super::snapshot::{self, Snapshot};
 use super::table::{ClusterSource, L1Entry, L2Entry};
 use super::words::{decode_words, read_words};
@@ -33,12 +33,8 @@ pub(super) struct Meta {
     pub header: Header,
     pub l1: Vec<u64>,
     pub l2_cache: LruCache<u64, L2Table>,
-    /// Loaded on the first write.
-    pub refcounts: Option<Refcounts>,
-    /// First cluster index past everything allocated (the allocator grows the file from here).
-    pub end_cluster: u64,
-    /// Where the search for a free cluster resumes.
-    pub free_cursor: u64,
+    /// Refcounts, the end of the file and the free cursor (only the committer changes them).
+    pub alloc: Allocator,
     pub autoclear_cleared: bool,
     /// Host clusters holding metadata: data must never point into them.
     pub metadata: MetadataMap,
@@ -56,6 +52,8 @@ pub struct Qcow2Image {
     last_decompressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     /// A background commit left writes without their final barrier (see `commit`).
     pub(super) unsynced: std::sync::atomic::AtomicBool,
+    /// Held by the one commit pipeline running.
+    pub(super) commit_lock: Mutex<()>,
 }
 
 /// Is a guest cluster ours to overwrite in place, or must the flush writer allocate it?
@@ -122,13 +120,12 @@ impl Qcow2Image {
             ));
         }
         let tables = (L2_CACHE_BYTES / layout.cluster_size()).max(16) as usize;
+        let alloc = Allocator::new(&header, file_len);
         let meta = Meta {
             header,
             l1,
             l2_cache: LruCache::new(NonZeroUsize::new(tables).unwrap_or(NonZeroUsize::MIN)),
-            refcounts: None,
-            end_cluster,
-            free_cursor: 0,
+            alloc,
             autoclear_cleared: false,
             metadata,
         };
@@ -140,6 +137,7 @@ impl Qcow2Image {
             snapshots,
             last_decompressed: Mutex::new(None),
             unsynced: std::sync::atomic::AtomicBool::new(false),
+            commit_lock: Mutex::new(()),
         };
         if writable {
             // Refcounts that cannot take an allocation refuse the mount now, not the first flush.

@@ -1,20 +1,23 @@
 //! The qcow2 format: header, tables, refcounts, mapping guest clusters, reading and writing them.
 
+mod alloc;
+mod commit;
 mod compress;
 mod error;
 pub mod header;
+mod header_write;
 mod image;
+mod l2_update;
 pub mod layout;
 mod overlap;
 pub mod refcount;
 pub mod snapshot;
 pub mod table;
 mod words;
-mod write;
 
+pub use commit::{ClusterWrite, Pipeline};
 pub use error::FormatError;
 pub use header::{Compression, Encryption, Header};
 pub use image::{Qcow2Image, WriteTarget};
 pub use layout::Layout;
 pub use table::ClusterSource;
-pub use write::{ClusterWrite, Prepared, Staged};

@@ -1,0 +1,252 @@
+//! Host cluster allocation: the refcounts, the end of the file and the free cursor, owned by one
+//! `Allocator` so nothing else changes them. New clusters come from free ones (refcount 0) below
+//! the end, else from growing the file; refcount blocks and a larger refcount table are placed as
+//! they are needed. Nothing here waits for the disk: `store` writes what changed and says whether
+//! the table moved, and the commit pipeline orders it with barriers.
+
+use super::header::{Header, MAX_REFTABLE_BYTES};
+use super::overlap::{MetaKind, MetadataMap};
+use super::refcount::Refcounts;
+use super::FormatError;
+use crate::error::{Error, Result};
+use crate::io::HostFile;
+
+#[derive(Debug)]
+pub(super) struct Allocator {
+    /// Loaded before the first allocation.
+    refcounts: Option<Refcounts>,
+    /// First cluster index past everything allocated (the file grows from here).
+    end_cluster: u64,
+    /// Where the search for a free cluster resumes.
+    free_cursor: u64,
+    /// The refcount table the header points to: (offset, clusters).
+    committed_table: (u64, u64),
+    cluster_bits: u32,
+}
+
+/// A refcount table written at a new place: the header must point to it once it is durable, and
+/// the old one is released after that.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TableMove {
+    pub offset: u64,
+    pub clusters: u64,
+    pub old: (u64, u64),
+}
+
+impl Allocator {
+    /// Nothing loaded yet; the file ends at `file_len`.
+    pub fn new(header: &Header, file_len: u64) -> Self {
+        let cs = 1u64 << header.cluster_bits;
+        Allocator {
+            refcounts: None,
+            end_cluster: file_len.div_ceil(cs),
+            free_cursor: 0,
+            committed_table: (
+                header.refcount_table_offset,
+                header.refcount_table_clusters.into(),
+            ),
+            cluster_bits: header.cluster_bits,
+        }
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    pub fn end_cluster(&self) -> u64 {
+        self.end_cluster
+    }
+
+    /// Load the refcounts before the first allocation, check that they can take one, and move the
+    /// end of allocation past every cluster they count (see `Refcounts::last_used_cluster`).
+    pub fn ensure_loaded(&mut self, file: &HostFile, header: &Header) -> Result<()> {
+        if self.refcounts.is_some() {
+            return Ok(());
+        }
+        let mut rc = Refcounts::load(
+            file,
+            header.refcount_table_offset,
+            header.refcount_table_clusters.into(),
+            header.cluster_bits,
+            header.refcount_order,
+        )?;
+        rc.check_blocks_inside(file, file.len()?)?;
+        if let Some(last) = rc.last_used_cluster(file)? {
+            self.end_cluster = self.end_cluster.max(last + 1);
+        }
+        self.refcounts = Some(rc);
+        Ok(())
+    }
+
+    fn refcounts(&mut self, file: &HostFile) -> Result<&mut Refcounts> {
+        self.refcounts.as_mut().ok_or_else(|| {
+            Error::new(
+                file.path(),
+                FormatError::Unsupported("refcounts not loaded"),
+            )
+        })
+    }
+
+    /// Find a free host cluster (refcount 0, not metadata) or grow the file; its refcount becomes 1.
+    /// Returns the cluster index.
+    pub fn alloc(&mut self, file: &HostFile, metadata: &MetadataMap) -> Result<u64> {
+        let cs = self.cluster_size();
+        let mut found = None;
+        while self.free_cursor < self.end_cluster {
+            let c = self.free_cursor;
+            self.free_cursor += 1;
+            if self.refcounts(file)?.get(file, c)? == 0 && !metadata.contains(c * cs) {
+                found = Some(c);
+                break;
+            }
+        }
+        let cluster = match found {
+            Some(c) => c,
+            None => self.append(1),
+        };
+        self.ensure_block(file, cluster)?;
+        self.refcounts(file)?.set(file, cluster, 1)?;
+        log::trace!("allocated cluster {cluster}");
+        Ok(cluster)
+    }
+
+    /// `n` new clusters at the end of the file; returns the first.
+    fn append(&mut self, n: u64) -> u64 {
+        let first = self.end_cluster;
+        self.end_cluster += n;
+        self.free_cursor = self.free_cursor.max(self.end_cluster);
+        first
+    }
+
+    /// Make sure a refcount block covers `cluster`, creating it (and growing the table) if needed.
+    fn ensure_block(&mut self, file: &HostFile, cluster: u64) -> Result<()> {
+        let rc = self.refcounts(file)?;
+        if rc.has_block_for(cluster) {
+            return Ok(());
+        }
+        let index = cluster / rc.per_block();
+        if index >= rc.table_capacity() {
+            self.grow_table(file, index + 1)?;
+            if self.refcounts(file)?.has_block_for(cluster) {
+                return Ok(());
+            }
+        }
+        // New blocks go at the end of the file; usually the block then describes itself.
+        let block_cluster = self.append(1);
+        let cs = self.cluster_size();
+        self.refcounts(file)?.add_block(index, block_cluster * cs);
+        self.ensure_block(file, block_cluster)?;
+        self.refcounts(file)?.set(file, block_cluster, 1)
+    }
+
+    /// Place the refcount table in new clusters at the end of the file with room for `entries`.
+    fn grow_table(&mut self, file: &HostFile, entries: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let rc = self.refcounts(file)?;
+        let old_clusters = rc.table_clusters;
+        let want = (entries * 8).div_ceil(cs).max(old_clusters * 2).max(1);
+        if want * cs > MAX_REFTABLE_BYTES {
+            return Err(Error::new(
+                file.path(),
+                FormatError::TooLarge {
+                    what: "refcount table",
+                    size: want * cs,
+                    limit: MAX_REFTABLE_BYTES,
+                },
+            ));
+        }
+        // A table placed earlier and not yet committed was never pointed to: give it back now.
+        let placed_at = rc.table_offset;
+        if placed_at != self.committed_table.0 {
+            for c in placed_at / cs..placed_at / cs + old_clusters {
+                self.refcounts(file)?.set(file, c, 0)?;
+                self.free_cursor = self.free_cursor.min(c);
+            }
+        }
+        let start = self.append(want);
+        let rc = self.refcounts(file)?;
+        rc.table_offset = start * cs;
+        rc.table_clusters = want;
+        rc.table_dirty = true;
+        for c in start..start + want {
+            self.ensure_block(file, c)?;
+            self.refcounts(file)?.set(file, c, 1)?;
+        }
+        Ok(())
+    }
+
+    /// Write the dirty refcount blocks, then the table if it changed. When the table moved, the
+    /// caller makes it durable, points the header to it (`table_committed`) and releases the old one.
+    pub fn store(
+        &mut self,
+        file: &HostFile,
+        metadata: &mut MetadataMap,
+    ) -> Result<Option<TableMove>> {
+        let cs = self.cluster_size();
+        let committed = self.committed_table;
+        let rc = self.refcounts(file)?;
+        rc.write_dirty_blocks(file)?;
+        if !rc.table_dirty {
+            return Ok(None);
+        }
+        // New refcount blocks (they always dirty the table) become known metadata.
+        for &block in rc.table.iter().filter(|&&b| b != 0) {
+            if !metadata.contains(block) {
+                metadata.add(MetaKind::RefcountBlock, block, cs);
+            }
+        }
+        file.write_at(rc.table_offset, &rc.table_bytes())?;
+        rc.table_dirty = false;
+        if rc.table_offset == committed.0 {
+            return Ok(None);
+        }
+        Ok(Some(TableMove {
+            offset: rc.table_offset,
+            clusters: rc.table_clusters,
+            old: committed,
+        }))
+    }
+
+    /// The header now points to the moved table (durably).
+    pub fn table_committed(&mut self, moved: &TableMove, metadata: &mut MetadataMap) {
+        self.committed_table = (moved.offset, moved.clusters);
+        metadata.add(
+            MetaKind::RefcountTable,
+            moved.offset,
+            moved.clusters * self.cluster_size(),
+        );
+    }
+
+    /// Drop one reference from every cluster overlapping [offset, offset + len); clusters that
+    /// become free are added to `freed` (their space goes back to the host once this is durable).
+    pub fn release(
+        &mut self,
+        file: &HostFile,
+        offset: u64,
+        len: u64,
+        freed: &mut Vec<u64>,
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        let first = offset / cs;
+        let last = (offset + len.max(1) - 1) / cs;
+        for c in first..=last {
+            let rc = self.refcounts(file)?;
+            let count = rc.get(file, c)?;
+            if count == 0 {
+                log::warn!(
+                    "{}: cluster {:#x} already has refcount 0",
+                    file.path().display(),
+                    c * cs
+                );
+                continue;
+            }
+            rc.set(file, c, count - 1)?;
+            log::trace!("released cluster {c}: refcount {}", count - 1);
+            if count == 1 {
+                self.free_cursor = self.free_cursor.min(c);
+                freed.push(c);
+            }
+        }
+        Ok(())
+    }
+}

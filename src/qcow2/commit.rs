@@ -1,0 +1,414 @@
+//! The commit pipeline: how new cluster contents become image state, with a barrier between each
+//! step so that a crash anywhere leaves at most leaked clusters, never an entry that points to
+//! unwritten data. The types make the order: a batch is `Staged` (data written into reserved
+//! clusters), then `Prepared` (new L2 tables computed, refcounts written), and only its barrier
+//! turns it into `Ordered`, the one state that may be completed (L2 tables written, barrier, L1
+//! entries, barrier, publish, release what was replaced). `Pipeline` overlaps one batch's barrier
+//! with staging the next; one pipeline runs at a time per image.
+//!
+//! The metadata lock is held only to reserve clusters, to compute tables and to publish: every
+//! table write and barrier runs outside it, so a read never waits for the disk to sync.
+
+use std::sync::atomic::Ordering;
+
+use parking_lot::MutexGuard;
+
+use super::alloc::TableMove;
+use super::header::HeaderUpdate;
+use super::image::{Meta, Qcow2Image};
+use super::l2_update::{NewTables, Releases, StagedCluster};
+use super::overlap::MetaKind;
+use super::table::L1Entry;
+use super::words::encode_words;
+use super::WriteTarget;
+use crate::error::{Context, Result};
+
+/// New contents for (part of) one guest cluster of the top layer.
+#[derive(Debug)]
+pub struct ClusterWrite {
+    /// Guest offset of the cluster's first byte.
+    pub guest: u64,
+    pub target: WriteTarget,
+    /// Plaintext pieces: (offset in the cluster, bytes), multiples of 512. With `Allocate` they must
+    /// cover the whole cluster.
+    pub pieces: Vec<(u64, Vec<u8>)>,
+}
+
+/// A batch whose data is written (on its way to the disk, not yet durable) into reserved clusters.
+#[derive(Debug)]
+struct Staged {
+    clusters: Vec<StagedCluster>,
+}
+
+/// A staged batch whose new L2 tables are computed and whose refcounts are written; it waits for
+/// its barrier.
+#[derive(Debug)]
+struct Prepared {
+    l2_new: NewTables,
+    releases: Releases,
+    /// The refcount table moved while the refcounts were stored: the old one is released last.
+    moved_table: Option<(u64, u64)>,
+}
+
+/// A prepared batch behind its barrier: data and refcounts are durable (or nothing needed it).
+/// Only `Prepared::barrier` and `Barrier::wait` make one.
+#[derive(Debug)]
+struct Ordered(Prepared);
+
+/// A barrier running on its own thread while the next batch is staged.
+struct Barrier {
+    prepared: Prepared,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Prepared {
+    /// Whether data and refcounts must be durable before completing: only when an L2 table changes.
+    fn needs_barrier(&self) -> bool {
+        !self.l2_new.is_empty()
+    }
+
+    /// Start the barrier on a thread (none when nothing needs it).
+    fn start_barrier(self, image: &Qcow2Image) -> Barrier {
+        let thread = self.needs_barrier().then(|| {
+            let io = image.file.io_handle();
+            std::thread::spawn(move || io.sync_data())
+        });
+        Barrier {
+            prepared: self,
+            thread,
+        }
+    }
+}
+
+impl Barrier {
+    fn wait(self, image: &Qcow2Image) -> Result<Ordered> {
+        if let Some(thread) = self.thread {
+            let synced = thread
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the barrier thread panicked")));
+            synced.at(image.path())?;
+        }
+        Ok(Ordered(self.prepared))
+    }
+}
+
+/// Batches committed in order, each one's barrier running while the next is staged. Each batch
+/// carries a `T` (what the caller marks stored) that is handed back once the batch is complete.
+/// Dropped before `finish` (an error): reserved clusters are forgotten by re-reading the metadata.
+pub struct Pipeline<'i, T> {
+    image: &'i Qcow2Image,
+    _one_at_a_time: MutexGuard<'i, ()>,
+    in_flight: Option<(Barrier, T)>,
+}
+
+impl Qcow2Image {
+    pub fn pipeline<T>(&self) -> Pipeline<'_, T> {
+        Pipeline {
+            image: self,
+            _one_at_a_time: self.commit_lock.lock(),
+            in_flight: None,
+        }
+    }
+
+    /// Store `writes` as one batch; with `durable`, everything is on stable storage when this
+    /// returns. On error the on-disk image is consistent (at most leaks) and the in-memory metadata
+    /// is re-read from disk, so the caller may retry with the same writes.
+    pub fn commit(&self, writes: Vec<ClusterWrite>, durable: bool) -> Result<()> {
+        let mut pipeline = self.pipeline();
+        pipeline.submit(writes, ())?;
+        pipeline.finish(durable).map(|_| ())
+    }
+}
+
+impl<T> Pipeline<'_, T> {
+    /// Stage `batch` (its data goes to the device), complete the batch before it (whose barrier
+    /// ran meanwhile), then prepare this one and start its barrier. Returns the payload of the
+    /// batch completed, if any.
+    pub fn submit(&mut self, batch: Vec<ClusterWrite>, payload: T) -> Result<Option<T>> {
+        let image = self.image;
+        if batch.is_empty() {
+            return Ok(Some(payload));
+        }
+        let staged = image.reload_on_error(image.stage(batch))?;
+        let done = match self.in_flight.take() {
+            Some((barrier, before)) => {
+                image.complete(barrier.wait(image), false)?;
+                Some(before)
+            }
+            None => None,
+        };
+        // After the batch before is complete: this one's tables build on what it published.
+        let prepared = image.reload_on_error(image.prepare(&staged))?;
+        self.in_flight = Some((prepared.start_barrier(image), payload));
+        Ok(done)
+    }
+
+    /// Complete the last batch; with `durable`, everything committed so far is durable when this
+    /// returns. Returns the last batch's payload.
+    pub fn finish(mut self, durable: bool) -> Result<Option<T>> {
+        let image = self.image;
+        match self.in_flight.take() {
+            Some((barrier, last)) => {
+                image.complete(barrier.wait(image), durable)?;
+                Ok(Some(last))
+            }
+            None if durable => image.sync_pending().map(|_| None),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<T> Drop for Pipeline<'_, T> {
+    fn drop(&mut self) {
+        if let Some((barrier, _)) = self.in_flight.take() {
+            // Its clusters are reserved in memory only: start again from what the disk holds.
+            let _ = barrier.wait(self.image);
+            self.image.abandon();
+        }
+    }
+}
+
+impl Qcow2Image {
+    /// Reserve host clusters for `writes`, encrypt and write their data (the device starts on it
+    /// at once).
+    fn stage(&self, writes: Vec<ClusterWrite>) -> Result<Staged> {
+        let cs = self.layout.cluster_size();
+        let hosts: Vec<u64> = {
+            let mut meta = self.meta.lock();
+            self.ensure_refcounts(&mut meta)?;
+            let mut hosts = Vec::with_capacity(writes.len());
+            for w in writes.iter() {
+                hosts.push(match w.target {
+                    WriteTarget::InPlace { host } => host,
+                    WriteTarget::Allocate => self.alloc_cluster(&mut meta)? * cs,
+                    WriteTarget::Discard => 0,
+                });
+            }
+            hosts
+        };
+        // Outside the lock, letting the device start on each few MiB while the next are encrypted
+        // (the barrier then waits for less).
+        const KICK_BYTES: usize = 4 << 20;
+        let mut unkicked = 0;
+        let mut clusters = Vec::with_capacity(writes.len());
+        for (w, host) in writes.into_iter().zip(hosts) {
+            let mut spans = Vec::with_capacity(w.pieces.len());
+            for (off, mut bytes) in w.pieces {
+                if let Some(cipher) = &self.cipher {
+                    let sector = self.sector_number(w.guest + off, host + off);
+                    cipher.encrypt(sector, &mut bytes).at(self.path())?;
+                }
+                self.file.write_at(host + off, &bytes)?;
+                spans.push((off, bytes.len() as u64));
+                unkicked += bytes.len();
+                if unkicked >= KICK_BYTES {
+                    self.file.start_writeback();
+                    unkicked = 0;
+                }
+            }
+            clusters.push(StagedCluster {
+                guest: w.guest,
+                target: w.target,
+                host,
+                spans,
+            });
+        }
+        Ok(Staged { clusters })
+    }
+
+    /// The new L2 tables in memory, and the refcounts the barrier must store before any of them.
+    fn prepare(&self, staged: &Staged) -> Result<Prepared> {
+        self.clear_autoclear()?;
+        let mut meta = self.meta.lock();
+        let end = meta.alloc.end_cluster();
+        meta.metadata.set_end(end);
+        let mut releases = Releases::default();
+        let mut l2_new = NewTables::new();
+        for c in &staged.clusters {
+            self.update_l2(&mut meta, &mut l2_new, &mut releases, c)?;
+        }
+        // Writes in place usually leave their L2 table as it was: then it is neither rewritten nor
+        // waited for, and such a commit costs one barrier (or none, in the background).
+        let mut unchanged = Vec::new();
+        for (&index, (offset, table)) in &l2_new {
+            if L1Entry(meta.l1[index as usize]).l2_offset() == *offset
+                && self.l2_table(&mut meta, *offset)?.as_slice() == table.as_slice()
+            {
+                unchanged.push(index);
+            }
+        }
+        for index in unchanged {
+            l2_new.remove(&index);
+        }
+        let moved_table = self.store_refcounts(&mut meta)?.map(|m| m.old);
+        Ok(Prepared {
+            l2_new,
+            releases,
+            moved_table,
+        })
+    }
+
+    /// Write the L2 tables, then L1 entries, each behind its barrier; publish; release what the
+    /// new state no longer references. With `durable`, all of it is durable when this returns.
+    fn complete(&self, ordered: Result<Ordered>, durable: bool) -> Result<()> {
+        let result = ordered.and_then(|Ordered(prepared)| self.complete_tables(prepared, durable));
+        self.reload_on_error(result)
+    }
+
+    fn complete_tables(&self, prepared: Prepared, durable: bool) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let Prepared {
+            l2_new,
+            mut releases,
+            moved_table,
+        } = prepared;
+        // Unpublished tables: a table rewritten in place only gains entries whose data is durable,
+        // so a reader loading it now sees either version, both valid.
+        for (offset, table) in l2_new.values() {
+            self.file.write_at(*offset, &encode_words(table))?;
+        }
+        let (l1_offset, l1_changed) = {
+            let meta = self.meta.lock();
+            let changed: Vec<(u64, u64)> = l2_new
+                .iter()
+                .map(|(&index, (offset, _))| (index, L1Entry::new(*offset).0))
+                .filter(|&(index, entry)| meta.l1[index as usize] != entry)
+                .collect();
+            (meta.header.l1_table_offset, changed)
+        };
+        // The L2 tables must be durable before an L1 entry points to them, and before a cluster
+        // they stopped referencing may be reused (released below). Otherwise the next barrier does.
+        if durable || !l1_changed.is_empty() || !releases.0.is_empty() || moved_table.is_some() {
+            self.file.sync()?;
+        } else {
+            self.unsynced.store(true, Ordering::Release);
+        }
+        for &(index, entry) in &l1_changed {
+            self.file
+                .write_at(l1_offset + index * 8, &entry.to_be_bytes())?;
+        }
+        if !l1_changed.is_empty() {
+            self.file.sync()?;
+        }
+        // The new state is durable: publish it to readers.
+        let mut meta = self.meta.lock();
+        for (&index, (offset, table)) in &l2_new {
+            meta.l1[index as usize] = L1Entry::new(*offset).0;
+            meta.metadata.add(MetaKind::L2Table, *offset, cs);
+            meta.l2_cache
+                .put(*offset, std::sync::Arc::new(table.clone()));
+        }
+        // Last: drop the references the new state no longer holds.
+        if let Some((offset, clusters)) = moved_table {
+            releases.0.push((offset, clusters * cs));
+            meta.metadata.remove_range(offset, clusters * cs);
+        }
+        if releases.0.is_empty() {
+            drop(meta);
+        } else {
+            let mut freed = Vec::new();
+            for &(offset, len) in &releases.0 {
+                meta.alloc.release(&self.file, offset, len, &mut freed)?;
+            }
+            // Storing the decrements may move the refcount table itself (a batch staged meanwhile
+            // may have reserved clusters past what it covers); the table it leaves is released too.
+            while let Some(moved) = self.store_refcounts(&mut meta)? {
+                let (offset, clusters) = moved.old;
+                meta.metadata.remove_range(offset, clusters * cs);
+                meta.alloc
+                    .release(&self.file, offset, clusters * cs, &mut freed)?;
+            }
+            drop(meta);
+            // A lost decrement is only a leak; the next commit's first barrier stores it anyway.
+            if durable {
+                self.file.sync()?;
+            } else {
+                self.unsynced.store(true, Ordering::Release);
+            }
+            for c in freed {
+                self.file.punch_hole(c * cs, cs);
+            }
+        }
+        if durable {
+            self.unsynced.store(false, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Write the dirty refcounts. When the table moved, make it durable and point the header to
+    /// it, with the lock released for the barriers (the committer is the only one changing the
+    /// allocator, readers never look at it).
+    fn store_refcounts(&self, meta: &mut MutexGuard<'_, Meta>) -> Result<Option<TableMove>> {
+        let moved = {
+            let Meta {
+                alloc, metadata, ..
+            } = &mut **meta;
+            alloc.store(&self.file, metadata)?
+        };
+        let Some(moved) = moved else {
+            return Ok(None);
+        };
+        MutexGuard::unlocked(meta, || -> Result<()> {
+            self.file.sync()?;
+            let (at, fields) = HeaderUpdate::RefcountTable {
+                offset: moved.offset,
+                clusters: moved.clusters as u32,
+            }
+            .encode();
+            self.file.write_at(at, &fields)?;
+            self.file.sync()
+        })?;
+        meta.header.refcount_table_offset = moved.offset;
+        meta.header.refcount_table_clusters = moved.clusters as u32;
+        let Meta {
+            alloc, metadata, ..
+        } = &mut **meta;
+        alloc.table_committed(&moved, metadata);
+        Ok(Some(moved))
+    }
+
+    /// Make earlier non-durable commits durable.
+    pub fn sync_pending(&self) -> Result<()> {
+        if self.unsynced.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.file.sync() {
+                self.unsynced.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Forget what a failed commit left in memory: re-read the metadata from disk.
+    pub fn abandon(&self) {
+        if let Err(e) = self.reload() {
+            log::error!("{e}");
+        }
+    }
+
+    fn reload_on_error<R>(&self, result: Result<R>) -> Result<R> {
+        if result.is_err() {
+            self.abandon();
+        }
+        result
+    }
+
+    /// Forget everything in memory and read the header and L1 table again (after a failed commit).
+    pub fn reload(&self) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let mut first = vec![0u8; cs as usize];
+        self.file.read_at(0, &mut first)?;
+        let file_len = self.file.len()?;
+        let header = super::Header::parse(&first, file_len).at(self.path())?;
+        let l1 =
+            super::words::read_words(&self.file, header.l1_table_offset, header.l1_size as usize)?;
+        let metadata =
+            super::overlap::MetadataMap::build(&self.file, &header, &l1, self.snapshots())?;
+        let mut meta = self.meta.lock();
+        meta.alloc = super::alloc::Allocator::new(&header, file_len);
+        meta.metadata = metadata;
+        meta.l1 = l1;
+        meta.header = header;
+        meta.l2_cache.clear();
+        self.ensure_refcounts(&mut meta)
+    }
+}
