@@ -299,14 +299,16 @@ fn an_mbr_with_logical_partitions_gives_loop_mountable_files_numbered_as_linux_n
             .open(&part6)
             .expect("open disk-part6 for writing");
         let spill = vec![0xeeu8; 8192];
-        // Anything but a write that reaches past the partition's end is fine here.
-        if let Ok(n) = f.write_at(&spill, part6_len - 4096) {
-            assert!(
-                n <= 4096,
-                "a write of 8192 bytes 4096 bytes before the end of disk-part6 wrote {n} bytes"
-            );
-        }
-        let _ = f.sync_all();
+        // A write that runs over the partition's end stops there: a short write, as at the end
+        // of a block device.
+        let n = f
+            .write_at(&spill, part6_len - 4096)
+            .unwrap_or_else(|e| panic!("a write running over the end of disk-part6: {e}"));
+        assert_eq!(
+            n, 4096,
+            "a write of 8192 bytes 4096 bytes before the end of disk-part6 wrote {n} bytes"
+        );
+        f.sync_all().expect("fsync disk-part6");
     }
     assert_same_bytes(
         &read_at_bounded(&m.disk(), (p6.start + p6.sectors) * SECTOR, 4096),
