@@ -15,6 +15,9 @@ const THREADS: u64 = 4;
 
 const PASS: &str = "race passphrase";
 
+/// Creation options added to a qcow2 image description.
+type Options = fn(Qcow2Builder) -> Qcow2Builder;
+
 #[test]
 fn writes_during_flushes_all_land_and_the_image_stays_consistent() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -81,7 +84,7 @@ fn writes_during_flushes_all_land_and_the_image_stays_consistent() {
 /// Two threads write (aligned and not), read back and discard in their own halves of an overlay
 /// over a raw base, while a third alternates durable flushes and write-backs; every read must show
 /// the latest writes over the base, and so must the image once stored.
-fn partial_blocks_race(what: &str, overlay: fn(Qcow2Builder) -> Qcow2Builder, seed: u64) {
+fn partial_blocks_race(what: &str, overlay: Options, seed: u64) {
     const SIZE: u64 = 16 << 20;
     const THREADS: u64 = 2;
     let dir = workdir();
@@ -190,8 +193,7 @@ fn partial_blocks_race_with_flushes_on_a_luks_overlay() {
 /// loads whole sectors, past the disk's end, as the cipher needs.
 #[test]
 fn the_partial_last_block_of_an_encrypted_odd_sized_disk_reads_back() {
-    let encryptions: [(&str, fn(Qcow2Builder) -> Qcow2Builder); 2] =
-        [("LUKS", |b| b.luks(PASS)), ("AES", |b| b.aes(PASS))];
+    let encryptions: [(&str, Options); 2] = [("LUKS", |b| b.luks(PASS)), ("AES", |b| b.aes(PASS))];
     for (options, encrypt) in encryptions {
         let dir = workdir();
         let image =
