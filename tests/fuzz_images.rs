@@ -3,6 +3,9 @@
 //! hang. A bounded number of cases runs in the normal suite; `scripts/fuzz.sh SECONDS` runs longer via
 //! QCOWFS_FUZZ_SECONDS. Inputs in tests/fuzz_corpus/ are regression cases found this way.
 
+mod common;
+
+use common::Rng;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
@@ -18,22 +21,12 @@ const DEFAULT_FIELD_SECONDS: u64 = 15;
 /// A case that takes longer than this is a hang.
 const CASE_LIMIT: Duration = Duration::from_secs(20);
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
+/// Uniform in `0..n`, or 0 when `n` is 0 (a truncated input can leave nothing to pick from).
+fn below(rng: &mut Rng, n: u64) -> u64 {
+    if n == 0 {
+        0
+    } else {
+        rng.below(n)
     }
 }
 
@@ -90,7 +83,7 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
                 } else {
                     data.len()
                 };
-                let at = rng.below(span as u64) as usize;
+                let at = below(rng, span as u64) as usize;
                 if at < data.len() {
                     data[at] ^= 1 << rng.below(8);
                 }
@@ -104,7 +97,7 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
                         if rng.below(2) == 0 { 4 } else { 8 },
                     )
                 } else {
-                    (rng.below(data.len() as u64 / 8) as usize * 8, 8)
+                    (below(rng, data.len() as u64 / 8) as usize * 8, 8)
                 };
                 if at + width <= data.len() {
                     let bytes = value.to_be_bytes();
@@ -170,7 +163,7 @@ fn mutated_images_never_panic_or_hang() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x9e37_79b9_7f4a_7c15);
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let start = Instant::now();
     let mut cases = 0u64;
     loop {
@@ -217,7 +210,7 @@ fn random_edit(rng: &mut Rng) -> Edit {
     let value = match rng.below(4) {
         0 | 1 => INTERESTING[rng.below(INTERESTING.len() as u64) as usize],
         2 => rng.below(1 << 16),
-        _ => rng.next(),
+        _ => rng.next_u64(),
     };
     Edit {
         field,
@@ -239,7 +232,7 @@ fn field_edits_never_panic_or_hang() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x2545_f491_4f6c_dd1d);
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let start = Instant::now();
     let mut cases = 0u64;
     while start.elapsed() < Duration::from_secs(seconds) {

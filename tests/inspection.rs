@@ -299,14 +299,16 @@ fn an_mbr_with_logical_partitions_gives_loop_mountable_files_numbered_as_linux_n
             .open(&part6)
             .expect("open disk-part6 for writing");
         let spill = vec![0xeeu8; 8192];
-        // Anything but a write that reaches past the partition's end is fine here.
-        if let Ok(n) = f.write_at(&spill, part6_len - 4096) {
-            assert!(
-                n <= 4096,
-                "a write of 8192 bytes 4096 bytes before the end of disk-part6 wrote {n} bytes"
-            );
-        }
-        let _ = f.sync_all();
+        // A write that runs over the partition's end stops there: a short write, as at the end
+        // of a block device.
+        let n = f
+            .write_at(&spill, part6_len - 4096)
+            .unwrap_or_else(|e| panic!("a write running over the end of disk-part6: {e}"));
+        assert_eq!(
+            n, 4096,
+            "a write of 8192 bytes 4096 bytes before the end of disk-part6 wrote {n} bytes"
+        );
+        f.sync_all().expect("fsync disk-part6");
     }
     assert_same_bytes(
         &read_at_bounded(&m.disk(), (p6.start + p6.sectors) * SECTOR, 4096),
@@ -1362,21 +1364,7 @@ fn a_seal_killed_midway_leaves_a_consistent_image_that_a_second_seal_completes()
 
     // Whatever the moment: no corruption (leaks allowed), the same guest view.
     let assert_consistent = |when: &str| {
-        let (mut args, target) = top.qemu_open_args();
-        args.insert(0, "check".into());
-        args.push("--output=json".into());
-        args.push(target);
-        let r = run("qemu-img", &args);
-        let v: Value = serde_json::from_slice(&r.stdout).unwrap_or(Value::Null);
-        // qemu-img leaves out the counters that are zero.
-        let count = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-        assert!(
-            v.is_object() && count("corruptions") == 0 && count("check-errors") == 0,
-            "{when}: qemu-img check finds damage ({}):\n{}{}",
-            describe_status(r.status),
-            r.stdout_str(),
-            r.stderr
-        );
+        assert_check_no_corruption_when(&top, when);
         let r = qemu_compare_with_raw(&top, &recorded);
         assert!(
             r.status.success(),
@@ -1394,13 +1382,7 @@ fn a_seal_killed_midway_leaves_a_consistent_image_that_a_second_seal_completes()
     );
     assert_consistent("after the second seal");
     // What an interrupted seal may leave behind is leaked clusters, which qemu reclaims.
-    let (mut args, target) = top.qemu_open_args();
-    args.insert(0, "check".into());
-    args.insert(1, "-r".into());
-    args.insert(2, "leaks".into());
-    args.push(target);
-    run("qemu-img", &args);
-    assert_check_clean(&top);
+    repair_leaks_then_assert_clean(&top, "after the second seal, leaks repaired");
     let file = fs::read(&top.path).expect("read sealed image");
     assert!(
         find_bytes(&file, &[0x77; 512]).is_none(),

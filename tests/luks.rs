@@ -78,7 +78,7 @@ fn write_through_mount(image: &Image, options: &[OsString], reference: &mut [u8]
 }
 
 fn assert_clean_and_equal(image: &Image, reference: &[u8]) {
-    image.check().assert_success();
+    assert_check_clean(image);
     assert_same_bytes(&image.raw(), reference, "image after writes through qcowfs");
 }
 

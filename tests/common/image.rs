@@ -237,14 +237,6 @@ impl Image {
         bytes
     }
 
-    /// `qemu-img check` must report no errors and no leaks.
-    pub fn check(&self) -> Run {
-        let (mut args, target) = self.qemu_open_args();
-        args.insert(0, "check".into());
-        args.push(target);
-        qemu_img(&args)
-    }
-
     /// `qemu-img compare` with another image (exit 0: identical guest contents).
     pub fn compare(&self, other: &Image) -> Run {
         assert!(

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: bounded external commands, qemu image builders, the
 //! `qemu-img convert -O raw` oracle, byte comparison that names the first differing offset, and a
-//! `Mount` guard that never leaves a FUSE mount behind.
+//! `Mount` guard that never leaves a FUSE mount behind; `qemu-img check` as the consistency oracle
+//! and the disk layer opened in-process.
 //!
 //! QEMU is the oracle and is required: a missing `qemu-img` or `qemu-io` fails the test, it never
 //! skips it. Every qemu command line a test runs is printed (shown only when the test fails: the
@@ -11,6 +12,7 @@
 mod check;
 mod compare;
 mod data;
+mod disk;
 mod fuse;
 mod guest;
 mod hostile;
@@ -26,6 +28,8 @@ pub use check::*;
 pub use compare::*;
 #[allow(unused_imports)]
 pub use data::*;
+#[allow(unused_imports)]
+pub use disk::*;
 #[allow(unused_imports)]
 pub use fuse::*;
 #[allow(unused_imports)]

@@ -4,11 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use qcowfs::chain::{Chain, KeyRing, OpenOptions};
+use qcowfs::chain::{Chain, OpenOptions};
 use qcowfs::disk::{BlockDevice, Disk, DiskOptions};
 use qcowfs::io::{HostEvent, WriteLog};
 
-use crate::common::Image;
+use crate::common::{keys_of, Image};
 
 /// What the guest asked for, in order. Its index is the mark logged when it was issued (a
 /// `Durable` is logged once the flush returned).
@@ -75,18 +75,6 @@ impl Workload {
     }
 }
 
-pub fn keys(image: &Image) -> KeyRing {
-    KeyRing {
-        default: image
-            .secrets
-            .iter()
-            .flatten()
-            .next()
-            .map(|p| zeroize::Zeroizing::new(p.as_bytes().to_vec())),
-        per_layer: Vec::new(),
-    }
-}
-
 fn snapshot(name: &'static str, image: &Image, dir: &Path) -> (PathBuf, Vec<u8>) {
     let initial = dir.join(format!("{name}.initial"));
     std::fs::copy(&image.path, &initial).expect("copy the image before the workload");
@@ -106,7 +94,7 @@ pub fn record(
     let log = WriteLog::default();
     let chain = Chain::open(
         &image.path,
-        &keys(&image),
+        &keys_of(&image),
         OpenOptions {
             writable: true,
             record: Some(log.clone()),
@@ -141,7 +129,7 @@ pub fn record_seal(name: &'static str, image: Image, dir: &Path) -> Recording {
         record: Some(log.clone()),
         ..Default::default()
     };
-    qcowfs::seal::seal(&image.path, &keys(&image), open, &|_, _| {})
+    qcowfs::seal::seal(&image.path, &keys_of(&image), open, &|_, _| {})
         .unwrap_or_else(|e| panic!("{name}: seal: {e}"));
     finish(name, initial, image, log, Vec::new(), initial_guest)
 }

@@ -14,13 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::build::{build, Built};
 use crate::common::{
-    assert_same_bytes, assert_shared_mmap_refused, describe_status, mmap_write, qcowfs, qemu_img,
-    Image, Mount, Rng,
+    assert_check_clean_when, assert_same_bytes, assert_shared_mmap_refused, describe_status,
+    mmap_write, qcowfs, qemu_img, Image, Mount, Rng,
 };
 use crate::config::Config;
 use crate::ops::{Gen, Op, Via};
@@ -455,7 +454,7 @@ impl Engine<'_> {
 
     /// `qemu-img check` clean, `qemu-img compare` with the reference, backing files unchanged.
     fn check_image(&self, when: &str) {
-        assert_check_clean(&self.top, when);
+        assert_check_clean_when(&self.top, when);
         let r = qemu_compare_with_raw(&self.top, &self.ref_path);
         assert!(
             r.status.code() == Some(0),
@@ -589,29 +588,6 @@ fn snapshot_raw(image: &Image, dir: &Path) -> Vec<u8> {
     let bytes = fs::read(&dest).expect("read converted snapshot");
     let _ = fs::remove_file(&dest);
     bytes
-}
-
-/// `qemu-img check --output=json`: exit 0 and no corruption, leak or check error.
-fn assert_check_clean(image: &Image, when: &str) {
-    let (mut args, target) = image.qemu_open_args();
-    args.insert(0, "check".into());
-    args.push("--output=json".into());
-    args.push(target);
-    let r = crate::common::run("qemu-img", &args);
-    let v: Value = serde_json::from_slice(&r.stdout).unwrap_or(Value::Null);
-    let count = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-    assert!(
-        r.status.code() == Some(0)
-            && count("corruptions") == 0
-            && count("leaks") == 0
-            && count("check-errors") == 0,
-        "{when}: qemu-img check of {} is not clean ({}):\n{}\n{}\n{}",
-        image.path.display(),
-        describe_status(r.status),
-        r.stdout_str(),
-        r.stderr,
-        r.command
-    );
 }
 
 /// `qemu-img compare IMAGE RAW` (the whole chain with its secrets against a raw file).
