@@ -28,6 +28,10 @@
 #   randread4j  rw=randread  bs=4k  numjobs=4 (group_reporting), time_based     IOPS
 #   seqwrite    rw=write     bs=1M  BENCH_WRITE_SIZE (256M), end_fsync=1        MiB/s (fsync counted)
 #   randwrite   rw=randwrite bs=4k  fsync=64, time_based BENCH_RUNTIME s        IOPS
+#   mixed       rw=randrw rwmixread=70 bs=4k QD1, time_based, end_fsync=1        IOPS (read + write)
+#   readlat     two jobs at once, time_based: a writer (rw=write bs=1M fsync=16, so barriers come
+#               every 16 MiB) and a reader (rw=randread bs=4k QD1)   p99 read latency in us (lower
+#               is better: its ratio is QEMU/qcowfs)
 # fio's random offsets are the same for both sides (randrepeat, default seed).
 #
 # Knobs (environment): BENCH_SIZE (1G), BENCH_ROUNDS (3), BENCH_RUNTIME (10), BENCH_SEQ_SIZE (whole
@@ -35,8 +39,9 @@
 # BENCH_OUT (also write the markdown table there), BENCH_IMAGES ("A B"), BENCH_WORKLOADS (all five),
 # BENCH_KEEP=1 (keep the temp dir), QCOWFS_BIN (use that binary, no build), BENCH_TMP (parent of the
 # temp dir, /tmp).
-# Output: one markdown table (medians, ratio qcowfs/QEMU where higher is better for both sides, peak
-# RSS = highest VmHWM over the rounds) and the per-round values.
+# Output: one markdown table (medians; ratio = how many times better qcowfs is: qcowfs/QEMU for
+# throughput, QEMU/qcowfs for latency; peak RSS = highest VmHWM over the rounds) and the per-round
+# values.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
@@ -53,7 +58,7 @@ BENCH_WRITE_SIZE=${BENCH_WRITE_SIZE:-256M}
 BENCH_CACHE_SIZE=${BENCH_CACHE_SIZE:-256M}
 BENCH_OUT=${BENCH_OUT:-}
 BENCH_IMAGES=${BENCH_IMAGES:-A B}
-BENCH_WORKLOADS=${BENCH_WORKLOADS:-seqread randread randread4j seqwrite randwrite}
+BENCH_WORKLOADS=${BENCH_WORKLOADS:-seqread randread randread4j seqwrite randwrite mixed readlat}
 PASS=bench-passphrase
 
 to_bytes() { numfmt --from=iec "${1%B}" 2>/dev/null || die "not a size: $1"; }
@@ -311,6 +316,13 @@ fio_args() {
 	randread4j) FIO_ARGS+=(--rw=randread --bs=4k --numjobs=4 --group_reporting --time_based "--runtime=$BENCH_RUNTIME") ;;
 	seqwrite) FIO_ARGS+=(--rw=write --bs=1M "--size=$WRITE_B" --end_fsync=1) ;;
 	randwrite) FIO_ARGS+=(--rw=randwrite --bs=4k --fsync=64 --time_based "--runtime=$BENCH_RUNTIME") ;;
+	mixed) FIO_ARGS+=(--rw=randrw --rwmixread=70 --bs=4k --time_based "--runtime=$BENCH_RUNTIME" --end_fsync=1) ;;
+	readlat)
+		# The first job (named readlat) writes; the reader is a second job with its own options.
+		local common=(--ioengine=psync --direct=1 --allow_file_create=0 --fallocate=none --time_based "--runtime=$BENCH_RUNTIME")
+		FIO_ARGS+=(--rw=write --bs=1M "--size=$WRITE_B" --fsync=16 --time_based "--runtime=$BENCH_RUNTIME")
+		FIO_ARGS+=(--name=reader "${common[@]}" --rw=randread --bs=4k)
+		;;
 	*) die "unknown workload: $1" ;;
 	esac
 }
@@ -322,10 +334,22 @@ import json, sys
 with open(sys.argv[1]) as f:
     text = f.read()
 d = json.loads(text[text.index("{"):])  # fio may print notes before the JSON
-job = d["jobs"][0]
-if job["error"]:
-    sys.exit("fio reported error %d" % job["error"])
 w = sys.argv[2]
+for job in d["jobs"]:
+    if job["error"]:
+        sys.exit("fio job %s reported error %d" % (job["jobname"], job["error"]))
+job = d["jobs"][0]
+if w == "readlat":
+    reader = next(j for j in d["jobs"] if j["jobname"] == "reader")
+    if reader["read"]["io_bytes"] <= 0 or job["write"]["io_bytes"] <= 0:
+        sys.exit("fio moved no data")
+    print("%.1f" % (reader["read"]["clat_ns"]["percentile"]["99.000000"] / 1000))
+    sys.exit(0)
+if w == "mixed":
+    if job["read"]["io_bytes"] <= 0 or job["write"]["io_bytes"] <= 0:
+        sys.exit("fio moved no data")
+    print("%.2f" % (job["read"]["iops"] + job["write"]["iops"]))
+    sys.exit(0)
 part = job["write" if "write" in w else "read"]
 if part["io_bytes"] <= 0:
     sys.exit("fio moved no data")
@@ -336,19 +360,20 @@ EOF
 # run_one IMG WORKLOAD SIDE ROUND
 run_one() {
 	local img=$1 wl=$2 side=$3 round=$4 disk pid hwm value json
-	case "$wl" in *write) fresh_copy "$img" "$side" ;; esac
+	case "$wl" in *write | mixed | readlat) fresh_copy "$img" "$side" ;; esac
 	warm "$img" "$side"
 	disk=$(side_mount "$img" "$side")
 	pid=$(side_pid "$side") || die "$side: no daemon pid"
 	json="$WORK/fio-$img-$wl-$side-$round.json"
 	fio_args "$wl"
-	fio --output-format=json --output="$json" --name="$wl" --filename="$disk" "${FIO_ARGS[@]}"
+	# The file name comes before the first job: global, so the readlat reader uses it too.
+	fio --output-format=json --output="$json" --filename="$disk" --name="$wl" "${FIO_ARGS[@]}"
 	value=$(fio_value "$json" "$wl")
 	hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status")
 	side_umount "$side"
 	printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$wl" "$img" "$side" "$round" "$value" "$hwm" >>"$RESULTS"
 	note "$(printf '%-10s %s %-6s round %s: %10s %s   VmHWM %6d KiB' "$wl" "$img" "$side" "$round" \
-		"$value" "$(case $wl in seq*) echo MiB/s ;; *) echo IOPS ;; esac)" "$hwm")"
+		"$value" "$(case $wl in seq*) echo MiB/s ;; readlat) echo "us p99" ;; *) echo IOPS ;; esac)" "$hwm")"
 }
 
 for img in $BENCH_IMAGES; do
@@ -389,16 +414,22 @@ names = {
     "randread4j": "rand read 4k 4 jobs",
     "seqwrite": "seq write 1M + fsync",
     "randwrite": "rand write 4k fsync/64",
+    "mixed": "rand 70/30 read/write 4k QD1",
+    "readlat": "p99 4k read during seq write",
 }
-out = ["| workload | image | unit | qcowfs median | QEMU median | ratio qcowfs/QEMU "
+out = ["| workload | image | unit | qcowfs median | QEMU median | qcowfs better by "
        "| qcowfs peak RSS | QEMU peak RSS |",
        "|---|---|---|---:|---:|---:|---:|---:|"]
 detail = []
 for wl, img in sorted(order, key=lambda k: (k[1], order.index(k))):
     q, e = vals[wl, img, "qcowfs"], vals[wl, img, "qemu"]
-    unit = "MiB/s" if wl.startswith("seq") else "IOPS"
+    unit = "MiB/s" if wl.startswith("seq") else "us (lower is better)" if wl == "readlat" else "IOPS"
     mq, me = statistics.median(q), statistics.median(e)
-    ratio = "%.2f" % (mq / me) if me > 0 else "n/a"
+    # Always "how many times better qcowfs is": a latency's ratio is inverted.
+    if wl == "readlat":
+        ratio = "%.2f" % (me / mq) if mq > 0 else "n/a"
+    else:
+        ratio = "%.2f" % (mq / me) if me > 0 else "n/a"
     out.append("| %s | %s | %s | %.1f | %.1f | %s | %.1f MiB | %.1f MiB |" % (
         names.get(wl, wl), desc[img], unit, mq, me, ratio,
         rss[wl, img, "qcowfs"] / 1024, rss[wl, img, "qemu"] / 1024))
