@@ -109,10 +109,16 @@ impl Chain {
                 return Err(Error::new(image, FormatError::ChainTooDeep(MAX_DEPTH)));
             }
             let writable = opts.writable && layers.is_empty();
-            if !layers.is_empty() {
-                confine(&path, &opts.backing_within)?;
-            }
-            let mut file = HostFile::open(&path, writable)?;
+            // A confined backing file is opened where the check found it, by a path that cannot
+            // be swapped for a link in between.
+            let confined = match layers.is_empty() {
+                true => None,
+                false => confine(&path, &opts.backing_within)?,
+            };
+            let mut file = match confined {
+                Some((dir, rel)) => HostFile::open_beneath(&dir, &rel, &path)?,
+                None => HostFile::open(&path, writable)?,
+            };
             let os = file.os_file().ok_or_else(|| {
                 Error::new(&path, std::io::Error::from(std::io::ErrorKind::Unsupported))
             })?;
@@ -301,14 +307,17 @@ fn raw_data_extent(f: &HostFile, at: u64, len: u64) -> Result<(bool, u64)> {
     Ok((true, n))
 }
 
-/// With `--backing-within`: `path` (symlinks followed) must lie inside one of `within`.
-fn confine(path: &Path, within: &[PathBuf]) -> Result<()> {
+/// With `--backing-within`: `path` (symlinks followed) must lie inside one of `within`. Returns
+/// that folder and the resolved path relative to it (None when nothing confines).
+fn confine(path: &Path, within: &[PathBuf]) -> Result<Option<(PathBuf, PathBuf)>> {
     if within.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let resolved = std::fs::canonicalize(path).at(path)?;
-    if within.iter().any(|dir| resolved.starts_with(dir)) {
-        return Ok(());
+    for dir in within {
+        if let Ok(rel) = resolved.strip_prefix(dir) {
+            return Ok(Some((dir.clone(), rel.to_path_buf())));
+        }
     }
     let allowed: Vec<String> = within.iter().map(|d| crate::error::escaped(d)).collect();
     Err(Error::new(

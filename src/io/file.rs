@@ -53,7 +53,7 @@ impl HostFile {
     /// Open `path`. Anything but a regular file or a block device is refused before open(2) and
     /// again after it (the path may be swapped in between); the open itself never blocks.
     pub fn open(path: &Path, writable: bool) -> Result<Self> {
-        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        use std::os::unix::fs::OpenOptionsExt;
         refuse_unless_file_or_device(path, &std::fs::metadata(path).at(path)?)?;
         let file = OpenOptions::new()
             .read(true)
@@ -61,6 +61,13 @@ impl HostFile {
             .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
             .open(path)
             .at(path)?;
+        Self::checked(file, path, writable)
+    }
+
+    /// The checks after open(2): a regular file or a block device (the name may have been
+    /// swapped since the first check), back to blocking I/O, a device's size.
+    fn checked(file: File, path: &Path, writable: bool) -> Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
         let meta = file.metadata().at(path)?;
         refuse_unless_file_or_device(path, &meta)?;
         clear_nonblock(&file).at(path)?;
@@ -77,6 +84,60 @@ impl HostFile {
             writable,
             device_len,
         })
+    }
+
+    /// Open `rel` read-only inside the folder `dir` without following any symbolic link, so that
+    /// nothing swapped in after a check (a component replaced by a link, `..`) can lead outside
+    /// it (openat2 with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS). `rel` must be free of links: a
+    /// canonical path made relative to `dir`. `path` names the file in messages.
+    pub fn open_beneath(dir: &Path, rel: &Path, path: &Path) -> Result<Self> {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
+        let folder = File::open(dir).at(dir)?;
+        let name = CString::new(rel.as_os_str().as_bytes())
+            .map_err(|_| crate::Error::new(path, io::Error::from(io::ErrorKind::InvalidInput)))?;
+        // SAFETY: open_how is plain integers; zero is a valid value for each.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        // O_PATH opens nothing (no FIFO wait, no device side effect): the object is checked by
+        // fstat first and opened for reading only then, through the descriptor itself.
+        how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+        how.resolve =
+            libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+        // SAFETY: valid descriptor, NUL-terminated name, and a pointer to `how` with its size.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                folder.as_raw_fd(),
+                name.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd < 0 {
+            let err = io::Error::last_os_error();
+            let problem = match err.raw_os_error() {
+                Some(libc::ELOOP) | Some(libc::EXDEV) => crate::Problem::Usage(format!(
+                    "changed while it was opened: a symbolic link or a path leading outside {} \
+                     appeared; refused",
+                    crate::error::escaped(dir)
+                )),
+                _ => return Err(crate::Error::new(path, err)),
+            };
+            return Err(crate::Error::new(path, problem));
+        }
+        // SAFETY: openat2 returned a new descriptor that nothing else owns.
+        let handle = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let handle = File::from(handle);
+        refuse_unless_file_or_device(path, &handle.metadata().at(path)?)?;
+        let reopen = format!("/proc/self/fd/{}", handle.as_raw_fd());
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+            .open(&reopen)
+            .at(path)?;
+        Self::checked(file, path, false)
     }
 
     /// A writable file held in memory, named `path` in messages (unit tests of the formats).
@@ -269,5 +330,47 @@ mod tests {
         let mut buf = [9u8; 5];
         f.read_at(1, &mut buf).unwrap();
         assert_eq!(&buf, b"bc\0\0\0");
+    }
+
+    #[test]
+    fn opens_beneath_a_folder_and_refuses_a_link_swapped_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let inside = dir.path().join("inside");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(inside.join("sub")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(inside.join("sub/base"), b"inside").unwrap();
+        std::fs::write(outside.join("base"), b"outside").unwrap();
+        let shown = inside.join("sub/base");
+        let f = HostFile::open_beneath(&inside, Path::new("sub/base"), &shown).unwrap();
+        let mut buf = [0u8; 6];
+        f.read_exact_at(0, &mut buf).unwrap();
+        assert_eq!(&buf, b"inside");
+        // The checked path's folder is replaced by a link to elsewhere: refused, not followed.
+        std::fs::rename(inside.join("sub"), dir.path().join("old-sub")).unwrap();
+        std::os::unix::fs::symlink(&outside, inside.join("sub")).unwrap();
+        let err = HostFile::open_beneath(&inside, Path::new("sub/base"), &shown)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("changed while it was opened"), "{err}");
+        assert!(err.contains("sub/base"), "{err}");
+        // `..` out of the folder is refused the same way.
+        let err = HostFile::open_beneath(&inside, Path::new("../outside/base"), &shown)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("changed while it was opened"), "{err}");
+    }
+
+    #[test]
+    fn opening_beneath_refuses_a_fifo_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string and mode.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = HostFile::open_beneath(dir.path(), Path::new("fifo"), &fifo)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is a FIFO, not an image"), "{err}");
     }
 }
