@@ -501,27 +501,18 @@ fn key_material_at(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rejects_key_material_whose_offset_overflows() {
-        assert!(matches!(
-            key_material_at(1 << 16, u64::MAX, u64::MAX - 10, 4096),
-            Err(CryptoError::BadLuksHeader("key material offset overflows"))
-        ));
-        assert!(matches!(
-            key_material_at(u64::MAX - 4096, u64::MAX, 1 << 20, 4096),
-            Err(CryptoError::BadLuksHeader("key material offset overflows"))
-        ));
-    }
-
-    #[test]
-    fn rejects_key_material_past_the_end_of_the_luks_area() {
-        assert!(key_material_at(1 << 16, 1 << 20, (1 << 20) - 512, 4096).is_err());
-        assert_eq!(
-            key_material_at(1 << 16, 1 << 20, 4096, 4096).unwrap(),
-            0x11000
-        );
+impl Chain {
+    /// A chain over layers already open (in memory in unit tests): no files to check or lock.
+    pub(crate) fn from_layers(layers: Vec<Layer>) -> Chain {
+        let sizes = layers.iter().map(|l| l.virtual_size().unwrap()).collect();
+        Chain {
+            layers,
+            sizes,
+            _locks: Vec::new(),
+        }
     }
 }
+
+#[cfg(test)]
+#[path = "chain/tests.rs"]
+mod tests;

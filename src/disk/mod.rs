@@ -464,3 +464,6 @@ impl BlockDevice for Disk {
         self.read_only
     }
 }
+
+#[cfg(test)]
+mod tests;

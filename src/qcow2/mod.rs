@@ -13,6 +13,8 @@ mod overlap;
 pub mod refcount;
 pub mod snapshot;
 pub mod table;
+#[cfg(test)]
+pub(crate) mod tiny;
 mod words;
 
 pub use commit::{ClusterWrite, Pipeline};

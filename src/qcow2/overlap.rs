@@ -183,6 +183,11 @@ impl MetadataMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qcow2::table::COPIED;
+    use crate::qcow2::tiny::{self, TinyImage, L1_TABLE, REFCOUNT_BLOCK, REFCOUNT_TABLE};
+
+    /// The cluster size of `map`.
+    const CS_64K: u64 = 1 << 16;
 
     fn map(clusters: u64) -> MetadataMap {
         MetadataMap {
@@ -203,6 +208,174 @@ mod tests {
         // Removing a range as long as the address space visits only the tracked clusters.
         m.remove_range(0, u64::MAX);
         assert!(m.clusters.is_empty());
+    }
+
+    /// 4 KiB clusters.
+    const CS: u64 = 1 << 12;
+
+    /// The map `build` makes of `t` with these snapshots (and the header changed by `edit`).
+    fn built(t: &TinyImage, snapshots: &[Snapshot], edit: impl FnOnce(&mut Header)) -> MetadataMap {
+        let bytes = t.bytes();
+        let mut header = Header::parse(&bytes[..CS as usize], bytes.len() as u64).unwrap();
+        edit(&mut header);
+        let file = HostFile::in_memory(std::path::Path::new(tiny::PATH), bytes);
+        let l1 = read_words(&file, header.l1_table_offset, header.l1_size as usize).unwrap();
+        MetadataMap::build(&file, &header, &l1, snapshots).unwrap()
+    }
+
+    fn snapshot(l1_table_offset: u64, l1_size: u32) -> Snapshot {
+        Snapshot {
+            id: "1".into(),
+            name: "s".into(),
+            l1_table_offset,
+            l1_size,
+            disk_size: None,
+            date_sec: 0,
+            vm_state_size: 0,
+        }
+    }
+
+    fn overlap(m: &MetadataMap) -> Option<(&'static str, u64)> {
+        match &m.overlap {
+            Some(FormatError::Overlap { what, offset }) => Some((what, *offset)),
+            Some(other) => panic!("{other}"),
+            None => None,
+        }
+    }
+
+    #[test]
+    fn build_records_every_structure_of_an_image_and_no_data_cluster() {
+        let mut t = TinyImage::new(12, 64 << 10);
+        let data = t.data(0, &[1; CS as usize]);
+        let l2 = t.l2_for(0);
+        let m = built(&t, &[], |_| {});
+        assert_eq!(overlap(&m), None);
+        for cluster in [0, REFCOUNT_TABLE, REFCOUNT_BLOCK, L1_TABLE] {
+            assert!(m.contains(cluster * CS + 100), "{cluster}");
+        }
+        assert!(m.contains(l2));
+        assert!(!m.contains(data));
+        assert_eq!(m.clusters.get(&(l2 / CS)), Some(&MetaKind::L2Table));
+        assert_eq!(m.clusters.len(), 5);
+    }
+
+    #[test]
+    fn build_records_the_snapshot_table_and_the_luks_area_over_every_cluster_they_touch() {
+        let mut t = TinyImage::new(12, 64 << 10);
+        let table = t.cluster();
+        let luks = t.cluster();
+        t.cluster();
+        let after = t.cluster();
+        let m = built(&t, &[], |h| {
+            h.nb_snapshots = 2;
+            h.snapshots_offset = table;
+            h.fde_header = Some((luks, CS + 1));
+        });
+        assert_eq!(overlap(&m), None);
+        assert_eq!(
+            m.clusters.get(&(table / CS)),
+            Some(&MetaKind::SnapshotTable)
+        );
+        assert!(m.contains(luks) && m.contains(luks + CS));
+        assert!(!m.contains(after));
+    }
+
+    #[test]
+    fn an_l2_table_shared_by_a_snapshot_is_not_an_overlap() {
+        let mut t = TinyImage::new(12, 64 << 10);
+        let l2 = t.l2_for(0);
+        let snap_l1 = t.cluster();
+        t.put(snap_l1, &(l2 | COPIED).to_be_bytes());
+        let m = built(&t, &[snapshot(snap_l1, 1)], |_| {});
+        assert_eq!(overlap(&m), None);
+        assert_eq!(m.clusters.get(&(snap_l1 / CS)), Some(&MetaKind::SnapshotL1));
+        assert_eq!(m.clusters.get(&(l2 / CS)), Some(&MetaKind::L2Table));
+    }
+
+    #[test]
+    fn a_snapshot_l2_table_inside_the_l1_table_is_an_overlap() {
+        let mut t = TinyImage::new(12, 64 << 10);
+        let snap_l1 = t.cluster();
+        t.put(snap_l1, &((L1_TABLE * CS) | COPIED).to_be_bytes());
+        let m = built(&t, &[snapshot(snap_l1, 1)], |_| {});
+        assert_eq!(overlap(&m), Some(("L2 table", L1_TABLE * CS)));
+    }
+
+    #[test]
+    fn a_snapshot_l1_table_inside_a_refcount_block_is_an_overlap() {
+        let t = TinyImage::new(12, 64 << 10);
+        let m = built(&t, &[snapshot(REFCOUNT_BLOCK * CS, 4)], |_| {});
+        assert_eq!(
+            overlap(&m),
+            Some(("snapshot L1 table", REFCOUNT_BLOCK * CS))
+        );
+    }
+
+    #[test]
+    fn a_misaligned_snapshot_l1_table_is_neither_recorded_nor_followed() {
+        let mut t = TinyImage::new(12, 64 << 10);
+        let snap_l1 = t.cluster();
+        // Followed, its entry would put an L2 table into the refcount block.
+        t.put(
+            snap_l1 + 512,
+            &((REFCOUNT_BLOCK * CS) | COPIED).to_be_bytes(),
+        );
+        let m = built(&t, &[snapshot(snap_l1 + 512, 1)], |_| {});
+        assert_eq!(overlap(&m), None);
+        assert!(!m.contains(snap_l1));
+    }
+
+    #[test]
+    fn an_l1_table_over_the_refcount_table_is_an_overlap() {
+        let t = TinyImage::new(12, 64 << 10);
+        let m = built(&t, &[], |h| h.l1_table_offset = REFCOUNT_TABLE * CS);
+        assert_eq!(overlap(&m), Some(("refcount table", REFCOUNT_TABLE * CS)));
+    }
+
+    #[test]
+    fn the_same_refcount_block_or_l2_table_twice_is_not_an_overlap_other_kinds_are() {
+        let mut m = map(8);
+        m.add(MetaKind::RefcountBlock, 2 * CS_64K, 1);
+        m.add(MetaKind::RefcountBlock, 2 * CS_64K, 1);
+        m.add(MetaKind::L2Table, 3 * CS_64K, 1);
+        m.add(MetaKind::L2Table, 3 * CS_64K, 1);
+        assert_eq!(overlap(&m), None);
+        m.add(MetaKind::L1Table, 4 * CS_64K, 8);
+        m.add(MetaKind::L1Table, 4 * CS_64K, 8);
+        assert_eq!(overlap(&m), Some(("L1 table", 4 * CS_64K)));
+        // Only the first is kept.
+        m.add(MetaKind::Header, 2 * CS_64K, 1);
+        assert_eq!(overlap(&m), Some(("L1 table", 4 * CS_64K)));
+    }
+
+    #[test]
+    fn adds_and_removes_whole_clusters_of_byte_ranges() {
+        let mut m = map(8);
+        m.add(MetaKind::SnapshotTable, CS_64K - 1, 2);
+        assert!(m.contains(0) && m.contains(CS_64K) && !m.contains(2 * CS_64K));
+        m.add(MetaKind::Luks, 5 * CS_64K, 0);
+        assert!(!m.contains(5 * CS_64K));
+        // A range of one byte, and one of none, remove the cluster they are in.
+        m.remove_range(CS_64K + 7, 1);
+        assert!(m.contains(0) && !m.contains(CS_64K));
+        m.remove_range(100, 0);
+        assert!(!m.contains(0));
+    }
+
+    #[test]
+    fn tracks_clusters_past_the_old_end_only_once_the_end_moves() {
+        let mut m = map(4);
+        m.add(MetaKind::L2Table, 5 * CS_64K, CS_64K);
+        assert!(!m.contains(5 * CS_64K));
+        m.set_end(6);
+        m.add(MetaKind::L2Table, 5 * CS_64K, CS_64K);
+        assert!(m.contains(5 * CS_64K));
+        // The end never moves back: the cluster stays tracked and removable.
+        m.set_end(2);
+        m.add(MetaKind::L2Table, 4 * CS_64K, 1);
+        assert!(m.contains(4 * CS_64K));
+        m.remove_range(5 * CS_64K, CS_64K);
+        assert!(!m.contains(5 * CS_64K));
     }
 
     #[test]
