@@ -207,7 +207,7 @@ impl TinyImage {
     pub fn open_probed(&self, writable: bool) -> Result<(Qcow2Image, Probe)> {
         let probe = Probe::new(self.bytes());
         let image = open_file(
-            HostFile::over(Path::new(PATH), Box::new(probe.clone())),
+            HostFile::over(Path::new(PATH), std::sync::Arc::new(probe.clone())),
             writable,
         )?;
         Ok((image, probe))
