@@ -132,29 +132,42 @@ fn store(disk: &Disk, image: &Qcow2Image, dirty: &[u64], durable: bool) -> Resul
             pieces,
         });
         if batch_bytes >= BATCH_BYTES {
-            let stored = (std::mem::take(&mut batch_blocks), 0);
+            let stored = Stored {
+                blocks: std::mem::take(&mut batch_blocks),
+                clusters: batch.len() as u64,
+            };
             let done = pipeline.submit(std::mem::take(&mut batch), stored)?;
             mark_clean(disk, done);
             batch_bytes = 0;
         }
         i = j;
     }
-    let done = pipeline.submit(batch, (batch_blocks, 0))?;
+    let stored = Stored {
+        blocks: batch_blocks,
+        clusters: batch.len() as u64,
+    };
+    let done = pipeline.submit(batch, stored)?;
     mark_clean(disk, done);
     let last = pipeline.finish(durable)?;
     mark_clean(disk, last);
     Ok(())
 }
 
-/// The blocks of a complete batch (with the stamps stored) become clean.
-fn mark_clean(disk: &Disk, done: Option<(Vec<(u64, u64)>, u64)>) {
-    let Some((blocks, _)) = done else { return };
-    for &(b, stamp) in &blocks {
+/// What a batch stores: its blocks with the stamps copied, and how many clusters they fill.
+struct Stored {
+    blocks: Vec<(u64, u64)>,
+    clusters: u64,
+}
+
+/// The blocks of a complete batch become clean (unless written again since their copy).
+fn mark_clean(disk: &Disk, done: Option<Stored>) {
+    let Some(done) = done else { return };
+    for &(b, stamp) in &done.blocks {
         disk.cache.mark_clean(b, stamp);
     }
     disk.stats
         .flushed_clusters
-        .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        .fetch_add(done.clusters, Ordering::Relaxed);
 }
 
 /// Blocks are whole sectors except possibly the disk's last one; the image stores whole sectors.
