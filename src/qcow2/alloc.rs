@@ -184,6 +184,8 @@ impl Allocator {
     ) -> Result<Option<TableMove>> {
         let cs = self.cluster_size();
         let committed = self.committed_table;
+        // The map only tracks clusters below the end of the file, which new blocks moved.
+        metadata.set_end(self.end_cluster);
         let rc = self.refcounts(file)?;
         rc.write_dirty_blocks(file)?;
         if !rc.table_dirty {
@@ -210,6 +212,7 @@ impl Allocator {
     /// The header now points to the moved table (durably).
     pub fn table_committed(&mut self, moved: &TableMove, metadata: &mut MetadataMap) {
         self.committed_table = (moved.offset, moved.clusters);
+        metadata.set_end(self.end_cluster);
         metadata.add(
             MetaKind::RefcountTable,
             moved.offset,

@@ -220,8 +220,6 @@ impl Qcow2Image {
     fn prepare(&self, staged: &Staged) -> Result<Prepared> {
         self.clear_autoclear()?;
         let mut meta = self.meta.lock();
-        let end = meta.alloc.end_cluster();
-        meta.metadata.set_end(end);
         let mut releases = Releases::default();
         let mut l2_new = NewTables::new();
         for c in &staged.clusters {
@@ -290,8 +288,11 @@ impl Qcow2Image {
         if !l1_changed.is_empty() {
             self.file.sync()?;
         }
-        // The new state is durable: publish it to readers.
+        // The new state is durable: publish it to readers. The map tracks clusters up to the end
+        // of the file, which the allocator moved since (new L2 tables are among those clusters).
         let mut meta = self.meta.lock();
+        let end = meta.alloc.end_cluster();
+        meta.metadata.set_end(end);
         for (&index, (offset, table)) in &l2_new {
             meta.l1[index as usize] = L1Entry::new(*offset).0;
             meta.metadata.add(MetaKind::L2Table, *offset, cs);

@@ -28,8 +28,10 @@ fn env_number(name: &str, default: u64) -> u64 {
     }
 }
 
-/// The states to check for one recording: every epoch that writes the header, enumerated (nothing
-/// kept, all kept, two samples), then epochs drawn at random with each fate in turn, in epoch order.
+/// The states to check for one recording, in epoch order: every epoch that writes the header,
+/// enumerated (nothing kept, all kept, two samples); then every barrier's prefix (an epoch with all
+/// its writes kept), evenly spaced when the budget is smaller; then epochs drawn at random, each
+/// with nothing kept or a sampled subset.
 fn plan(rec: &Recording, budget: usize, seed: u64) -> Vec<CrashState> {
     let events = &rec.events;
     // Epochs without a write make the same state as the one before.
@@ -41,10 +43,14 @@ fn plan(rec: &Recording, budget: usize, seed: u64) -> Vec<CrashState> {
                 .any(|e| !matches!(e, HostEvent::Barrier | HostEvent::Mark(_)))
         })
         .collect();
-    let cluster = common::read_be_u32(&rec.initial, 20);
-    let cluster = 1u64 << cluster;
+    let cluster = 1u64 << common::read_be_u32(&rec.initial, 20);
     let mut rng = Rng::new(seed);
     let mut plan = Vec::new();
+    let whole = |start: usize, fate: Fate| CrashState {
+        epoch_start: start,
+        crash_at: states::epoch_end(events, start),
+        fate,
+    };
     let sampled = |rng: &mut Rng, start: usize| {
         let end = states::epoch_end(events, start);
         CrashState {
@@ -64,36 +70,26 @@ fn plan(rec: &Recording, budget: usize, seed: u64) -> Vec<CrashState> {
         if plan.len() + 4 > budget / 2 {
             break;
         }
-        let end = states::epoch_end(events, start);
-        for fate in [Fate::NoneKept, Fate::AllKept] {
-            plan.push(CrashState {
-                epoch_start: start,
-                crash_at: end,
-                fate,
-            });
-        }
+        plan.push(whole(start, Fate::NoneKept));
+        plan.push(whole(start, Fate::AllKept));
         plan.push(sampled(&mut rng, start));
         plan.push(sampled(&mut rng, start));
+    }
+    let room = (budget - plan.len()) * 2 / 3;
+    let every = starts.len().div_ceil(room.max(1)).max(1);
+    for &start in starts.iter().step_by(every) {
+        plan.push(whole(start, Fate::AllKept));
     }
     let mut turn = 0;
     while plan.len() < budget {
         let start = starts[rng.below(starts.len() as u64) as usize];
-        let end = states::epoch_end(events, start);
-        plan.push(match turn % 5 {
-            0 => CrashState {
-                epoch_start: start,
-                crash_at: end,
-                fate: Fate::AllKept,
-            },
-            1 => CrashState {
-                epoch_start: start,
-                crash_at: end,
-                fate: Fate::NoneKept,
-            },
+        plan.push(match turn % 4 {
+            0 => whole(start, Fate::NoneKept),
             _ => sampled(&mut rng, start),
         });
         turn += 1;
     }
+    plan.truncate(budget);
     plan.sort_by_key(|s| (s.epoch_start, s.crash_at));
     plan
 }
