@@ -250,3 +250,7 @@ impl Allocator {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "alloc/tests.rs"]
+mod tests;
