@@ -412,3 +412,7 @@ impl Qcow2Image {
         self.ensure_refcounts(&mut meta)
     }
 }
+
+#[cfg(test)]
+#[path = "commit/tests.rs"]
+mod tests;
