@@ -253,3 +253,7 @@ impl Allocator {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "alloc/tests.rs"]
+mod tests;

@@ -413,3 +413,7 @@ impl Qcow2Image {
         self.ensure_refcounts(&mut meta)
     }
 }
+
+#[cfg(test)]
+#[path = "commit/tests.rs"]
+mod tests;
