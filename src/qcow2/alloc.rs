@@ -1,8 +1,8 @@
 //! Host cluster allocation: the refcounts, the end of the file and the free cursor, owned by one
 //! `Allocator` so nothing else changes them. New clusters come from free ones (refcount 0) below
 //! the end, else from growing the file; refcount blocks and a larger refcount table are placed as
-//! they are needed. Nothing here waits for the disk: `store` writes what changed and says whether
-//! the table moved, and the commit pipeline orders it with barriers.
+//! they are needed. Nothing here waits for the disk: `store_blocks` and `store_table` write what
+//! changed, and the commit pipeline puts the barriers between them.
 
 use super::header::{Header, MAX_REFTABLE_BYTES};
 use super::overlap::{MetaKind, MetadataMap};
@@ -175,27 +175,35 @@ impl Allocator {
         Ok(())
     }
 
-    /// Write the dirty refcount blocks, then the table if it changed. When the table moved, the
-    /// caller makes it durable, points the header to it (`table_committed`) and releases the old one.
-    pub fn store(
-        &mut self,
-        file: &HostFile,
-        metadata: &mut MetadataMap,
-    ) -> Result<Option<TableMove>> {
+    /// Write the dirty refcount blocks. Returns whether the table changed too (new blocks, or a
+    /// new place): its entries may point to new blocks only once those are durable, so the caller
+    /// puts a barrier between this and `store_table` (as QEMU does when it adds a block).
+    pub fn store_blocks(&mut self, file: &HostFile, metadata: &mut MetadataMap) -> Result<bool> {
         let cs = self.cluster_size();
-        let committed = self.committed_table;
         // The map only tracks clusters below the end of the file, which new blocks moved.
         metadata.set_end(self.end_cluster);
         let rc = self.refcounts(file)?;
         rc.write_dirty_blocks(file)?;
         if !rc.table_dirty {
-            return Ok(None);
+            return Ok(false);
         }
         // New refcount blocks (they always dirty the table) become known metadata.
         for &block in rc.table.iter().filter(|&&b| b != 0) {
             if !metadata.contains(block) {
                 metadata.add(MetaKind::RefcountBlock, block, cs);
             }
+        }
+        Ok(true)
+    }
+
+    /// Write the refcount table (after the barrier that follows `store_blocks`). When it moved,
+    /// the caller makes it durable, points the header to it (`table_committed`) and releases the
+    /// old one.
+    pub fn store_table(&mut self, file: &HostFile) -> Result<Option<TableMove>> {
+        let committed = self.committed_table;
+        let rc = self.refcounts(file)?;
+        if !rc.table_dirty {
+            return Ok(None);
         }
         file.write_at(rc.table_offset, &rc.table_bytes())?;
         rc.table_dirty = false;

@@ -336,17 +336,22 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Write the dirty refcounts. When the table moved, make it durable and point the header to
-    /// it, with the lock released for the barriers (the committer is the only one changing the
-    /// allocator, readers never look at it).
+    /// Write the dirty refcounts. A changed table is written only after a barrier (its new
+    /// entries point to new blocks, which must be durable first); when it moved, it is made
+    /// durable and the header pointed to it. The barriers run with the lock released (the
+    /// committer is the only one changing the allocator, readers never look at it).
     fn store_refcounts(&self, meta: &mut MutexGuard<'_, Meta>) -> Result<Option<TableMove>> {
-        let moved = {
+        let table_changed = {
             let Meta {
                 alloc, metadata, ..
             } = &mut **meta;
-            alloc.store(&self.file, metadata)?
+            alloc.store_blocks(&self.file, metadata)?
         };
-        let Some(moved) = moved else {
+        if !table_changed {
+            return Ok(None);
+        }
+        MutexGuard::unlocked(meta, || self.file.sync())?;
+        let Some(moved) = meta.alloc.store_table(&self.file)? else {
             return Ok(None);
         };
         MutexGuard::unlocked(meta, || -> Result<()> {

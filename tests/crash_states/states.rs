@@ -209,6 +209,15 @@ pub fn check(rec: &Recording, file: &[u8], state: &CrashState, dir: &Path) -> Re
         ..rec.image.clone()
     };
     let result = check_image(rec, &image, state, dir);
+    // QCOWFS_CRASH_KEEP=DIR keeps each failed state's image there, named after its state.
+    if let (Err(_), Ok(keep)) = (&result, std::env::var("QCOWFS_CRASH_KEEP")) {
+        let name = format!(
+            "{}-{}-{}.qcow2",
+            rec.name, state.epoch_start, state.crash_at
+        );
+        let _ = std::fs::create_dir_all(&keep);
+        let _ = std::fs::copy(&path, Path::new(&keep).join(name));
+    }
     let _ = std::fs::remove_file(&path);
     result
 }

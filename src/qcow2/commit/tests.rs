@@ -479,3 +479,37 @@ fn batches_that_outgrow_the_refcount_table_move_it_and_leave_a_clean_image() {
         assert_reads(&path, 0x10 + b as u8, b * per_batch * cs, per_batch * cs);
     }
 }
+
+#[test]
+fn a_new_refcount_block_is_durable_before_the_table_entry_that_names_it() {
+    // 512-byte clusters with 1-bit refcounts: a block covers 4096 clusters, so 5000 clusters of
+    // data need a second block, written at the end of the file, and a new table entry for it.
+    let f = fixture("cluster_size=512,refcount_bits=1", "4M", &[]);
+    let cs = f.cs();
+    let header = f.image.header();
+    let table = header.refcount_table_offset;
+    assert_eq!(f.refcount_blocks().len(), 1, "qemu-img made one block");
+    let batch = (0..5000u64).map(|i| f.whole(i * cs, 0x5a)).collect();
+    f.image.commit(batch, true).unwrap();
+    let blocks = f.refcount_blocks();
+    assert_eq!(blocks.len(), 2, "a second block was added");
+    assert_eq!(
+        f.image.header().refcount_table_offset,
+        table,
+        "the table stays"
+    );
+    let names = [(blocks[1], "new block"), (table, "table")];
+    let steps = f.steps(0, &names);
+    let table_write = find(&steps, 0, &w("table"));
+    let block_write = steps[..table_write]
+        .iter()
+        .rposition(|s| s == &w("new block"))
+        .expect("the new block is written before the table names it");
+    assert!(
+        steps[block_write..table_write].contains(&Step::Barrier),
+        "no barrier between the new block and the table entry: {steps:?}"
+    );
+    let path = f.save();
+    assert_eq!(qemu_check(&path), (0, 0));
+    assert_reads(&path, 0x5a, 0, 5000 * cs);
+}
