@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Kill -9 the qcowfs daemon at random moments during writes, ROUNDS times (default 200), taking
-# turns on a plain image with 4 KiB clusters and an AES image with 64 KiB clusters that carry their
-# state (and any damage) from round to round. After each kill, `qemu-img check` must find no
-# corruption (leaks are allowed) and every byte covered by the last completed fsync must read back.
+# turns on a plain image with 4 KiB clusters, an AES image with 64 KiB clusters and an AES overlay
+# with 4 KiB clusters over a raw base, which carry their state (and any damage) from round to
+# round. After each kill, `qemu-img check` must find no corruption (leaks are allowed), every byte
+# covered by the last completed fsync must read back and the base must be unchanged. (A kill
+# never loses what the host page cache holds; power cuts are scripts/crash-states.sh's job.)
 # Prints each round and, at the end, how many rounds survived.
 #   scripts/crash.sh 500
 #   QCOWFS_CRASH_SEED=7 scripts/crash.sh 100     # another sequence of writes and kill moments
