@@ -8,6 +8,7 @@
 #   scripts/crash-states.sh 10000
 #   scripts/crash-states.sh 2000 7 snapshot-shared,discard   # another seed, some workloads
 # Ends with one line, "N crash states, M failed"; the exit status is non-zero when M > 0.
+# QCOWFS_CRASH_STATES_KEEP=DIR keeps the image of each failed state in DIR for qemu-img check.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 usage() {
@@ -20,7 +21,7 @@ for n in "$1" "${2:-1}"; do
     '' | *[!0-9]*) usage ;;
     esac
 done
-export QCOWFS_CRASH_STATES=$1 QCOWFS_CRASH_SEED=${2:-1} QCOWFS_CRASH_WORKLOADS=${3:-}
+export QCOWFS_CRASH_STATES=$1 QCOWFS_CRASH_STATES_SEED=${2:-1} QCOWFS_CRASH_STATES_WORKLOADS=${3:-}
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

@@ -159,10 +159,7 @@ impl HostFile {
     /// The same file, with every write, barrier and hole punched from now on logged to `log`.
     pub fn recorded(self, log: WriteLog) -> Self {
         HostFile {
-            io: Arc::new(Recorder {
-                inner: self.io,
-                log,
-            }),
+            io: Arc::new(Recorder::new(self.io, log)),
             ..self
         }
     }

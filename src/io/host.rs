@@ -159,8 +159,10 @@ pub enum HostEvent {
         offset: u64,
         data: Vec<u8>,
     },
-    /// A barrier began: every event before it is durable once it returns.
-    Barrier,
+    /// A barrier began: every event before it is durable once it returns (`BarrierDone` with the
+    /// same number; a barrier that failed has none).
+    Barrier(u64),
+    BarrierDone(u64),
     Punch {
         offset: u64,
         len: u64,
@@ -188,11 +190,24 @@ impl WriteLog {
     }
 }
 
-/// Passes every operation to `inner` and logs those that change the file.
+/// Passes every operation to `inner` and logs those that change the file: a change once it is
+/// done (so one logged before a barrier began was in the file when it began), a barrier when it
+/// begins and again when it returns.
 #[derive(Debug)]
 pub struct Recorder {
     pub inner: Arc<dyn HostIo>,
     pub log: WriteLog,
+    pub barriers: std::sync::atomic::AtomicU64,
+}
+
+impl Recorder {
+    pub fn new(inner: Arc<dyn HostIo>, log: WriteLog) -> Self {
+        Recorder {
+            inner,
+            log,
+            barriers: Default::default(),
+        }
+    }
 }
 
 impl HostIo for Recorder {
@@ -201,18 +216,23 @@ impl HostIo for Recorder {
     }
 
     fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        // Logged before it is issued: a write that fails is still one a power cut may have kept.
+        let result = self.inner.write_all_at(data, offset);
+        // Logged even when it failed: part of it may have reached the file.
         self.log.push(HostEvent::Write {
             offset,
             data: data.to_vec(),
         });
-        self.inner.write_all_at(data, offset)
+        result
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        // Logged when it begins: writes issued by other threads while it runs are not covered.
-        self.log.push(HostEvent::Barrier);
-        self.inner.sync_data()
+        let id = self
+            .barriers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.log.push(HostEvent::Barrier(id));
+        self.inner.sync_data()?;
+        self.log.push(HostEvent::BarrierDone(id));
+        Ok(())
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -220,13 +240,15 @@ impl HostIo for Recorder {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        let result = self.inner.set_len(len);
         self.log.push(HostEvent::SetLen(len));
-        self.inner.set_len(len)
+        result
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let result = self.inner.punch_hole(offset, len);
         self.log.push(HostEvent::Punch { offset, len });
-        self.inner.punch_hole(offset, len)
+        result
     }
 
     fn start_writeback(&self) -> io::Result<()> {
@@ -254,10 +276,7 @@ mod tests {
     #[test]
     fn the_recorder_logs_changes_in_order_and_passes_them_on() {
         let log = WriteLog::default();
-        let r = Recorder {
-            inner: Arc::new(MemFile::new(Vec::new())),
-            log: log.clone(),
-        };
+        let r = Recorder::new(Arc::new(MemFile::new(Vec::new())), log.clone());
         r.write_all_at(b"ab", 0).unwrap();
         log.mark(7);
         r.sync_data().unwrap();
@@ -274,7 +293,8 @@ mod tests {
                     data: b"ab".to_vec()
                 },
                 HostEvent::Mark(7),
-                HostEvent::Barrier,
+                HostEvent::Barrier(0),
+                HostEvent::BarrierDone(0),
                 HostEvent::Punch { offset: 0, len: 1 },
                 HostEvent::SetLen(4),
             ]

@@ -6,8 +6,9 @@
 //! entries, barrier, publish, release what was replaced). `Pipeline` overlaps one batch's barrier
 //! with staging the next; one pipeline runs at a time per image.
 //!
-//! The metadata lock is held only to reserve clusters, to compute tables and to publish: every
-//! table write and barrier runs outside it, so a read never waits for the disk to sync.
+//! The metadata lock is held only to reserve clusters, to compute tables, to store refcounts (page
+//! cache writes) and to publish: L2 and L1 writes and every barrier run outside it, so a read
+//! never waits for the disk to sync. A barrier that fails poisons the image (see `barrier`).
 
 use std::sync::atomic::Ordering;
 
@@ -51,7 +52,7 @@ struct Prepared {
 }
 
 /// A prepared batch behind its barrier: data and refcounts are durable (or nothing needed it).
-/// Only `Prepared::barrier` and `Barrier::wait` make one.
+/// Only `Barrier::wait` makes one.
 #[derive(Debug)]
 struct Ordered(Prepared);
 
@@ -86,7 +87,7 @@ impl Barrier {
             let synced = thread
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("the barrier thread panicked")));
-            synced.at(image.path())?;
+            synced.at(image.path()).inspect_err(|e| image.poison(e))?;
         }
         Ok(Ordered(self.prepared))
     }
@@ -102,6 +103,7 @@ pub struct Pipeline<'i, T> {
 }
 
 impl Qcow2Image {
+    /// The image's commit pipeline; waits while another one runs.
     pub fn pipeline<T>(&self) -> Pipeline<'_, T> {
         Pipeline {
             image: self,
@@ -123,9 +125,10 @@ impl Qcow2Image {
 impl<T> Pipeline<'_, T> {
     /// Stage `batch` (its data goes to the device), complete the batch before it (whose barrier
     /// ran meanwhile), then prepare this one and start its barrier. Returns the payload of the
-    /// batch completed, if any.
+    /// batch completed, if any (an empty batch is complete at once: its own payload).
     pub fn submit(&mut self, batch: Vec<ClusterWrite>, payload: T) -> Result<Option<T>> {
         let image = self.image;
+        image.refuse_if_poisoned()?;
         if batch.is_empty() {
             return Ok(Some(payload));
         }
@@ -172,6 +175,8 @@ impl Qcow2Image {
     /// Reserve host clusters for `writes`, encrypt and write their data (the device starts on it
     /// at once).
     fn stage(&self, writes: Vec<ClusterWrite>) -> Result<Staged> {
+        // Before any data changes: a bitmap that claims to be in sync must not outlive a write.
+        self.clear_autoclear()?;
         let cs = self.layout.cluster_size();
         let hosts: Vec<u64> = {
             let mut meta = self.meta.lock();
@@ -218,7 +223,6 @@ impl Qcow2Image {
 
     /// The new L2 tables in memory, and the refcounts the barrier must store before any of them.
     fn prepare(&self, staged: &Staged) -> Result<Prepared> {
-        self.clear_autoclear()?;
         let mut meta = self.meta.lock();
         let mut releases = Releases::default();
         let mut l2_new = NewTables::new();
@@ -277,7 +281,7 @@ impl Qcow2Image {
         // The L2 tables must be durable before an L1 entry points to them, and before a cluster
         // they stopped referencing may be reused (released below). Otherwise the next barrier does.
         if durable || !l1_changed.is_empty() || !releases.0.is_empty() || moved_table.is_some() {
-            self.file.sync()?;
+            self.barrier()?;
         } else {
             self.unsynced.store(true, Ordering::Release);
         }
@@ -286,7 +290,7 @@ impl Qcow2Image {
                 .write_at(l1_offset + index * 8, &entry.to_be_bytes())?;
         }
         if !l1_changed.is_empty() {
-            self.file.sync()?;
+            self.barrier()?;
         }
         // The new state is durable: publish it to readers. The map tracks clusters up to the end
         // of the file, which the allocator moved since (new L2 tables are among those clusters).
@@ -322,7 +326,7 @@ impl Qcow2Image {
             drop(meta);
             // A lost decrement is only a leak; the next commit's first barrier stores it anyway.
             if durable {
-                self.file.sync()?;
+                self.barrier()?;
             } else {
                 self.unsynced.store(true, Ordering::Release);
             }
@@ -350,19 +354,19 @@ impl Qcow2Image {
         if !table_changed {
             return Ok(None);
         }
-        MutexGuard::unlocked(meta, || self.file.sync())?;
+        MutexGuard::unlocked(meta, || self.barrier())?;
         let Some(moved) = meta.alloc.store_table(&self.file)? else {
             return Ok(None);
         };
         MutexGuard::unlocked(meta, || -> Result<()> {
-            self.file.sync()?;
+            self.barrier()?;
             let (at, fields) = HeaderUpdate::RefcountTable {
                 offset: moved.offset,
                 clusters: moved.clusters as u32,
             }
             .encode();
             self.file.write_at(at, &fields)?;
-            self.file.sync()
+            self.barrier()
         })?;
         meta.header.refcount_table_offset = moved.offset;
         meta.header.refcount_table_clusters = moved.clusters as u32;
@@ -375,11 +379,41 @@ impl Qcow2Image {
 
     /// Make earlier non-durable commits durable.
     pub fn sync_pending(&self) -> Result<()> {
+        self.refuse_if_poisoned()?;
         if self.unsynced.swap(false, Ordering::AcqRel) {
-            if let Err(e) = self.file.sync() {
+            if let Err(e) = self.barrier() {
                 self.unsynced.store(true, Ordering::Release);
                 return Err(e);
             }
+        }
+        Ok(())
+    }
+
+    /// A barrier. One that fails poisons the image: the kernel may have dropped the dirty pages
+    /// it could not write and marked them clean, so what the page cache shows is no longer what
+    /// the disk holds, and a later barrier that succeeds would prove nothing (QEMU treats it the
+    /// same way). Every later commit and barrier then fails with EIO.
+    pub(super) fn barrier(&self) -> Result<()> {
+        self.refuse_if_poisoned()?;
+        self.file.sync().inspect_err(|e| self.poison(e))
+    }
+
+    fn poison(&self, e: &crate::Error) {
+        if !self.poisoned.swap(true, Ordering::AcqRel) {
+            log::error!(
+                "{e}: a barrier (fsync) failed; writes to this image are refused from now on, \
+                 since data the kernel reported as written may be lost: unmount, then check \
+                 the image with qemu-img check"
+            );
+        }
+    }
+
+    fn refuse_if_poisoned(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(crate::Error::new(
+                self.path(),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
         }
         Ok(())
     }

@@ -18,7 +18,7 @@ impl Qcow2Image {
         }
         let (at, bytes) = HeaderUpdate::Autoclear(0).encode();
         self.file.write_at(at, &bytes)?;
-        self.file.sync()?;
+        self.barrier()?;
         let mut meta = self.meta.lock();
         meta.header.autoclear = 0;
         meta.autoclear_cleared = true;
@@ -34,7 +34,7 @@ impl Qcow2Image {
         // Backing file offset (u64) and size (u32), both in the first sector.
         let (at, bytes) = HeaderUpdate::BackingFile { offset: 0, size: 0 }.encode();
         self.file.write_at(at, &bytes)?;
-        self.file.sync()?;
+        self.barrier()?;
         {
             let mut meta = self.meta.lock();
             meta.header.backing_file = None;
@@ -54,6 +54,6 @@ impl Qcow2Image {
         let mut area = kept;
         area.resize(cs - start, 0);
         self.file.write_at(start as u64, &area)?;
-        self.file.sync()
+        self.barrier()
     }
 }

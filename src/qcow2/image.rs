@@ -54,6 +54,8 @@ pub struct Qcow2Image {
     pub(super) unsynced: std::sync::atomic::AtomicBool,
     /// Held by the one commit pipeline running.
     pub(super) commit_lock: Mutex<()>,
+    /// A barrier failed: nothing more is committed (see `barrier`).
+    pub(super) poisoned: std::sync::atomic::AtomicBool,
 }
 
 /// Is a guest cluster ours to overwrite in place, or must the flush writer allocate it?
@@ -138,6 +140,7 @@ impl Qcow2Image {
             last_decompressed: Mutex::new(None),
             unsynced: std::sync::atomic::AtomicBool::new(false),
             commit_lock: Mutex::new(()),
+            poisoned: std::sync::atomic::AtomicBool::new(false),
         };
         if writable {
             // Refcounts that cannot take an allocation refuse the mount now, not the first flush.

@@ -1,8 +1,10 @@
 //! Proof against power loss: record every host write and barrier of real workloads through the I/O
 //! seam, build the crash states a power cut could leave (states.rs), and have QEMU check each one.
 //! The suite runs QCOWFS_CRASH_STATES states (default 600) spread over the workloads by weight;
-//! `scripts/crash-states.sh N` runs N. QCOWFS_CRASH_SEED picks the workloads' data and the
-//! sampled states, QCOWFS_CRASH_WORKLOADS (comma-separated names) limits the run.
+//! `scripts/crash-states.sh N` runs N. QCOWFS_CRASH_STATES_SEED picks the workloads' data and the
+//! sampled states, QCOWFS_CRASH_STATES_WORKLOADS (comma-separated names) limits the run, and
+//! QCOWFS_CRASH_STATES_KEEP=DIR keeps the image of every failed state there (a recording depends a
+//! little on thread timing, so a seed replays the same workload but not always the same log).
 //! It ends with one line: `N crash states, M failed`.
 
 #[path = "../common/mod.rs"]
@@ -35,57 +37,57 @@ fn env_number(name: &str, default: u64) -> u64 {
 fn plan(rec: &Recording, budget: usize, seed: u64) -> Vec<CrashState> {
     let events = &rec.events;
     // Epochs without a write make the same state as the one before.
-    let starts: Vec<usize> = states::epoch_starts(events)
+    let epochs: Vec<(usize, usize)> = states::epochs(events)
         .into_iter()
-        .filter(|&s| {
-            events[s..states::epoch_end(events, s)]
-                .iter()
-                .any(|e| !matches!(e, HostEvent::Barrier | HostEvent::Mark(_)))
+        .filter(|&(start, end)| {
+            events[start..end].iter().any(|e| {
+                matches!(
+                    e,
+                    HostEvent::Write { .. } | HostEvent::Punch { .. } | HostEvent::SetLen(_)
+                )
+            })
         })
         .collect();
     let cluster = 1u64 << common::read_be_u32(&rec.initial, 20);
     let mut rng = Rng::new(seed);
     let mut plan = Vec::new();
-    let whole = |start: usize, fate: Fate| CrashState {
+    let whole = |(start, end): (usize, usize), fate: Fate| CrashState {
         epoch_start: start,
-        crash_at: states::epoch_end(events, start),
+        crash_at: end,
         fate,
     };
-    let sampled = |rng: &mut Rng, start: usize| {
-        let end = states::epoch_end(events, start);
-        CrashState {
-            epoch_start: start,
-            crash_at: if end > start && rng.below(2) == 0 {
-                start + 1 + rng.below((end - start) as u64) as usize
-            } else {
-                end
-            },
-            fate: Fate::Sampled(rng.next_u64()),
-        }
+    let sampled = |rng: &mut Rng, (start, end): (usize, usize)| CrashState {
+        epoch_start: start,
+        crash_at: if end > start && rng.below(2) == 0 {
+            start + 1 + rng.below((end - start) as u64) as usize
+        } else {
+            end
+        },
+        fate: Fate::Sampled(rng.next_u64()),
     };
-    for &start in starts
+    for &epoch in epochs
         .iter()
-        .filter(|&&s| states::touches_header(events, s, cluster))
+        .filter(|&&e| states::touches_header(events, e, cluster))
     {
         if plan.len() + 4 > budget / 2 {
             break;
         }
-        plan.push(whole(start, Fate::NoneKept));
-        plan.push(whole(start, Fate::AllKept));
-        plan.push(sampled(&mut rng, start));
-        plan.push(sampled(&mut rng, start));
+        plan.push(whole(epoch, Fate::NoneKept));
+        plan.push(whole(epoch, Fate::AllKept));
+        plan.push(sampled(&mut rng, epoch));
+        plan.push(sampled(&mut rng, epoch));
     }
     let room = (budget - plan.len()) * 2 / 3;
-    let every = starts.len().div_ceil(room.max(1)).max(1);
-    for &start in starts.iter().step_by(every) {
-        plan.push(whole(start, Fate::AllKept));
+    let every = epochs.len().div_ceil(room.max(1)).max(1);
+    for &epoch in epochs.iter().step_by(every) {
+        plan.push(whole(epoch, Fate::AllKept));
     }
     let mut turn = 0;
     while plan.len() < budget {
-        let start = starts[rng.below(starts.len() as u64) as usize];
+        let epoch = epochs[rng.below(epochs.len() as u64) as usize];
         plan.push(match turn % 4 {
-            0 => whole(start, Fate::NoneKept),
-            _ => sampled(&mut rng, start),
+            0 => whole(epoch, Fate::NoneKept),
+            _ => sampled(&mut rng, epoch),
         });
         turn += 1;
     }
@@ -103,15 +105,15 @@ struct Failure {
 #[test]
 fn every_crash_state_opens_checks_clean_and_keeps_what_was_fsynced() {
     let total = env_number("QCOWFS_CRASH_STATES", 600) as usize;
-    let seed = env_number("QCOWFS_CRASH_SEED", 1);
-    let only = std::env::var("QCOWFS_CRASH_WORKLOADS").unwrap_or_default();
+    let seed = env_number("QCOWFS_CRASH_STATES_SEED", 1);
+    let only = std::env::var("QCOWFS_CRASH_STATES_WORKLOADS").unwrap_or_default();
     let chosen: Vec<&workloads::Spec> = workloads::ALL
         .iter()
         .filter(|s| only.is_empty() || only.split(',').any(|n| n == s.name))
         .collect();
     assert!(
         !chosen.is_empty(),
-        "QCOWFS_CRASH_WORKLOADS={only}: no such workload"
+        "QCOWFS_CRASH_STATES_WORKLOADS={only}: no such workload"
     );
     let weights: u64 = chosen.iter().map(|s| s.weight).sum();
     let dir = common::workdir();
@@ -136,7 +138,7 @@ fn every_crash_state_opens_checks_clean_and_keeps_what_was_fsynced() {
                 let sub = dir.path().join(spec.name);
                 std::fs::create_dir_all(&sub).expect("workload folder");
                 let rec = (spec.run)(&sub, seed);
-                let epochs = states::epoch_starts(&rec.events).len();
+                let epochs = states::epochs(&rec.events).len();
                 let plan = plan(&rec, budget, seed ^ 0x5eed);
                 let mut prefix = std::fs::read(&rec.initial).expect("read the initial image");
                 let mut prefix_at = 0;
@@ -171,7 +173,7 @@ fn every_crash_state_opens_checks_clean_and_keeps_what_was_fsynced() {
     }
     for f in failures.iter().take(10) {
         eprintln!(
-            "FAILED {} {:?} (QCOWFS_CRASH_SEED={seed}): {}",
+            "FAILED {} {:?} (QCOWFS_CRASH_STATES_SEED={seed}): {}",
             f.workload, f.state, f.message
         );
     }

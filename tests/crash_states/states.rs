@@ -17,7 +17,8 @@ const SECTOR: u64 = 512;
 /// the writes in between fared.
 #[derive(Debug, Clone, Copy)]
 pub struct CrashState {
-    /// Index into `events` of the first event not known durable (just past a barrier, or 0).
+    /// Index into `events` of the first event not known durable (where the last barrier that
+    /// returned began, or 0).
     pub epoch_start: usize,
     /// Events [epoch_start, crash_at) were issued before the power went.
     pub crash_at: usize,
@@ -34,29 +35,40 @@ pub enum Fate {
     Sampled(u64),
 }
 
-/// Where epochs start: 0 and just past every barrier.
-pub fn epoch_starts(events: &[HostEvent]) -> Vec<usize> {
-    let mut starts = vec![0];
+/// The windows a power cut can fall in: (durable end, window end). Events before the durable end
+/// are on the disk: it is where the last barrier that returned began (0 before the first). The
+/// window reaches to where the next barrier returned: everything issued in it, including during
+/// either barrier, may or may not have arrived.
+pub fn epochs(events: &[HostEvent]) -> Vec<(usize, usize)> {
+    let mut began = std::collections::HashMap::new();
+    let mut done = Vec::new(); // (began at, returned at), in the order they returned
     for (i, e) in events.iter().enumerate() {
-        if *e == HostEvent::Barrier {
-            starts.push(i + 1);
+        match e {
+            HostEvent::Barrier(id) => {
+                began.insert(*id, i);
+            }
+            HostEvent::BarrierDone(id) => {
+                if let Some(&start) = began.get(id) {
+                    done.push((start, i));
+                }
+            }
+            _ => {}
         }
     }
-    starts
-}
-
-/// The end of the epoch starting at `start`: the next barrier, or the end of the log.
-pub fn epoch_end(events: &[HostEvent], start: usize) -> usize {
-    events[start..]
-        .iter()
-        .position(|e| *e == HostEvent::Barrier)
-        .map_or(events.len(), |i| start + i)
+    let mut epochs = Vec::with_capacity(done.len() + 1);
+    let mut durable_end = 0;
+    for &(start, returned) in &done {
+        epochs.push((durable_end, returned));
+        durable_end = durable_end.max(start);
+    }
+    epochs.push((durable_end, events.len()));
+    epochs
 }
 
 /// Whether an epoch holds a write into the image's first cluster (header fields: the refcount
 /// table moving, a backing file dropped, autoclear bits): such epochs are always enumerated.
-pub fn touches_header(events: &[HostEvent], start: usize, cluster: u64) -> bool {
-    events[start..epoch_end(events, start)]
+pub fn touches_header(events: &[HostEvent], (start, end): (usize, usize), cluster: u64) -> bool {
+    events[start..end]
         .iter()
         .any(|e| matches!(e, HostEvent::Write { offset, .. } if *offset < cluster))
 }
@@ -70,7 +82,7 @@ fn apply(file: &mut Vec<u8>, event: &HostEvent) {
             file[start..end].fill(0);
         }
         HostEvent::SetLen(len) => file.resize(*len as usize, 0),
-        HostEvent::Barrier | HostEvent::Mark(_) => {}
+        HostEvent::Barrier(_) | HostEvent::BarrierDone(_) | HostEvent::Mark(_) => {}
     }
 }
 
@@ -209,8 +221,8 @@ pub fn check(rec: &Recording, file: &[u8], state: &CrashState, dir: &Path) -> Re
         ..rec.image.clone()
     };
     let result = check_image(rec, &image, state, dir);
-    // QCOWFS_CRASH_KEEP=DIR keeps each failed state's image there, named after its state.
-    if let (Err(_), Ok(keep)) = (&result, std::env::var("QCOWFS_CRASH_KEEP")) {
+    // QCOWFS_CRASH_STATES_KEEP=DIR keeps each failed state's image there, named after its state.
+    if let (Err(_), Ok(keep)) = (&result, std::env::var("QCOWFS_CRASH_STATES_KEEP")) {
         let name = format!(
             "{}-{}-{}.qcow2",
             rec.name, state.epoch_start, state.crash_at

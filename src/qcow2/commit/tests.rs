@@ -39,10 +39,7 @@ fn fixture(opts: &str, size: &str, io: &[&str]) -> Fixture {
     let bytes = std::fs::read(&original).unwrap();
     let mem = Arc::new(MemFile::new(bytes.clone()));
     let log = WriteLog::default();
-    let recorder = Recorder {
-        inner: mem.clone(),
-        log: log.clone(),
-    };
+    let recorder = Recorder::new(mem.clone(), log.clone());
     let file = HostFile::over(&original, Arc::new(recorder));
     let want = Header::bytes_wanted(&bytes).unwrap().min(bytes.len());
     let header = Header::parse(&bytes[..want], bytes.len() as u64).unwrap();
@@ -186,7 +183,9 @@ impl Fixture {
                     };
                     Some(Step::Write(name))
                 }
-                HostEvent::Barrier => Some(Step::Barrier),
+                // A step after a barrier must come after it returned, not merely began.
+                HostEvent::BarrierDone(_) => Some(Step::Barrier),
+                HostEvent::Barrier(_) => None,
                 HostEvent::Punch { offset, .. } => Some(Step::Punch(*offset)),
                 HostEvent::SetLen(_) | HostEvent::Mark(_) => None,
             })
@@ -512,4 +511,69 @@ fn a_new_refcount_block_is_durable_before_the_table_entry_that_names_it() {
     let path = f.save();
     assert_eq!(qemu_check(&path), (0, 0));
     assert_reads(&path, 0x5a, 0, 5000 * cs);
+}
+
+/// A file whose next barrier fails once (as fdatasync does after a lost write-back).
+#[derive(Debug)]
+struct FailingSync {
+    inner: Arc<MemFile>,
+    fail_next: std::sync::atomic::AtomicBool,
+}
+
+impl crate::io::HostIo for FailingSync {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_all_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_all_at(data, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        if self
+            .fail_next
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.sync_data()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn start_writeback(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn after_a_failed_barrier_every_commit_and_barrier_fails_even_when_the_disk_works_again() {
+    let f = fixture("cluster_size=65536", "4M", &[]);
+    let io = Arc::new(FailingSync {
+        inner: Arc::new(MemFile::new(f.mem.contents())),
+        fail_next: std::sync::atomic::AtomicBool::new(false),
+    });
+    let file = HostFile::over(&f.original, io.clone());
+    let bytes = io.inner.contents();
+    let header = Header::parse(&bytes[..4096], bytes.len() as u64).unwrap();
+    let image = Qcow2Image::open(file, header, true).unwrap();
+    let cs = image.layout().cluster_size() as usize;
+    let write = |guest: u64| ClusterWrite {
+        guest,
+        target: image.write_target(guest).unwrap(),
+        pieces: vec![(0, vec![0x33; cs])],
+    };
+    image.commit(vec![write(0)], true).unwrap();
+    io.fail_next
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let err = image.commit(vec![write(cs as u64)], true).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    // The disk would sync now, but what the kernel dropped is gone: refuse, do not pretend.
+    let again = image.commit(vec![write(2 * cs as u64)], true).unwrap_err();
+    assert_eq!(again.errno(), libc::EIO, "{again}");
+    assert_eq!(image.sync_pending().unwrap_err().errno(), libc::EIO);
 }
