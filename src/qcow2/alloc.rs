@@ -205,7 +205,13 @@ impl Allocator {
         if !rc.table_dirty {
             return Ok(None);
         }
-        file.write_at(rc.table_offset, &rc.table_bytes())?;
+        let bytes = rc.table_bytes().ok_or_else(|| {
+            Error::new(
+                file.path(),
+                FormatError::Unsupported("the refcount table outgrew its clusters"),
+            )
+        })?;
+        file.write_at(rc.table_offset, &bytes)?;
         rc.table_dirty = false;
         if rc.table_offset == committed.0 {
             return Ok(None);

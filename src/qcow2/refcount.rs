@@ -263,13 +263,15 @@ impl Refcounts {
         Ok(())
     }
 
-    /// The table as it is stored: big-endian entries, padded to its clusters.
-    pub fn table_bytes(&self) -> Vec<u8> {
-        // The table never outgrows its clusters: `ensure_block` grows them first.
-        assert!(self.table.len() as u64 <= self.table_capacity());
+    /// The table as it is stored: big-endian entries, padded to its clusters. None if it outgrew
+    /// them, which `ensure_block` prevents by growing the clusters first.
+    pub fn table_bytes(&self) -> Option<Vec<u8>> {
+        if self.table.len() as u64 > self.table_capacity() {
+            return None;
+        }
         let mut out = encode_words(&self.table);
         out.resize((self.table_clusters << self.cluster_bits) as usize, 0);
-        out
+        Some(out)
     }
 }
 
