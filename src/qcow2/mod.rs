@@ -10,6 +10,8 @@ mod image;
 mod l2_update;
 pub mod layout;
 mod overlap;
+#[cfg(test)]
+mod qemu_tools;
 pub mod refcount;
 pub mod snapshot;
 pub mod table;

@@ -2,13 +2,13 @@
 //! the refcounts the allocator stores judged by `qemu-img check` (every cluster it hands out and
 //! nothing references is exactly one leak, so the leak count checks every refcount it wrote).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::*;
 use crate::io::MemFile;
 use crate::qcow2::header::HeaderUpdate;
+use crate::qcow2::qemu_tools::{qemu_check, run};
 use crate::qcow2::words::read_words;
 
 /// An image qemu-img made, held in memory, with an allocator whose refcounts are loaded.
@@ -49,47 +49,6 @@ fn fixture(cluster_size: u32, refcount_bits: u32, size: &str) -> Fixture {
         metadata,
         alloc,
     }
-}
-
-/// Run `program ARGS PATH TAIL`; it must start and exit 0.
-fn run(program: &str, args: &[&str], path: &Path, tail: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .arg(path)
-        .args(tail)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is required: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{program} {args:?} failed:\n{text}");
-    text
-}
-
-/// What `qemu-img check` found: (corruptions, leaks).
-fn qemu_check(path: &Path) -> (u64, u64) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(path)
-        .output()
-        .expect("qemu-img is required");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "qemu-img check printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    let count = |key: &str| v.get(key).and_then(|n| n.as_u64()).unwrap_or(0);
-    assert_eq!(count("check-errors"), 0, "qemu-img check: {v}");
-    // Exit 0: clean; 3: leaks only (anything else is corruption or an error).
-    let code = out.status.code();
-    assert!(
-        code == Some(0) || code == Some(3),
-        "qemu-img check: {code:?} {v}"
-    );
-    (count("corruptions"), count("leaks"))
 }
 
 impl Fixture {
