@@ -223,18 +223,6 @@ mod tests {
         MetadataMap::build(&file, &header, &l1, snapshots).unwrap()
     }
 
-    fn snapshot(l1_table_offset: u64, l1_size: u32) -> Snapshot {
-        Snapshot {
-            id: "1".into(),
-            name: "s".into(),
-            l1_table_offset,
-            l1_size,
-            disk_size: None,
-            date_sec: 0,
-            vm_state_size: 0,
-        }
-    }
-
     fn overlap(m: &MetadataMap) -> Option<(&'static str, u64)> {
         match &m.overlap {
             Some(FormatError::Overlap { what, offset }) => Some((what, *offset)),
@@ -286,7 +274,7 @@ mod tests {
         let l2 = t.l2_for(0);
         let snap_l1 = t.cluster();
         t.put(snap_l1, &(l2 | COPIED).to_be_bytes());
-        let m = built(&t, &[snapshot(snap_l1, 1)], |_| {});
+        let m = built(&t, &[tiny::snapshot(snap_l1, 1)], |_| {});
         assert_eq!(overlap(&m), None);
         assert_eq!(m.clusters.get(&(snap_l1 / CS)), Some(&MetaKind::SnapshotL1));
         assert_eq!(m.clusters.get(&(l2 / CS)), Some(&MetaKind::L2Table));
@@ -297,14 +285,14 @@ mod tests {
         let mut t = TinyImage::new(12, 64 << 10);
         let snap_l1 = t.cluster();
         t.put(snap_l1, &((L1_TABLE * CS) | COPIED).to_be_bytes());
-        let m = built(&t, &[snapshot(snap_l1, 1)], |_| {});
+        let m = built(&t, &[tiny::snapshot(snap_l1, 1)], |_| {});
         assert_eq!(overlap(&m), Some(("L2 table", L1_TABLE * CS)));
     }
 
     #[test]
     fn a_snapshot_l1_table_inside_a_refcount_block_is_an_overlap() {
         let t = TinyImage::new(12, 64 << 10);
-        let m = built(&t, &[snapshot(REFCOUNT_BLOCK * CS, 4)], |_| {});
+        let m = built(&t, &[tiny::snapshot(REFCOUNT_BLOCK * CS, 4)], |_| {});
         assert_eq!(
             overlap(&m),
             Some(("snapshot L1 table", REFCOUNT_BLOCK * CS))
@@ -320,7 +308,7 @@ mod tests {
             snap_l1 + 512,
             &((REFCOUNT_BLOCK * CS) | COPIED).to_be_bytes(),
         );
-        let m = built(&t, &[snapshot(snap_l1 + 512, 1)], |_| {});
+        let m = built(&t, &[tiny::snapshot(snap_l1 + 512, 1)], |_| {});
         assert_eq!(overlap(&m), None);
         assert!(!m.contains(snap_l1));
     }

@@ -308,3 +308,16 @@ pub(crate) fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .map(|i| seed.wrapping_add((i % 251) as u8))
         .collect()
 }
+
+/// A snapshot table entry whose L1 table is `l1_size` entries at `l1_table_offset`.
+pub fn snapshot(l1_table_offset: u64, l1_size: u32) -> super::snapshot::Snapshot {
+    super::snapshot::Snapshot {
+        id: "1".into(),
+        name: "s".into(),
+        l1_table_offset,
+        l1_size,
+        disk_size: None,
+        date_sec: 0,
+        vm_state_size: 0,
+    }
+}

@@ -24,18 +24,6 @@ fn format_error(e: &Error) -> &FormatError {
     }
 }
 
-fn snapshot(l1_table_offset: u64, l1_size: u32) -> Snapshot {
-    Snapshot {
-        id: "1".into(),
-        name: "s".into(),
-        l1_table_offset,
-        l1_size,
-        disk_size: None,
-        date_sec: 0,
-        vm_state_size: 0,
-    }
-}
-
 #[test]
 fn opens_a_built_image_read_only_and_writable() {
     let mut t = TinyImage::new(BITS, 64 << 10);
@@ -500,7 +488,7 @@ fn reads_a_snapshot_l1_table_inside_the_file() {
     t.put(at, &((7 * CS) | COPIED).to_be_bytes());
     let img = t.open(false).unwrap();
     assert_eq!(
-        img.snapshot_l1(&snapshot(at, 2)).unwrap(),
+        img.snapshot_l1(&tiny::snapshot(at, 2)).unwrap(),
         vec![(7 * CS) | COPIED, 0]
     );
 }
@@ -509,7 +497,10 @@ fn reads_a_snapshot_l1_table_inside_the_file() {
 fn rejects_a_snapshot_l1_table_that_is_misaligned_or_overflows_or_passes_the_file() {
     let t = TinyImage::new(BITS, 64 << 10);
     let img = t.open(false).unwrap();
-    for s in [snapshot(!(CS - 1), 8), snapshot(3 * CS, 1 << 20)] {
+    for s in [
+        tiny::snapshot(!(CS - 1), 8),
+        tiny::snapshot(3 * CS, 1 << 20),
+    ] {
         let err = img.snapshot_l1(&s).unwrap_err();
         assert!(
             matches!(
@@ -522,7 +513,9 @@ fn rejects_a_snapshot_l1_table_that_is_misaligned_or_overflows_or_passes_the_fil
             "{err}"
         );
     }
-    let err = img.snapshot_l1(&snapshot(3 * CS + 512, 1)).unwrap_err();
+    let err = img
+        .snapshot_l1(&tiny::snapshot(3 * CS + 512, 1))
+        .unwrap_err();
     assert!(
         matches!(
             format_error(&err),
@@ -541,7 +534,7 @@ fn rejects_a_snapshot_l1_entry_with_a_misaligned_l2_table() {
     let at = t.cluster();
     t.put(at + 8, &(5 * CS + 512).to_be_bytes());
     let img = t.open(false).unwrap();
-    let err = img.snapshot_l1(&snapshot(at, 2)).unwrap_err();
+    let err = img.snapshot_l1(&tiny::snapshot(at, 2)).unwrap_err();
     assert!(
         matches!(
             format_error(&err),
