@@ -166,6 +166,17 @@ pub struct MountArgs {
     /// Append the log to FILE (timestamped lines) instead of syslog (or stderr with --foreground)
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    /// Take requests from per-CPU io_uring queues (Linux 6.14+, when root has enabled it:
+    /// echo 1 > /sys/module/fuse/parameters/enable_uring) instead of reading /dev/fuse; each
+    /// request is answered on the CPU that made it. auto: when the kernel offers it
+    #[arg(
+        long,
+        value_name = "WHEN",
+        value_enum,
+        default_value_t,
+        env = "QCOWFS_IO_URING"
+    )]
+    pub io_uring: crate::mount::uring::Mode,
     /// The qcow2 (or raw) image to mount
     pub image: PathBuf,
     /// An existing empty directory

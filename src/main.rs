@@ -78,6 +78,7 @@ fn main() {
                 force: m.force,
                 log_level,
                 log_file,
+                io_uring: m.io_uring,
             })
         }),
         Command::Umount { mountpoint } => umount(&mountpoint),

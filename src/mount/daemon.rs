@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use super::devfuse::DevFuse;
 use super::fs::QcowFs;
 use super::registry::Record;
+use super::uring::{self, Mode};
 use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
 use crate::crypto::{looks_like_plaintext, CryptoError};
 use crate::disk::views::SnapshotView;
@@ -44,6 +46,8 @@ pub struct MountRequest {
     pub log_level: log::LevelFilter,
     /// Where the daemon logs instead of syslog (`--log-file`), an absolute path.
     pub log_file: Option<PathBuf>,
+    /// `--io-uring`: which transport carries the requests.
+    pub io_uring: Mode,
 }
 
 /// Mount and, unless in the foreground, return once the daemon reports the mount live.
@@ -120,7 +124,15 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
     // so do the copies key derivation left on the stack.
     drop(std::mem::take(&mut req.keys));
     crate::secret::scrub_stack();
-    let (session, disk, outcome, record, _life, warnings) = session;
+    let Prepared {
+        session,
+        disk,
+        outcome,
+        record,
+        life: _life,
+        warnings,
+        transport,
+    } = session;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flusher = spawn_idle_flusher(disk.clone(), stop.clone());
     if let Ok(mut signals) =
@@ -161,7 +173,7 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
         detach_stdio();
     }
     log::info!(
-        "{} mounted on {}",
+        "{} mounted on {} (requests on {transport})",
         req.image.display(),
         req.mountpoint.display()
     );
@@ -194,14 +206,19 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
     }
 }
 
-type Prepared = (
-    fuser::Session<QcowFs>,
-    Arc<Disk>,
-    Arc<Mutex<Option<String>>>,
-    Record,
-    Option<std::fs::File>,
-    Vec<String>,
-);
+/// A mounted session, not yet serving, and what the daemon keeps beside it.
+struct Prepared {
+    session: fuser::Session<DevFuse>,
+    disk: Arc<Disk>,
+    /// The final flush's error, if it failed.
+    outcome: Arc<Mutex<Option<String>>>,
+    record: Record,
+    /// Held open (and locked) while the daemon lives: `qcowfs umount` waits on it.
+    life: Option<std::fs::File>,
+    warnings: Vec<String>,
+    /// Which transport serves the requests, for the log.
+    transport: String,
+}
 
 fn prepare(req: &MountRequest) -> Result<Prepared> {
     let meta = std::fs::metadata(&req.mountpoint).map_err(|e| Error::new(&req.mountpoint, e))?;
@@ -214,6 +231,7 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
             Problem::Usage("the mountpoint is not a directory".into()),
         ));
     }
+    check_fuse_device()?;
     let opts = OpenOptions {
         writable: !req.read_only,
         force_share: req.force_share,
@@ -250,9 +268,35 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
     };
     // SAFETY: getuid/getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let fs = QcowFs::new(disk.clone(), uid, gid)
-        .with_snapshots(snapshot_views(&disk))
-        .on_destroy(on_destroy);
+    let fs = Arc::new(
+        QcowFs::new(disk.clone(), uid, gid)
+            .with_snapshots(snapshot_views(&disk))
+            .on_destroy(on_destroy),
+    );
+    let mut glue = DevFuse::new(fs.clone());
+    // The rings exist before INIT asks for io_uring (see `uring`).
+    let queues = match req.io_uring {
+        Mode::Off => None,
+        mode => match uring::Queues::prepare() {
+            Ok(q) => Some(q),
+            Err(e) if mode == Mode::On => return Err(io_uring_refused(req, &e)),
+            Err(e) => {
+                log::info!("requests on /dev/fuse: {e}");
+                None
+            }
+        },
+    };
+    let accepted = queues.as_ref().map(|_| glue.ask_for_uring());
+    let running = Arc::new(Mutex::new(None::<uring::Running>));
+    {
+        // The queues stop before the final flush, so no request is being answered during it.
+        let running = running.clone();
+        glue.before_destroy(move || {
+            if let Some(r) = running.lock().take() {
+                r.stop();
+            }
+        });
+    }
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(
@@ -277,9 +321,29 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
     config.n_threads = Some(FUSE_THREADS);
     config.clone_fd = true;
     let notifier_slot = fs.notifier_slot();
-    let session = fuser::Session::new(fs, &req.mountpoint, &config)
+    let session = fuser::Session::new(glue, &req.mountpoint, &config)
         .map_err(|e| Error::new(&req.mountpoint, e))?;
     let _ = notifier_slot.set(session.notifier());
+    let mut transport = "/dev/fuse".to_string();
+    match (queues, accepted) {
+        (Some(queues), Some(accepted)) if accepted.load(std::sync::atomic::Ordering::Acquire) => {
+            use std::os::fd::AsFd;
+            match queues.start(session.as_fd(), &fs) {
+                Ok(r) => {
+                    transport = format!("io_uring, {} queues", r.queues);
+                    *running.lock() = Some(r);
+                }
+                // Dropping the session unmounts.
+                Err(e) if req.io_uring == Mode::On => return Err(io_uring_refused(req, &e)),
+                Err(e) => log::warn!("{e}; requests on /dev/fuse"),
+            }
+        }
+        (Some(_), _) if req.io_uring == Mode::On => {
+            let e = "the kernel did not offer FUSE over io_uring in INIT".to_string();
+            return Err(io_uring_refused(req, &e));
+        }
+        _ => {}
+    }
     let record = Record::for_mountpoint(&mountpoint);
     let life = match record.write_pid(std::process::id(), &mountpoint) {
         Ok(file) => Some(file),
@@ -292,7 +356,47 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
             None
         }
     };
-    Ok((session, disk, outcome, record, life, warnings))
+    Ok(Prepared {
+        session,
+        disk,
+        outcome,
+        record,
+        life,
+        warnings,
+        transport,
+    })
+}
+
+/// Mounting opens `/dev/fuse` as the calling user (fusermount3 does so too, with its own rights
+/// dropped): say what is wrong with it, rather than the mount point's bare "Permission denied".
+fn check_fuse_device() -> Result<()> {
+    const DEV: &str = "/dev/fuse";
+    match std::fs::OpenOptions::new().read(true).write(true).open(DEV) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let fix = match e.kind() {
+                std::io::ErrorKind::NotFound => "load the fuse module (modprobe fuse)",
+                std::io::ErrorKind::PermissionDenied => {
+                    "FUSE mounts need it readable and writable by this user (its usual mode is \
+                     0666: as root, chmod 0666 /dev/fuse)"
+                }
+                _ => "FUSE mounts need it",
+            };
+            Err(Error::new(
+                DEV,
+                Problem::Usage(format!("cannot open it ({e}): {fix}")),
+            ))
+        }
+    }
+}
+
+fn io_uring_refused(req: &MountRequest, why: &str) -> Error {
+    Error::new(
+        &req.mountpoint,
+        Problem::Usage(format!(
+            "--io-uring on: {why} (--io-uring off or auto uses /dev/fuse)"
+        )),
+    )
 }
 
 /// Legacy AES has no key check: refuse when every sampled cluster of an encrypted layer decrypts to

@@ -1,17 +1,14 @@
 //! The FUSE inode layer: a root directory with `disk`, a `disk-partN` file per partition and a
 //! `snapshots/` directory, each a regular file over a [`BlockDevice`].
-//! Each `Filesystem` method only translates a request into a device call and replies; it never sees
-//! qcow2.
+//! Each request method translates a request into a device call and returns the answer; it never
+//! sees qcow2, nor which transport (`devfuse` or `uring`) carried the request.
 
 use std::ffi::OsStr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
-    LockOwner, Notifier, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
-};
+use fuser::{Errno, FileAttr, FileType, FopenFlags, INodeNo, Notifier};
+use parking_lot::Mutex;
 
 use super::partitions::{is_partition, PartitionFiles, PartitionWriter, PARTITION_END};
 use crate::disk::BlockDevice;
@@ -52,7 +49,7 @@ pub struct QcowFs {
     gid: u32,
     mounted_at: SystemTime,
     /// Called once when the kernel ends the session, after the last request.
-    on_destroy: Option<Box<dyn FnOnce() + Send + Sync>>,
+    on_destroy: Mutex<Option<Box<dyn FnOnce() + Send + Sync>>>,
 }
 
 impl QcowFs {
@@ -68,7 +65,7 @@ impl QcowFs {
             uid,
             gid,
             mounted_at: SystemTime::now(),
-            on_destroy: None,
+            on_destroy: Mutex::new(None),
         }
     }
 
@@ -108,7 +105,7 @@ impl QcowFs {
     }
 
     pub fn on_destroy(mut self, f: impl FnOnce() + Send + Sync + 'static) -> Self {
-        self.on_destroy = Some(Box::new(f));
+        self.on_destroy = Mutex::new(Some(Box::new(f)));
         self
     }
 
@@ -247,24 +244,6 @@ impl QcowFs {
         Some(out)
     }
 
-    /// Read into this thread's reply buffer (reused: no allocation or page faults per request).
-    fn read(&self, device: &dyn BlockDevice, offset: u64, size: u32, reply: ReplyData) {
-        thread_local! {
-            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        let total = device.size();
-        let len = u64::from(size).min(total.saturating_sub(offset)) as usize;
-        BUF.with_borrow_mut(|buf| {
-            if buf.len() < len {
-                buf.resize(len, 0);
-            }
-            match device.read_at(offset, &mut buf[..len]) {
-                Ok(()) => reply.data(&buf[..len]),
-                Err(e) => reply.error(errno(e)),
-            }
-        });
-    }
-
     /// How much of a write of `len` bytes at `offset` fits the device.
     fn writable_len(device: &dyn BlockDevice, offset: u64, len: usize) -> Result<usize, Errno> {
         if device.is_read_only() {
@@ -285,7 +264,7 @@ impl QcowFs {
         Ok(len as u32)
     }
 
-    fn lseek(&self, device: &dyn BlockDevice, offset: i64, whence: i32) -> Result<i64, Errno> {
+    fn seek(&self, device: &dyn BlockDevice, offset: i64, whence: i32) -> Result<i64, Errno> {
         let size = device.size();
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
         match whence {
@@ -341,248 +320,151 @@ pub(super) fn errno(e: crate::Error) -> Errno {
     Errno::from_i32(e.errno())
 }
 
-impl Filesystem for QcowFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_write(MAX_IO);
-        let _ = config.set_max_readahead(MAX_IO);
-        Ok(())
-    }
+/// What lookup and getattr answer: the attributes and how long the kernel may keep them.
+pub type Attr = (FileAttr, Duration);
 
-    fn destroy(&mut self) {
-        // Every partition write is applied before the session's final flush.
-        self.partition_writer.finish();
-        if let Some(f) = self.on_destroy.take() {
-            f();
-        }
-    }
+/// Where an answer goes that may come later, from another thread (partition writes, see
+/// `partitions`). Both transports pass one; most requests call it before returning.
+pub type Done<T> = Box<dyn FnOnce(Result<T, Errno>) + Send>;
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let found = name
-            .to_str()
+/// The file system's statfs figures: (blocks, block size).
+pub struct Statfs {
+    pub blocks: u64,
+    pub bsize: u32,
+}
+
+/// The requests, independent of how they arrive (`/dev/fuse` through fuser in `devfuse`, or the
+/// io_uring queues in `uring`): each transport decodes a request, calls one of these and encodes
+/// the answer, so both behave the same byte for byte.
+impl QcowFs {
+    pub fn lookup(&self, parent: INodeNo, name: &OsStr) -> Result<Attr, Errno> {
+        name.to_str()
             .and_then(|n| self.lookup_name(parent, n))
-            .and_then(|ino| self.attr(ino));
-        match found {
-            Some((attr, ttl)) => reply.entry(&ttl, &attr, fuser::Generation(0)),
-            None => reply.error(Errno::ENOENT),
-        }
+            .and_then(|ino| self.attr(ino))
+            .ok_or(Errno::ENOENT)
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.attr(ino) {
-            Some((attr, ttl)) => reply.attr(&ttl, &attr),
-            None => reply.error(Errno::ENOENT),
-        }
+    pub fn getattr(&self, ino: INodeNo) -> Result<Attr, Errno> {
+        self.attr(ino).ok_or(Errno::ENOENT)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn setattr(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        size: Option<u64>,
-        _atime: Option<fuser::TimeOrNow>,
-        _mtime: Option<fuser::TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        let Some((attr, ttl)) = self.attr(ino) else {
-            return reply.error(Errno::ENOENT);
-        };
-        // The files have the image's sizes; resizing is qemu-img's job.
+    /// Only a size equal to the current one is accepted: resizing is qemu-img's job. Other changes
+    /// (times, modes) are ignored, as the attributes are fixed.
+    pub fn setattr(&self, ino: INodeNo, size: Option<u64>) -> Result<Attr, Errno> {
+        let (attr, ttl) = self.attr(ino).ok_or(Errno::ENOENT)?;
         if matches!(size, Some(s) if s != attr.size) {
-            return reply.error(Errno::EPERM);
+            return Err(Errno::EPERM);
         }
-        reply.attr(&ttl, &attr);
+        Ok((attr, ttl))
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let Some(node) = self.file(ino) else {
-            return reply.error(Errno::EISDIR);
-        };
-        let wants_write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+    /// `flags` are open(2)'s.
+    pub fn open(&self, ino: INodeNo, flags: i32) -> Result<FopenFlags, Errno> {
+        let node = self.file(ino).ok_or(Errno::EISDIR)?;
+        let wants_write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         if wants_write && node.device.is_read_only() {
-            return reply.error(Errno::EROFS);
+            return Err(Errno::EROFS);
         }
         // Only this daemon changes the image while it is mounted, so `disk`'s cached pages stay
         // valid across opens (partition writes drop the ones they change). Partition files have no
         // page cache at all, so they can never hold stale bytes (see `partitions`).
-        let flags = if is_partition(ino) {
+        Ok(if is_partition(ino) {
             FopenFlags::FOPEN_DIRECT_IO
         } else {
             FopenFlags::FOPEN_KEEP_CACHE
-        };
-        reply.opened(FileHandle(0), flags);
+        })
     }
 
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        let Some(node) = self.file(ino) else {
-            return reply.error(Errno::EISDIR);
-        };
-        self.read(node.device.as_ref(), offset, size, reply);
+    /// Read up to `buf.len()` bytes at `offset` into `buf`; returns how many (short at the end).
+    pub fn read(&self, ino: INodeNo, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        let node = self.file(ino).ok_or(Errno::EISDIR)?;
+        let device = node.device.as_ref();
+        let len = (buf.len() as u64).min(device.size().saturating_sub(offset)) as usize;
+        device.read_at(offset, &mut buf[..len]).map_err(errno)?;
+        Ok(len)
     }
 
-    fn write(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
+    /// Write `data` at `offset`; `done` gets the count written (cut at the end of the file).
+    pub fn write(&self, ino: INodeNo, offset: u64, data: &[u8], done: Done<u32>) {
         let Some(node) = self.file(ino) else {
-            return reply.error(Errno::EISDIR);
+            return done(Err(Errno::EISDIR));
         };
         if node.disk_range.is_some() {
             match Self::writable_len(node.device.as_ref(), offset, data.len()) {
                 Ok(len) => self
                     .partition_writer
-                    .write(node, offset, &data[..len], reply),
-                Err(e) => reply.error(e),
+                    .write(node, offset, &data[..len], done),
+                Err(e) => done(Err(e)),
             }
             return;
         }
-        match self.write_disk(node.device.as_ref(), offset, data) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(e),
-        }
+        done(self.write_disk(node.device.as_ref(), offset, data));
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        // close(2): report a failed write-back to the closer, as a local file system would.
+    /// close(2) and fsync(2): write everything back and report a failure to the caller, as a local
+    /// file system would.
+    pub fn flush(&self, ino: INodeNo) -> Result<(), Errno> {
         match self.file(ino).map(|n| n.device.flush()) {
-            Some(Err(e)) => reply.error(errno(e)),
-            _ => reply.ok(),
+            Some(Err(e)) => Err(errno(e)),
+            _ => Ok(()),
         }
     }
 
-    fn fsync(
+    /// The entries of directory `ino` from index `offset` on, each given to `add` as (inode, the
+    /// offset of the next entry, type, name) until `add` says the reply is full (true).
+    pub fn readdir(
         &self,
-        _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        match self.file(ino).map(|n| n.device.flush()) {
-            Some(Err(e)) => reply.error(errno(e)),
-            _ => reply.ok(),
-        }
-    }
-
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        let Some(entries) = self.entries(ino) else {
-            return reply.error(Errno::ENOTDIR);
-        };
+        mut add: impl FnMut(INodeNo, u64, FileType, &str) -> bool,
+    ) -> Result<(), Errno> {
+        let entries = self.entries(ino).ok_or(Errno::ENOTDIR)?;
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(*ino, (i + 1) as u64, *kind, name) {
+            if add(*ino, (i + 1) as u64, *kind, name) {
                 break;
             }
         }
-        reply.ok();
+        Ok(())
     }
 
-    fn lseek(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: i64,
-        whence: i32,
-        reply: fuser::ReplyLseek,
-    ) {
-        let Some(node) = self.file(ino) else {
-            return reply.error(Errno::EINVAL);
-        };
-        match self.lseek(node.device.as_ref(), offset, whence) {
-            Ok(at) => reply.offset(at),
-            Err(e) => reply.error(e),
-        }
+    pub fn lseek(&self, ino: INodeNo, offset: i64, whence: i32) -> Result<i64, Errno> {
+        let node = self.file(ino).ok_or(Errno::EINVAL)?;
+        self.seek(node.device.as_ref(), offset, whence)
     }
 
-    fn fallocate(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        length: u64,
-        mode: i32,
-        reply: ReplyEmpty,
-    ) {
+    /// Punch hole and zero range discard; plain preallocation is a no-op (every byte exists).
+    pub fn fallocate(&self, ino: INodeNo, offset: u64, length: u64, mode: i32, done: Done<()>) {
         let Some(node) = self.file(ino) else {
-            return reply.error(Errno::EISDIR);
+            return done(Err(Errno::EISDIR));
         };
         match Self::fallocate_plan(node.device.as_ref(), offset, length, mode) {
             Ok(Some((at, len))) if len > 0 && node.disk_range.is_some() => {
-                self.partition_writer.discard(node, at, len, reply)
+                self.partition_writer.discard(node, at, len, done)
             }
-            Ok(Some((at, len))) if len > 0 => match node.device.discard(at, len) {
+            Ok(Some((at, len))) if len > 0 => done(match node.device.discard(at, len) {
                 Ok(()) => {
                     self.partitions.note_write(at, len);
-                    reply.ok()
+                    Ok(())
                 }
-                Err(e) => reply.error(errno(e)),
-            },
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(e),
+                Err(e) => Err(errno(e)),
+            }),
+            Ok(_) => done(Ok(())),
+            Err(e) => done(Err(e)),
         }
     }
 
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: fuser::ReplyXattr,
-    ) {
-        // No extended attributes. ENOSYS (not ENODATA) makes the kernel stop asking: otherwise it asks
-        // for security.capability before every write.
-        reply.error(Errno::ENOSYS);
+    pub fn statfs(&self) -> Statfs {
+        Statfs {
+            blocks: self.disk.size().div_ceil(4096),
+            bsize: 4096,
+        }
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
-        reply.error(Errno::ENOSYS);
-    }
-
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks = self.disk.size().div_ceil(4096);
-        reply.statfs(blocks, 0, 0, 2, 0, 4096, 255, 4096);
+    /// The session ended: apply every queued partition write, then run the final flush (once).
+    pub fn destroy(&self) {
+        self.partition_writer.finish();
+        if let Some(f) = self.on_destroy.lock().take() {
+            f();
+        }
     }
 }

@@ -1,12 +1,15 @@
-//! Mounting: the FUSE inode layer (`fs`), the daemon lifecycle (`daemon`) and where a running mount
-//! records itself so `qcowfs umount` can find and wait for it (`registry`).
+//! Mounting: the FUSE inode layer (`fs`), its two transports (`devfuse`: fuser reading
+//! `/dev/fuse`; `uring`: per-CPU io_uring queues), the daemon lifecycle (`daemon`) and where a
+//! running mount records itself so `qcowfs umount` can find and wait for it (`registry`).
 
 pub mod daemon;
+mod devfuse;
 pub mod filelog;
 pub mod fs;
 mod partitions;
 pub mod registry;
 mod syslog;
 pub mod umount;
+pub mod uring;
 
 pub use fs::QcowFs;

@@ -19,10 +19,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
-use fuser::{Errno, INodeNo, Notifier, ReplyEmpty, ReplyWrite};
+use fuser::{Errno, INodeNo, Notifier};
 use parking_lot::Mutex;
 
-use super::fs::{errno, FileNode, DISK, DISK_NAME, ROOT};
+use super::fs::{errno, Done, FileNode, DISK, DISK_NAME, ROOT};
 use crate::disk::views::Window;
 use crate::disk::BlockDevice;
 use crate::partition::{read_table, Table};
@@ -128,13 +128,13 @@ enum Job {
         node: FileNode,
         offset: u64,
         data: Vec<u8>,
-        reply: ReplyWrite,
+        done: Done<u32>,
     },
     Discard {
         node: FileNode,
         offset: u64,
         len: u64,
-        reply: ReplyEmpty,
+        done: Done<()>,
     },
 }
 
@@ -162,12 +162,12 @@ impl PartitionWriter {
     }
 
     /// Write `data` at `offset` of the partition file `node` (already cut to its size).
-    pub fn write(&self, node: FileNode, offset: u64, data: &[u8], reply: ReplyWrite) {
+    pub fn write(&self, node: FileNode, offset: u64, data: &[u8], done: Done<u32>) {
         let job = Job::Write {
             node,
             offset,
             data: data.to_vec(),
-            reply,
+            done,
         };
         if let Err(mpsc::SendError(job)) = self.send(job) {
             fail(job);
@@ -175,12 +175,12 @@ impl PartitionWriter {
     }
 
     /// Discard [offset, offset + len) of the partition file `node` (already cut to its size).
-    pub fn discard(&self, node: FileNode, offset: u64, len: u64, reply: ReplyEmpty) {
+    pub fn discard(&self, node: FileNode, offset: u64, len: u64, done: Done<()>) {
         let job = Job::Discard {
             node,
             offset,
             len,
-            reply,
+            done,
         };
         if let Err(mpsc::SendError(job)) = self.send(job) {
             fail(job);
@@ -212,8 +212,8 @@ impl Drop for PartitionWriter {
 /// No writer thread (it could not start, or the session ended): refuse.
 fn fail(job: Job) {
     match job {
-        Job::Write { reply, .. } => reply.error(Errno::EIO),
-        Job::Discard { reply, .. } => reply.error(Errno::EIO),
+        Job::Write { done, .. } => done(Err(Errno::EIO)),
+        Job::Discard { done, .. } => done(Err(Errno::EIO)),
     }
 }
 
@@ -240,9 +240,9 @@ fn run(partitions: &PartitionFiles, job: Job) {
     drop_disk_pages();
     partitions.note_write(at, len);
     match (job, result) {
-        (Job::Write { data, reply, .. }, Ok(())) => reply.written(data.len() as u32),
-        (Job::Discard { reply, .. }, Ok(())) => reply.ok(),
-        (Job::Write { reply, .. }, Err(e)) => reply.error(errno(e)),
-        (Job::Discard { reply, .. }, Err(e)) => reply.error(errno(e)),
+        (Job::Write { data, done, .. }, Ok(())) => done(Ok(data.len() as u32)),
+        (Job::Discard { done, .. }, Ok(())) => done(Ok(())),
+        (Job::Write { done, .. }, Err(e)) => done(Err(errno(e))),
+        (Job::Discard { done, .. }, Err(e)) => done(Err(errno(e))),
     }
 }

@@ -1,0 +1,351 @@
+//! FUSE over io_uring (`--io-uring`): the same requests answered alike on both transports, the
+//! result checked against QEMU, and the refusal when the kernel has io_uring off.
+//!
+//! The kernel switch is global (`/sys/module/fuse/parameters/enable_uring`, root only): these tests
+//! set it and put the old value back, one at a time. They need root, as every FUSE test here does
+//! in CI; without it they fail, loudly.
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::*;
+
+const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+const PASS: &str = "uring-pass";
+/// Two primaries: 10 MiB at 1 MiB, 20 MiB at 11 MiB.
+const TABLE: &str =
+    "label: dos\nunit: sectors\n\nstart=2048, size=20480, type=83\nstart=22528, size=40960, type=83\n";
+const PART2_START: u64 = 22528 * 512;
+
+/// One test at a time touches the kernel switch.
+static SWITCH: Mutex<()> = Mutex::new(());
+
+/// Sets the kernel switch for the guard's life, then puts the old value back.
+struct Switch {
+    old: String,
+}
+
+impl Switch {
+    fn set(on: bool) -> Switch {
+        let old = fs::read_to_string(PARAM).unwrap_or_else(|e| {
+            panic!("{PARAM}: {e}: this kernel has no FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING)")
+        });
+        fs::write(PARAM, if on { "1" } else { "0" })
+            .unwrap_or_else(|e| panic!("{PARAM}: {e} (these tests must run as root)"));
+        Switch { old }
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        let v = if self.old.trim() == "Y" { "1" } else { "0" };
+        let _ = fs::write(PARAM, v);
+    }
+}
+
+/// An AES overlay (data of its own in both partitions and outside them) over a raw base
+/// holding an MBR with two partitions.
+fn partitioned_image(dir: &Path, name: &str) -> Image {
+    let base = create_raw(dir.join(format!("{name}-base.raw")), 64 * MIB);
+    sfdisk(&base.path, TABLE);
+    let top = qcow2(dir.join(format!("{name}.qcow2")), 64 * MIB)
+        .aes(PASS)
+        .backing(&base)
+        .create();
+    top.write_random(3 * MIB + 512, 300 * 1024, 1);
+    top.write_random(PART2_START + 4 * MIB, 2 * MIB as usize, 2);
+    top.write_random(40 * MIB, 64 * 1024, 3);
+    top
+}
+
+fn errno_of(r: std::io::Result<impl Sized>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => format!("errno {}", e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+/// A libc call's result: "ok", or the errno it set.
+fn errno_or_ok(r: i32) -> String {
+    if r < 0 {
+        format!(
+            "errno {}",
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        )
+    } else {
+        "ok".into()
+    }
+}
+
+fn seek(f: &File, at: i64, whence: i32) -> String {
+    // SAFETY: lseek on an open descriptor; no memory is passed.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), at, whence) };
+    if r < 0 {
+        format!(
+            "errno {}",
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        )
+    } else {
+        r.to_string()
+    }
+}
+
+/// Every kind of request the file system answers, through the mount at `mnt`; returns what each
+/// one answered (which must not depend on the transport) and applies its writes to `expected`.
+fn exercise(mnt: &Path, expected: &mut [u8]) -> Vec<String> {
+    let mut seen = Vec::new();
+    let disk = mnt.join("disk");
+    let part2 = mnt.join("disk-part2");
+    // LOOKUP, GETATTR, OPENDIR, READDIR.
+    let mut names: Vec<String> = fs::read_dir(mnt)
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    seen.push(format!("readdir: {names:?}"));
+    for p in [&disk, &part2, &mnt.join("disk-part1")] {
+        let m = fs::metadata(p).expect("stat");
+        seen.push(format!(
+            "stat {}: size {} mode {:o} nlink {} blksize {}",
+            file_name(p),
+            m.len(),
+            m.mode(),
+            m.nlink(),
+            m.blksize()
+        ));
+    }
+    seen.push(format!(
+        "lookup missing: {}",
+        errno_of(fs::metadata(mnt.join("nope")))
+    ));
+    // OPEN, READ (buffered and direct), checked against QEMU's bytes.
+    assert_same_bytes(
+        &read_all_bounded(&disk),
+        expected,
+        "disk read before writes",
+    );
+    let direct = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&disk)
+        .expect("open O_DIRECT");
+    let mut buf = AlignedBuf::new(1 << 20);
+    direct
+        .read_exact_at(buf.as_mut(), 3 * MIB)
+        .expect("direct read");
+    assert_same_bytes(
+        buf.as_mut(),
+        &expected[3 * MIB as usize..4 * MIB as usize],
+        "direct 1 MiB read",
+    );
+    // WRITE through disk (buffered, then FSYNC and FLUSH at close) and through a partition.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .expect("open rw");
+    let data = pseudo_random(700 * 1024 + 17, 9);
+    let at = 5 * MIB + 3 * KIB;
+    f.write_all_at(&data, at).expect("write disk");
+    expected[at as usize..at as usize + data.len()].copy_from_slice(&data);
+    seen.push(format!("fsync: {}", errno_of(f.sync_all())));
+    let p = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&part2)
+        .expect("open part2");
+    let pdata = pseudo_random(64 * 1024, 10);
+    p.write_all_at(&pdata, 4096).expect("write part2");
+    let pat = (PART2_START + 4096) as usize;
+    expected[pat..pat + pdata.len()].copy_from_slice(&pdata);
+    seen.push(format!("fsync part2: {}", errno_of(p.sync_all())));
+    drop(p);
+    assert_same_bytes(
+        &read_at_bounded(&disk, PART2_START + 4096, pdata.len()),
+        &pdata,
+        "a partition write, read through disk",
+    );
+    // LSEEK: data and holes (holes of the whole chain: the base is a sparse raw).
+    for (off, whence) in [
+        (0, libc::SEEK_DATA),
+        (0, libc::SEEK_HOLE),
+        (40 * MIB as i64, libc::SEEK_HOLE),
+        (63 * MIB as i64, libc::SEEK_DATA),
+    ] {
+        seen.push(format!("lseek {off} {whence}: {}", seek(&f, off, whence)));
+    }
+    // FALLOCATE: punch a hole, and a preallocation past the end.
+    // SAFETY: fallocate on an open descriptor; no memory is passed.
+    let punched = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            (40 * MIB) as i64,
+            (64 * KIB) as i64,
+        )
+    };
+    seen.push(format!("punch: {}", errno_or_ok(punched)));
+    expected[40 * MIB as usize..(40 * MIB + 64 * KIB) as usize].fill(0);
+    // SAFETY: as above.
+    let grow = unsafe { libc::fallocate(f.as_raw_fd(), 0, (63 * MIB) as i64, (2 * MIB) as i64) };
+    seen.push(format!("preallocate past the end: {}", errno_or_ok(grow)));
+    // SETATTR: the same size is fine, another is refused.
+    seen.push(format!("truncate same: {}", errno_of(f.set_len(64 * MIB))));
+    seen.push(format!("truncate other: {}", errno_of(f.set_len(32 * MIB))));
+    drop(f);
+    // STATFS, and what is not implemented.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new(mnt.as_os_str().as_bytes()).expect("path");
+    // SAFETY: a NUL-terminated path and a statvfs to fill.
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    seen.push(format!(
+        "statfs {}: blocks {} bsize {} namemax {}",
+        errno_or_ok(r),
+        st.f_blocks,
+        st.f_bsize,
+        st.f_namemax
+    ));
+    seen.push(format!(
+        "mkdir: {}",
+        errno_of(fs::create_dir(mnt.join("d")))
+    ));
+    seen.push(format!("unlink: {}", errno_of(fs::remove_file(&disk))));
+    // Everything reads back as expected, through a fresh open.
+    assert_same_bytes(&read_all_bounded(&disk), expected, "disk read after writes");
+    seen
+}
+
+/// A heap buffer aligned for O_DIRECT.
+struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let raw = vec![0u8; len + 4096];
+        let start = raw.as_ptr().align_offset(4096);
+        AlignedBuf { raw, start, len }
+    }
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Mount `image` with `--io-uring MODE` (and a log), run `exercise`, unmount; returns the log and
+/// what the requests answered.
+fn run_transport(
+    dir: &Path,
+    image: &Image,
+    mode: &str,
+    expected: &mut [u8],
+) -> (String, Vec<String>) {
+    let key = passphrase_file(dir, &format!("key-{mode}"), PASS);
+    let log = dir.join(format!("log-{mode}"));
+    let m = Mount::new(
+        &image.path,
+        &[
+            "-v".as_ref(),
+            "--io-uring".as_ref(),
+            mode.as_ref(),
+            "--passphrase-file".as_ref(),
+            key.as_os_str(),
+            "--log-file".as_ref(),
+            log.as_os_str(),
+        ],
+    );
+    let seen = exercise(m.mountpoint(), expected);
+    m.umount().assert_success();
+    (fs::read_to_string(&log).unwrap_or_default(), seen)
+}
+
+#[test]
+fn both_transports_answer_every_request_alike_and_as_qemu_reads() {
+    let _one = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let _on = Switch::set(true);
+    let dir = workdir();
+    let ring_image = partitioned_image(dir.path(), "ring");
+    let dev_image = partitioned_image(dir.path(), "dev");
+    // (Each base has its own MBR disk identifier: sfdisk picks one at random.)
+    let mut expected = raw_of(&ring_image);
+    let mut expected_dev = raw_of(&dev_image);
+
+    let (ring_log, ring_seen) = run_transport(dir.path(), &ring_image, "on", &mut expected);
+    assert!(
+        ring_log.contains("requests on io_uring"),
+        "--io-uring on did not serve on io_uring:\n{ring_log}"
+    );
+    let (dev_log, dev_seen) = run_transport(dir.path(), &dev_image, "off", &mut expected_dev);
+    assert!(
+        dev_log.contains("requests on /dev/fuse"),
+        "--io-uring off did not serve on /dev/fuse:\n{dev_log}"
+    );
+    eprintln!("what the requests answered: {ring_seen:#?}");
+    assert_eq!(ring_seen, dev_seen, "the transports answered differently");
+    for (image, expected, what) in [
+        (&ring_image, &expected, "io_uring"),
+        (&dev_image, &expected_dev, "/dev/fuse"),
+    ] {
+        assert_check_clean_when(image, &format!("after the {what} session"));
+        assert_same_bytes(
+            &raw_of(image),
+            expected,
+            &format!("QEMU's read after the {what} session"),
+        );
+    }
+}
+
+#[test]
+fn io_uring_on_refuses_clearly_when_the_kernel_has_it_off_and_auto_falls_back() {
+    let _one = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let _off = Switch::set(false);
+    let dir = workdir();
+    let image = qcow2(dir.path().join("plain.qcow2"), 16 * MIB).create();
+    image.write_pattern(0, MIB, 0x5a);
+    let r = mount_failure(&image.path, &["--io-uring", "on"], None);
+    assert_one_line_error(&r, &[PARAM], Duration::from_secs(10));
+
+    let log = dir.path().join("log");
+    let expected = raw_of(&image);
+    let m = Mount::new(
+        &image.path,
+        &[
+            "-v".as_ref(),
+            "--io-uring".as_ref(),
+            "auto".as_ref(),
+            "--log-file".as_ref(),
+            log.as_os_str(),
+        ],
+    );
+    assert_same_bytes(
+        &read_all_bounded(&m.disk()),
+        &expected,
+        "auto, on /dev/fuse",
+    );
+    m.umount().assert_success();
+    let log = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        log.contains("requests on /dev/fuse"),
+        "auto did not fall back to /dev/fuse:\n{log}"
+    );
+}
