@@ -30,7 +30,7 @@ pub fn handle(
     payload: &mut [u8],
     sent: usize,
     completer: Completer,
-    slow: &Slow,
+    slow: &mut Slow,
 ) -> Handled {
     let ino = INodeNo(request.nodeid);
     let now = |r| Handled::Now(r);

@@ -84,25 +84,55 @@ impl Completer {
     }
 }
 
-/// Runs slow requests off the ring thread, in order.
-pub struct Slow(mpsc::Sender<Box<dyn FnOnce() + Send>>);
+/// Runs slow requests off the ring thread, in order, on a helper thread started at the first one
+/// (a host with many CPUs has many queues, most of which never see a flush).
+pub struct Slow {
+    qid: u16,
+    jobs: Option<mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
 
 impl Slow {
-    fn start(qid: u16) -> Slow {
-        let (tx, rx) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
-        let spawned = std::thread::Builder::new()
-            .name(format!("qcowfs-ring{qid}-slow"))
-            .spawn(move || rx.into_iter().for_each(|job| job()));
-        if let Err(e) = spawned {
-            log::warn!("io_uring queue {qid}: no helper thread ({e}); slow requests run inline");
+    fn new(qid: u16) -> Slow {
+        Slow {
+            qid,
+            jobs: None,
+            thread: None,
         }
-        Slow(tx)
     }
 
-    /// Run `job` on the helper thread (here, if that thread is gone).
-    pub fn run(&self, job: impl FnOnce() + Send + 'static) {
-        if let Err(mpsc::SendError(job)) = self.0.send(Box::new(job)) {
+    /// Run `job` on the helper thread (here, if that thread cannot start).
+    pub fn run(&mut self, job: impl FnOnce() + Send + 'static) {
+        if self.jobs.is_none() {
+            let (tx, rx) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
+            let spawned = std::thread::Builder::new()
+                .name(format!("qcowfs-ring{}-slow", self.qid))
+                .spawn(move || rx.into_iter().for_each(|job| job()));
+            match spawned {
+                Ok(thread) => {
+                    self.jobs = Some(tx);
+                    self.thread = Some(thread);
+                }
+                Err(e) => log::warn!("io_uring queue {}: no helper thread ({e})", self.qid),
+            }
+        }
+        let unsent = match &self.jobs {
+            Some(tx) => tx.send(Box::new(job)).err().map(|mpsc::SendError(job)| job),
+            None => Some(Box::new(job) as Box<dyn FnOnce() + Send>),
+        };
+        if let Some(job) = unsent {
             job();
+        }
+    }
+}
+
+impl Drop for Slow {
+    /// The queue is done: let the helper finish what it was given (the session's final flush
+    /// comes after).
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
@@ -184,7 +214,7 @@ impl Queue {
                 eventfd,
                 owner: std::thread::current().id(),
             }),
-            slow: Slow::start(qid),
+            slow: Slow::new(qid),
             eventfd_buf: Box::new([0; 8]),
             arrived: Vec::with_capacity(DEPTH + 1),
             stop,
@@ -277,7 +307,7 @@ impl Queue {
             &mut slot.payload,
             sent,
             completer,
-            &self.slow,
+            &mut self.slow,
         );
         match handled {
             Handled::Now(r) => self.answer(i, r),
