@@ -3,7 +3,7 @@
 //! provides computed from `qemu-img map` of each chain and the plaintext a raw base holds from
 //! `qemu-img info` ("actual-size"); never from qcowfs itself. A disk that cannot be audited (a
 //! garbage file, a symbolic link, an image a writer holds) gets its own row and exit status 1
-//! while the others are still reported.
+//! while the others are still reported; a 2 TiB sparse disk is audited at once.
 //!
 //! Each test prints the commands it ran (shown on failure: the steps to reproduce).
 
@@ -566,4 +566,42 @@ fn audit_help_explains_the_layout_the_json_lines_and_the_exit_status() {
     ] {
         assert!(help.contains(want), "--help lacks {want:?}:\n{help}");
     }
+}
+
+#[test]
+fn a_disk_whose_base_is_gone_gets_a_row_naming_the_base() {
+    let dir = workdir();
+    let nova = Nova::new(dir.path());
+    let base = nova.base(BASE1, 16 * MIB, &[(0, 2 * MIB, 0x41)]);
+    let inst = nova.instance(INSTANCE_A, &base, BASE1, Enc::Aes);
+    fs::remove_file(&base.path).expect("remove the base");
+    let r = audit(&[OsString::from("--json"), nova.instances.clone().into()]);
+    assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
+    let all = json_lines(&r);
+    assert_eq!(all.len(), 1, "one disk, no base: {all:#?}");
+    let o = object_for(&all, "disk", path_str(&inst.path));
+    let error = o["error"].as_str().expect("error");
+    assert!(
+        error.contains(BASE1) && error.contains("No such file or directory"),
+        "{o:#}"
+    );
+}
+
+/// 2 TiB of virtual disk over a 2 TiB raw base: the coverage walk goes by extents, not bytes.
+#[test]
+fn a_2_tib_sparse_disk_over_a_2_tib_base_is_audited_at_once() {
+    let dir = workdir();
+    let nova = Nova::new(dir.path());
+    let base = nova.base(BASE1, 2 * TIB, &[(TIB, MIB, 0x41)]);
+    let inst = nova.instance(INSTANCE_A, &base, BASE1, Enc::Aes);
+    inst.write_pattern(2 * TIB - MIB, MIB, 0x51);
+    let want = Expected::of(&inst);
+    let r = audit(&[OsString::from("--json"), nova.instances.clone().into()]);
+    r.assert_success();
+    assert!(r.elapsed < Duration::from_secs(10), "took {:?}", r.elapsed);
+    let all = json_lines(&r);
+    let o = object_for(&all, "disk", path_str(&inst.path));
+    assert_eq!(o["virtual_size"].as_u64(), Some(2 * TIB), "{o:#}");
+    assert_eq!(o["data_bytes"].as_u64(), Some(want.data()), "{o:#}");
+    assert_eq!(o["plaintext_base_bytes"].as_u64(), Some(want.base), "{o:#}");
 }
