@@ -75,6 +75,9 @@ layer's key and made durable on fsync, after a few idle seconds, and at umount."
     /// Describe an image: format, sizes, encryption, backing chain, snapshots, features
     #[command(after_help = "Example:\n  qcowfs info --json /var/lib/nova/instances/UUID/disk")]
     Info(InfoArgs),
+    /// Audit a host's instance disks: encryption of each disk and how much of its data lies in plaintext bases
+    #[command(after_help = crate::audit::AFTER_HELP)]
+    Audit(AuditArgs),
     /// Copy all data from the backing files into IMAGE (encrypted with its key) and drop the backing file
     #[command(after_help = "\
 Example (make a nova instance disk self-contained, its raw base's plaintext copied in encrypted):
@@ -194,6 +197,25 @@ pub struct InfoArgs {
     pub confine: ConfineArgs,
     /// The image to describe
     pub image: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Print JSON Lines instead of tables: one object per line, each disk ("kind": "disk") then
+    /// each base image ("kind": "base"), every one with the host name ("host")
+    #[arg(long)]
+    pub json: bool,
+    /// Take no locks, so the disks of running instances are audited too (their numbers may be
+    /// changing while they are read). Without it, QEMU's shared reader locks are taken and a disk
+    /// a VM writes gets a row saying it is in use
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
+    #[command(flatten)]
+    pub confine: ConfineArgs,
+    /// Nova instance folders (each DIR/UUID/disk is audited; DIR/_base is not an instance) or
+    /// qcow2 image files
+    #[arg(value_name = "DIR|IMAGE", default_value = crate::audit::NOVA_INSTANCES)]
+    pub paths: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]

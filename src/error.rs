@@ -28,6 +28,10 @@ pub enum Problem {
     /// A complete message from another process (the mount daemon), already naming its file.
     #[error("{0}")]
     Relayed(String),
+    /// A command did its work for some objects and reported the others as failed (`audit`: the
+    /// disks it could not read have rows saying why).
+    #[error("{0}")]
+    Incomplete(String),
 }
 
 /// An error that names the file it concerns.
@@ -63,6 +67,7 @@ impl Error {
             Problem::Format(_) | Problem::Crypto(_) => libc::EIO,
             Problem::Locked(_) => libc::EBUSY,
             Problem::Usage(_) | Problem::Relayed(_) => libc::EINVAL,
+            Problem::Incomplete(_) => libc::EIO,
         }
     }
 

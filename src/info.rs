@@ -62,7 +62,7 @@ fn layer_json(layer: &Layer) -> Result<Value> {
     });
     match layer {
         Layer::Qcow2(q) => {
-            v["allocated_bytes"] = json!(q.allocated_bytes()?);
+            v["allocated_bytes"] = json!(allocated_bytes(layer)?);
             if q.encryption() == Encryption::Luks {
                 let h = crate::chain::luks_header(q)?;
                 v["luks"] = json!({
@@ -74,14 +74,75 @@ fn layer_json(layer: &Layer) -> Result<Value> {
                 });
             }
         }
-        Layer::Raw(f) => {
-            if let Some(os) = f.os_file() {
-                let meta = os.metadata().map_err(|e| Error::new(path, e))?;
-                v["allocated_bytes"] = json!(meta.blocks() * 512);
+        Layer::Raw(_) => {
+            if let Some(bytes) = allocated_bytes(layer)? {
+                v["allocated_bytes"] = json!(bytes);
             }
         }
     }
     Ok(v)
+}
+
+/// The bytes of data a layer's file holds: a qcow2 layer's data clusters (mapped, not counting
+/// metadata), a raw file's allocated blocks (`st_blocks`, as `qemu-img info` shows "disk size").
+/// None for a raw layer without a host file (in memory, in unit tests).
+pub(crate) fn allocated_bytes(layer: &Layer) -> Result<Option<u64>> {
+    match layer {
+        Layer::Qcow2(q) => q.allocated_bytes().map(Some),
+        Layer::Raw(f) => match f.os_file() {
+            Some(os) => {
+                let meta = os.metadata().map_err(|e| Error::new(layer.path(), e))?;
+                Ok(Some(meta.blocks().saturating_mul(512)))
+            }
+            None => Ok(None),
+        },
+    }
+}
+
+/// Encryption coverage of a chain: the guest data bytes each layer provides (what the guest
+/// reads from it: data no layer above covers) and how much of that is not encrypted. The walk
+/// maps extents through the chain, so memory stays O(layers) whatever the virtual size.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Coverage {
+    /// Bytes each layer provides, top first.
+    pub provided: Vec<u64>,
+    /// Every byte of guest data the chain holds.
+    pub data_bytes: u64,
+    /// The part of `data_bytes` that unencrypted layers provide.
+    pub unencrypted_bytes: u64,
+}
+
+impl Coverage {
+    pub(crate) fn of(chain: &Chain) -> Result<Coverage> {
+        let provided = chain.coverage()?;
+        let data_bytes = provided.iter().sum();
+        let unencrypted_bytes = chain
+            .layers()
+            .iter()
+            .zip(&provided)
+            .filter(|(layer, _)| layer.encryption() == Encryption::None)
+            .map(|(_, bytes)| bytes)
+            .sum();
+        Ok(Coverage {
+            provided,
+            data_bytes,
+            unencrypted_bytes,
+        })
+    }
+
+    /// `unencrypted_bytes / data_bytes`, 0 for a chain without data.
+    pub(crate) fn unencrypted_share(&self) -> f64 {
+        share(self.unencrypted_bytes, self.data_bytes)
+    }
+}
+
+/// `part / whole` as a fraction, 0 when `whole` is 0.
+pub(crate) fn share(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
 }
 
 fn describe(chain: &Chain) -> Result<Value> {
@@ -100,24 +161,14 @@ fn describe(chain: &Chain) -> Result<Value> {
         }
     }
     // Encryption coverage: what the guest reads from each layer, and how much of it is plaintext.
-    let provided = chain.coverage()?;
-    let total: u64 = provided.iter().sum();
-    let mut unencrypted = 0;
-    for ((layer, v), bytes) in chain.layers().iter().zip(layers.iter_mut()).zip(&provided) {
+    let cov = Coverage::of(chain)?;
+    for (v, bytes) in layers.iter_mut().zip(&cov.provided) {
         v["provided_bytes"] = json!(bytes);
-        if layer.encryption() == Encryption::None {
-            unencrypted += bytes;
-        }
     }
-    let share = if total == 0 {
-        0.0
-    } else {
-        unencrypted as f64 / total as f64
-    };
     let coverage = json!({
-        "data_bytes": total,
-        "unencrypted_bytes": unencrypted,
-        "unencrypted_share": share,
+        "data_bytes": cov.data_bytes,
+        "unencrypted_bytes": cov.unencrypted_bytes,
+        "unencrypted_share": cov.unencrypted_share(),
     });
     let mut report = json!({
         "image": top.path().display().to_string(),
@@ -267,7 +318,7 @@ fn coverage_warning(r: &Value) -> Option<String> {
 }
 
 /// A share as a whole percentage, "<1%" for a small non-zero one.
-fn percent(share: f64) -> String {
+pub(crate) fn percent(share: f64) -> String {
     if share > 0.0 && share < 0.005 {
         "<1%".to_string()
     } else {

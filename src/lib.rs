@@ -4,6 +4,7 @@
 //! ranges, cluster cache, flush) → `chain` (the stack of images) → `qcow2` / `raw` (formats) →
 //! `crypto` and `io` (ciphers, positional host I/O and QEMU-compatible locks).
 
+pub mod audit;
 pub mod chain;
 pub mod cli;
 pub mod crypto;

@@ -87,6 +87,7 @@ fn main() {
         Command::Info(args) => {
             default_passphrase(&args.keys).and_then(|_| qcowfs::info::run(&args))
         }
+        Command::Audit(args) => qcowfs::audit::run(&args),
         Command::Generate(target) => generate::run(&target),
         Command::Seal(args) => args.confine.folders().and_then(|within| {
             let keys = key_ring(&args.keys, &args.image, true, &within)?;

@@ -178,7 +178,7 @@ fn common_sections() -> Roff {
              other users than root.",
         )]);
     roff.control("SH", ["SEE ALSO"]).text([roman(
-        "qcowfs(1), qcowfs-mount(1), qcowfs-umount(1), qcowfs-info(1), mount(8), fstab(5), \
+        "qcowfs(1), qcowfs-mount(1), qcowfs-umount(1), qcowfs-info(1), qcowfs-audit(1), mount(8), fstab(5), \
          qemu-img(1), virsh(1)",
     )]);
     roff
@@ -201,6 +201,7 @@ mod tests {
             "qcowfs-mount.1",
             "qcowfs-umount.1",
             "qcowfs-info.1",
+            "qcowfs-audit.1",
         ] {
             assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
         }
