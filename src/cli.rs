@@ -84,6 +84,7 @@ Example (make a nova instance disk self-contained, its raw base's plaintext copi
   qcowfs seal --progress --passphrase-file key /var/lib/nova/instances/UUID/disk
 
 Needs free space for the copied data and takes the image's write lock (the VM must be off).
+Clusters that read as all zeros are left unallocated (they read as zeros without the backing file).
 Safe to interrupt: until the last step the image still has its backing file; run it again.")]
     Seal(SealArgs),
     /// Write the manual pages or shell completions (used by scripts/install.sh)

@@ -176,9 +176,11 @@ fn seal(
         );
     } else {
         println!(
-            "{}: copied {} from the backing chain; the image no longer has a backing file",
+            "{}: copied {} from the backing chain ({} cluster(s) that read as zeros left \
+             unallocated); the image no longer has a backing file",
             qcowfs::error::escaped(&args.image),
-            qcowfs::size::human(report.copied_bytes)
+            qcowfs::size::human(report.copied_bytes),
+            report.zero_clusters
         );
     }
     Ok(())

@@ -98,23 +98,6 @@ fn find_bytes(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     None
 }
 
-/// `qemu-img compare IMAGE RAW` (the whole chain of `image`, with its secrets, against a raw file).
-fn qemu_compare_with_raw(image: &Image, raw: &Path) -> Run {
-    let (mut args, target) = image.qemu_open_args();
-    args.insert(0, "compare".into());
-    if image.secrets.iter().any(Option::is_some) {
-        // --image-opts applies to both files.
-        args.push(target);
-        args.push(format!("driver=raw,file.filename={}", path_str(raw)));
-    } else {
-        args.push("-F".into());
-        args.push("raw".into());
-        args.push(target);
-        args.push(path_str(raw).into());
-    }
-    run("qemu-img", &args)
-}
-
 /// `qemu-img convert -l NAME -O raw` of an internal snapshot of `image`, as bytes.
 fn snapshot_raw(image: &Image, name: &str) -> Vec<u8> {
     let dest = tempfile::NamedTempFile::new().expect("temp raw file");

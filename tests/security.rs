@@ -1,7 +1,9 @@
 //! The host is hostile too (issue 14): runtime records another user plants, keys in core dumps,
 //! LUKS headers that demand endless key derivation, passphrase files others can read, legacy AES
 //! passphrases nothing can verify, and backing files that point anywhere. Two real non-root users
-//! play victim and attacker where it matters.
+//! play victim and attacker where it matters. And non-root mounts themselves (issue 17): refused
+//! in one line naming `/dev/fuse` when the user cannot open it, a full read/write round trip of an
+//! AES image when the user can.
 
 mod common;
 
@@ -106,6 +108,148 @@ fn another_users_planted_runtime_folder_and_symlinked_records_never_touch_the_vi
         "the daemon removed its record after writing everything"
     );
     let _ = fs::remove_dir_all(&runtime);
+}
+
+// --- non-root mounts and /dev/fuse -----------------------------------------------------------
+
+/// A mount `user` made: unmounted as that user on drop if a test fails midway, by force (as
+/// root) when that does not work. Never panics.
+struct UserMount<'a> {
+    user: &'a User,
+    mountpoint: PathBuf,
+}
+
+impl Drop for UserMount<'_> {
+    fn drop(&mut self) {
+        if !is_mounted(&self.mountpoint) {
+            return;
+        }
+        let _ = self.user.run(
+            &qcowfs_bin(),
+            ["umount".as_ref(), self.mountpoint.as_os_str()],
+        );
+        if is_mounted(&self.mountpoint) {
+            let _ = run("umount", ["-l".as_ref(), self.mountpoint.as_os_str()]);
+        }
+    }
+}
+
+#[test]
+fn a_non_root_mount_without_access_to_dev_fuse_fails_in_one_line_naming_it() {
+    let user = test_user("qcowfs-victim");
+    let _fuse = FuseRootOnly::new();
+    let (_dir, image, mnt) = victim_workspace(&user);
+    let r = user.run(
+        &qcowfs_bin(),
+        ["mount".as_ref(), image.as_os_str(), mnt.as_os_str()],
+    );
+    let _cleanup = UserMount {
+        user: &user,
+        mountpoint: mnt.clone(),
+    };
+    assert_one_line_error(&r, &["/dev/fuse"], Duration::from_secs(10));
+    assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("ermission denied") && r.stderr.contains("0666"),
+        "the line gives the OS error and the fix: {}",
+        r.stderr
+    );
+    assert!(!is_mounted(&mnt), "mounted all the same");
+}
+
+/// Non-root mounts work once `/dev/fuse` is open to the user (mode 0666, fusermount3
+/// installed): an AES image and a passphrase file of the user's own, read and written through
+/// the mount, unmounted by the user; qemu (as root, afterwards) agrees on every byte. (The
+/// runtime-record test above mounts as a user too, a plain image, neither reading nor writing.)
+#[test]
+fn a_non_root_user_mounts_an_aes_image_of_their_own_reads_writes_and_unmounts_it() {
+    const PASS: &str = "non-root secret";
+    let user = test_user("qcowfs-victim");
+    let _fuse = FuseForAll::new();
+    let dir = tempfile::Builder::new()
+        .prefix("qcowfs-user-")
+        .tempdir()
+        .expect("tempdir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let img = qcow2(dir.path().join("disk.qcow2"), 16 * MIB)
+        .aes(PASS)
+        .create();
+    img.write_random(0, MIB as usize, 1);
+    img.write_random(5 * MIB + 4096, 300 * KIB as usize, 2);
+    let mut expected = img.raw();
+    let key = passphrase_file(dir.path(), "key", PASS);
+    let (off, len) = (3 * MIB + 8 * KIB, 192 * KIB);
+    let pattern = img.test_data(len as usize, 3);
+    let pattern_file = dir.path().join("pattern");
+    fs::write(&pattern_file, &pattern).expect("write pattern");
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).expect("mountpoint");
+    user.own(dir.path());
+    let meta = fs::metadata(&key).expect("passphrase file");
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (user.uid, 0o600));
+
+    let bin = qcowfs_bin();
+    let r = user.run(
+        &bin,
+        [
+            "mount".as_ref(),
+            "--passphrase-file".as_ref(),
+            key.as_os_str(),
+            img.path.as_os_str(),
+            mnt.as_os_str(),
+        ],
+    );
+    let mounted = UserMount {
+        user: &user,
+        mountpoint: mnt.clone(),
+    };
+    r.assert_success();
+    assert!(!r.stderr.contains("warning"), "no warning: {}", r.stderr);
+    let disk = mnt.join("disk");
+    // Without --allow-other only the user may look inside the mount, not even root.
+    let stat = user.run(
+        Path::new("/usr/bin/stat"),
+        ["-c".as_ref(), "%u %a %s".as_ref(), disk.as_os_str()],
+    );
+    stat.assert_success();
+    assert_eq!(
+        stat.stdout_str().trim(),
+        format!("{} 600 {}", user.uid, 16 * MIB),
+        "the disk file belongs to the user, mode 0600, the virtual size"
+    );
+    let read = user.run(Path::new("/usr/bin/cat"), [disk.as_os_str()]);
+    read.assert_success();
+    assert_same_bytes(&read.stdout, &expected, "the disk read by the user");
+    let of = format!("of={}", disk.display());
+    let write = user.run(
+        Path::new("/usr/bin/dd"),
+        [
+            format!("if={}", pattern_file.display()),
+            of,
+            "bs=4096".into(),
+            format!("seek={}", off / 4096),
+            "conv=notrunc,fsync".into(),
+            "status=none".into(),
+        ],
+    );
+    write.assert_success();
+    let r = user.run(&bin, ["umount".as_ref(), mnt.as_os_str()]);
+    r.assert_success();
+    assert!(!is_mounted(&mnt), "still mounted after the user's umount");
+    drop(mounted);
+
+    expected[off as usize..(off + len) as usize].copy_from_slice(&pattern);
+    let expected_raw = dir.path().join("expected.raw");
+    fs::write(&expected_raw, &expected).expect("write expected raw");
+    let r = qemu_compare_with_raw(&img, &expected_raw);
+    assert!(
+        r.status.success(),
+        "qemu-img compare after the user's write: {}\n{}{}",
+        describe_status(r.status),
+        r.stdout_str(),
+        r.stderr
+    );
+    assert_check_clean(&img);
 }
 
 use std::os::unix::fs::MetadataExt;

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::data::{compressible_bytes, random_bytes, Rng};
-use super::run::{qemu_img, qemu_io, Run};
+use super::run::{qemu_img, qemu_io, run, Run};
 
 /// Image format as qemu names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -264,6 +264,24 @@ impl Image {
 /// The guest view of `image` according to `qemu-img convert -O raw` (the read oracle).
 pub fn raw_of(image: &Image) -> Vec<u8> {
     image.raw()
+}
+
+/// `qemu-img compare IMAGE RAW` (the whole chain of `image`, with its secrets, against a raw file),
+/// whatever its exit code: 0 means the guest views are identical.
+pub fn qemu_compare_with_raw(image: &Image, raw: &Path) -> Run {
+    let (mut args, target) = image.qemu_open_args();
+    args.insert(0, "compare".into());
+    if image.secrets.iter().any(Option::is_some) {
+        // --image-opts applies to both files.
+        args.push(target);
+        args.push(format!("driver=raw,file.filename={}", path_str(raw)));
+    } else {
+        args.push("-F".into());
+        args.push("raw".into());
+        args.push(target);
+        args.push(path_str(raw).into());
+    }
+    run("qemu-img", &args)
 }
 
 /// `qemu-img map --output=json` of `image` (its whole chain), parsed: one object per extent with

@@ -1,7 +1,8 @@
 //! Real non-root users for tests that play a victim and an attacker on one host: created with
 //! `useradd` when missing (the suite runs as root), and commands run as them with `setpriv`.
 //! FUSE mounts as a normal user need `/dev/fuse` open to them; `FuseForAll` makes it so for the
-//! test's duration (the usual mode on a desktop system is 0666) and restores the mode after.
+//! test's duration (the usual mode on a desktop system is 0666), `FuseRootOnly` makes sure it is
+//! not (0600), and both restore the mode after, one test at a time across the whole suite.
 
 use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
@@ -93,34 +94,86 @@ impl User {
     }
 }
 
-/// `/dev/fuse` readable and writable by everyone while it lives; the old mode comes back on drop.
-/// Tests holding one run one at a time, so none restores the mode under another.
-pub struct FuseForAll {
-    mode: u32,
-    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
-}
+/// `/dev/fuse` readable and writable by everyone while it lives (the usual mode on a desktop
+/// system: non-root mounts work); the old mode comes back on drop.
+pub struct FuseForAll(FuseMode);
 
 impl FuseForAll {
     pub fn new() -> FuseForAll {
+        FuseForAll(FuseMode::hold(0o666))
+    }
+}
+
+/// `/dev/fuse` readable and writable by root only (0600, as in a container by default) while it
+/// lives: a non-root mount cannot open it. The old mode comes back on drop.
+pub struct FuseRootOnly(FuseMode);
+
+impl FuseRootOnly {
+    pub fn new() -> FuseRootOnly {
+        FuseRootOnly(FuseMode::hold(0o600))
+    }
+}
+
+/// Where test processes of this suite take turns with `/dev/fuse`'s mode.
+const FUSE_MODE_LOCK: &str = "/run/qcowfs-tests-dev-fuse-mode.lock";
+
+/// How long a test waits for another process of the suite to give `/dev/fuse`'s mode back.
+const FUSE_MODE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// `/dev/fuse` at a mode a test relies on, and the right to it: tests holding one run one at a
+/// time, in this process (a mutex: the test threads of one binary) and across the suite's test
+/// binaries (an exclusive `flock` on [`FUSE_MODE_LOCK`]), so none changes or restores the mode
+/// under another. Root's own mounts do not care about the mode (root may open it anyway).
+struct FuseMode {
+    old: u32,
+    _suite: std::fs::File,
+    _process: std::sync::MutexGuard<'static, ()>,
+}
+
+impl FuseMode {
+    fn hold(mode: u32) -> FuseMode {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
         static HELD: Mutex<()> = Mutex::new(());
-        let guard = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        let process = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        let suite = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(FUSE_MODE_LOCK)
+            .unwrap_or_else(|e| panic!("open {FUSE_MODE_LOCK}: {e}"));
+        let start = std::time::Instant::now();
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        while unsafe { libc::flock(suite.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            assert!(
+                start.elapsed() < FUSE_MODE_WAIT,
+                "another test process held {FUSE_MODE_LOCK} (the right to /dev/fuse's mode) \
+                 for {FUSE_MODE_WAIT:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let dev = Path::new("/dev/fuse");
-        let mode = std::fs::metadata(dev)
+        let old = std::fs::metadata(dev)
             .expect("/dev/fuse")
             .permissions()
             .mode()
             & 0o7777;
-        std::fs::set_permissions(dev, std::fs::Permissions::from_mode(0o666))
+        std::fs::set_permissions(dev, std::fs::Permissions::from_mode(mode))
             .expect("chmod /dev/fuse");
-        FuseForAll {
-            mode,
-            _one_at_a_time: guard,
+        FuseMode {
+            old,
+            _suite: suite,
+            _process: process,
         }
     }
 }
 
-impl Drop for FuseForAll {
+impl Drop for FuseMode {
+    // Runs before the fields drop: the mode is back before the next holder may take its turn.
     fn drop(&mut self) {
-        let _ = std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(self.mode));
+        let _ = std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(self.old));
     }
 }
