@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Benchmark: qcowfs against QEMU's own FUSE export (qemu-storage-daemon --export type=fuse) on the
 # same encrypted qcow2 images, with fio. Run as root (FUSE mounts, apt-get for missing tools).
+# BENCH_PARTS ("fio guest"): "fio" is this file's fio workloads below; "guest" then runs
+# scripts/bench-guest.sh (a guest's e2fsck, tar and untar on qcowfs, on QEMU's export and on a plain
+# loop-mounted raw file; its own header explains it) with the same binary, so that one run prints
+# both tables. The mounting of both sides is shared with it: scripts/lib/bench-sides.sh.
 #
 # Images (made in a temp dir, 64 KiB clusters, legacy AES "encryption=on", passphrase as the key):
 #   A  A/*.qcow2      BENCH_SIZE (1 GiB), ~40% of its 1 MiB chunks (seeded shuffle) hold random
@@ -17,7 +21,8 @@
 # outside the timed part), `sync`, the image (and base) read with cat so that it is warm in the host
 # page cache, a fresh mount (the FUSE side starts cold), the fio job on the disk file, VmHWM of the
 # daemon from /proc/PID/status, unmount (qcowfs umount / SIGTERM to qemu-storage-daemon, waited for).
-#   qcowfs: qcowfs mount --passphrase-file F --cache-size BENCH_CACHE_SIZE IMG DIR  -> DIR/disk
+#   qcowfs: qcowfs mount --passphrase-file F --cache-size BENCH_CACHE_SIZE [BENCH_QCOWFS_OPTS] IMG DIR
+#           -> DIR/disk
 #   QEMU:   qemu-storage-daemon --daemonize --object secret,... --blockdev file --blockdev qcow2
 #           (encrypt.format=aes) --export type=fuse,mountpoint=FILE,writable=on  -> FILE
 #           (its defaults otherwise: cache.direct=off, i.e. it also goes through the page cache)
@@ -38,7 +43,8 @@
 # disk), BENCH_WRITE_SIZE (256M, capped at BENCH_SIZE), BENCH_CACHE_SIZE (256M, qcowfs --cache-size),
 # BENCH_OUT (also write the markdown table there), BENCH_IMAGES ("A B"), BENCH_WORKLOADS (all five),
 # BENCH_KEEP=1 (keep the temp dir), QCOWFS_BIN (use that binary, no build), BENCH_TMP (parent of the
-# temp dir, /tmp).
+# temp dir, /tmp), BENCH_QCOWFS_OPTS (more qcowfs mount options, e.g. "--io-uring off"), BENCH_PARTS.
+# BENCH_OUT is overwritten by the fio table; the guest part appends its table to it.
 # Output: one markdown table (medians; ratio = how many times better qcowfs is: qcowfs/QEMU for
 # throughput, QEMU/qcowfs for latency; peak RSS = highest VmHWM over the rounds) and the per-round
 # values.
@@ -47,6 +53,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 # shellcheck source=scripts/lib/install-deps.sh
 source scripts/lib/install-deps.sh
+# shellcheck source=scripts/lib/bench-sides.sh
+source scripts/lib/bench-sides.sh
 
 [ "$(id -u)" -eq 0 ] || die "run the benchmark as root (FUSE mounts of qemu-storage-daemon, apt-get)"
 
@@ -59,7 +67,14 @@ BENCH_CACHE_SIZE=${BENCH_CACHE_SIZE:-256M}
 BENCH_OUT=${BENCH_OUT:-}
 BENCH_IMAGES=${BENCH_IMAGES:-A B}
 BENCH_WORKLOADS=${BENCH_WORKLOADS:-seqread randread randread4j seqwrite randwrite mixed readlat}
-PASS=bench-passphrase
+BENCH_PARTS=${BENCH_PARTS:-fio guest}
+has_part() { case " $BENCH_PARTS " in *" $1 "*) return 0 ;; esac; return 1; }
+for part in $BENCH_PARTS; do
+	case "$part" in fio | guest) ;; *) die "unknown part in BENCH_PARTS: $part (fio, guest)" ;; esac
+done
+has_part fio || has_part guest || die "BENCH_PARTS names no part (fio, guest)"
+# The guest part's knobs are checked now, not after the fio part.
+if has_part guest; then scripts/bench-guest.sh --check-knobs; fi
 
 to_bytes() { numfmt --from=iec "${1%B}" 2>/dev/null || die "not a size: $1"; }
 SIZE_B=$(to_bytes "$BENCH_SIZE")
@@ -73,6 +88,8 @@ WRITE_B=$(to_bytes "$BENCH_WRITE_SIZE")
 [ "$WRITE_B" -le "$SIZE_B" ] || WRITE_B=$SIZE_B
 [[ "$BENCH_ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive integer"
 [[ "$BENCH_RUNTIME" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNTIME must be a positive integer (seconds)"
+
+if ! has_part fio; then exec scripts/bench-guest.sh; fi
 
 step "Checking tools"
 install_deps
@@ -89,89 +106,10 @@ resolve_qcowfs
 WORK=$(mktemp -d "${BENCH_TMP:-/tmp}/qcowfs-bench.XXXXXX")
 WORK=$(realpath "$WORK")
 RESULTS="$WORK/results.tsv"
-QCOWFS_MNT="$WORK/mnt"
-QEMU_EXPORT="$WORK/qemu-export.disk"
-QSD_PIDFILE="$WORK/qsd.pid"
-PASSFILE="$WORK/passphrase"
-mkdir -p "$QCOWFS_MNT"
-printf '%s' "$PASS" >"$PASSFILE"
-chmod 600 "$PASSFILE"
+bench_traps benchmark
+bench_sides_init "$WORK" # PASSFILE, QEMU_SECRET, AES_OPTS, the mountpoints
 : >"$RESULTS"
 
-# The pid of the qcowfs daemon serving $QCOWFS_MNT: its pid file in /run/qcowfs names the mountpoint
-# on its second line.
-qcowfs_daemon_pid() {
-	local f
-	for f in /run/qcowfs/*.pid; do
-		[ -e "$f" ] || continue
-		if [ "$(sed -n 2p "$f" 2>/dev/null)" = "$QCOWFS_MNT" ]; then
-			sed -n 1p "$f"
-			return 0
-		fi
-	done
-	return 1
-}
-
-# wait_gone PID [TENTHS]: wait until the process is gone (or a zombie); 1 on timeout.
-wait_gone() {
-	local pid=$1 n=${2:-300} state
-	while [ "$n" -gt 0 ]; do
-		state=$(awk '/^State:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
-		if [ -z "$state" ] || [ "$state" = Z ]; then return 0; fi
-		sleep 0.1
-		n=$((n - 1))
-	done
-	return 1
-}
-
-qsd_stop() {
-	local pid
-	[ -s "$QSD_PIDFILE" ] || return 0
-	pid=$(cat "$QSD_PIDFILE")
-	if kill -0 "$pid" 2>/dev/null; then
-		kill -TERM "$pid" 2>/dev/null || true
-		if ! wait_gone "$pid" 600; then
-			note "qemu-storage-daemon $pid ignored SIGTERM for 60 s: SIGKILL"
-			kill -KILL "$pid" 2>/dev/null || true
-			wait_gone "$pid" 100 || true
-		fi
-	fi
-	rm -f "$QSD_PIDFILE"
-	if grep -qF " $QEMU_EXPORT fuse" /proc/mounts; then
-		fusermount3 -u -z "$QEMU_EXPORT" 2>/dev/null || umount -l "$QEMU_EXPORT" || true
-	fi
-}
-
-qcowfs_stop() {
-	if mountpoint -q "$QCOWFS_MNT"; then
-		"$QCOWFS" umount "$QCOWFS_MNT" || fusermount3 -u -z "$QCOWFS_MNT" || umount -l "$QCOWFS_MNT" || true
-	fi
-}
-
-cleanup() {
-	local rc=$?
-	set +e
-	trap - EXIT INT TERM
-	qcowfs_stop
-	qsd_stop
-	if grep -qF " $WORK/" /proc/mounts; then
-		note "something is still mounted under $WORK: not removing it"
-	elif [ "${BENCH_KEEP:-0}" = 1 ]; then
-		note "kept $WORK"
-	else
-		rm -rf "$WORK"
-	fi
-	if [ "$rc" -ne 0 ]; then
-		printf '\n\033[1;31mbenchmark FAILED (exit %s)\033[0m\n' "$rc" >&2
-	fi
-	exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-QEMU_SECRET=(--object "secret,id=s0,file=$PASSFILE")
-AES_OPTS=encrypt.format=aes,encrypt.key-secret=s0,cluster_size=64k
 CHUNKS=$((SIZE_B >> 20))
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,46 +204,9 @@ warm() {
 }
 
 # side_mount IMG SIDE: mount SIDE's copy; prints the disk file's path.
-side_mount() {
-	local img=$1 side=$2 path i
-	path=$(side_image "$img" "$side")
-	case "$side" in
-	qcowfs)
-		"$QCOWFS" mount --passphrase-file "$PASSFILE" --cache-size "$BENCH_CACHE_SIZE" "$path" "$QCOWFS_MNT" >&2
-		[ "$(stat -c %s "$QCOWFS_MNT/disk")" -eq "$SIZE_B" ] || die "qcowfs: $QCOWFS_MNT/disk has the wrong size"
-		printf '%s' "$QCOWFS_MNT/disk"
-		;;
-	qemu)
-		: >"$QEMU_EXPORT"
-		rm -f "$QSD_PIDFILE"
-		qemu-storage-daemon "${QEMU_SECRET[@]}" \
-			--blockdev "driver=file,node-name=f0,filename=$path" \
-			--blockdev "driver=qcow2,node-name=d0,file=f0,encrypt.format=aes,encrypt.key-secret=s0" \
-			--export "type=fuse,id=e0,node-name=d0,mountpoint=$QEMU_EXPORT,writable=on" \
-			--pidfile "$QSD_PIDFILE" --daemonize >&2
-		for i in $(seq 100); do
-			[ "$(stat -c %s "$QEMU_EXPORT")" -eq "$SIZE_B" ] && break
-			sleep 0.1
-		done
-		[ "$(stat -c %s "$QEMU_EXPORT")" -eq "$SIZE_B" ] || die "qemu-storage-daemon: the export never showed the disk"
-		printf '%s' "$QEMU_EXPORT"
-		;;
-	esac
-}
-
-side_pid() {
-	case "$1" in
-	qcowfs) qcowfs_daemon_pid ;;
-	qemu) cat "$QSD_PIDFILE" ;;
-	esac
-}
-
-side_umount() {
-	case "$1" in
-	qcowfs) "$QCOWFS" umount "$QCOWFS_MNT" ;;
-	qemu) qsd_stop ;;
-	esac
-}
+side_mount() { fuse_mount "$2" "$(side_image "$1" "$2")" "$SIZE_B"; }
+side_pid() { fuse_pid "$1"; }
+side_umount() { fuse_umount "$1"; }
 
 # fio_args WORKLOAD: sets FIO_ARGS to the job's options (beyond name, filename and output format).
 fio_args() {
@@ -442,9 +343,14 @@ print()
 print("\n".join(detail))
 EOF
 )
-HEADER="Image size $BENCH_SIZE, $BENCH_ROUNDS rounds (median), time-based jobs $BENCH_RUNTIME s, seq read $((SEQ_B >> 20)) MiB, seq write $((WRITE_B >> 20)) MiB, qcowfs --cache-size $BENCH_CACHE_SIZE; peak RSS = highest VmHWM of the daemon over the rounds."
+HEADER="Image size $BENCH_SIZE, $BENCH_ROUNDS rounds (median), time-based jobs $BENCH_RUNTIME s, seq read $((SEQ_B >> 20)) MiB, seq write $((WRITE_B >> 20)) MiB, qcowfs ${QCOWFS_MOUNT_OPTS[*]}; peak RSS = highest VmHWM of the daemon over the rounds."
 printf '%s\n\n%s\n' "$HEADER" "$TABLE"
 if [ -n "$BENCH_OUT" ]; then
 	printf '%s\n\n%s\n' "$HEADER" "$TABLE" >"$BENCH_OUT"
 	note "written to $BENCH_OUT"
+fi
+
+if has_part guest; then
+	step "The guest job: scripts/bench-guest.sh"
+	QCOWFS_BIN=$QCOWFS scripts/bench-guest.sh || die "the guest part failed (the fio table above is complete)"
 fi

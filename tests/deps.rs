@@ -222,14 +222,43 @@ fn programs_in_shell(text: &str, functions: &BTreeSet<String>) -> BTreeSet<Strin
         let mut segments: Vec<String> = Vec::new();
         let mut current = String::new();
         let chars: Vec<char> = line.chars().collect();
+        // Open `(` and `$(` on this line, and where the current simple command list began (line
+        // start or `;`): a `)` that closes nothing ends a case pattern (`a | b)`), not a command.
+        let mut depth = 0usize;
+        let mut pattern_from = 0usize;
         let mut i = 0;
         while i < chars.len() {
             let c = chars[i];
             let two: String = chars[i..(i + 2).min(chars.len())].iter().collect();
+            // `${name:-default}` is one word, braces and all.
+            if two == "${" {
+                let end = chars[i..].iter().position(|&c| c == '}').map_or(chars.len(), |e| i + e + 1);
+                current.push('V');
+                i = end;
+                continue;
+            }
             if matches!(two.as_str(), "&&" | "||" | "$(") {
+                if two == "$(" {
+                    depth += 1;
+                }
                 segments.push(std::mem::take(&mut current));
                 i += 2;
                 continue;
+            }
+            if c == '(' {
+                depth += 1;
+            }
+            if c == ';' {
+                pattern_from = segments.len() + 1;
+            }
+            if c == ')' && depth == 0 {
+                segments.truncate(pattern_from);
+                current.clear();
+                i += 1;
+                continue;
+            }
+            if c == ')' {
+                depth -= 1;
             }
             // `$(basename "$x").in`: text right after a `)` continues the word, it is no command.
             let continues = c == ')'
@@ -337,7 +366,7 @@ fn every_program_the_tests_and_scripts_run_is_installed_by_install_deps() {
 
 #[test]
 fn the_shell_scan_finds_commands_after_pipes_and_in_substitutions_but_not_in_heredocs() {
-    let script = "set +e\nfor cmd in a b; do\n  nice -n 19 fuzzer x\ndone\ndie \"a long \\\nquoted line\"\n[ $((N % 2)) ]\nout=$(basename x).in\nx=$(sgdisk -p a | partx --show)\nif fio --x; then\n  cat <<EOF\nnotaprogram here\nEOF\nfi\nfoo() {\n  bar \\\n    baz\n}\nfoo\n# comment: wrongtool\necho 'quoted tool' && e2fsck -n x\n";
+    let script = "case \"$x\" in a | b) ;; c) die ;; esac\n\tside)\n\tlocal p=${2:-300} state\nset +e\nfor cmd in a b; do\n  nice -n 19 fuzzer x\ndone\ndie \"a long \\\nquoted line\"\n[ $((N % 2)) ]\nout=$(basename x).in\nx=$(sgdisk -p a | partx --show)\nif fio --x; then\n  cat <<EOF\nnotaprogram here\nEOF\nfi\nfoo() {\n  bar \\\n    baz\n}\nfoo\n# comment: wrongtool\necho 'quoted tool' && e2fsck -n x\n";
     let functions = shell_functions(script);
     let found = programs_in_shell(script, &functions);
     let expected: BTreeSet<String> = [
