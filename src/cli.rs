@@ -129,7 +129,9 @@ const GUEST_HELP_COPY: &str = concat!(
     "DEST an existing folder: copied into it (like cp -r); else DEST is the new name. Nothing\n",
     "existing is overwritten. Modes (without setuid/setgid), mtimes and atimes are kept; symlinks\n",
     "are made as symlinks and never followed on the host; devices, FIFOs and sockets are skipped.\n",
-    "A progress bar shows on a terminal.\n\n",
+    "A progress bar shows on a terminal. DEST '-' writes a tar stream to stdout instead\n",
+    "(GNU format; the guest's uid/gid, modes less setuid/setgid, mtimes):\n",
+    "  qcowfs copy-out IMAGE /etc - | tar -tvf -\n\n",
     guest_help_common!()
 );
 
@@ -265,7 +267,7 @@ pub struct GuestArgs {
 pub struct CopyOutArgs {
     #[command(flatten)]
     pub guest: GuestArgs,
-    /// An existing folder to copy into, or the new name
+    /// An existing folder to copy into, or the new name; '-' writes a tar stream to stdout
     pub dest: PathBuf,
 }
 

@@ -95,7 +95,14 @@ fn main() {
             qcowfs::guestfs::cat(g, &args.guest_path, &mut std::io::stdout().lock())
         }),
         Command::CopyOut(args) => guest_command(&args.guest, |g| {
-            qcowfs::guestfs::copy_out(g, &args.guest.guest_path, &args.dest, true).map(|_| ())
+            let guest = &args.guest.guest_path;
+            match args.dest.as_os_str() == "-" {
+                true => {
+                    qcowfs::guestfs::copy_out_tar(g, guest, &mut std::io::stdout().lock(), true)
+                }
+                false => qcowfs::guestfs::copy_out(g, guest, &args.dest, true),
+            }
+            .map(|_| ())
         }),
         Command::Seal(args) => args.confine.folders().and_then(|within| {
             let keys = key_ring(&args.keys, &args.image, true, &within)?;

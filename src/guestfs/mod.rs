@@ -2,12 +2,15 @@
 //! `copy-out`. No FUSE, no root, no loop device: the chain is opened read-only (QEMU's reader
 //! locks, or none with `--force-share`), the file system is found on the disk or one of its
 //! partitions by its magic (detect.rs), and ext2/3/4 is read by the `ext4-view` crate through a
-//! byte range of the disk (reader.rs). Listing and streaming are in list.rs, copying out in copy.rs.
+//! byte range of the disk (reader.rs). Listing and streaming are in list.rs; copying out walks the
+//! tree (walk.rs) into a host folder (copy.rs) or a tar stream (tar.rs).
 
 mod copy;
 mod detect;
 mod list;
 mod reader;
+mod tar;
+mod walk;
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -25,6 +28,8 @@ use crate::qcow2::Encryption;
 pub use copy::copy_out;
 pub use detect::Contents;
 pub use list::{cat, ls};
+pub use tar::copy_out_tar;
+pub use walk::CopyReport;
 
 /// Memory for decrypted clusters while reading guest files (ext4-view caches blocks itself).
 const CACHE_BYTES: u64 = 16 << 20;
@@ -50,7 +55,7 @@ pub enum GuestError {
     IsADirectory(String),
     #[error("{0}: refusing an unsafe name in the guest file system (a '/', '.' or '..' entry)")]
     UnsafeName(String),
-    #[error("{0}: the tree is deeper than {max} levels (a directory loop?)", max = copy::MAX_DEPTH)]
+    #[error("{0}: the tree is deeper than {max} levels (a directory loop?)", max = walk::MAX_DEPTH)]
     TooDeep(String),
     #[error("exists; copy-out never overwrites (remove it or name a new file)")]
     Exists,
