@@ -591,6 +591,22 @@ fn a_user_lists_reads_and_copies_out_files_of_an_aes_overlay_and_its_raw_base() 
     r.assert_success();
     assert_same_bytes(&r.stdout, &text(300, 5), "/overlay/link");
 
+    // A wrong passphrase reads the overlay's clusters as noise; the refusal says it may be that.
+    let wrong = passphrase_file(work, "wrong", "not the key");
+    user.own(&wrong);
+    let r = qcowfs_as(
+        Some(&user),
+        &args(&[
+            OsStr::new("ls"),
+            pf,
+            wrong.as_os_str(),
+            img,
+            OsStr::new("/"),
+        ]),
+    );
+    assert_one_line_error(&r, &["disk"], REFUSAL_LIMIT);
+    assert!(r.stderr.contains("passphrase is wrong"), "{}", r.stderr);
+
     // The whole tree, then one folder and one file into an existing folder.
     let out = work.join("out");
     fs::create_dir(&out).unwrap();
@@ -1091,6 +1107,15 @@ fn a_corrupt_file_system_gives_one_line_errors_never_a_panic() {
     let raw = work.join("fs.raw");
     mkfs_ext4(&raw, &src, 0, 16 * MIB);
     let pristine = fs::read(&raw).unwrap();
+    // A superblock claiming far more blocks than the disk has is refused before it is used.
+    let mut huge = pristine.clone();
+    huge[1024 + 4..1024 + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+    let huge_raw = work.join("huge.raw");
+    fs::write(&huge_raw, &huge).unwrap();
+    let img = convert(&huge_raw, &work.join("huge.qcow2"), None);
+    let r = qcowfs([OsStr::new("ls"), img.path.as_os_str(), OsStr::new("/")]);
+    assert_one_line_error(&r, &["huge.qcow2"], REFUSAL_LIMIT);
+    assert!(r.stderr.contains("superblock claims"), "{}", r.stderr);
     // Metadata lives in the first blocks: the superblock, group descriptors, bitmaps, inode
     // table, the first directory and extent blocks (and some file data).
     // Damage lands in blocks that hold something (1 KiB blocks: a small file system).

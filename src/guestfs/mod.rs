@@ -34,6 +34,9 @@ pub use walk::CopyReport;
 /// Memory for decrypted clusters while reading guest files (ext4-view caches blocks itself).
 const CACHE_BYTES: u64 = 16 << 20;
 
+/// Said when a chain with a legacy AES layer shows no readable file system.
+const AES_HINT: &str = "; or the passphrase is wrong (legacy AES cannot check it)";
+
 /// What went wrong reading the guest's files. Wrapped in an [`Error`] naming the image.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
@@ -45,10 +48,17 @@ pub enum GuestError {
     NoneSupported { found: String, hint: String },
     #[error("{list} hold ext2/3/4 file systems; choose one with --partition N")]
     Ambiguous { list: String },
-    #[error("cannot read the ext2/3/4 file system on {view}: {source}")]
-    Load { view: String, source: Ext4Error },
+    #[error("cannot read the ext2/3/4 file system on {view}: {source}{hint}")]
+    Load {
+        view: String,
+        source: Ext4Error,
+        /// Set when a legacy AES layer could explain it (a wrong key reads as noise).
+        hint: &'static str,
+    },
     #[error("{path}: {source}")]
     Ext4 { path: String, source: Ext4Error },
+    #[error("the ext2/3/4 superblock claims {claims}, more than {limit}; refusing it as damaged")]
+    Geometry { claims: String, limit: String },
     #[error("{0}: guest paths are absolute (start with /)")]
     NotAbsolute(String),
     #[error("{0}: is a directory (use ls, or copy-out for a tree)")]
@@ -118,16 +128,24 @@ impl GuestFs {
         ));
         let (view, start, len) =
             choose(disk.as_ref(), opts.partition, aes).map_err(|e| e.at_image(image))?;
-        let mut count = [0u8; 4];
-        disk.read_at(start + 1024, &mut count)?;
+        let mut sb = [0u8; 1024];
+        disk.read_at(start + 1024, &mut sb)?;
+        let inodes = check_superblock(&sb, len).map_err(|e| Error::new(image, e))?;
         let reader = reader::RangeReader::new(disk, start, len);
         let fs = Ext4::load(Box::new(reader)).map_err(|source| {
-            ext4_error(image, source, |source| GuestError::Load { view, source })
+            ext4_error(image, source, |source| GuestError::Load {
+                view,
+                source,
+                hint: match aes {
+                    true => AES_HINT,
+                    false => "",
+                },
+            })
         })?;
         Ok(GuestFs {
             image: image.to_path_buf(),
             fs,
-            inodes: u64::from(u32::from_le_bytes(count)),
+            inodes,
         })
     }
 
@@ -157,6 +175,41 @@ impl GuestFs {
     pub(crate) fn guest_error(&self, e: GuestError) -> Error {
         Error::new(&self.image, e)
     }
+}
+
+/// The most block groups accepted: 128 TiB of 4 KiB blocks (ext4-view keeps every group
+/// descriptor in memory; a hostile count would ask for gigabytes).
+const MAX_BLOCK_GROUPS: u64 = 1 << 20;
+
+/// Check the geometry an ext2/3/4 superblock (1024 bytes) claims against what ext4-view would
+/// allocate and the `len` bytes the file system has; its inode count.
+fn check_superblock(sb: &[u8; 1024], len: u64) -> std::result::Result<u64, GuestError> {
+    let u32_at = |o: usize| u64::from(u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]));
+    let inodes = u32_at(0);
+    let is_64bit = u32_at(96) & 0x80 != 0;
+    let blocks = u32_at(4) | if is_64bit { u32_at(0x150) << 32 } else { 0 };
+    let log = u32_at(24);
+    let per_group = u32_at(32);
+    let first = u32_at(20);
+    // A block size past 64 KiB or a zero group size is ext4-view's to refuse, by name.
+    if log > 6 || per_group == 0 {
+        return Ok(inodes);
+    }
+    let bytes = blocks.saturating_mul(1024 << log);
+    if bytes > len {
+        return Err(GuestError::Geometry {
+            claims: format!("{bytes} bytes"),
+            limit: format!("the {len} bytes it lies in"),
+        });
+    }
+    let groups = blocks.saturating_sub(first).div_ceil(per_group);
+    if groups > MAX_BLOCK_GROUPS {
+        return Err(GuestError::Geometry {
+            claims: format!("{groups} block groups"),
+            limit: MAX_BLOCK_GROUPS.to_string(),
+        });
+    }
+    Ok(inodes)
 }
 
 /// An ext4-view error as ours: a read error of the disk comes back as the error it was (naming
@@ -281,7 +334,7 @@ fn none_found(found: String, aes: bool) -> GuestError {
                     /mnt/guest (or MNT/disk)"
         .to_string();
     if aes {
-        hint.push_str("; or the passphrase is wrong (legacy AES cannot check it)");
+        hint.push_str(AES_HINT);
     }
     GuestError::NoneSupported { found, hint }
 }
@@ -301,4 +354,29 @@ pub(crate) fn guest_path(image: &Path, path: &OsStr) -> Result<ext4_view::PathBu
             },
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn superblock(blocks: u32, log: u32, per_group: u32) -> [u8; 1024] {
+        let mut sb = [0u8; 1024];
+        sb[0..4].copy_from_slice(&64u32.to_le_bytes());
+        sb[4..8].copy_from_slice(&blocks.to_le_bytes());
+        sb[24..28].copy_from_slice(&log.to_le_bytes());
+        sb[32..36].copy_from_slice(&per_group.to_le_bytes());
+        sb
+    }
+
+    #[test]
+    fn a_superblock_larger_than_its_disk_or_with_too_many_groups_is_refused() {
+        assert_eq!(
+            check_superblock(&superblock(16384, 0, 8192), 16 << 20).unwrap(),
+            64
+        );
+        assert!(check_superblock(&superblock(16385, 0, 8192), 16 << 20).is_err());
+        let e = check_superblock(&superblock(u32::MAX, 0, 8), u64::MAX).unwrap_err();
+        assert!(e.to_string().contains("block groups"), "{e}");
+    }
 }
