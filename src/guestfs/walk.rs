@@ -11,6 +11,9 @@ use crate::error::Result;
 /// Deepest tree copied (a directory loop in a hostile image ends here, or at the inode count).
 pub const MAX_DEPTH: usize = 256;
 
+/// A single file shows a progress bar from this size on (a tree always shows its spinner).
+const LARGE_FILE: u64 = 8 << 20;
+
 /// What a copy did.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CopyReport {
@@ -59,12 +62,13 @@ pub(crate) struct Walker<'a> {
 }
 
 impl<'a> Walker<'a> {
-    /// A walk of `gfs`, with a progress bar on stderr when `bar` (sized for `meta`, the top).
+    /// A walk of `gfs`, with a progress bar on stderr when `bar` and the copy is a tree or a
+    /// large file (`meta`, the top).
     pub fn new(gfs: &'a GuestFs, meta: &Metadata, bar: bool) -> Self {
         Walker {
             gfs,
             report: CopyReport::default(),
-            bar: bar.then(|| new_bar(meta)),
+            bar: (bar && (meta.is_dir() || meta.len() >= LARGE_FILE)).then(|| new_bar(meta)),
             dirs_left: gfs.inode_count().max(1),
         }
     }
