@@ -87,10 +87,57 @@ Needs free space for the copied data and takes the image's write lock (the VM mu
 Clusters that read as all zeros are left unallocated (they read as zeros without the backing file).
 Safe to interrupt: until the last step the image still has its backing file; run it again.")]
     Seal(SealArgs),
+    /// List a folder of the guest's file system (or one file), read straight from the image
+    #[command(after_help = GUEST_HELP_LS)]
+    Ls(GuestArgs),
+    /// Write a file of the guest's file system to stdout, read straight from the image
+    #[command(after_help = GUEST_HELP_CAT)]
+    Cat(GuestArgs),
+    /// Copy a file, symlink or whole folder of the guest's file system to the host
+    #[command(after_help = GUEST_HELP_COPY)]
+    CopyOut(CopyOutArgs),
     /// Write the manual pages or shell completions (used by scripts/install.sh)
     #[command(subcommand, hide = true)]
     Generate(generate::Target),
 }
+
+/// What `ls`, `cat` and `copy-out` have in common, for their help texts.
+macro_rules! guest_help_common {
+    () => {
+        "\
+The image is opened read-only with QEMU's reader locks (--force-share: none, for a running VM),
+and the guest's ext2/3/4 file system is read in-process: no FUSE, no root, no loop device.
+Without --partition: the whole disk if it holds an ext2/3/4 file system, else the one partition
+that does (more than one: choose with --partition N, numbered as `qcowfs mount` shows disk-partN).
+Other contents (XFS, btrfs, NTFS, LVM, LUKS, swap) are named in the refusal: mount the image with
+`qcowfs mount --read-only IMAGE MNT` and use `mount -o loop,ro MNT/disk-partN /mnt/guest`."
+    };
+}
+
+const GUEST_HELP_LS: &str = concat!(
+    "Example:\n  qcowfs ls --passphrase-file key /var/lib/nova/instances/UUID/disk /var/log\n\n",
+    "One line per entry: mode, uid, gid, size, mtime (UTC), name, and `-> target` for a symlink.\n",
+    "A file or symlink lists itself; a trailing / follows a final symlink (inside the guest).\n\n",
+    guest_help_common!()
+);
+
+const GUEST_HELP_CAT: &str = concat!(
+    "Example:\n  qcowfs cat --passphrase-file key /var/lib/nova/instances/UUID/disk /var/log/syslog\n\n",
+    "The bytes are streamed (bounded memory); symlinks are followed inside the guest.\n\n",
+    guest_help_common!()
+);
+
+const GUEST_HELP_COPY: &str = concat!(
+    "Examples:\n  qcowfs copy-out --passphrase-file key /var/lib/nova/instances/UUID/disk /etc/fstab .\n",
+    "  qcowfs copy-out --passphrase-file key /var/lib/nova/instances/UUID/disk /var/log /tmp/vm-logs\n\n",
+    "DEST an existing folder: copied into it (like cp -r); else DEST is the new name. Nothing\n",
+    "existing is overwritten. Modes (without setuid/setgid), mtimes and atimes are kept; symlinks\n",
+    "are made as symlinks and never followed on the host; devices, FIFOs and sockets are skipped.\n",
+    "A progress bar shows on a terminal. DEST '-' writes a tar stream to stdout instead\n",
+    "(GNU format; the guest's uid/gid, modes less setuid/setgid, mtimes):\n",
+    "  qcowfs copy-out IMAGE /etc - | tar -tvf -\n\n",
+    guest_help_common!()
+);
 
 /// Where the passphrase that serves every encrypted layer comes from. At most one source: clap's
 /// `passphrase_source` group turns a second one into a usage error (exit status 2).
@@ -198,6 +245,34 @@ pub struct InfoArgs {
     pub confine: ConfineArgs,
     /// The image to describe
     pub image: PathBuf,
+}
+
+/// An image and a path in its guest file system (`ls`, `cat`).
+#[derive(Debug, Args)]
+pub struct GuestArgs {
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub confine: ConfineArgs,
+    /// Take no locks, so a running VM's image can be read (reads may be inconsistent)
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
+    /// Read partition N (as `qcowfs mount` numbers disk-partN: MBR 1-4, logicals from 5; GPT)
+    #[arg(long, value_name = "N")]
+    pub partition: Option<u32>,
+    /// The qcow2 image
+    pub image: PathBuf,
+    /// An absolute path in the guest file system, e.g. /var/log/syslog
+    pub guest_path: std::ffi::OsString,
+}
+
+/// `copy-out`: an image, a guest path, and where to put it.
+#[derive(Debug, Args)]
+pub struct CopyOutArgs {
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    /// An existing folder to copy into, or the new name; '-' writes a tar stream to stdout
+    pub dest: PathBuf,
 }
 
 #[derive(Debug, Args)]

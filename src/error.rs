@@ -21,6 +21,8 @@ pub enum Problem {
     Format(#[from] FormatError),
     #[error("{0}")]
     Crypto(#[from] CryptoError),
+    #[error("{0}")]
+    Guest(#[from] crate::guestfs::GuestError),
     #[error("image is in use: {0}")]
     Locked(String),
     #[error("{0}")]
@@ -64,7 +66,7 @@ impl Error {
                 Some(code) => code,
                 None => libc::EIO,
             },
-            Problem::Format(_) | Problem::Crypto(_) => libc::EIO,
+            Problem::Format(_) | Problem::Crypto(_) | Problem::Guest(_) => libc::EIO,
             Problem::Locked(_) => libc::EBUSY,
             Problem::Usage(_) | Problem::Relayed(_) => libc::EINVAL,
             Problem::Incomplete(_) => libc::EIO,

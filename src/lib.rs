@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod disk;
 pub mod error;
 pub mod fuzz;
+pub mod guestfs;
 pub mod info;
 pub mod io;
 pub mod mount;

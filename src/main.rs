@@ -89,6 +89,22 @@ fn main() {
         }
         Command::Audit(args) => qcowfs::audit::run(&args),
         Command::Generate(target) => generate::run(&target),
+        Command::Ls(args) => guest_command(&args, |g| {
+            qcowfs::guestfs::ls(g, &args.guest_path, &mut std::io::stdout().lock())
+        }),
+        Command::Cat(args) => guest_command(&args, |g| {
+            qcowfs::guestfs::cat(g, &args.guest_path, &mut std::io::stdout().lock())
+        }),
+        Command::CopyOut(args) => guest_command(&args.guest, |g| {
+            let guest = &args.guest.guest_path;
+            match args.dest.as_os_str() == "-" {
+                true => {
+                    qcowfs::guestfs::copy_out_tar(g, guest, &mut std::io::stdout().lock(), true)
+                }
+                false => qcowfs::guestfs::copy_out(g, guest, &args.dest, true),
+            }
+            .map(|_| ())
+        }),
         Command::Seal(args) => args.confine.folders().and_then(|within| {
             let keys = key_ring(&args.keys, &args.image, true, &within)?;
             seal(&args, &keys, within)
@@ -139,6 +155,22 @@ fn absolute_log_file(path: &Path) -> Result<PathBuf> {
     let abs = std::path::absolute(path).map_err(|e| Error::new(path, e))?;
     filelog::open(&abs).map_err(|e| Error::new(&abs, e))?;
     Ok(abs)
+}
+
+/// Open the guest file system `args` name (the passphrase prompted for on a terminal when none is
+/// given) and run `f` on it.
+fn guest_command(
+    args: &qcowfs::cli::GuestArgs,
+    f: impl FnOnce(&qcowfs::guestfs::GuestFs) -> Result<()>,
+) -> Result<()> {
+    let within = args.confine.folders()?;
+    let keys = key_ring(&args.keys, &args.image, true, &within)?;
+    let opts = qcowfs::guestfs::GuestOptions {
+        force_share: args.force_share,
+        backing_within: within,
+        partition: args.partition,
+    };
+    f(&qcowfs::guestfs::GuestFs::open(&args.image, &keys, &opts)?)
 }
 
 /// `qcowfs seal`, with a progress bar on a terminal when asked.

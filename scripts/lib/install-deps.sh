@@ -43,6 +43,9 @@ QCOWFS_DEPS=(
 	losetup:mount
 	mount:mount
 	cc:gcc
+	mkfs.xfs:xfsprogs
+	pvcreate:lvm2
+	mkswap:util-linux
 )
 
 _qcowfs_apt_updated=0

@@ -1,0 +1,266 @@
+//! `qcowfs copy-out` to a host folder: where the copy goes (into an existing folder, like
+//! `cp -r`, or to a new name), and the host side of the walk (walk.rs): everything made relative
+//! to an open folder with `O_EXCL`, `mkdirat`, `symlinkat` and entered with `O_NOFOLLOW`, so a
+//! guest symlink is data, made as a symlink and never followed on the host, and nothing that
+//! exists is overwritten. Modes are kept less setuid/setgid, atimes and mtimes kept.
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io::{IsTerminal, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use ext4_view::{Component, Metadata, PathBuf as GuestPath};
+
+use super::list::{fill, CHUNK};
+use super::walk::{CopyReport, Sink, Walker};
+use super::{guest_path, GuestError, GuestFs};
+use crate::error::{Error, Result};
+
+/// Permission bits kept on the host: setuid and setgid are dropped (a copied-out root-owned
+/// program must not become a setuid program of whoever copied it).
+pub(crate) const KEPT_MODE: u32 = 0o1777;
+
+/// The metadata of guest `path`: a final symlink followed only when the path ends in `/`.
+pub(crate) fn top_metadata(gfs: &GuestFs, path: &OsStr) -> Result<(GuestPath, Metadata)> {
+    let p = guest_path(gfs.image(), path)?;
+    let bytes = path.as_bytes();
+    let meta = match bytes.ends_with(b"/") {
+        true => gfs.ext4().metadata(&p),
+        false => gfs.ext4().symlink_metadata(&p),
+    }
+    .map_err(|e| gfs.error(bytes, e))?;
+    Ok((p, meta))
+}
+
+/// The last name of a guest path; None for the root.
+pub(crate) fn last_name(p: &GuestPath) -> Option<Vec<u8>> {
+    p.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.as_ref().to_vec()),
+            _ => None,
+        })
+        .last()
+}
+
+/// Copy guest `path` to `dest`: into it when it is an existing directory (as `cp -r`), else as
+/// the new name `dest`. A path ending in `/` follows a final symlink (inside the guest); without
+/// it, a symlink is copied as a symlink. `progress`: a bar on stderr when it is a terminal.
+pub fn copy_out(gfs: &GuestFs, path: &OsStr, dest: &Path, progress: bool) -> Result<CopyReport> {
+    let (p, meta) = top_metadata(gfs, path)?;
+    let (parent, name) = match std::fs::metadata(dest) {
+        Ok(m) if m.is_dir() => {
+            let Some(name) = last_name(&p) else {
+                return Err(Error::new(dest, GuestError::RootHasNoName));
+            };
+            (dest.to_path_buf(), name)
+        }
+        Ok(_) => return Err(exists(dest)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let Some(name) = dest.file_name() else {
+                return Err(Error::new(dest, GuestError::NotAName));
+            };
+            let parent = match dest.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            (parent, name.to_os_string().into_vec())
+        }
+        Err(e) => return Err(Error::new(dest, e)),
+    };
+    let dir = HostDir {
+        fd: open_dir(&parent)?,
+        path: parent,
+    };
+    let mut walker = Walker::new(gfs, &meta, progress && std::io::stderr().is_terminal());
+    let result = walker.entry(&mut HostSink { gfs }, &dir, &name, &p, &meta, 0);
+    walker.finish();
+    result.map(|()| walker.report)
+}
+
+fn exists(path: &Path) -> Error {
+    Error::new(path, GuestError::Exists)
+}
+
+/// A host folder being filled: its descriptor and its path (for messages).
+pub(crate) struct HostDir {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+/// The host side of a copy: entries made in open folders, never through a path.
+struct HostSink<'a> {
+    gfs: &'a GuestFs,
+}
+
+impl HostSink<'_> {
+    fn prepare(dir: &HostDir, name: &[u8]) -> (PathBuf, CString) {
+        let host = dir.path.join(OsStr::from_bytes(name));
+        // The walk refused names with NUL bytes.
+        let cname = CString::new(name).unwrap_or_default();
+        (host, cname)
+    }
+}
+
+impl Sink for HostSink<'_> {
+    type Dir = HostDir;
+
+    fn symlink(
+        &mut self,
+        parent: &HostDir,
+        name: &[u8],
+        target: &[u8],
+        meta: &Metadata,
+    ) -> Result<()> {
+        let (host, cname) = Self::prepare(parent, name);
+        let ctarget = CString::new(target).unwrap_or_default();
+        // SAFETY: both strings are valid C strings, parent.fd an open directory.
+        check(
+            unsafe { libc::symlinkat(ctarget.as_ptr(), parent.fd.as_raw_fd(), cname.as_ptr()) },
+            &host,
+        )?;
+        set_times_at(&parent.fd, &cname, meta, &host)
+    }
+
+    fn dir(&mut self, parent: &HostDir, name: &[u8], _meta: &Metadata) -> Result<HostDir> {
+        let (host, cname) = Self::prepare(parent, name);
+        // SAFETY: cname is a valid C string, parent.fd an open directory.
+        check(
+            unsafe { libc::mkdirat(parent.fd.as_raw_fd(), cname.as_ptr(), 0o700) },
+            &host,
+        )?;
+        let fd = open_at(
+            &parent.fd,
+            &cname,
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            &host,
+        )?;
+        Ok(HostDir { fd, path: host })
+    }
+
+    fn dir_done(&mut self, dir: HostDir, meta: &Metadata) -> Result<()> {
+        set_mode_and_times(&dir.fd, meta, &dir.path)
+    }
+
+    fn file(
+        &mut self,
+        parent: &HostDir,
+        name: &[u8],
+        path: &GuestPath,
+        mut file: ext4_view::File,
+        meta: &Metadata,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<()> {
+        let (host, cname) = Self::prepare(parent, name);
+        let fd = open_at(
+            &parent.fd,
+            &cname,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            &host,
+        )?;
+        let mut out = File::from(fd);
+        let mut buf = vec![0u8; CHUNK];
+        let mut at = 0u64;
+        loop {
+            let n = fill(&mut file, &mut buf).map_err(|e| self.gfs.error(path.as_ref(), e))?;
+            if n == 0 {
+                break;
+            }
+            // Runs of zeros become holes.
+            if buf[..n].iter().all(|&b| b == 0) {
+                out.seek(SeekFrom::Current(n as i64))
+                    .map_err(|e| Error::new(&host, e))?;
+            } else {
+                out.write_all(&buf[..n]).map_err(|e| Error::new(&host, e))?;
+            }
+            at += n as u64;
+            progress(n as u64);
+        }
+        out.set_len(at).map_err(|e| Error::new(&host, e))?;
+        set_mode_and_times(&out, meta, &host)
+    }
+}
+
+/// `rc` of a libc call as a result naming `host`.
+fn check(rc: libc::c_int, host: &Path) -> Result<()> {
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EEXIST) {
+        return Err(exists(host));
+    }
+    Err(Error::new(host, e))
+}
+
+/// Open the host folder `path` (the destination's parent: the user's own path, links followed).
+fn open_dir(path: &Path) -> Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::new(path, std::io::Error::from_raw_os_error(libc::EINVAL)))?;
+    // SAFETY: c is a valid C string; the fd returned is owned below.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(Error::new(path, std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `openat(dir, name, flags | O_NOFOLLOW | O_CLOEXEC, 0600)`.
+fn open_at(dir: &OwnedFd, name: &CString, flags: libc::c_int, host: &Path) -> Result<OwnedFd> {
+    let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: name is a valid C string, dir an open directory; the fd is owned below.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, 0o600 as libc::c_uint) };
+    if fd < 0 {
+        check(-1, host)?;
+    }
+    // SAFETY: fd is a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn timespecs(meta: &Metadata) -> [libc::timespec; 2] {
+    let ts = |t: ext4_view::Timestamp| libc::timespec {
+        tv_sec: t.seconds() as libc::time_t,
+        tv_nsec: libc::c_long::from(t.nanoseconds() as i32),
+    };
+    [ts(meta.accessed()), ts(meta.modified())]
+}
+
+/// The guest's permission bits (less setuid/setgid) and atime/mtime on an open file or folder.
+fn set_mode_and_times(fd: &impl AsRawFd, meta: &Metadata, host: &Path) -> Result<()> {
+    let mode = u32::from(meta.mode()) & KEPT_MODE;
+    // SAFETY: fd is open.
+    check(
+        unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) },
+        host,
+    )?;
+    let times = timespecs(meta);
+    // SAFETY: fd is open, times points to two timespecs.
+    check(
+        unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) },
+        host,
+    )
+}
+
+/// atime/mtime of the symlink `name` in `dir` itself (never of what it points to).
+fn set_times_at(dir: &OwnedFd, name: &CString, meta: &Metadata, host: &Path) -> Result<()> {
+    let times = timespecs(meta);
+    // SAFETY: dir is open, name a valid C string, times two timespecs.
+    check(
+        unsafe {
+            libc::utimensat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                times.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        },
+        host,
+    )
+}

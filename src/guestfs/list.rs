@@ -1,0 +1,202 @@
+//! `qcowfs ls` and `qcowfs cat`: one line per directory entry (mode, owner, size, mtime, name,
+//! a symlink's target), and a guest file's bytes streamed to stdout in bounded chunks.
+
+use std::ffi::OsStr;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+
+use ext4_view::{FileType, Metadata};
+
+use super::{guest_path, shown, GuestError, GuestFs};
+use crate::error::{Error, Result};
+
+/// Bytes gathered from the guest file before each write to stdout.
+pub(crate) const CHUNK: usize = 1 << 20;
+
+/// Write `ls -l`-style lines for guest `path` to `out`: the entries of a directory (sorted by
+/// name, dot files included, `.` and `..` left out), or the one entry a file or symlink is. A
+/// symlink is shown as itself unless the path ends with `/`.
+pub fn ls(gfs: &GuestFs, path: &OsStr, out: &mut dyn Write) -> Result<()> {
+    let p = guest_path(gfs.image(), path)?;
+    let bytes = path.as_bytes();
+    let fs = gfs.ext4();
+    let follow = bytes.ends_with(b"/");
+    let meta = match follow {
+        true => fs.metadata(&p),
+        false => fs.symlink_metadata(&p),
+    }
+    .map_err(|e| gfs.error(bytes, e))?;
+    let mut lines = Vec::new();
+    if meta.is_dir() {
+        let entries = fs.read_dir(&p).map_err(|e| gfs.error(bytes, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| gfs.error(bytes, e))?;
+            let name = entry.file_name().as_ref().to_vec();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let child = entry.path();
+            let meta = entry.metadata().map_err(|e| gfs.error(child.as_ref(), e))?;
+            let target = link_target(gfs, &child, &meta)?;
+            lines.push((name, meta, target));
+        }
+        lines.sort_by(|a, b| a.0.cmp(&b.0));
+    } else {
+        let target = link_target(gfs, &p, &meta)?;
+        lines.push((bytes.to_vec(), meta, target));
+    }
+    for (name, meta, target) in &lines {
+        let mut line = format!(
+            "{} {:>6} {:>6} {:>12} {} {}",
+            mode_string(meta),
+            meta.uid(),
+            meta.gid(),
+            meta.len(),
+            utc_time(meta.modified().seconds()),
+            shown(name)
+        );
+        if let Some(t) = target {
+            line.push_str(" -> ");
+            line.push_str(&shown(t));
+        }
+        line.push('\n');
+        if !write_stdout(out, line.as_bytes())? {
+            return Ok(());
+        }
+    }
+    flush_stdout(out)
+}
+
+/// The target of a symlink (as stored, never resolved), None for anything else.
+fn link_target(
+    gfs: &GuestFs,
+    path: &ext4_view::PathBuf,
+    meta: &Metadata,
+) -> Result<Option<Vec<u8>>> {
+    if !meta.is_symlink() {
+        return Ok(None);
+    }
+    let target = gfs
+        .ext4()
+        .read_link(path)
+        .map_err(|e| gfs.error(path.as_ref(), e))?;
+    Ok(Some(target.as_ref().to_vec()))
+}
+
+/// Stream guest file `path` (symlinks followed inside the guest) to `out`, a chunk at a time.
+pub fn cat(gfs: &GuestFs, path: &OsStr, out: &mut dyn Write) -> Result<()> {
+    let p = guest_path(gfs.image(), path)?;
+    let bytes = path.as_bytes();
+    let meta = gfs.ext4().metadata(&p).map_err(|e| gfs.error(bytes, e))?;
+    if meta.is_dir() {
+        return Err(gfs.guest_error(GuestError::IsADirectory(shown(bytes))));
+    }
+    let mut file = gfs.ext4().open(&p).map_err(|e| gfs.error(bytes, e))?;
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = fill(&mut file, &mut buf).map_err(|e| gfs.error(bytes, e))?;
+        if n == 0 || !write_stdout(out, &buf[..n])? {
+            break;
+        }
+    }
+    flush_stdout(out)
+}
+
+/// Read from `file` until `buf` is full or the file ends; the bytes read.
+pub(crate) fn fill(
+    file: &mut ext4_view::File,
+    buf: &mut [u8],
+) -> Result<usize, ext4_view::Ext4Error> {
+    let mut n = 0;
+    while n < buf.len() {
+        let got = file.read_bytes(&mut buf[n..])?;
+        if got == 0 {
+            break;
+        }
+        n += got;
+    }
+    Ok(n)
+}
+
+/// Write to stdout; false when the reader went away (a closed pipe: `qcowfs cat ... | head`).
+fn write_stdout(out: &mut dyn Write, data: &[u8]) -> Result<bool> {
+    match out.write_all(data) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(Error::new("<stdout>", e)),
+    }
+}
+
+fn flush_stdout(out: &mut dyn Write) -> Result<()> {
+    match out.flush() {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::new("<stdout>", e)),
+        _ => Ok(()),
+    }
+}
+
+/// `drwxr-xr-x`, as ls prints a mode.
+pub fn mode_string(meta: &Metadata) -> String {
+    let kind = match meta.file_type() {
+        FileType::Directory => 'd',
+        FileType::Symlink => 'l',
+        FileType::CharacterDevice => 'c',
+        FileType::BlockDevice => 'b',
+        FileType::Fifo => 'p',
+        FileType::Socket => 's',
+        _ => '-',
+    };
+    let m = u32::from(meta.mode());
+    let mut s = String::with_capacity(10);
+    s.push(kind);
+    for (shift, special, set, unset) in [
+        (6, 0o4000, 's', 'S'),
+        (3, 0o2000, 's', 'S'),
+        (0, 0o1000, 't', 'T'),
+    ] {
+        let bits = (m >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(match (bits & 1 != 0, m & special != 0) {
+            (true, true) => set,
+            (false, true) => unset,
+            (true, false) => 'x',
+            (false, false) => '-',
+        });
+    }
+    s
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of seconds since the epoch.
+pub fn utc_time(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_printed_as_utc_dates() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc_time(1_796_190_655), "2026-12-02 05:50:55");
+        assert_eq!(utc_time(-1), "1969-12-31 23:59:59");
+    }
+}
