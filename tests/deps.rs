@@ -232,7 +232,10 @@ fn programs_in_shell(text: &str, functions: &BTreeSet<String>) -> BTreeSet<Strin
             let two: String = chars[i..(i + 2).min(chars.len())].iter().collect();
             // `${name:-default}` is one word, braces and all.
             if two == "${" {
-                let end = chars[i..].iter().position(|&c| c == '}').map_or(chars.len(), |e| i + e + 1);
+                let end = chars[i..]
+                    .iter()
+                    .position(|&c| c == '}')
+                    .map_or(chars.len(), |e| i + e + 1);
                 current.push('V');
                 i = end;
                 continue;

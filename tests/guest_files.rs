@@ -403,6 +403,15 @@ fn qcowfs_as(user: Option<&User>, args: &[OsString]) -> Run {
     }
 }
 
+/// `qcowfs WORDS... IMAGE_ARGS... REST...`: the command and its options, the image with its key,
+/// then the command's own arguments.
+fn guest(words: &[&str], image_args: &[&OsStr], rest: &[&OsStr]) -> Run {
+    let mut all: Vec<&OsStr> = words.iter().map(OsStr::new).collect();
+    all.extend_from_slice(image_args);
+    all.extend_from_slice(rest);
+    qcowfs(args(&all))
+}
+
 fn args(items: &[&OsStr]) -> Vec<OsString> {
     items.iter().map(|s| s.to_os_string()).collect()
 }
@@ -709,41 +718,18 @@ fn a_luks_image_is_read_like_a_plain_one() {
         img.path.as_os_str(),
     ];
 
-    let r = qcowfs(args(
-        &[&[OsStr::new("ls")][..], &base, &[OsStr::new("/etc")]].concat(),
-    ));
+    let r = guest(&["ls"], &base, &[OsStr::new("/etc")]);
     assert_ls_matches(&r, &entries, "etc");
-    let r = qcowfs(args(
-        &[
-            &[OsStr::new("cat")][..],
-            &base,
-            &[OsStr::new("/var/log/syslog")],
-        ]
-        .concat(),
-    ));
+    let r = guest(&["cat"], &base, &[OsStr::new("/var/log/syslog")]);
     r.assert_success();
     assert_same_bytes(&r.stdout, &text(40_000, 4), "/var/log/syslog");
     let out = work.join("etc-copy");
-    let r = qcowfs(args(
-        &[
-            &[OsStr::new("copy-out")][..],
-            &base,
-            &[OsStr::new("/etc"), out.as_os_str()],
-        ]
-        .concat(),
-    ));
+    let r = guest(&["copy-out"], &base, &[OsStr::new("/etc"), out.as_os_str()]);
     r.assert_success();
     assert_copy_matches(&out, &entries, "etc");
 
     // As a tar stream, unpacked by GNU tar.
-    let r = qcowfs(args(
-        &[
-            &[OsStr::new("copy-out")][..],
-            &base,
-            &[OsStr::new("/var"), OsStr::new("-")],
-        ]
-        .concat(),
-    ));
+    let r = guest(&["copy-out"], &base, &[OsStr::new("/var"), OsStr::new("-")]);
     r.assert_success();
     let unpacked = work.join("unpacked");
     fs::create_dir(&unpacked).unwrap();
@@ -803,62 +789,35 @@ fn the_one_file_system_on_partition_2_of_an_mbr_disk_is_found_or_named() {
     ];
 
     // Found without --partition (partition 1 holds nothing), and named with it.
-    for extra in [&[][..], &[OsStr::new("--partition"), OsStr::new("2")][..]] {
-        let r = qcowfs(args(
-            &[&[OsStr::new("ls")][..], extra, &base, &[OsStr::new("/var")]].concat(),
-        ));
+    for extra in [&[][..], &["--partition", "2"][..]] {
+        let r = guest(&[&["ls"][..], extra].concat(), &base, &[OsStr::new("/var")]);
         assert_ls_matches(&r, &entries, "var");
-        let r = qcowfs(args(
-            &[
-                &[OsStr::new("cat")][..],
-                extra,
-                &base,
-                &[OsStr::new("/etc/fstab")],
-            ]
-            .concat(),
-        ));
+        let r = guest(
+            &[&["cat"][..], extra].concat(),
+            &base,
+            &[OsStr::new("/etc/fstab")],
+        );
         r.assert_success();
         assert_same_bytes(&r.stdout, &text(20, 1), "/etc/fstab");
     }
     let out = work.join("usr");
-    let r = qcowfs(args(
-        &[
-            &[
-                OsStr::new("copy-out"),
-                OsStr::new("--partition"),
-                OsStr::new("2"),
-            ][..],
-            &base,
-            &[OsStr::new("/usr"), out.as_os_str()],
-        ]
-        .concat(),
-    ));
+    let r = guest(
+        &["copy-out", "--partition", "2"],
+        &base,
+        &[OsStr::new("/usr"), out.as_os_str()],
+    );
     r.assert_success();
     assert_copy_matches(&out, &entries, "usr");
 
     // Partition 1 holds no file system; partition 7 does not exist.
-    let r = qcowfs(args(
-        &[
-            &[OsStr::new("ls"), OsStr::new("--partition"), OsStr::new("1")][..],
-            &base,
-            &[OsStr::new("/")],
-        ]
-        .concat(),
-    ));
+    let r = guest(&["ls", "--partition", "1"], &base, &[OsStr::new("/")]);
     assert_one_line_error(&r, &["mbr.qcow2"], REFUSAL_LIMIT);
     assert!(
         r.stderr.contains("disk-part1") && r.stderr.contains("no file system"),
         "{}",
         r.stderr
     );
-    let r = qcowfs(args(
-        &[
-            &[OsStr::new("ls"), OsStr::new("--partition"), OsStr::new("7")][..],
-            &base,
-            &[OsStr::new("/")],
-        ]
-        .concat(),
-    ));
+    let r = guest(&["ls", "--partition", "7"], &base, &[OsStr::new("/")]);
     assert_one_line_error(&r, &["mbr.qcow2"], REFUSAL_LIMIT);
     assert!(
         r.stderr.contains("no partition 7") && r.stderr.contains("1, 2"),
@@ -882,14 +841,7 @@ fn two_file_systems_without_partition_are_listed_and_one_must_be_chosen() {
         key.as_os_str(),
         img.path.as_os_str(),
     ];
-    let r = qcowfs(args(
-        &[
-            &[OsStr::new("cat")][..],
-            &base,
-            &[OsStr::new("/etc/hostname")],
-        ]
-        .concat(),
-    ));
+    let r = guest(&["cat"], &base, &[OsStr::new("/etc/hostname")]);
     assert_one_line_error(&r, &["mbr.qcow2"], REFUSAL_LIMIT);
     assert!(
         r.stderr.contains("partitions 1, 2") && r.stderr.contains("--partition"),
@@ -897,14 +849,11 @@ fn two_file_systems_without_partition_are_listed_and_one_must_be_chosen() {
         r.stderr
     );
     for n in ["1", "2"] {
-        let r = qcowfs(args(
-            &[
-                &[OsStr::new("cat"), OsStr::new("--partition"), OsStr::new(n)][..],
-                &base,
-                &[OsStr::new("/etc/hostname")],
-            ]
-            .concat(),
-        ));
+        let r = guest(
+            &["cat", "--partition", n],
+            &base,
+            &[OsStr::new("/etc/hostname")],
+        );
         r.assert_success();
         assert_eq!(r.stdout, b"guest-a\n");
     }
