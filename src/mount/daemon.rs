@@ -231,7 +231,6 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
             Problem::Usage("the mountpoint is not a directory".into()),
         ));
     }
-    check_fuse_device()?;
     let opts = OpenOptions {
         writable: !req.read_only,
         force_share: req.force_share,
@@ -297,6 +296,8 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
             }
         });
     }
+    // After the image: a problem with the image is the more specific error.
+    check_fuse_device()?;
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(
