@@ -403,6 +403,14 @@ fn qcowfs_as(user: Option<&User>, args: &[OsString]) -> Run {
     }
 }
 
+/// `qcowfs COMMAND KEY_AND_IMAGE... REST...` as `user`.
+fn guest_as(user: &User, command: &str, key_and_image: &[&OsStr], rest: &[&OsStr]) -> Run {
+    let mut all = vec![OsStr::new(command)];
+    all.extend_from_slice(key_and_image);
+    all.extend_from_slice(rest);
+    qcowfs_as(Some(user), &args(&all))
+}
+
 /// `qcowfs WORDS... IMAGE_ARGS... REST...`: the command and its options, the image with its key,
 /// then the command's own arguments.
 fn guest(words: &[&str], image_args: &[&OsStr], rest: &[&OsStr]) -> Run {
@@ -579,15 +587,11 @@ fn a_user_lists_reads_and_copies_out_files_of_an_aes_overlay_and_its_raw_base() 
         .iter()
         .filter(|e| matches!(e.kind, Kind::File(_) | Kind::Sparse(_)))
     {
-        let r = qcowfs_as(
-            Some(&user),
-            &args(&[
-                OsStr::new("cat"),
-                pf,
-                k,
-                img,
-                OsStr::new(&format!("/{}", e.path)),
-            ]),
+        let r = guest_as(
+            &user,
+            "cat",
+            &[pf, k, img],
+            &[OsStr::new(&format!("/{}", e.path))],
         );
         r.assert_success();
         assert_same_bytes(&r.stdout, &expected_bytes(e), &e.path);
@@ -621,16 +625,11 @@ fn a_user_lists_reads_and_copies_out_files_of_an_aes_overlay_and_its_raw_base() 
     fs::create_dir(&out).unwrap();
     user.own(&out);
     let whole = out.join("whole");
-    let r = qcowfs_as(
-        Some(&user),
-        &args(&[
-            OsStr::new("copy-out"),
-            pf,
-            k,
-            img,
-            OsStr::new("/"),
-            whole.as_os_str(),
-        ]),
+    let r = guest_as(
+        &user,
+        "copy-out",
+        &[pf, k, img],
+        &[OsStr::new("/"), whole.as_os_str()],
     );
     r.assert_success();
     assert_copy_matches(&whole, &expected, "");
@@ -641,29 +640,19 @@ fn a_user_lists_reads_and_copies_out_files_of_an_aes_overlay_and_its_raw_base() 
             "{f} belongs to the user"
         );
     }
-    let r = qcowfs_as(
-        Some(&user),
-        &args(&[
-            OsStr::new("copy-out"),
-            pf,
-            k,
-            img,
-            OsStr::new("/var"),
-            out.as_os_str(),
-        ]),
+    let r = guest_as(
+        &user,
+        "copy-out",
+        &[pf, k, img],
+        &[OsStr::new("/var"), out.as_os_str()],
     );
     r.assert_success();
     assert_copy_matches(&out.join("var"), &expected, "var");
-    let r = qcowfs_as(
-        Some(&user),
-        &args(&[
-            OsStr::new("copy-out"),
-            pf,
-            k,
-            img,
-            OsStr::new("/etc/hostname"),
-            out.as_os_str(),
-        ]),
+    let r = guest_as(
+        &user,
+        "copy-out",
+        &[pf, k, img],
+        &[OsStr::new("/etc/hostname"), out.as_os_str()],
     );
     r.assert_success();
     assert_eq!(fs::read(out.join("hostname")).unwrap(), b"guest-b\n");
@@ -671,31 +660,21 @@ fn a_user_lists_reads_and_copies_out_files_of_an_aes_overlay_and_its_raw_base() 
     // Again: the targets exist, nothing is overwritten.
     let before = fs::read(out.join("hostname")).unwrap();
     fs::write(out.join("hostname"), b"host's own\n").unwrap();
-    let r = qcowfs_as(
-        Some(&user),
-        &args(&[
-            OsStr::new("copy-out"),
-            pf,
-            k,
-            img,
-            OsStr::new("/etc/hostname"),
-            out.as_os_str(),
-        ]),
+    let r = guest_as(
+        &user,
+        "copy-out",
+        &[pf, k, img],
+        &[OsStr::new("/etc/hostname"), out.as_os_str()],
     );
     assert_one_line_error(&r, &["hostname"], REFUSAL_LIMIT);
     assert!(r.stderr.contains("exists"), "{}", r.stderr);
     assert_eq!(fs::read(out.join("hostname")).unwrap(), b"host's own\n");
     assert_ne!(before, b"host's own\n");
-    let r = qcowfs_as(
-        Some(&user),
-        &args(&[
-            OsStr::new("copy-out"),
-            pf,
-            k,
-            img,
-            OsStr::new("/var"),
-            out.as_os_str(),
-        ]),
+    let r = guest_as(
+        &user,
+        "copy-out",
+        &[pf, k, img],
+        &[OsStr::new("/var"), out.as_os_str()],
     );
     assert_one_line_error(&r, &["var"], REFUSAL_LIMIT);
 }
