@@ -751,16 +751,24 @@ fn mbr_disk(work: &Path, tree: &Path, both: bool) -> Image {
     convert(&raw, &work.join("mbr.qcow2"), Some("aes"))
 }
 
-#[test]
-fn the_one_file_system_on_partition_2_of_an_mbr_disk_is_found_or_named() {
+/// A temp folder, the base tree, an AES MBR disk holding it (in partition 2; in partition 1 too
+/// with `both`) and the passphrase file.
+fn mbr_fixture(both: bool) -> (tempfile::TempDir, Vec<Entry>, Image, PathBuf) {
     let dir = workdir();
     let work = dir.path();
     let entries = base_tree();
     let src = work.join("src");
     fs::create_dir(&src).unwrap();
     build_tree(&src, &entries);
-    let img = mbr_disk(work, &src, false);
+    let img = mbr_disk(work, &src, both);
     let key = passphrase_file(work, "key", PASS);
+    (dir, entries, img, key)
+}
+
+#[test]
+fn the_one_file_system_on_partition_2_of_an_mbr_disk_is_found_or_named() {
+    let (dir, entries, img, key) = mbr_fixture(false);
+    let work = dir.path();
     let base = [
         OsStr::new("--passphrase-file"),
         key.as_os_str(),
@@ -807,14 +815,7 @@ fn the_one_file_system_on_partition_2_of_an_mbr_disk_is_found_or_named() {
 
 #[test]
 fn two_file_systems_without_partition_are_listed_and_one_must_be_chosen() {
-    let dir = workdir();
-    let work = dir.path();
-    let entries = base_tree();
-    let src = work.join("src");
-    fs::create_dir(&src).unwrap();
-    build_tree(&src, &entries);
-    let img = mbr_disk(work, &src, true);
-    let key = passphrase_file(work, "key", PASS);
+    let (_dir, _, img, key) = mbr_fixture(true);
     let base = [
         OsStr::new("--passphrase-file"),
         key.as_os_str(),
