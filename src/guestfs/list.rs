@@ -28,18 +28,11 @@ pub fn ls(gfs: &GuestFs, path: &OsStr, out: &mut dyn Write) -> Result<()> {
     .map_err(|e| gfs.error(bytes, e))?;
     let mut lines = Vec::new();
     if meta.is_dir() {
-        let entries = fs.read_dir(&p).map_err(|e| gfs.error(bytes, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| gfs.error(bytes, e))?;
-            let name = entry.file_name().as_ref().to_vec();
-            if name == b"." || name == b".." {
-                continue;
-            }
-            let child = entry.path();
-            let meta = entry.metadata().map_err(|e| gfs.error(child.as_ref(), e))?;
+        gfs.for_each_child(&p, bytes, |name, child, meta| {
             let target = link_target(gfs, &child, &meta)?;
             lines.push((name, meta, target));
-        }
+            Ok(())
+        })?;
         lines.sort_by(|a, b| a.0.cmp(&b.0));
     } else {
         let target = link_target(gfs, &p, &meta)?;

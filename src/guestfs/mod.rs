@@ -175,6 +175,31 @@ impl GuestFs {
     pub(crate) fn guest_error(&self, e: GuestError) -> Error {
         Error::new(&self.image, e)
     }
+
+    /// Hand each entry of guest folder `dir` but `.` and `..` to `each`, as read: its name, path
+    /// and metadata (a final symlink not followed). A failure to read the folder names it as
+    /// `shown_as` (what the user typed, for `ls`).
+    pub(crate) fn for_each_child(
+        &self,
+        dir: &ext4_view::PathBuf,
+        shown_as: &[u8],
+        mut each: impl FnMut(Vec<u8>, ext4_view::PathBuf, ext4_view::Metadata) -> Result<()>,
+    ) -> Result<()> {
+        let entries = self.fs.read_dir(dir).map_err(|e| self.error(shown_as, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| self.error(shown_as, e))?;
+            let name = entry.file_name().as_ref().to_vec();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let child = entry.path();
+            let meta = entry
+                .metadata()
+                .map_err(|e| self.error(child.as_ref(), e))?;
+            each(name, child, meta)?;
+        }
+        Ok(())
+    }
 }
 
 /// The most block groups accepted: 128 TiB of 4 KiB blocks (ext4-view keeps every group

@@ -50,21 +50,9 @@ fn root(walker: &mut Walker, sink: &mut TarSink, p: &GuestPath, meta: &Metadata)
         header(meta, tar::EntryType::Directory, 0),
         &mut std::io::empty(),
     )?;
-    let entries = gfs
-        .ext4()
-        .read_dir(p)
-        .map_err(|e| gfs.error(p.as_ref(), e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| gfs.error(p.as_ref(), e))?;
-        let name = entry.file_name().as_ref().to_vec();
-        if name == b"." || name == b".." {
-            continue;
-        }
-        let child = entry.path();
-        let child_meta = entry.metadata().map_err(|e| gfs.error(child.as_ref(), e))?;
-        walker.entry(sink, &top, &name, &child, &child_meta, 1)?;
-    }
-    Ok(())
+    gfs.for_each_child(p, p.as_ref(), |name, child, child_meta| {
+        walker.entry(sink, &top, &name, &child, &child_meta, 1)
+    })
 }
 
 fn stdout_error(e: std::io::Error) -> Error {

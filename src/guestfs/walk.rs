@@ -111,17 +111,9 @@ impl<'a> Walker<'a> {
             self.dirs_left -= 1;
             let dir = sink.dir(parent, name, meta)?;
             self.report.dirs += 1;
-            let entries = fs.read_dir(path).map_err(|e| gfs.error(path.as_ref(), e))?;
-            for entry in entries {
-                let entry = entry.map_err(|e| gfs.error(path.as_ref(), e))?;
-                let child_name = entry.file_name().as_ref().to_vec();
-                if child_name == b"." || child_name == b".." {
-                    continue;
-                }
-                let child = entry.path();
-                let child_meta = entry.metadata().map_err(|e| gfs.error(child.as_ref(), e))?;
-                self.entry(sink, &dir, &child_name, &child, &child_meta, depth + 1)?;
-            }
+            gfs.for_each_child(path, path.as_ref(), |child_name, child, child_meta| {
+                self.entry(sink, &dir, &child_name, &child, &child_meta, depth + 1)
+            })?;
             sink.dir_done(dir, meta)?;
         } else if meta.file_type().is_regular_file() {
             let file = fs.open(path).map_err(|e| gfs.error(path.as_ref(), e))?;
