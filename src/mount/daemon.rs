@@ -272,6 +272,9 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
             .with_snapshots(snapshot_views(&disk))
             .on_destroy(on_destroy),
     );
+    // After the image (a problem with the image is the more specific error), before the rings
+    // (no queue threads for a mount that cannot happen).
+    check_fuse_device()?;
     let mut glue = DevFuse::new(fs.clone());
     // The rings exist before INIT asks for io_uring (see `uring`).
     let queues = match req.io_uring {
@@ -296,8 +299,6 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
             }
         });
     }
-    // After the image: a problem with the image is the more specific error.
-    check_fuse_device()?;
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(

@@ -36,10 +36,9 @@ pub fn handle(
     let now = |r| Handled::Now(r);
     match request.opcode {
         opcode::LOOKUP => {
-            let name = OsStr::from_bytes(wire::name(&payload[..sent])).to_owned();
-            now(fs
-                .lookup(ino, &name)
-                .map(|(attr, ttl)| wire::entry_out(payload, &attr, ttl)))
+            // The answer goes over the name, so the lookup is done before it is written.
+            let found = fs.lookup(ino, OsStr::from_bytes(wire::name(&payload[..sent])));
+            now(found.map(|(attr, ttl)| wire::entry_out(payload, &attr, ttl)))
         }
         opcode::GETATTR => now(fs
             .getattr(ino)
