@@ -12,6 +12,9 @@ use crate::qcow2::{ClusterWrite, Qcow2Image, WriteTarget};
 /// Bytes of cluster data handed to one commit: bounds the extra memory a flush needs.
 pub(super) const BATCH_BYTES: u64 = 16 << 20;
 
+/// Clusters zeroed by one commit of a discard: bounds the L2 tables one commit rewrites.
+const DISCARD_BATCH: usize = 4096;
+
 /// Store the dirty blocks; with `durable` (fsync, close, umount) they are on stable storage when
 /// this returns, without it (background write-back) only the barriers that order metadata are paid.
 pub(super) fn flush(disk: &Disk, durable: bool) -> Result<()> {
@@ -212,27 +215,31 @@ pub(super) fn discard(disk: &Disk, offset: u64, len: u64) -> Result<()> {
     *disk.allocated.lock() = None;
     let _one_flush = disk.flush_lock.lock();
     let _no_writes = disk.write_gate.write();
-    let bs = disk.block_size;
-    let blocks = first / bs..last.div_ceil(bs);
-    // Writes to these clusters that are not stored yet are superseded by the discard.
-    for block in blocks.clone() {
-        disk.cache.forget(block);
-    }
+    // Dirty blocks of the range stay until the commit that zeroes their clusters has succeeded:
+    // a discard that fails (no space for a new L2 table, an I/O error, a poisoned image) must
+    // leave the guest reading what it read before, and its unstored writes still to be stored.
+    // Batches that did commit read as zeros from then on, so their blocks go at once.
+    let forget = |from: u64, to: u64| {
+        for block in from / disk.block_size..to.div_ceil(disk.block_size) {
+            disk.cache.forget(block);
+        }
+    };
     let mut batch = Vec::new();
+    let mut batch_start = first;
     for guest in (first..last).step_by(cs as usize) {
         batch.push(ClusterWrite {
             guest,
             target: WriteTarget::Discard,
             pieces: Vec::new(),
         });
-        if batch.len() >= 4096 {
+        if batch.len() >= DISCARD_BATCH {
             image.commit(std::mem::take(&mut batch), false)?;
+            forget(batch_start, guest + cs);
+            batch_start = guest + cs;
         }
     }
     image.commit(batch, true)?;
-    for block in blocks {
-        disk.cache.forget(block);
-    }
+    forget(batch_start, last);
     Ok(())
 }
 

@@ -177,3 +177,32 @@ fn discard_zeros_its_range_over_a_backing_file_and_supersedes_pending_writes() {
     chain.read(0, &mut again).unwrap();
     assert_eq!(again, expect);
 }
+
+#[test]
+fn a_failed_discard_keeps_the_writes_it_would_have_superseded() {
+    let (disk, probe) = writable_disk();
+    // Cluster 1 is owned by the image: the write stays dirty in the cache until a flush.
+    disk.write_at(CS, &[0x5a; CS as usize]).unwrap();
+    let mut expect = expected();
+    expect[CS as usize..2 * CS as usize].fill(0x5a);
+    // The discard's commit cannot write its L2 table (a full host disk).
+    probe.fail_writes(Some(libc::ENOSPC));
+    let err = disk.discard(CS, 2 * CS).unwrap_err();
+    assert_eq!(err.errno(), libc::ENOSPC, "{err}");
+    let mut got = vec![0u8; SIZE as usize];
+    disk.read_at(0, &mut got).unwrap();
+    assert_eq!(
+        got, expect,
+        "the guest reads what it read before the discard"
+    );
+    assert!(disk.dirty_bytes() > 0, "the write is still to be stored");
+    // Nothing is acknowledged that is not stored: the flush fails while the disk is full ...
+    assert!(disk.flush().is_err());
+    // ... and stores the write once there is room again.
+    probe.fail_writes(None);
+    disk.flush().unwrap();
+    let reopened = tiny::open_bytes(probe.mem.contents(), false).unwrap();
+    let mut again = vec![0u8; SIZE as usize];
+    chain_over(Box::new(reopened)).read(0, &mut again).unwrap();
+    assert_eq!(again, expect);
+}

@@ -249,12 +249,10 @@ impl Qcow2Image {
             let span_left = self.layout.l2_span() - guest % self.layout.l2_span();
             return Ok((ClusterSource::Backing, len.min(span_left)));
         };
-        let points_into_metadata =
-            |host: u64| meta.metadata.contains(host) || host & !(cs - 1) == l2_offset;
         let in_cluster = self.layout.offset_in_cluster(guest);
         let sc_size = self.layout.subcluster_size();
         let sub = (in_cluster / sc_size) as u32;
-        let (source, runs) = entry.source(&self.layout, sub, guest).at(self.path())?;
+        let (source, runs) = self.checked_source(&meta, l2_offset, entry, sub, guest)?;
         let run_end = if matches!(source, ClusterSource::Compressed { .. }) {
             cs
         } else {
@@ -262,29 +260,9 @@ impl Qcow2Image {
         };
         let n = len.min(run_end - in_cluster);
         let source = match source {
-            ClusterSource::Data { host } => {
-                if points_into_metadata(host) {
-                    return Err(Error::new(
-                        self.path(),
-                        FormatError::Overlap {
-                            what: "data cluster",
-                            offset: host,
-                        },
-                    ));
-                }
-                ClusterSource::Data {
-                    host: host + (in_cluster - u64::from(sub) * sc_size),
-                }
-            }
-            ClusterSource::Compressed { host, .. } if points_into_metadata(host) => {
-                return Err(Error::new(
-                    self.path(),
-                    FormatError::Overlap {
-                        what: "compressed cluster",
-                        offset: host,
-                    },
-                ));
-            }
+            ClusterSource::Data { host } => ClusterSource::Data {
+                host: host + (in_cluster - u64::from(sub) * sc_size),
+            },
             other => other,
         };
         Ok((source, n))
@@ -465,13 +443,16 @@ impl Qcow2Image {
         meta.header.version >= 3 || meta.header.backing_file.is_none()
     }
 
-    /// Decide how the flush writer treats the guest cluster at `guest`.
+    /// Decide how the flush writer treats the guest cluster at `guest`. The entry gets every check
+    /// a read makes (`checked_source`) and those a write needs besides (`checked_for_write`), so a
+    /// write through a damaged entry is refused when it is made, before anything is stored.
     pub fn write_target(&self, guest: u64) -> Result<WriteTarget> {
         let mut meta = self.meta.lock();
         let (l1, found) = self.entry(&mut meta, guest)?;
-        let Some((_, entry)) = found else {
+        let Some((l2_offset, entry)) = found else {
             return Ok(WriteTarget::Allocate);
         };
+        self.checked_for_write(&meta, l2_offset, entry, guest)?;
         let owned = l1.is_copied()
             && entry.is_copied()
             && !entry.is_compressed()
@@ -479,22 +460,99 @@ impl Qcow2Image {
             && (self.layout.extended_l2
                 || entry.word & super::table::ZERO == 0
                 || self.layout.version < 3);
-        if owned && meta.metadata.contains(entry.host_cluster()) {
+        if !owned {
+            return Ok(WriteTarget::Allocate);
+        }
+        // Written in place, the cluster must be one the file holds: an entry far past the end
+        // (2^56 - 64 KiB, say) would take the write and then fail every flush with EFBIG.
+        let host = entry.host_cluster();
+        let end = meta.alloc.end_cluster() * self.layout.cluster_size();
+        if host >= end {
             return Err(Error::new(
                 self.path(),
-                FormatError::Overlap {
+                FormatError::BeyondEnd {
                     what: "data cluster",
-                    offset: entry.host_cluster(),
+                    offset: host,
+                    len: self.layout.cluster_size(),
+                    file_len: end,
                 },
             ));
         }
-        Ok(if owned {
-            WriteTarget::InPlace {
-                host: entry.host_cluster(),
+        Ok(WriteTarget::InPlace { host })
+    }
+
+    /// The one check of an L2 entry (`entry`, read from the table at `l2_offset`), made before a
+    /// read follows it: it decodes (an aligned host offset, coherent subcluster bits, no
+    /// compressed cluster at 0), and the data it names is not metadata, nor its own L2 table.
+    pub(super) fn checked_source(
+        &self,
+        meta: &Meta,
+        l2_offset: u64,
+        entry: L2Entry,
+        sub: u32,
+        guest: u64,
+    ) -> Result<(ClusterSource, u32)> {
+        let (source, runs) = entry.source(&self.layout, sub, guest).at(self.path())?;
+        match source {
+            ClusterSource::Data { host } => {
+                self.refuse_metadata(meta, l2_offset, "data cluster", host, 1)?
             }
+            ClusterSource::Compressed { host, .. } => {
+                self.refuse_metadata(meta, l2_offset, "compressed cluster", host, 1)?
+            }
+            ClusterSource::Backing | ClusterSource::Zero => {}
+        }
+        Ok((source, runs))
+    }
+
+    /// `checked_source` for every subcluster, and then for every host cluster the entry names
+    /// even where a read would not look (a zero cluster's preallocated one): a write overwrites
+    /// or releases it, and releasing metadata would corrupt the image. Used by `write_target`
+    /// and by the commit itself for every entry it replaces (a discard never calls
+    /// `write_target`).
+    pub(super) fn checked_for_write(
+        &self,
+        meta: &Meta,
+        l2_offset: u64,
+        entry: L2Entry,
+        guest: u64,
+    ) -> Result<()> {
+        let mut sub = 0;
+        while sub < self.layout.subclusters() {
+            let (_, runs) = self.checked_source(meta, l2_offset, entry, sub, guest)?;
+            sub += runs.max(1);
+        }
+        let (what, host, len) = if entry.is_compressed() {
+            let (host, size) = entry.compressed_range(&self.layout);
+            ("compressed cluster", host, size)
         } else {
-            WriteTarget::Allocate
-        })
+            ("data cluster", entry.host_cluster(), 1)
+        };
+        if host != 0 {
+            self.refuse_metadata(meta, l2_offset, what, host, len)?;
+        }
+        Ok(())
+    }
+
+    /// Refuse host bytes [host, host + len) that touch metadata or the L2 table at `l2_offset`.
+    fn refuse_metadata(
+        &self,
+        meta: &Meta,
+        l2_offset: u64,
+        what: &'static str,
+        host: u64,
+        len: u64,
+    ) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let last = host.saturating_add(len.max(1) - 1);
+        let touches = |at: u64| meta.metadata.contains(at) || at & !(cs - 1) == l2_offset;
+        if touches(host) || touches(last) {
+            return Err(Error::new(
+                self.path(),
+                FormatError::Overlap { what, offset: host },
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -63,6 +63,9 @@ impl Qcow2Image {
         let (_, old) = L2Entry::at(table, i, ext);
         let new = match w.target {
             WriteTarget::Allocate | WriteTarget::Discard => {
+                // What it names is released below: never metadata, whatever the entry says.
+                let table = L1Entry(meta.l1[l1_index as usize]).l2_offset();
+                self.checked_for_write(meta, table, old, w.guest)?;
                 if old.is_compressed() {
                     releases.0.push(old.compressed_range(&self.layout));
                 } else if old.host_cluster() != 0 {

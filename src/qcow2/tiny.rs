@@ -250,6 +250,9 @@ pub(crate) fn open_file(file: HostFile, writable: bool) -> Result<Qcow2Image> {
 pub(crate) struct Probe {
     pub mem: Arc<MemFile>,
     reads: Arc<Mutex<Vec<(u64, usize)>>>,
+    /// While set, every write and hole punch fails with this errno (a full host disk: barriers
+    /// with nothing to store still succeed).
+    failing: Arc<Mutex<Option<i32>>>,
 }
 
 impl Probe {
@@ -257,6 +260,19 @@ impl Probe {
         Probe {
             mem: Arc::new(MemFile::new(bytes)),
             reads: Default::default(),
+            failing: Default::default(),
+        }
+    }
+
+    /// Make every later change to the file fail with `errno` (None: succeed again).
+    pub fn fail_writes(&self, errno: Option<i32>) {
+        *self.failing.lock() = errno;
+    }
+
+    fn refuse_if_failing(&self) -> io::Result<()> {
+        match *self.failing.lock() {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => Ok(()),
         }
     }
 
@@ -277,6 +293,7 @@ impl HostIo for Probe {
     }
 
     fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.refuse_if_failing()?;
         self.mem.write_all_at(data, offset)
     }
 
@@ -293,6 +310,7 @@ impl HostIo for Probe {
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.refuse_if_failing()?;
         self.mem.punch_hole(offset, len)
     }
 

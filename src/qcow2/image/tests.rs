@@ -452,6 +452,116 @@ fn refuses_to_write_in_place_into_metadata() {
 }
 
 #[test]
+fn a_write_makes_every_check_a_read_makes_on_an_entry() {
+    let mut t = TinyImage::new(BITS, 64 << 10);
+    let data = t.data(0, &[1; CS as usize]);
+    let l2 = t.l2_for(0);
+    let bad: [(u64, L2Entry); 4] = [
+        // Not aligned to the cluster: the write would run into the next host cluster.
+        (
+            CS,
+            L2Entry {
+                word: (data + 512) | COPIED,
+                bitmap: 0,
+            },
+        ),
+        // Its own L2 table, owned or shared.
+        (
+            2 * CS,
+            L2Entry {
+                word: l2 | COPIED,
+                bitmap: 0,
+            },
+        ),
+        (
+            3 * CS,
+            L2Entry {
+                word: l2,
+                bitmap: 0,
+            },
+        ),
+        // A zero cluster whose preallocated cluster is the refcount block: released by a write.
+        (
+            4 * CS,
+            L2Entry {
+                word: (REFCOUNT_BLOCK * CS) | ZERO,
+                bitmap: 0,
+            },
+        ),
+    ];
+    for (guest, entry) in bad {
+        t.set_entry(guest, entry);
+    }
+    let img = t.open(true).unwrap();
+    for (guest, entry) in bad {
+        let err = img.write_target(guest).unwrap_err();
+        assert!(
+            matches!(
+                format_error(&err),
+                FormatError::BadL2Entry { .. } | FormatError::Overlap { .. }
+            ),
+            "{guest:#x} {entry:?}: {err}"
+        );
+        // A read refuses the first three as well (the fourth reads zeros, touching nothing).
+        if guest < 4 * CS {
+            assert!(img.map(guest, 1).is_err(), "{guest:#x}");
+        }
+    }
+    assert_eq!(
+        img.write_target(0).unwrap(),
+        WriteTarget::InPlace { host: data }
+    );
+}
+
+#[test]
+fn refuses_to_write_in_place_past_the_end_of_the_file() {
+    let mut t = TinyImage::new(BITS, 64 << 10);
+    // 2^56 - 4 KiB: the largest offset an entry can name; no host file system takes a write there.
+    let far = OFFSET_MASK & !(CS - 1);
+    t.set_entry(
+        0,
+        L2Entry {
+            word: far | COPIED,
+            bitmap: 0,
+        },
+    );
+    let img = t.open(true).unwrap();
+    let err = img.write_target(0).unwrap_err();
+    assert!(
+        matches!(
+            format_error(&err),
+            FormatError::BeyondEnd { what: "data cluster", offset, .. } if *offset == far
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_discard_never_releases_metadata_an_entry_names() {
+    let mut t = TinyImage::new(BITS, 64 << 10);
+    t.set_entry(
+        0,
+        L2Entry {
+            word: REFCOUNT_BLOCK * CS,
+            bitmap: 0,
+        },
+    );
+    let (img, probe) = t.open_probed(true).unwrap();
+    let before = probe.mem.contents();
+    let write = crate::qcow2::ClusterWrite {
+        guest: 0,
+        target: WriteTarget::Discard,
+        pieces: Vec::new(),
+    };
+    let err = img.commit(vec![write], true).unwrap_err();
+    assert!(
+        matches!(format_error(&err), FormatError::Overlap { .. }),
+        "{err}"
+    );
+    assert_eq!(probe.mem.contents(), before, "nothing was written");
+}
+
+#[test]
 fn keeps_l2_tables_in_memory_after_their_first_use() {
     let mut t = TinyImage::new(BITS, 64 << 10);
     t.data(0, &[1; CS as usize]);
