@@ -45,6 +45,9 @@ pub struct OpenOptions {
     pub force_share: bool,
     /// Open even a layer that cannot be decrypted (for `info`: no key needed to list the chain).
     pub without_keys: bool,
+    /// A LUKS layer whose key slots all refuse its passphrase is opened without a key and named
+    /// by `Chain::key_rejected`, instead of failing the open (`check-key` and `info` report it).
+    pub keep_rejected_keys: bool,
     /// When not empty, every backing file must resolve (symlinks followed) inside one of these
     /// folders (canonical paths, `--backing-within`); anything else is refused before it is opened.
     pub backing_within: Vec<PathBuf>,
@@ -95,12 +98,15 @@ pub struct Chain {
     layers: Vec<Layer>,
     /// Cached virtual sizes, so reads need no metadata calls.
     sizes: Vec<u64>,
+    /// Levels whose LUKS key slots refused the passphrase (only with `keep_rejected_keys`).
+    rejected_keys: Vec<usize>,
     _locks: Vec<ImageLock>,
 }
 
 impl Chain {
     pub fn open(image: &Path, keys: &KeyRing, opts: OpenOptions) -> Result<Chain> {
         let mut layers = Vec::new();
+        let mut rejected_keys = Vec::new();
         let mut locks = Vec::new();
         let mut seen = HashSet::new();
         let mut next: Option<(PathBuf, Option<String>)> = Some((image.to_path_buf(), None));
@@ -141,7 +147,10 @@ impl Chain {
             if let (true, Some(log)) = (is_top, &opts.record) {
                 file = file.recorded(log.clone());
             }
-            let layer = open_layer(file, format.as_deref(), keys, &opts)?;
+            let (layer, rejected) = open_layer(file, format.as_deref(), keys, &opts)?;
+            if rejected {
+                rejected_keys.push(layers.len());
+            }
             // The image the user names must be qcow2; only backing files may be raw.
             if is_top && matches!(layer, Layer::Raw(_)) {
                 return Err(Error::new(&path, FormatError::BadMagic));
@@ -165,8 +174,15 @@ impl Chain {
         Ok(Chain {
             layers,
             sizes,
+            rejected_keys,
             _locks: locks,
         })
+    }
+
+    /// Whether the layer at `level` is a LUKS layer whose key slots refused its passphrase (see
+    /// `OpenOptions::keep_rejected_keys`); it is open without a key.
+    pub fn key_rejected(&self, level: usize) -> bool {
+        self.rejected_keys.contains(&level)
     }
 
     pub fn layers(&self) -> &[Layer] {
@@ -351,12 +367,14 @@ fn resolve_backing(overlay: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// Open one layer with its key; also whether its LUKS key slots refused the passphrase (with
+/// `keep_rejected_keys`; the layer is then open without a key).
 fn open_layer(
     file: HostFile,
     format: Option<&str>,
     keys: &KeyRing,
     opts: &OpenOptions,
-) -> Result<Layer> {
+) -> Result<(Layer, bool)> {
     let path = file.path().to_path_buf();
     let mut first = [0u8; 4];
     let len = file.len()?;
@@ -373,7 +391,7 @@ fn open_layer(
         None => first == crate::qcow2::header::MAGIC,
     };
     if !is_qcow2 {
-        return Ok(Layer::Raw(file));
+        return Ok((Layer::Raw(file), false));
     }
     let mut head = vec![0u8; len.min(4096) as usize];
     file.read_exact_at(0, &mut head)?;
@@ -405,16 +423,21 @@ fn open_layer(
                                 Box::new(crate::secret::StackHiding(Box::new(c)))
                                     as Box<dyn SectorCipher>
                             })
-                    })
-                    .at(&path)?;
-                    image.set_cipher(cipher);
+                    });
+                    match cipher {
+                        Ok(cipher) => image.set_cipher(cipher),
+                        Err(CryptoError::WrongPassphrase) if opts.keep_rejected_keys => {
+                            return Ok((Layer::Qcow2(Box::new(image)), true))
+                        }
+                        Err(e) => return Err(Error::new(&path, e)),
+                    }
                 }
                 None if opts.without_keys => {}
                 None => return Err(Error::new(&path, CryptoError::NoPassphrase)),
             }
         }
     }
-    Ok(Layer::Qcow2(Box::new(image)))
+    Ok((Layer::Qcow2(Box::new(image)), false))
 }
 
 /// The LUKS header of a LUKS-encrypted qcow2 layer, from where the encryption extension points.
@@ -508,6 +531,7 @@ impl Chain {
         Chain {
             layers,
             sizes,
+            rejected_keys: Vec::new(),
             _locks: Vec::new(),
         }
     }

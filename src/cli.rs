@@ -20,6 +20,20 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILURE: i32 = 1;
 /// Exit status: the command line was wrong.
 pub const EXIT_USAGE: i32 = 2;
+/// Exit status: a passphrase is wrong (LUKS: no key slot opens; legacy AES: noise).
+pub const EXIT_WRONG_KEY: i32 = 3;
+/// Exit status: a passphrase cannot be verified (legacy AES, no data yet) and the command would
+/// write with it, or `check-key` could not verify every layer.
+pub const EXIT_UNVERIFIED_KEY: i32 = 4;
+
+/// The exit status for an error.
+pub fn exit_status(e: &Error) -> i32 {
+    match e.failure() {
+        crate::error::Failure::Other => EXIT_FAILURE,
+        crate::error::Failure::WrongKey => EXIT_WRONG_KEY,
+        crate::error::Failure::UnverifiedKey => EXIT_UNVERIFIED_KEY,
+    }
+}
 
 /// Room reserved for a key file's contents before reading it.
 const KEY_FILE_CAPACITY: usize = 4096;
@@ -30,7 +44,9 @@ pub const LIBVIRT_SECRETS_DIR: &str = "/etc/libvirt/secrets";
 pub const LIBVIRT_SECRETS_DIR_ENV: &str = "QCOWFS_LIBVIRT_SECRETS_DIR";
 
 const AFTER_HELP: &str = "\
-Exit status: 0 success, 1 failure (one line on stderr names the file and the problem), 2 bad usage.
+Exit status: 0 success, 1 failure (one line on stderr names the file and the problem), 2 bad usage,
+3 a wrong passphrase, 4 a passphrase that cannot be verified (legacy AES without data) for a
+command that would write with it (see check-key).
 Logs: -v (repeat for more) or RUST_LOG=debug; a daemonized mount logs to syslog (or --log-file).
 mount(8) and /etc/fstab: mount -t fuse.qcowfs IMAGE MOUNTPOINT -o ro,passphrase_file=FILE
 (see qcowfs-mount(1)).";
@@ -96,6 +112,17 @@ Safe to interrupt: until the last step the image still has its backing file; run
     /// Copy a file, symlink or whole folder of the guest's file system to the host
     #[command(after_help = GUEST_HELP_COPY)]
     CopyOut(CopyOutArgs),
+    /// Check the passphrase of every encrypted layer without opening anything for writing
+    #[command(after_help = "\
+Example:
+  qcowfs check-key --passphrase-file key /var/lib/nova/instances/UUID/disk
+
+One line per encrypted layer: verified, wrong, or cannot be verified. LUKS checks its key
+itself (a key slot opens); legacy AES has no key check, so its key is judged by what sampled
+clusters of the layer decrypt to (data or noise), and a layer with no data yet cannot be judged.
+Exit status: 0 every layer verified, 3 a passphrase is wrong, 4 one cannot be verified,
+1 another failure (the image cannot be read). Takes QEMU's reader locks (-U: none).")]
+    CheckKey(CheckKeyArgs),
     /// Write the manual pages or shell completions (used by scripts/install.sh)
     #[command(subcommand, hide = true)]
     Generate(generate::Target),
@@ -211,9 +238,14 @@ pub struct MountArgs {
     /// Read-only: take no locks, so a running VM's image can be read (reads may be inconsistent)
     #[arg(short = 'U', long, requires = "read_only")]
     pub force_share: bool,
-    /// Mount even when the passphrase looks wrong (every sampled cluster decrypts to noise)
+    /// Mount without checking the passphrase at all (e.g. a guest whose own data is encrypted,
+    /// so every sampled cluster decrypts to noise even with the right key)
     #[arg(long)]
     pub force: bool,
+    /// Write even when the passphrase of the image cannot be verified: a legacy AES layer with
+    /// no data yet has nothing to check it against (LUKS always checks its key)
+    #[arg(long)]
+    pub unverified_key: bool,
     /// Append the log to FILE (timestamped lines) instead of syslog (or stderr with --foreground)
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
@@ -299,11 +331,31 @@ pub struct SealArgs {
     /// Show a progress bar (on a terminal)
     #[arg(long)]
     pub progress: bool,
+    /// Seal even when the passphrase of the image cannot be verified (a legacy AES overlay with
+    /// no data of its own yet): everything copied up is then encrypted with the one given
+    #[arg(long)]
+    pub unverified_key: bool,
     #[command(flatten)]
     pub keys: KeyArgs,
     #[command(flatten)]
     pub confine: ConfineArgs,
     /// The image to make self-contained
+    pub image: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckKeyArgs {
+    /// Print one JSON object per encrypted layer (path, level, encryption, verdict, detail)
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub confine: ConfineArgs,
+    /// Take no locks, so a running VM's image can be checked
+    #[arg(short = 'U', long)]
+    pub force_share: bool,
+    /// The image whose chain to check
     pub image: PathBuf,
 }
 
@@ -493,6 +545,7 @@ fn encrypted_layers_without_keys(
         writable: false,
         force_share: true,
         without_keys: true,
+        keep_rejected_keys: false,
         backing_within: within.to_vec(),
         record: None,
     };

@@ -27,13 +27,44 @@ pub enum Problem {
     Locked(String),
     #[error("{0}")]
     Usage(String),
-    /// A complete message from another process (the mount daemon), already naming its file.
+    /// A complete message from another process (the mount daemon), already naming its file, and
+    /// the kind of failure it reported.
     #[error("{0}")]
-    Relayed(String),
+    Relayed(String, Failure),
     /// A command did its work for some objects and reported the others as failed (`audit`: the
     /// disks it could not read have rows saying why).
     #[error("{0}")]
     Incomplete(String),
+}
+
+/// The kinds of failure a script may act on differently; the command line gives each its own
+/// exit status (`cli::exit_status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    Other,
+    /// A passphrase is wrong (a LUKS key slot refused it, or legacy AES decrypts to noise).
+    WrongKey,
+    /// A passphrase cannot be verified and the command would write with it.
+    UnverifiedKey,
+}
+
+impl Failure {
+    /// The word the mount daemon sends it as (see `mount::daemon`).
+    pub fn tag(self) -> &'static str {
+        match self {
+            Failure::Other => "error",
+            Failure::WrongKey => "wrong-key",
+            Failure::UnverifiedKey => "unverified-key",
+        }
+    }
+
+    pub fn from_tag(tag: &str) -> Failure {
+        match tag {
+            "wrong-key" => Failure::WrongKey,
+            "unverified-key" => Failure::UnverifiedKey,
+            _ => Failure::Other,
+        }
+    }
 }
 
 /// An error that names the file it concerns.
@@ -52,10 +83,22 @@ impl Error {
     }
 
     /// An error whose text came from the mount daemon and already names the file.
-    pub fn relayed(message: String) -> Self {
+    pub fn relayed(message: String, failure: Failure) -> Self {
         Error {
             path: PathBuf::new(),
-            problem: Problem::Relayed(message),
+            problem: Problem::Relayed(message, failure),
+        }
+    }
+
+    /// What kind of failure this is, for the exit status.
+    pub fn failure(&self) -> Failure {
+        match &self.problem {
+            Problem::Crypto(CryptoError::LooksWrong { .. } | CryptoError::WrongPassphrase) => {
+                Failure::WrongKey
+            }
+            Problem::Crypto(CryptoError::Unverifiable) => Failure::UnverifiedKey,
+            Problem::Relayed(_, failure) => *failure,
+            _ => Failure::Other,
         }
     }
 
@@ -68,7 +111,7 @@ impl Error {
             },
             Problem::Format(_) | Problem::Crypto(_) | Problem::Guest(_) => libc::EIO,
             Problem::Locked(_) => libc::EBUSY,
-            Problem::Usage(_) | Problem::Relayed(_) => libc::EINVAL,
+            Problem::Usage(_) | Problem::Relayed(..) => libc::EINVAL,
             Problem::Incomplete(_) => libc::EIO,
         }
     }

@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
 use crate::cli::InfoArgs;
 use crate::error::{Error, Result};
+use crate::keycheck::KeyCheck;
 use crate::qcow2::{Compression, Encryption, Header};
 use crate::size::human;
 
@@ -22,11 +23,25 @@ pub fn run(args: &InfoArgs) -> Result<()> {
             writable: false,
             force_share: true,
             without_keys: true,
+            keep_rejected_keys: true,
             backing_within: args.confine.folders()?,
             record: None,
         },
     )?;
-    let report = describe(&chain)?;
+    let mut report = describe(&chain)?;
+    // With a passphrase, each encrypted layer's key is checked and shown; a wrong one then fails
+    // the command once the report is printed.
+    let keys = match keys.default.is_some() {
+        true => Some(KeyCheck::of(&chain)?),
+        false => None,
+    };
+    if let (Some(keys), Some(layers)) = (&keys, report["layers"].as_array_mut()) {
+        for l in &keys.layers {
+            if let Some(v) = layers.get_mut(l.level) {
+                v["key"] = json!({"verdict": l.verdict.name(), "detail": l.verdict.describe()});
+            }
+        }
+    }
     if args.json {
         println!(
             "{}",
@@ -35,7 +50,7 @@ pub fn run(args: &InfoArgs) -> Result<()> {
     } else {
         print_text(&report);
     }
-    Ok(())
+    keys.map_or(Ok(()), |k| k.require_right())
 }
 
 /// A path string from the report, with control characters escaped for the terminal.
@@ -261,6 +276,9 @@ fn print_text(r: &Value) {
                 "     warning: outside the image's tree: the file is {} (--backing-within refuses such files)",
                 esc(&l["resolved_path"])
             );
+        }
+        if let Some(key) = l.get("key") {
+            println!("     key: {}", key["detail"].as_str().unwrap_or(""));
         }
         if let Some(luks) = l.get("luks") {
             println!(

@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod chain;
+pub mod check_key;
 pub mod cli;
 pub mod crypto;
 pub mod disk;
@@ -14,6 +15,7 @@ pub mod fuzz;
 pub mod guestfs;
 pub mod info;
 pub mod io;
+pub mod keycheck;
 pub mod mount;
 pub mod partition;
 pub mod qcow2;

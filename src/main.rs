@@ -7,7 +7,8 @@ use clap::Parser;
 
 use qcowfs::cli::mount_helper::{self, Invocation};
 use qcowfs::cli::{
-    default_passphrase, generate, key_ring, Cli, Command, EXIT_FAILURE, EXIT_OK, EXIT_USAGE,
+    default_passphrase, exit_status, generate, key_ring, Cli, Command, EXIT_OK,
+    EXIT_UNVERIFIED_KEY, EXIT_USAGE, EXIT_WRONG_KEY,
 };
 use qcowfs::error::{Error, Result};
 use qcowfs::mount::daemon::{self, MountRequest};
@@ -76,6 +77,7 @@ fn main() {
                 allow_other: m.allow_other,
                 force_share: m.force_share,
                 force: m.force,
+                unverified_key: m.unverified_key,
                 log_level,
                 log_file,
                 io_uring: m.io_uring,
@@ -88,6 +90,7 @@ fn main() {
             default_passphrase(&args.keys).and_then(|_| qcowfs::info::run(&args))
         }
         Command::Audit(args) => qcowfs::audit::run(&args),
+        Command::CheckKey(args) => check_key(&args),
         Command::Generate(target) => generate::run(&target),
         Command::Ls(args) => guest_command(&args, |g| {
             qcowfs::guestfs::ls(g, &args.guest_path, &mut std::io::stdout().lock())
@@ -118,7 +121,27 @@ fn main() {
 
 fn fail(e: &Error) -> ! {
     eprintln!("qcowfs: {e}");
-    std::process::exit(EXIT_FAILURE);
+    std::process::exit(exit_status(e));
+}
+
+/// `qcowfs check-key`: exits 0 only when every encrypted layer's key is verified.
+fn check_key(args: &qcowfs::cli::CheckKeyArgs) -> Result<()> {
+    let within = args.confine.folders()?;
+    let keys = key_ring(&args.keys, &args.image, true, &within)?;
+    let opts = qcowfs::check_key::CheckKeyOptions {
+        image: args.image.clone(),
+        json: args.json,
+        force_share: args.force_share,
+        backing_within: within,
+    };
+    let check = qcowfs::check_key::run(&opts, &keys, &mut std::io::stdout().lock())?;
+    if check.layers.iter().any(|l| l.verdict.is_wrong()) {
+        std::process::exit(EXIT_WRONG_KEY);
+    }
+    if !check.all_verified() {
+        std::process::exit(EXIT_UNVERIFIED_KEY);
+    }
+    Ok(())
 }
 
 /// The command line of `mount.fuse.qcowfs IMAGE MOUNTPOINT -o OPTIONS`, as `qcowfs mount` arguments.
@@ -192,12 +215,18 @@ fn seal(
         backing_within: within,
         ..Default::default()
     };
-    let report = qcowfs::seal::seal(&args.image, keys, open, &|done, total| {
-        if let Some(bar) = &bar {
-            bar.set_length(total);
-            bar.set_position(done);
-        }
-    })?;
+    let report = qcowfs::seal::seal(
+        &args.image,
+        keys,
+        open,
+        args.unverified_key,
+        &|done, total| {
+            if let Some(bar) = &bar {
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+        },
+    )?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }

@@ -37,6 +37,7 @@ use std::path::Path;
 use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
 use crate::disk::{BlockDevice, Disk, DiskOptions};
 use crate::error::{Error, Problem, Result};
+use crate::keycheck::KeyCheck;
 use crate::qcow2::{ClusterSource, Qcow2Image};
 
 /// Memory for the copy; dirty data is flushed whenever a quarter of it is used.
@@ -59,10 +60,15 @@ pub struct SealReport {
 /// Seal `image`. `progress` is called with (work done, work total): copying, then reading every
 /// copied cluster back to verify it, each counts as half. `open` gives `backing_within` and
 /// `record`; the image is always opened for writing, with locks and keys.
+/// Every key of the chain is checked first (`keycheck`): what is copied up is read with the
+/// backing layers' keys and written with the image's, so a wrong one would leave an image that
+/// no key reads, with its backing file gone. An image whose key cannot be verified (legacy AES,
+/// no data yet) is refused unless `unverified_key`.
 pub fn seal(
     image: &Path,
     keys: &KeyRing,
     open: OpenOptions,
+    unverified_key: bool,
     progress: &dyn Fn(u64, u64),
 ) -> Result<SealReport> {
     let chain = Chain::open(
@@ -72,9 +78,11 @@ pub fn seal(
             writable: true,
             force_share: false,
             without_keys: false,
+            keep_rejected_keys: false,
             ..open
         },
     )?;
+    KeyCheck::of(&chain)?.require_for_writing(unverified_key)?;
     if chain.layers().len() == 1 {
         return Ok(SealReport::default());
     }

@@ -51,6 +51,7 @@ pub fn run(args: &AuditArgs) -> Result<()> {
         writable: false,
         force_share: args.force_share,
         without_keys: true,
+        keep_rejected_keys: false,
         backing_within: args.confine.folders()?,
         record: None,
     };

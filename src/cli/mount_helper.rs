@@ -108,6 +108,12 @@ const OPTIONS: &[MountOption] = &[
         help: "Mount even when the passphrase looks wrong (--force).",
     },
     MountOption {
+        name: "unverified_key",
+        value: None,
+        action: Action::Flag("--unverified-key"),
+        help: "Write with a legacy AES key that cannot be verified (--unverified-key).",
+    },
+    MountOption {
         name: "verbose",
         value: None,
         action: Action::Verbose,

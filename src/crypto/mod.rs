@@ -19,10 +19,19 @@ pub enum CryptoError {
     NoPassphrase,
     #[error("encryption method {0} is not supported")]
     UnsupportedMethod(u32),
-    #[error("the passphrase looks wrong: every sampled cluster decrypts to noise (use --force if you are sure)")]
-    LooksWrong,
-    #[error("no key slot opens with this passphrase")]
+    #[error(
+        "the passphrase is wrong: all {sampled} sampled clusters decrypt to noise (legacy AES \
+         has no key check; qcowfs check-key tells per layer)"
+    )]
+    LooksWrong { sampled: usize },
+    #[error("the passphrase is wrong: no key slot opens with it")]
     WrongPassphrase,
+    #[error(
+        "the passphrase cannot be verified: legacy AES has no key check and this layer holds no \
+         encrypted data yet, so a wrong one would encrypt new data for no one; if it is right, \
+         say --unverified-key"
+    )]
+    Unverifiable,
     #[error("LUKS header is unusable: {0}")]
     BadLuksHeader(&'static str),
     #[error("unsupported LUKS cipher: {0}")]

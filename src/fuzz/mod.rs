@@ -66,6 +66,7 @@ fn open_disk(dir: &Path, data: &[u8], writable: bool) -> Result<(TempImage, Disk
         writable,
         force_share: true,
         without_keys: false,
+        keep_rejected_keys: false,
         backing_within: Vec::new(),
         record: None,
     };

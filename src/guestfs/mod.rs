@@ -22,6 +22,7 @@ use ext4_view::{Ext4, Ext4Error};
 use crate::chain::{Chain, KeyRing, OpenOptions};
 use crate::disk::{BlockDevice, Disk, DiskOptions};
 use crate::error::{Error, Result};
+use crate::keycheck::KeyCheck;
 use crate::partition::read_table;
 use crate::qcow2::Encryption;
 
@@ -111,14 +112,19 @@ impl GuestFs {
                 writable: false,
                 force_share: opts.force_share,
                 without_keys: false,
+                keep_rejected_keys: false,
                 backing_within: opts.backing_within.clone(),
                 record: None,
             },
         )?;
-        let aes = chain
-            .layers()
+        // A wrong key is named first: read as noise, it would look like a disk with no file system.
+        let keys = KeyCheck::of(&chain)?;
+        keys.require_right()?;
+        // Only an unchecked legacy AES key can still explain a disk that does not read.
+        let aes = keys
+            .layers
             .iter()
-            .any(|l| l.encryption() == Encryption::Aes);
+            .any(|l| l.encryption == Encryption::Aes && !l.verdict.is_verified());
         let disk: Arc<dyn BlockDevice> = Arc::new(Disk::new(
             chain,
             DiskOptions {

@@ -17,18 +17,15 @@ use super::fs::QcowFs;
 use super::registry::Record;
 use super::uring::{self, Mode};
 use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
-use crate::crypto::{looks_like_plaintext, CryptoError};
 use crate::disk::views::SnapshotView;
 use crate::disk::{BlockDevice, Disk, DiskOptions};
 use crate::error::{Error, Problem, Result};
-use crate::qcow2::Encryption;
+use crate::keycheck::{KeyCheck, Verdict};
 
 /// Flush dirty data after this long without writes.
 const IDLE_FLUSH: Duration = Duration::from_secs(2);
 /// FUSE worker threads: more than cores, so a request waiting on I/O does not stall the rest.
 const FUSE_THREADS: usize = 4;
-/// Clusters sampled per encrypted layer to see whether the passphrase decrypts to plausible data.
-const KEY_SAMPLES: usize = 32;
 
 /// Everything a mount needs.
 pub struct MountRequest {
@@ -42,7 +39,10 @@ pub struct MountRequest {
     pub foreground: bool,
     pub allow_other: bool,
     pub force_share: bool,
+    /// `--force`: no passphrase check at all.
     pub force: bool,
+    /// `--unverified-key`: write even when the top layer's key cannot be verified (no data yet).
+    pub unverified_key: bool,
     pub log_level: log::LevelFilter,
     /// Where the daemon logs instead of syslog (`--log-file`), an absolute path.
     pub log_file: Option<PathBuf>,
@@ -86,7 +86,8 @@ pub fn mount(req: MountRequest) -> Result<()> {
             drop(std::mem::take(&mut req.keys));
             let mut text = String::new();
             let _ = reader.read_to_string(&mut text);
-            // Warnings come first, one per line; the last line is "ok" or the error.
+            // Warnings come first, one per line; the last line is "ok", or the failure's tag, a tab
+            // and the error.
             let mut lines: Vec<&str> = text.lines().collect();
             let answer = lines.pop().unwrap_or("").to_string();
             for warning in lines {
@@ -98,7 +99,13 @@ pub fn mount(req: MountRequest) -> Result<()> {
                     &req.image,
                     Problem::Usage("the mount daemon exited before the mount was ready".into()),
                 )),
-                None => Err(Error::relayed(answer.trim().to_string())),
+                None => {
+                    let (tag, message) = answer.trim().split_once('\t').unwrap_or(("", &answer));
+                    Err(Error::relayed(
+                        message.trim().to_string(),
+                        crate::error::Failure::from_tag(tag),
+                    ))
+                }
             }
         }
     }
@@ -115,7 +122,7 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
         Ok(s) => s,
         Err(e) => {
             if let Some(mut pipe) = ready.take() {
-                let _ = writeln!(pipe, "{e}");
+                let _ = writeln!(pipe, "{}\t{e}", e.failure().tag());
             }
             return Err(e);
         }
@@ -191,7 +198,7 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
     match (run, final_error) {
         (_, Some(e)) => {
             record.write_status(&e);
-            Err(Error::relayed(e))
+            Err(Error::relayed(e, crate::error::Failure::Other))
         }
         (Err(e), None) => {
             let e = Error::new(&req.mountpoint, e);
@@ -235,6 +242,7 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
         writable: !req.read_only,
         force_share: req.force_share,
         without_keys: false,
+        keep_rejected_keys: false,
         backing_within: req.backing_within.clone(),
         record: None,
     };
@@ -242,9 +250,24 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
     let mut warnings = Vec::new();
     if !req.force {
         // Writing with a wrong key would store garbage: refuse. Reading only shows garbage: warn.
-        match check_passphrases(&chain, &mut warnings) {
-            Err(e) if req.read_only => warnings.push(format!("warning: {e}")),
-            other => other?,
+        let keys = KeyCheck::of(&chain)?;
+        match req.read_only {
+            true => {
+                if let Err(e) = keys.require_right() {
+                    warnings.push(format!("warning: {e}"));
+                }
+            }
+            false => {
+                keys.require_for_writing(req.unverified_key)?;
+                for layer in keys.layers.iter().filter(|l| l.verdict == Verdict::NoData) {
+                    warnings.push(format!(
+                        "warning: {}: the passphrase {}; new data is encrypted with the one given \
+                         (--unverified-key)",
+                        crate::error::escaped(&layer.path),
+                        layer.verdict.describe()
+                    ));
+                }
+            }
         }
     }
     let disk = Arc::new(Disk::new(
@@ -399,37 +422,6 @@ fn io_uring_refused(req: &MountRequest, why: &str) -> Error {
             "--io-uring on: {why} (--io-uring off or auto uses /dev/fuse)"
         )),
     )
-}
-
-/// Legacy AES has no key check: refuse when every sampled cluster of an encrypted layer decrypts to
-/// noise (a wrong passphrase). A layer without data yet cannot be checked: `warnings` says so, since
-/// writes would then use whatever key was given.
-fn check_passphrases(chain: &Chain, warnings: &mut Vec<String>) -> Result<()> {
-    for (level, layer) in chain.layers().iter().enumerate() {
-        let Layer::Qcow2(image) = layer else { continue };
-        if image.encryption() != Encryption::Aes {
-            continue;
-        }
-        let samples = image.sample_data_clusters(KEY_SAMPLES)?;
-        if samples.is_empty() {
-            warnings.push(format!(
-                "warning: {}: the passphrase cannot be verified for this image (legacy AES has no \
-                 key check and the layer holds no encrypted data yet); new data will be encrypted \
-                 with the passphrase given",
-                crate::error::escaped(image.path())
-            ));
-            continue;
-        }
-        let mut sector = [0u8; 512];
-        let plausible = samples.iter().any(|&(guest, _)| {
-            let aligned = guest & !511;
-            chain.read_level(level, aligned, &mut sector).is_ok() && looks_like_plaintext(&sector)
-        });
-        if !plausible {
-            return Err(Error::new(image.path(), CryptoError::LooksWrong));
-        }
-    }
-    Ok(())
 }
 
 /// The mountpoint as the kernel knows it (absolute), for unmounting from a signal.

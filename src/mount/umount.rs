@@ -58,7 +58,10 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
         wait_for_exit(pid, &canon)?;
         if let Some(status) = record.take_status() {
             if !status.trim().is_empty() {
-                return Err(Error::relayed(status.trim().to_string()));
+                return Err(Error::relayed(
+                    status.trim().to_string(),
+                    crate::error::Failure::Other,
+                ));
             }
         }
     }

@@ -153,6 +153,11 @@ impl Qcow2Image {
         self.cipher = Some(cipher);
     }
 
+    /// Whether a key was set (an encrypted layer opened without one reads only its metadata).
+    pub fn has_cipher(&self) -> bool {
+        self.cipher.is_some()
+    }
+
     pub fn path(&self) -> &Path {
         self.file.path()
     }

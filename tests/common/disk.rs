@@ -29,6 +29,7 @@ pub fn open_disk(image: &Image, writable: bool, cache_size: u64) -> Disk {
             writable,
             force_share: false,
             without_keys: false,
+            keep_rejected_keys: false,
             ..Default::default()
         },
     )
