@@ -112,9 +112,14 @@ qemu-img create -q -f qcow2 \
 qemu-img info "$DISK" | grep -E '^(virtual size|disk size|encrypted|backing file:)' | indent
 
 step "Writing the instance's own files through a qcowfs mount (read-write)"
-note "qcowfs mount --passphrase-file passphrase instances/$UUID/disk mnt"
-"$QCOWFS" mount --passphrase-file "$PASSFILE" "$DISK" "$MNT"
-note "(expected: a new overlay holds no encrypted data yet to check the passphrase against)"
+note "qcowfs check-key --passphrase-file passphrase instances/$UUID/disk"
+status=0
+"$QCOWFS" check-key --passphrase-file "$PASSFILE" "$DISK" | indent || status=$?
+[ "$status" -eq 4 ] || die "check-key of a new overlay: status $status, expected 4 (cannot be verified)"
+note "(status 4: a new overlay holds no encrypted data to check a legacy AES key against, so"
+note " writing needs --unverified-key; once it holds data, a wrong key is refused)"
+note "qcowfs mount --unverified-key --passphrase-file passphrase instances/$UUID/disk mnt"
+"$QCOWFS" mount --unverified-key --passphrase-file "$PASSFILE" "$DISK" "$MNT"
 note "mount -o loop mnt/disk guest"
 mount -o loop "$MNT/disk" "$GUEST"
 note "the guest writes /home/user/notes.txt and changes /etc/hostname"
@@ -138,6 +143,14 @@ step "qcowfs info instances/$UUID/disk: most of the guest's data is NOT encrypte
 
 step "qcowfs audit instances (the host-wide table)"
 "$QCOWFS" audit "$INSTANCES" | indent
+
+step "qcowfs check-key: the overlay now holds data, so the key is verified (a wrong one is refused)"
+"$QCOWFS" check-key --passphrase-file "$PASSFILE" "$DISK" | indent
+printf 'not the key' >"$WORK/wrong-key"
+status=0
+"$QCOWFS" seal --passphrase-file "$WORK/wrong-key" "$DISK" 2>&1 | indent || status=$?
+[ "$status" -eq 3 ] || die "seal with a wrong key: status $status, expected 3"
+note "(status 3: seal refused the wrong key before writing anything)"
 
 step "qcowfs seal a copy of the instance (the base stays shared)"
 cp --sparse=always "$DISK" "$SEALED"

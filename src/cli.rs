@@ -335,6 +335,10 @@ pub struct SealArgs {
     /// no data of its own yet): everything copied up is then encrypted with the one given
     #[arg(long)]
     pub unverified_key: bool,
+    /// Seal without checking the passphrases at all (only when the guest's own data is
+    /// encrypted or random, so that the right legacy AES key decrypts to noise too)
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub keys: KeyArgs,
     #[command(flatten)]

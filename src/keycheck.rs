@@ -19,6 +19,16 @@ use crate::qcow2::Encryption;
 /// Clusters sampled per legacy AES layer.
 pub const SAMPLES: usize = 32;
 
+/// What a writing command lets through, from its flags.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeyPolicy {
+    /// `--force`: no check at all (a guest whose own data is encrypted or random decrypts to
+    /// noise under the right key too; nothing can tell it from a wrong one).
+    pub force: bool,
+    /// `--unverified-key`: a top layer without data yet may be written with the key given.
+    pub unverified_key: bool,
+}
+
 /// What the check found for one encrypted layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -141,6 +151,14 @@ impl KeyCheck {
                 Err(Error::new(&top.path, CryptoError::NoPassphrase))
             }
             _ => Ok(()),
+        }
+    }
+
+    /// `require_for_writing` as `policy` allows.
+    pub fn enforce_for_writing(&self, policy: KeyPolicy) -> Result<()> {
+        match policy.force {
+            true => Ok(()),
+            false => self.require_for_writing(policy.unverified_key),
         }
     }
 

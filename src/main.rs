@@ -215,18 +215,16 @@ fn seal(
         backing_within: within,
         ..Default::default()
     };
-    let report = qcowfs::seal::seal(
-        &args.image,
-        keys,
-        open,
-        args.unverified_key,
-        &|done, total| {
-            if let Some(bar) = &bar {
-                bar.set_length(total);
-                bar.set_position(done);
-            }
-        },
-    )?;
+    let policy = qcowfs::keycheck::KeyPolicy {
+        force: args.force,
+        unverified_key: args.unverified_key,
+    };
+    let report = qcowfs::seal::seal(&args.image, keys, open, policy, &|done, total| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    })?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }

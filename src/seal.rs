@@ -37,7 +37,7 @@ use std::path::Path;
 use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
 use crate::disk::{BlockDevice, Disk, DiskOptions};
 use crate::error::{Error, Problem, Result};
-use crate::keycheck::KeyCheck;
+use crate::keycheck::{KeyCheck, KeyPolicy};
 use crate::qcow2::{ClusterSource, Qcow2Image};
 
 /// Memory for the copy; dirty data is flushed whenever a quarter of it is used.
@@ -63,12 +63,12 @@ pub struct SealReport {
 /// Every key of the chain is checked first (`keycheck`): what is copied up is read with the
 /// backing layers' keys and written with the image's, so a wrong one would leave an image that
 /// no key reads, with its backing file gone. An image whose key cannot be verified (legacy AES,
-/// no data yet) is refused unless `unverified_key`.
+/// no data yet) is refused unless `policy` lets it through.
 pub fn seal(
     image: &Path,
     keys: &KeyRing,
     open: OpenOptions,
-    unverified_key: bool,
+    policy: KeyPolicy,
     progress: &dyn Fn(u64, u64),
 ) -> Result<SealReport> {
     let chain = Chain::open(
@@ -82,7 +82,7 @@ pub fn seal(
             ..open
         },
     )?;
-    KeyCheck::of(&chain)?.require_for_writing(unverified_key)?;
+    KeyCheck::of(&chain)?.enforce_for_writing(policy)?;
     if chain.layers().len() == 1 {
         return Ok(SealReport::default());
     }

@@ -522,9 +522,14 @@ fn a_user_lists_reads_and_copies_out_files_of_an_aes_overlay_and_its_raw_base() 
     fs::create_dir(&add).unwrap();
     build_tree(&add, &overlay_entries);
     {
+        // A fresh overlay: its key cannot be verified yet (tests/key_discipline.rs).
         let mount = Mount::new(
             &overlay.path,
-            &[OsStr::new("--passphrase-file"), key.as_os_str()],
+            &[
+                OsStr::new("--unverified-key"),
+                OsStr::new("--passphrase-file"),
+                key.as_os_str(),
+            ],
         );
         let disk = mount.disk();
         let guest = LoopMount::new(&disk, "loop,noatime");

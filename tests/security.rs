@@ -529,34 +529,28 @@ fn a_passphrase_file_others_can_read_is_used_with_a_warning_naming_it_and_its_mo
 }
 
 #[test]
-fn a_legacy_aes_image_without_data_mounts_saying_the_passphrase_cannot_be_verified() {
+fn a_legacy_aes_image_without_data_is_mounted_for_writing_only_with_unverified_key() {
     let dir = workdir();
     let img = qcow2(dir.path().join("empty.qcow2"), 4 * MIB)
         .aes("right")
         .create();
     let key = passphrase_file(dir.path(), "key", "maybe wrong");
-    let r = qcowfs([
-        "mount".as_ref(),
-        "--passphrase-file".as_ref(),
-        key.as_os_str(),
-        img.path.as_os_str(),
-        dir.path().join("mnt").as_os_str(),
-    ]);
-    // The mount point does not exist: make it and mount for real.
-    drop(r);
-    let m = {
-        let mnt = dir.path().join("mnt");
-        fs::create_dir_all(&mnt).expect("mnt");
-        Mount::try_new(
-            &img.path,
-            &["--passphrase-file".as_ref(), key.as_os_str()],
-            None,
-            Path::new("/"),
-        )
-        .unwrap_or_else(|r| panic!("mount: {}", r.stderr))
-    };
-    m.umount();
-    let again = mount_warnings(&img.path, &key);
+    let before = fs::read(&img.path).expect("read image");
+    // Nothing to check the key against, and writing would encrypt with it: refused (status 4).
+    let r = mount_failure(
+        &img.path,
+        &["--passphrase-file".as_ref(), key.as_os_str()],
+        None,
+    );
+    assert_eq!(r.status.code(), Some(4), "{}", r.stderr);
+    assert_one_line_error(&r, &["empty.qcow2"], Duration::from_secs(60));
+    assert!(r.stderr.contains("--unverified-key"), "{}", r.stderr);
+    assert_eq!(fs::read(&img.path).expect("read image"), before);
+    // Read-only reads nothing with it: mounted without a word about the key.
+    let ro = mount_warnings(&img.path, &key, &["--read-only"]);
+    assert!(!ro.contains("cannot be verified"), "{ro}");
+    // Said explicitly, it mounts, and one line says the key could not be checked.
+    let again = mount_warnings(&img.path, &key, &["--unverified-key"]);
     let lines: Vec<&str> = again
         .lines()
         .filter(|l| l.contains("cannot be verified"))
@@ -566,17 +560,19 @@ fn a_legacy_aes_image_without_data_mounts_saying_the_passphrase_cannot_be_verifi
 }
 
 /// The stderr of a successful `qcowfs mount` (then unmounted).
-fn mount_warnings(image: &Path, key: &Path) -> String {
+fn mount_warnings(image: &Path, key: &Path, extra: &[&str]) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
     let mnt = dir.path().join("mnt");
     fs::create_dir(&mnt).expect("mnt");
-    let r = qcowfs([
-        "mount".as_ref(),
+    let mut args: Vec<&std::ffi::OsStr> = vec!["mount".as_ref()];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    args.extend([
         "--passphrase-file".as_ref(),
         key.as_os_str(),
         image.as_os_str(),
         mnt.as_os_str(),
     ]);
+    let r = qcowfs(args);
     r.assert_success();
     qcowfs(["umount".as_ref(), mnt.as_os_str()]).assert_success();
     r.stderr

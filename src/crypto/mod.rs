@@ -21,7 +21,8 @@ pub enum CryptoError {
     UnsupportedMethod(u32),
     #[error(
         "the passphrase is wrong: all {sampled} sampled clusters decrypt to noise (legacy AES \
-         has no key check; qcowfs check-key tells per layer)"
+         has no key check; only if the guest's own data is encrypted or random and the key is \
+         right: --force)"
     )]
     LooksWrong { sampled: usize },
     #[error("the passphrase is wrong: no key slot opens with it")]

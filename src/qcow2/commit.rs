@@ -311,6 +311,10 @@ impl Qcow2Image {
         if releases.0.is_empty() {
             drop(meta);
         } else {
+            // Reads that mapped a released cluster under the old state finish first.
+            drop(meta);
+            drop(self.read_pins.write());
+            let mut meta = self.meta.lock();
             let mut freed = Vec::new();
             for &(offset, len) in &releases.0 {
                 meta.alloc.release(&self.file, offset, len, &mut freed)?;
@@ -418,10 +422,17 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Forget what a failed commit left in memory: re-read the metadata from disk.
+    /// Forget what a failed commit left in memory: re-read the metadata from disk. When that
+    /// fails (unreadable, or metadata `open` would refuse), what memory holds cannot be trusted
+    /// and what the disk holds is damaged: nothing more is committed.
     pub fn abandon(&self) {
         if let Err(e) = self.reload() {
-            log::error!("{e}");
+            if !self.poisoned.swap(true, Ordering::AcqRel) {
+                log::error!(
+                    "{e}: re-reading the metadata after a failed write failed; writes to this \
+                     image are refused from now on: unmount, then check it with qemu-img check"
+                );
+            }
         }
     }
 
@@ -441,8 +452,11 @@ impl Qcow2Image {
         let header = super::Header::parse(&first, file_len).at(self.path())?;
         let l1 =
             super::words::read_words(&self.file, header.l1_table_offset, header.l1_size as usize)?;
+        // The checks of `open`: what a failed commit left on disk is trusted no more than that.
+        super::image::check_l1(self.path(), &self.layout, &l1, file_len)?;
         let metadata =
             super::overlap::MetadataMap::build(&self.file, &header, &l1, self.snapshots())?;
+        super::image::refuse_overlap(self.path(), &metadata)?;
         let mut meta = self.meta.lock();
         meta.alloc = super::alloc::Allocator::new(&header, file_len);
         meta.metadata = metadata;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use lru::LruCache;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::alloc::Allocator;
 use super::compress::decompress;
@@ -56,6 +56,12 @@ pub struct Qcow2Image {
     pub(super) commit_lock: Mutex<()>,
     /// A barrier failed: nothing more is committed (see `barrier`).
     pub(super) poisoned: std::sync::atomic::AtomicBool,
+    /// Held shared by a read from the moment it maps a cluster until it has read it (outside the
+    /// metadata lock). A commit takes it exclusively once, after publishing its new state and
+    /// before releasing what the old one referenced, so no cluster a read mapped under the old
+    /// state is punched or reused under that read (QEMU's in-flight request tracking does the
+    /// same job). Lock order: pin, then `meta`; the committer holds neither while it waits.
+    pub(super) read_pins: RwLock<()>,
 }
 
 /// Is a guest cluster ours to overwrite in place, or must the flush writer allocate it?
@@ -77,49 +83,15 @@ impl Qcow2Image {
         let layout = Layout::new(header.cluster_bits, header.version, header.extended_l2());
         let file_len = file.len()?;
         let l1 = read_words(&file, header.l1_table_offset, header.l1_size as usize)?;
-        let end_cluster = file_len.div_ceil(layout.cluster_size());
-        for (i, &word) in l1.iter().enumerate() {
-            let l2 = L1Entry(word).l2_offset();
-            if l2 == 0 {
-                continue;
-            }
-            if l2 % layout.cluster_size() != 0 {
-                return Err(Error::new(
-                    &path,
-                    FormatError::Misaligned {
-                        what: "L2 table",
-                        offset: l2,
-                        align: layout.cluster_size(),
-                    },
-                ));
-            }
-            if l2 >= end_cluster * layout.cluster_size() {
-                return Err(Error::new(
-                    &path,
-                    FormatError::BeyondEnd {
-                        what: "L2 table",
-                        offset: l2,
-                        len: layout.cluster_size(),
-                        file_len,
-                    },
-                ));
-            }
-            log::trace!("{}: L1[{i}] -> L2 at {l2:#x}", path.display());
-        }
+        check_l1(&path, &layout, &l1, file_len)?;
         let snapshots = if header.nb_snapshots > 0 {
             snapshot::read_table(&file, header.snapshots_offset, header.nb_snapshots).at(&path)?
         } else {
             Vec::new()
         };
         let metadata = MetadataMap::build(&file, &header, &l1, &snapshots)?;
-        if let (true, Some(overlap)) = (writable, &metadata.overlap) {
-            return Err(Error::new(
-                &path,
-                FormatError::Overlap {
-                    what: overlap_what(overlap),
-                    offset: overlap_offset(overlap),
-                },
-            ));
+        if writable {
+            refuse_overlap(&path, &metadata)?;
         }
         let tables = (L2_CACHE_BYTES / layout.cluster_size()).max(16) as usize;
         let alloc = Allocator::new(&header, file_len);
@@ -141,6 +113,7 @@ impl Qcow2Image {
             unsynced: std::sync::atomic::AtomicBool::new(false),
             commit_lock: Mutex::new(()),
             poisoned: std::sync::atomic::AtomicBool::new(false),
+            read_pins: RwLock::new(()),
         };
         if writable {
             // Refcounts that cannot take an allocation refuse the mount now, not the first flush.
@@ -295,10 +268,14 @@ impl Qcow2Image {
         let mut done = 0usize;
         while done < buf.len() {
             let at = guest + done as u64;
+            let pin = self.read_pins.read();
             let (source, n) = self.map_in(view, at, (buf.len() - done) as u64)?;
             let piece = &mut buf[done..done + n as usize];
             match source {
-                ClusterSource::Backing => below(at, piece)?,
+                ClusterSource::Backing => {
+                    drop(pin); // the layers below are other files
+                    below(at, piece)?
+                }
                 ClusterSource::Zero => piece.fill(0),
                 ClusterSource::Data { host } => self.read_data(at, host, piece)?,
                 ClusterSource::Compressed { host, size } => {
@@ -558,6 +535,54 @@ impl Qcow2Image {
             ));
         }
         Ok(())
+    }
+}
+
+/// Every L1 entry names an L2 table at a cluster boundary inside the file (`open`, and `reload`
+/// after a failed commit: what the disk holds then is checked as on the first open).
+pub(super) fn check_l1(path: &Path, layout: &Layout, l1: &[u64], file_len: u64) -> Result<()> {
+    let end_cluster = file_len.div_ceil(layout.cluster_size());
+    for &word in l1 {
+        let l2 = L1Entry(word).l2_offset();
+        if l2 == 0 {
+            continue;
+        }
+        if l2 % layout.cluster_size() != 0 {
+            return Err(Error::new(
+                path,
+                FormatError::Misaligned {
+                    what: "L2 table",
+                    offset: l2,
+                    align: layout.cluster_size(),
+                },
+            ));
+        }
+        if l2 >= end_cluster * layout.cluster_size() {
+            return Err(Error::new(
+                path,
+                FormatError::BeyondEnd {
+                    what: "L2 table",
+                    offset: l2,
+                    len: layout.cluster_size(),
+                    file_len,
+                },
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A writable image's metadata must not overlap (`open`, `reload`).
+pub(super) fn refuse_overlap(path: &Path, metadata: &MetadataMap) -> Result<()> {
+    match &metadata.overlap {
+        Some(overlap) => Err(Error::new(
+            path,
+            FormatError::Overlap {
+                what: overlap_what(overlap),
+                offset: overlap_offset(overlap),
+            },
+        )),
+        None => Ok(()),
     }
 }
 

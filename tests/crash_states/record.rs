@@ -129,8 +129,14 @@ pub fn record_seal(name: &'static str, image: Image, dir: &Path) -> Recording {
         record: Some(log.clone()),
         ..Default::default()
     };
-    qcowfs::seal::seal(&image.path, &keys_of(&image), open, false, &|_, _| {})
-        .unwrap_or_else(|e| panic!("{name}: seal: {e}"));
+    qcowfs::seal::seal(
+        &image.path,
+        &keys_of(&image),
+        open,
+        Default::default(),
+        &|_, _| {},
+    )
+    .unwrap_or_else(|e| panic!("{name}: seal: {e}"));
     finish(name, initial, image, log, Vec::new(), initial_guest)
 }
 

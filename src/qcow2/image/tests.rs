@@ -7,6 +7,8 @@ use crate::qcow2::table::{COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::qcow2::tiny::{self, TinyImage, L1_TABLE, REFCOUNT_BLOCK, REFCOUNT_TABLE};
 use crate::qcow2::Compression;
 
+#[path = "pin_tests.rs"]
+mod pin_tests;
 #[path = "qemu_images.rs"]
 mod qemu_images;
 #[path = "read_tests.rs"]
