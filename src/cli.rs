@@ -260,6 +260,10 @@ pub struct MountArgs {
         env = "QCOWFS_IO_URING"
     )]
     pub io_uring: crate::mount::uring::Mode,
+    /// Mount over a folder that has files in it (they are hidden while mounted); never over a
+    /// live qcowfs mount
+    #[arg(long)]
+    pub nonempty: bool,
     /// The qcow2 (or raw) image to mount
     pub image: PathBuf,
     /// An existing empty directory

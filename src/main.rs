@@ -81,6 +81,7 @@ fn main() {
                 log_level,
                 log_file,
                 io_uring: m.io_uring,
+                nonempty: m.nonempty,
             })
         }),
         Command::Umount { mountpoint } => umount(&mountpoint),

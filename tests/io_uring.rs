@@ -349,3 +349,157 @@ fn io_uring_on_refuses_clearly_when_the_kernel_has_it_off_and_auto_falls_back() 
         "auto did not fall back to /dev/fuse:\n{log}"
     );
 }
+
+/// Run this thread on CPU `cpu` only, so every request it makes goes to that CPU's queue.
+fn pin_to(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks `cpu`; the set is only read.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pin to CPU {cpu}"
+        );
+    }
+}
+
+/// What writer `w` writes in its `i`th write: 64 KiB of one byte.
+fn partition_chunk(w: usize, i: usize) -> Vec<u8> {
+    vec![(w * 16 + i % 2 + 1) as u8; 64 * KIB as usize]
+}
+
+/// An AES overlay over a raw base whose MBR (written here, byte by byte) has one Linux partition:
+/// 10 MiB at 1 MiB.
+fn one_partition_image(dir: &Path) -> Image {
+    let base = create_raw(dir.join("one-base.raw"), 64 * MIB);
+    let mut mbr = [0u8; 512];
+    let entry = &mut mbr[446..462];
+    entry[4] = 0x83;
+    entry[8..12].copy_from_slice(&2048u32.to_le_bytes());
+    entry[12..16].copy_from_slice(&20480u32.to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xaa;
+    OpenOptions::new()
+        .write(true)
+        .open(&base.path)
+        .expect("open base")
+        .write_all_at(&mbr, 0)
+        .expect("write the MBR");
+    let top = qcow2(dir.join("one.qcow2"), 64 * MIB)
+        .aes(PASS)
+        .backing(&base)
+        .create();
+    top.write_random(MIB + 512 * KIB, 1024 * 1024, 4);
+    top
+}
+
+/// A partition write holds its queue entry until the partition writer has dropped `disk`'s pages
+/// over it, which can wait on a `disk` read queued on the same CPU's queue: 16 writers and 4
+/// readers pinned to CPU 0 keep every entry of queue 0 busy. Bounded: no progress for 90 s aborts
+/// the connection and fails. The bytes are checked through `disk` and by QEMU.
+#[test]
+fn many_partition_writes_and_disk_reads_on_one_queue_never_deadlock() {
+    const WRITERS: usize = 16;
+    const READERS: usize = 4;
+    const WRITES: usize = 1000;
+    const LIMIT: Duration = Duration::from_secs(90);
+    let _one = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let _on = Switch::set(true);
+    let dir = workdir();
+    let image = one_partition_image(dir.path());
+    let key = passphrase_file(dir.path(), "key", PASS);
+    let m = Mount::new(
+        &image.path,
+        &[
+            "--io-uring".as_ref(),
+            "on".as_ref(),
+            "--passphrase-file".as_ref(),
+            key.as_os_str(),
+        ],
+    );
+    let dev = fs::metadata(m.mountpoint()).expect("stat mount").dev();
+    // The bytes the writers cover (two 64 KiB chunks each), from 1 MiB into `disk`.
+    let span = (WRITERS * 2) as u64 * 64 * KIB;
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let mut threads = Vec::new();
+    // Every writer and reader on CPU 0: their requests share one queue (4 entries), so the
+    // partition writes can hold every entry while disk reads queue behind them.
+    for w in 0..WRITERS {
+        let part = m.mountpoint().join("disk-part1");
+        let done = done_tx.clone();
+        threads.push(std::thread::spawn(move || {
+            pin_to(0);
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&part)
+                .expect("open part1");
+            for i in 0..WRITES {
+                let at = (w as u64 * 2 + (i % 2) as u64) * 64 * KIB;
+                f.write_all_at(&partition_chunk(w, i), at)
+                    .expect("partition write");
+            }
+            let _ = done.send(());
+        }));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for r in 0..READERS {
+        let disk = m.disk();
+        let stop = stop.clone();
+        let done = done_tx.clone();
+        threads.push(std::thread::spawn(move || {
+            pin_to(0);
+            let f = File::open(&disk).expect("open disk");
+            let mut buf = vec![0u8; 128 * KIB as usize];
+            let mut at = r as u64 * 128 * KIB;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Buffered reads of what the writers write, through `disk`'s page cache.
+                f.read_exact_at(&mut buf, MIB + at).expect("disk read");
+                at = (at + 128 * KIB) % span;
+            }
+            let _ = done.send(());
+        }));
+    }
+    drop(done_tx);
+    let start = std::time::Instant::now();
+    let mut writers_done = 0;
+    while writers_done < WRITERS {
+        match done_rx.recv_timeout(LIMIT.saturating_sub(start.elapsed())) {
+            Ok(()) => writers_done += 1,
+            Err(_) => {
+                // Stuck: abort the connection so every thread gets an error, then fail.
+                let minor = (dev & 0xff) | ((dev >> 12) & 0xffff_ff00);
+                let _ = fs::write(format!("/sys/fs/fuse/connections/{minor}/abort"), "1");
+                panic!(
+                    "partition writes and disk reads on one io_uring queue made no progress for \
+                     {LIMIT:?} ({writers_done} of {WRITERS} writers done): deadlock"
+                );
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("a reader or writer failed");
+    }
+    // The last write of each writer to each of its two chunks, through disk and through QEMU.
+    let mut expected = vec![0u8; span as usize];
+    for w in 0..WRITERS {
+        for i in WRITES - 2..WRITES {
+            let at = ((w * 2 + i % 2) as u64 * 64 * KIB) as usize;
+            expected[at..at + 64 * KIB as usize].copy_from_slice(&partition_chunk(w, i));
+        }
+    }
+    let span = span as usize;
+    assert_same_bytes(
+        &read_at_bounded(&m.disk(), MIB, span),
+        &expected,
+        "the partition writes, read through disk",
+    );
+    m.umount().assert_success();
+    assert_check_clean_when(&image, "after the concurrent partition writes");
+    assert_same_bytes(
+        &raw_of(&image)[MIB as usize..MIB as usize + span],
+        &expected,
+        "the partition writes, read by QEMU",
+    );
+}

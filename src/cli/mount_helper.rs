@@ -102,6 +102,12 @@ const OPTIONS: &[MountOption] = &[
         help: "With ro: take no image locks (--force-share).",
     },
     MountOption {
+        name: "nonempty",
+        value: None,
+        action: Action::Flag("--nonempty"),
+        help: "Mount over a folder that has files in it (--nonempty).",
+    },
+    MountOption {
         name: "force",
         value: None,
         action: Action::Flag("--force"),

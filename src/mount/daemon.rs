@@ -48,6 +48,8 @@ pub struct MountRequest {
     pub log_file: Option<PathBuf>,
     /// `--io-uring`: which transport carries the requests.
     pub io_uring: Mode,
+    /// `--nonempty`: mount over a folder that has files in it.
+    pub nonempty: bool,
 }
 
 /// Mount and, unless in the foreground, return once the daemon reports the mount live.
@@ -228,16 +230,10 @@ struct Prepared {
 }
 
 fn prepare(req: &MountRequest) -> Result<Prepared> {
-    let meta = std::fs::metadata(&req.mountpoint).map_err(|e| Error::new(&req.mountpoint, e))?;
+    super::mountpoint::check_before_mount(&req.mountpoint, req.nonempty)?;
     // Resolved before mounting: afterwards the path leads into our own, not yet served, mount.
     let mountpoint =
         std::fs::canonicalize(&req.mountpoint).map_err(|e| Error::new(&req.mountpoint, e))?;
-    if !meta.is_dir() {
-        return Err(Error::new(
-            &req.mountpoint,
-            Problem::Usage("the mountpoint is not a directory".into()),
-        ));
-    }
     let opts = OpenOptions {
         writable: !req.read_only,
         force_share: req.force_share,

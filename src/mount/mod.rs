@@ -6,6 +6,7 @@ pub mod daemon;
 mod devfuse;
 pub mod filelog;
 pub mod fs;
+mod mountpoint;
 mod partitions;
 pub mod registry;
 mod syslog;

@@ -1,5 +1,6 @@
 //! Where a running daemon records itself and, when it ends, how its final flush went, keyed by the
-//! canonical mountpoint. The daemon holds an exclusive flock on its record for its whole life and
+//! device numbers of its FUSE mount (unique among live mounts, and kept when a mount is moved or
+//! another is stacked over its folder), else by the canonical mountpoint. The daemon holds an exclusive flock on its record for its whole life and
 //! releases it only after the image is closed, so `qcowfs umount` knows the daemon is done (and the
 //! image's QEMU locks are gone) when it can take that lock, whatever happened to pids.
 //!
@@ -16,6 +17,8 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use super::mountpoint::{top_mount_at, MountEntry};
 
 /// The per-user runtime folder for qcowfs records: `/run/qcowfs` for root, else
 /// `$XDG_RUNTIME_DIR/qcowfs`, else `/run/user/UID/qcowfs`, else `/tmp/qcowfs-UID`.
@@ -184,25 +187,42 @@ pub fn is_our_daemon(pid: u32) -> bool {
     named && owner_ok && alive
 }
 
-/// The files recording one mount: `NAME.pid` and `NAME.status` in the runtime folder.
+/// The files recording one mount: `NAME.pid` and `NAME.status` in the runtime folder. NAME is
+/// `dev-MAJOR-MINOR` of the FUSE mount: a folder can hold two mounts (one stacked over the other)
+/// and a mount can move to another folder, and `umount` must wait for the daemon of the mount it
+/// detaches, not for another recorded at the same folder.
 #[derive(Debug, Clone)]
 pub struct Record {
     dir: PathBuf,
     name: String,
+    /// The image the mount serves (its mountinfo source): a record whose device numbers were
+    /// reused by a later, foreign FUSE mount does not describe it.
+    source: Option<PathBuf>,
     pub pid_file: PathBuf,
 }
 
 impl Record {
+    /// The record of the mount on top at `mountpoint` (canonical) now.
     pub fn for_mountpoint(mountpoint: &Path) -> Record {
-        Self::in_dir(runtime_dir(), mountpoint)
+        let entry = top_mount_at(mountpoint).ok().flatten();
+        Self::for_mount(mountpoint, entry.as_ref())
     }
 
-    fn in_dir(dir: PathBuf, mountpoint: &Path) -> Record {
-        let name = key(mountpoint);
+    /// The record of the FUSE mount `entry` at `mountpoint`; without one, the folder's.
+    pub fn for_mount(mountpoint: &Path, entry: Option<&MountEntry>) -> Record {
+        Self::in_dir(runtime_dir(), mountpoint, entry.filter(|e| e.is_fuse()))
+    }
+
+    fn in_dir(dir: PathBuf, mountpoint: &Path, entry: Option<&MountEntry>) -> Record {
+        let name = match entry {
+            Some(e) => format!("dev-{}-{}", e.dev.0, e.dev.1),
+            None => key(mountpoint),
+        };
         Record {
             pid_file: dir.join(format!("{name}.pid")),
             dir,
             name,
+            source: entry.map(|e| e.source.clone()),
         }
     }
 
@@ -240,6 +260,10 @@ impl Record {
         )?;
         flock(&file, libc::LOCK_EX | libc::LOCK_NB)?;
         write!(file, "{pid}\n{}\n", mountpoint.display())?;
+        if let Some(source) = &self.source {
+            file.write_all(source.as_os_str().as_bytes())?;
+            file.write_all(b"\n")?;
+        }
         Ok(file)
     }
 
@@ -280,6 +304,45 @@ impl Record {
         self.recorded_pid(&dir).filter(|&pid| is_our_daemon(pid))
     }
 
+    /// Whether a qcowfs daemon recorded itself for this mount (alive or not): the record exists
+    /// and names the same image.
+    pub fn was_recorded(&self) -> bool {
+        let Ok(dir) = RuntimeDir::open(&self.dir, false) else {
+            return false;
+        };
+        let Some(text) = dir.read(&self.pid_name()) else {
+            return false;
+        };
+        match (&self.source, text.lines().nth(2)) {
+            (Some(source), Some(recorded)) => source.as_os_str().as_bytes() == recorded.as_bytes(),
+            (Some(_), None) => false,
+            (None, _) => true,
+        }
+    }
+
+    /// The record of a daemon that died without cleaning up: remove it, unless a daemon holds it.
+    pub fn forget(&self) {
+        let Ok(dir) = RuntimeDir::open(&self.dir, false) else {
+            return;
+        };
+        let Ok(file) = dir.open_file(&self.pid_name(), libc::O_RDONLY | libc::O_NONBLOCK) else {
+            return;
+        };
+        if flock(&file, libc::LOCK_EX | libc::LOCK_NB).is_err() {
+            return;
+        }
+        // A new daemon of the same device may have replaced the file since it was opened: only
+        // the file we hold goes.
+        let still_ours = dir
+            .open_file(&self.pid_name(), libc::O_RDONLY | libc::O_NONBLOCK)
+            .and_then(|now| Ok((now.metadata()?, file.metadata()?)))
+            .is_ok_and(|(now, held)| now.ino() == held.ino() && now.dev() == held.dev());
+        if still_ours {
+            dir.remove(&self.pid_name());
+            dir.remove(&self.status_name());
+        }
+    }
+
     /// The daemon's last words: empty when everything was written, else the error. The pid file goes
     /// only if it is still this process's: a newer mount of the same mountpoint may have replaced it.
     pub fn write_status(&self, status: &str) {
@@ -314,7 +377,7 @@ mod tests {
     fn records_are_files_of_mode_0600_in_a_folder_of_mode_0700() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("qcowfs");
-        let record = Record::in_dir(dir.clone(), Path::new("/mnt/x"));
+        let record = Record::in_dir(dir.clone(), Path::new("/mnt/x"), None);
         let _held = record
             .write_pid(std::process::id(), Path::new("/mnt/x"))
             .unwrap();
@@ -335,7 +398,7 @@ mod tests {
         let dir = tmp.path().join("qcowfs");
         std::fs::create_dir(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let record = Record::in_dir(dir.clone(), Path::new("/mnt/x"));
+        let record = Record::in_dir(dir.clone(), Path::new("/mnt/x"), None);
         // Only reading: an open folder is not trusted.
         assert!(RuntimeDir::open(&dir, false).is_err());
         drop(
@@ -349,7 +412,7 @@ mod tests {
             let theirs = tmp.path().join("theirs");
             std::fs::create_dir(&theirs).unwrap();
             std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
-            let err = Record::in_dir(theirs, Path::new("/mnt/x"))
+            let err = Record::in_dir(theirs, Path::new("/mnt/x"), None)
                 .write_pid(1, Path::new("/mnt/x"))
                 .unwrap_err()
                 .to_string();
@@ -365,7 +428,7 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         let victim = tmp.path().join("victim");
         std::fs::write(&victim, "precious").unwrap();
-        let record = Record::in_dir(dir.clone(), Path::new("/mnt/x"));
+        let record = Record::in_dir(dir.clone(), Path::new("/mnt/x"), None);
         std::os::unix::fs::symlink(&victim, dir.join(record.status_name())).unwrap();
         record.write_status("overwrite?");
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
@@ -379,7 +442,7 @@ mod tests {
     fn a_record_naming_a_process_that_is_not_a_qcowfs_daemon_is_ignored() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("qcowfs");
-        let record = Record::in_dir(dir.clone(), Path::new("/mnt/x"));
+        let record = Record::in_dir(dir.clone(), Path::new("/mnt/x"), None);
         drop(record.write_pid(1, Path::new("/mnt/x")).unwrap());
         // pid 1 is init, not this program.
         assert_eq!(record.read_pid(), None);

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::fs::DISK_NAME;
+use super::mountpoint::{
+    canonical, is_dead_connection, is_qcowfs, probe, top_mount_at, MountEntry,
+};
 use super::registry::Record;
 use crate::error::{Error, Problem, Result};
 
@@ -13,8 +16,19 @@ use crate::error::{Error, Problem, Result};
 const EXIT_WAIT: Duration = Duration::from_secs(3600);
 
 pub fn umount(mountpoint: &Path) -> Result<()> {
-    let canon = std::fs::canonicalize(mountpoint).map_err(|e| Error::new(mountpoint, e))?;
-    let record = Record::for_mountpoint(&canon);
+    let canon = canonical(mountpoint)?;
+    let entry = top_mount_at(&canon)
+        .map_err(|e| Error::new("/proc/self/mountinfo", e))?
+        .filter(MountEntry::is_fuse);
+    let Some(entry) = entry else {
+        return Err(Error::new(
+            mountpoint,
+            Problem::Usage("not a qcowfs mount point".into()),
+        ));
+    };
+    // The record of this very mount (by its device numbers): another daemon recorded at the same
+    // folder (a mount stacked over or under it) is not the one to wait for.
+    let record = Record::for_mount(&canon, Some(&entry));
     // Without a usable record (none could be written, say the runtime folder was another user's),
     // the daemon is found by its command line.
     let pid = record.read_pid().or_else(|| find_daemon(&canon));
@@ -24,15 +38,19 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
         record.pid_file.display()
     );
     // As root the kernel records the type as plain "fuse"; our record tells it is ours.
-    let ours = match fuse_type_at(&canon)? {
-        Some(t) => t == "fuse.qcowfs" || pid.is_some(),
-        None => false,
-    };
-    if !ours {
+    if pid.is_none() && !is_qcowfs(&canon, &entry) {
         return Err(Error::new(
             mountpoint,
             Problem::Usage("not a qcowfs mount point".into()),
         ));
+    }
+    // No live daemon known: ask the mount itself whether anyone still serves it.
+    if pid.is_none() {
+        if let Err(e) = probe(&canon) {
+            if is_dead_connection(&e) {
+                return detach_dead(mountpoint, &canon, &entry, &record, &e);
+            }
+        }
     }
     // Flush first, while the mount is still there: a failure (e.g. host disk full) leaves the mount in
     // place with nothing lost, and the user can free space and run umount again.
@@ -48,24 +66,83 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
         })?;
     }
     unmount(&canon)?;
-    if let Some(pid) = pid {
-        if !record.wait_unlocked(pid, EXIT_WAIT) {
-            return Err(Error::new(
-                mountpoint,
-                Problem::Usage("the daemon did not finish writing in time".into()),
+    // Success means the image is complete: never say so without having seen the daemon finish.
+    let Some(pid) = pid else {
+        return Err(Error::new(
+            mountpoint,
+            Problem::Usage(
+                "unmounted, but its daemon could not be found to wait for (it left no record): \
+                 the image may still be being written"
+                    .into(),
+            ),
+        ));
+    };
+    if !record.wait_unlocked(pid, EXIT_WAIT) {
+        return Err(Error::new(
+            mountpoint,
+            Problem::Usage("the daemon did not finish writing in time".into()),
+        ));
+    }
+    wait_for_exit(pid, &canon)?;
+    if let Some(status) = record.take_status() {
+        if !status.trim().is_empty() {
+            return Err(Error::relayed(
+                status.trim().to_string(),
+                crate::error::Failure::Other,
             ));
-        }
-        wait_for_exit(pid, &canon)?;
-        if let Some(status) = record.take_status() {
-            if !status.trim().is_empty() {
-                return Err(Error::relayed(
-                    status.trim().to_string(),
-                    crate::error::Failure::Other,
-                ));
-            }
         }
     }
     Ok(())
+}
+
+/// The daemon of a qcowfs mount died (killed, crashed): the kernel answers every request with
+/// "Transport endpoint is not connected". Detach the mount (lazily, so files still open on it
+/// do not keep it in the tree) and say, non-zero, that what the daemon had not written is lost.
+fn detach_dead(
+    mountpoint: &Path,
+    canon: &Path,
+    entry: &MountEntry,
+    record: &Record,
+    why: &std::io::Error,
+) -> Result<()> {
+    detach_lazily(canon).map_err(|e| {
+        Error::new(
+            mountpoint,
+            Problem::Usage(format!(
+                "its daemon has died ({why}) and detaching the mount failed: {e}"
+            )),
+        )
+    })?;
+    record.forget();
+    Err(Error::new(
+        mountpoint,
+        Problem::Usage(format!(
+            "its daemon had died ({why}): the mount is detached, but writes the daemon had not \
+             yet flushed are lost; check {} with qemu-img check",
+            crate::error::escaped(&entry.source)
+        )),
+    ))
+}
+
+/// `umount -l`: the mount leaves the tree now; as a non-root owner, `fusermount3 -u -z`.
+fn detach_lazily(mountpoint: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: c is a valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    let status = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(mountpoint)
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(err)
+    }
 }
 
 fn unmount(mountpoint: &Path) -> Result<()> {
@@ -103,47 +180,16 @@ fn unmount(mountpoint: &Path) -> Result<()> {
     }
 }
 
-/// The FUSE file system type mounted at `mountpoint` ("fuse" or "fuse.SUBTYPE"), if any.
-fn fuse_type_at(mountpoint: &Path) -> Result<Option<String>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| Error::new("/proc/self/mountinfo", e))?;
-    Ok(info.lines().rev().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let point = unescape(left.split(' ').nth(4)?);
-        let fstype = right.split(' ').next()?;
-        (point == mountpoint && fstype.starts_with("fuse")).then(|| fstype.to_string())
-    }))
-}
-
-/// mountinfo escapes space, tab, newline and backslash as \ooo.
-fn unescape(field: &str) -> PathBuf {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    PathBuf::from(std::ffi::OsStr::from_bytes(&out))
-}
-
-/// A live qcowfs daemon of ours whose `mount` command line names `mountpoint` as its mountpoint
-/// (its last argument, resolved against the daemon's working folder).
+/// The live qcowfs daemon of ours whose `mount` command line names `mountpoint` as its mountpoint
+/// (its last argument, resolved against the daemon's working folder), when only one does: of two
+/// stacked at one folder, the command lines cannot tell which serves the mount on top.
 fn find_daemon(mountpoint: &Path) -> Option<u32> {
     let entries = std::fs::read_dir("/proc").ok()?;
-    entries
+    let mut found = entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| pid != std::process::id() && super::registry::is_our_daemon(pid))
-        .find(|&pid| {
+        .filter(|&pid| {
             let proc_dir = PathBuf::from(format!("/proc/{pid}"));
             let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
                 return false;
@@ -164,7 +210,9 @@ fn find_daemon(mountpoint: &Path) -> Option<u32> {
                 _ => named.to_path_buf(),
             };
             std::fs::canonicalize(&named).is_ok_and(|c| c == mountpoint)
-        })
+        });
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
 }
 
 fn wait_for_exit(pid: u32, mountpoint: &Path) -> Result<()> {
@@ -192,15 +240,4 @@ fn wait_for_exit(pid: u32, mountpoint: &Path) -> Result<()> {
     }
     log::debug!("daemon {pid} gone after {:?}", start.elapsed());
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unescapes_mountinfo_paths() {
-        assert_eq!(unescape("/mnt/a\\040b"), PathBuf::from("/mnt/a b"));
-        assert_eq!(unescape("/plain"), PathBuf::from("/plain"));
-    }
 }
