@@ -10,6 +10,7 @@ mod image;
 mod l2_update;
 pub mod layout;
 mod overlap;
+mod pinned_lru;
 #[cfg(test)]
 mod qemu_tools;
 pub mod refcount;
