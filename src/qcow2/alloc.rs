@@ -62,6 +62,19 @@ impl Allocator {
         self.end_cluster
     }
 
+    /// Keep about `bytes` of clean refcount blocks in memory from now on.
+    pub fn set_cache_bytes(&mut self, bytes: u64) {
+        self.cache_bytes = bytes;
+        if let Some(rc) = &mut self.refcounts {
+            rc.set_cache_bytes(bytes);
+        }
+    }
+
+    /// Bytes of refcount blocks in memory now (the table aside).
+    pub fn cached_bytes(&self) -> u64 {
+        self.refcounts.as_ref().map_or(0, Refcounts::cached_bytes)
+    }
+
     /// Load the refcounts before the first allocation, check that they can take one, and move the
     /// end of allocation past every cluster they count (see `Refcounts::last_used_cluster`).
     pub fn ensure_loaded(&mut self, file: &HostFile, header: &Header) -> Result<()> {
