@@ -229,6 +229,10 @@ pub struct MountArgs {
     /// Memory for decrypted clusters (e.g. 256M, 1G); dirty data counts against it
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = crate::size::parse_size)]
     pub cache_size: u64,
+    /// Memory for image metadata (L2 tables, refcount blocks, snapshot L1 tables), all layers
+    /// together; the active L1 and refcount tables come on top
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = crate::size::parse_size)]
+    pub metadata_cache: u64,
     /// Stay in the foreground and log to stderr (Ctrl-C unmounts)
     #[arg(short, long)]
     pub foreground: bool,

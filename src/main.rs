@@ -73,6 +73,7 @@ fn main() {
                 backing_within: within,
                 read_only: m.read_only,
                 cache_size: m.cache_size,
+                metadata_cache: m.metadata_cache,
                 foreground: m.foreground,
                 allow_other: m.allow_other,
                 force_share: m.force_share,

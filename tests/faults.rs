@@ -948,14 +948,6 @@ fn vm_rss(pid: u32) -> Option<u64> {
     proc_status_bytes(pid, "VmRSS:")
 }
 
-/// A `kB` field of /proc/PID/status in bytes (VmRSS, VmHWM, RssAnon ...).
-fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with(field))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 #[test]
 fn a_4_gib_write_burst_with_a_64m_cache_keeps_the_daemon_under_96_mib_rss() {
     let dir = workdir();

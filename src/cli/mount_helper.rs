@@ -84,6 +84,12 @@ const OPTIONS: &[MountOption] = &[
         help: "Memory for decrypted clusters, e.g. 512M (--cache-size).",
     },
     MountOption {
+        name: "metadata_cache",
+        value: Some("SIZE"),
+        action: Action::Value("--metadata-cache"),
+        help: "Memory for image metadata tables, e.g. 64M (--metadata-cache).",
+    },
+    MountOption {
         name: "log_file",
         value: Some("FILE"),
         action: Action::Value("--log-file"),

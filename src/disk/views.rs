@@ -7,6 +7,7 @@ use super::BlockDevice;
 use crate::chain::{Chain, Layer};
 use crate::error::{Error, Result};
 use crate::qcow2::snapshot::Snapshot;
+use crate::qcow2::snapshot_l1::SnapshotL1;
 
 fn read_only_error(chain: &Chain) -> Error {
     Error::new(
@@ -94,10 +95,12 @@ impl BlockDevice for Window {
 }
 
 /// The guest disk as it was when an internal snapshot was taken. Read-only, uncached: snapshot
-/// clusters are shared and never written in place, so reading them needs no coordination.
+/// clusters are shared and never written in place, so reading them needs no coordination. It
+/// holds where the snapshot's L1 table is, not the table: the image reads its entries into a
+/// bounded cache when a read needs them, so a view costs no memory until it is read.
 pub struct SnapshotView {
     chain: Arc<Chain>,
-    l1: Vec<u64>,
+    l1: SnapshotL1,
     size: u64,
 }
 

@@ -255,6 +255,24 @@ impl HostFile {
         }
     }
 
+    /// Whether [offset, offset + len) lies in a hole the host file system knows of (it reads as
+    /// zeros without being stored), so a scan may skip reading it. False when that cannot be told
+    /// (a file held in memory, a block device, no SEEK_DATA).
+    pub fn is_hole(&self, offset: u64, len: u64) -> bool {
+        use std::os::unix::io::AsRawFd;
+        let (Some(os), Ok(at)) = (&self.os, libc::off_t::try_from(offset)) else {
+            return false;
+        };
+        // SAFETY: the descriptor stays open for the call; reads are positional, so moving the
+        // file offset disturbs nothing.
+        let data = unsafe { libc::lseek(os.as_raw_fd(), at, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data from `offset` to the end.
+            return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        }
+        data as u64 >= offset.saturating_add(len)
+    }
+
     pub fn set_len(&self, len: u64) -> Result<()> {
         self.io.set_len(len).at(&self.path)
     }

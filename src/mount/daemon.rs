@@ -36,6 +36,8 @@ pub struct MountRequest {
     pub backing_within: Vec<PathBuf>,
     pub read_only: bool,
     pub cache_size: u64,
+    /// `--metadata-cache`: bytes of metadata tables kept, shared by the chain's qcow2 layers.
+    pub metadata_cache: u64,
     pub foreground: bool,
     pub allow_other: bool,
     pub force_share: bool,
@@ -243,6 +245,13 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
         record: None,
     };
     let chain = Chain::open(&req.image, &req.keys, opts)?;
+    crate::qcow2::share_metadata_budget(
+        chain.layers().iter().filter_map(|l| match l {
+            Layer::Qcow2(q) => Some(&**q),
+            Layer::Raw(_) => None,
+        }),
+        req.metadata_cache,
+    );
     let mut warnings = Vec::new();
     if !req.force {
         // Writing with a wrong key would store garbage: refuse. Reading only shows garbage: warn.

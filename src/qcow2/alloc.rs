@@ -6,15 +6,19 @@
 
 use super::header::{Header, MAX_REFTABLE_BYTES};
 use super::overlap::{MetaKind, MetadataMap};
-use super::refcount::Refcounts;
+use super::refcount::{self, Refcounts};
 use super::FormatError;
 use crate::error::{Error, Result};
 use crate::io::HostFile;
 
+/// The one owner of the refcounts. Memory: the refcount table and a bounded cache of blocks
+/// (`cache_bytes`, see `Refcounts`), whatever the size of the image.
 #[derive(Debug)]
 pub(super) struct Allocator {
     /// Loaded before the first allocation.
     refcounts: Option<Refcounts>,
+    /// Bytes of clean refcount blocks kept in memory.
+    cache_bytes: u64,
     /// First cluster index past everything allocated (the file grows from here).
     end_cluster: u64,
     /// Where the search for a free cluster resumes.
@@ -39,6 +43,7 @@ impl Allocator {
         let cs = 1u64 << header.cluster_bits;
         Allocator {
             refcounts: None,
+            cache_bytes: refcount::DEFAULT_CACHE_BYTES,
             end_cluster: file_len.div_ceil(cs),
             free_cursor: 0,
             committed_table: (
@@ -57,6 +62,19 @@ impl Allocator {
         self.end_cluster
     }
 
+    /// Keep about `bytes` of clean refcount blocks in memory from now on.
+    pub fn set_cache_bytes(&mut self, bytes: u64) {
+        self.cache_bytes = bytes;
+        if let Some(rc) = &mut self.refcounts {
+            rc.set_cache_bytes(bytes);
+        }
+    }
+
+    /// Bytes of refcount blocks in memory now (the table aside).
+    pub fn cached_bytes(&self) -> u64 {
+        self.refcounts.as_ref().map_or(0, Refcounts::cached_bytes)
+    }
+
     /// Load the refcounts before the first allocation, check that they can take one, and move the
     /// end of allocation past every cluster they count (see `Refcounts::last_used_cluster`).
     pub fn ensure_loaded(&mut self, file: &HostFile, header: &Header) -> Result<()> {
@@ -69,6 +87,7 @@ impl Allocator {
             header.refcount_table_clusters.into(),
             header.cluster_bits,
             header.refcount_order,
+            self.cache_bytes,
         )?;
         rc.check_blocks_inside(file, file.len()?)?;
         if let Some(last) = rc.last_used_cluster(file)? {
@@ -93,9 +112,14 @@ impl Allocator {
         let cs = self.cluster_size();
         let mut found = None;
         while self.free_cursor < self.end_cluster {
-            let c = self.free_cursor;
-            self.free_cursor += 1;
-            if self.refcounts(file)?.get(file, c)? == 0 && !metadata.contains(c * cs) {
+            let end = self.end_cluster;
+            let from = self.free_cursor;
+            let Some(c) = self.refcounts(file)?.next_free(file, from, end)? else {
+                self.free_cursor = end;
+                break;
+            };
+            self.free_cursor = c + 1;
+            if !metadata.contains(c * cs) {
                 found = Some(c);
                 break;
             }

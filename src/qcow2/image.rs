@@ -14,6 +14,7 @@ use super::header::{Encryption, Header};
 use super::layout::Layout;
 use super::overlap::MetadataMap;
 use super::snapshot::{self, Snapshot};
+use super::snapshot_l1::{self, SnapshotL1, SnapshotTables};
 use super::table::{ClusterSource, L1Entry, L2Entry};
 use super::words::{decode_words, read_words};
 use super::FormatError;
@@ -48,6 +49,8 @@ pub struct Qcow2Image {
     pub(super) cipher: Option<Box<dyn SectorCipher>>,
     pub(super) meta: Mutex<Meta>,
     snapshots: Vec<Snapshot>,
+    /// Pieces of snapshot L1 tables, read when a snapshot is (see `snapshot_l1`).
+    pub(super) snapshot_tables: SnapshotTables,
     /// The last decompressed cluster, so consecutive blocks of one compressed cluster decompress once.
     last_decompressed: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     /// A background commit left writes without their final barrier (see `commit`).
@@ -95,6 +98,7 @@ impl Qcow2Image {
         }
         let tables = (L2_CACHE_BYTES / layout.cluster_size()).max(16) as usize;
         let alloc = Allocator::new(&header, file_len);
+        let header_bits = header.cluster_bits;
         let meta = Meta {
             header,
             l1,
@@ -109,6 +113,7 @@ impl Qcow2Image {
             cipher: None,
             meta: Mutex::new(meta),
             snapshots,
+            snapshot_tables: SnapshotTables::new(header_bits, snapshot_l1::DEFAULT_CACHE_BYTES),
             last_decompressed: Mutex::new(None),
             unsynced: std::sync::atomic::AtomicBool::new(false),
             commit_lock: Mutex::new(()),
@@ -185,12 +190,12 @@ impl Qcow2Image {
     fn entry_in(
         &self,
         meta: &mut Meta,
-        view: Option<&[u64]>,
+        view: Option<&SnapshotL1>,
         guest: u64,
     ) -> Result<(L1Entry, Option<(u64, L2Entry)>)> {
         let l1_index = self.layout.l1_index(guest) as usize;
         let word = match view {
-            Some(l1) => l1.get(l1_index).copied(),
+            Some(l1) => self.snapshot_l1_entry(l1, l1_index as u64)?,
             None => meta.l1.get(l1_index).copied(),
         };
         let Some(word) = word else {
@@ -215,7 +220,7 @@ impl Qcow2Image {
     /// `map` through the L1 table `view` (a snapshot's) instead of the active one.
     pub fn map_in(
         &self,
-        view: Option<&[u64]>,
+        view: Option<&SnapshotL1>,
         guest: u64,
         len: u64,
     ) -> Result<(ClusterSource, u64)> {
@@ -260,7 +265,7 @@ impl Qcow2Image {
     /// `read` through the L1 table `view` (a snapshot's) instead of the active one.
     pub fn read_in(
         &self,
-        view: Option<&[u64]>,
+        view: Option<&SnapshotL1>,
         guest: u64,
         buf: &mut [u8],
         below: &dyn Fn(u64, &mut [u8]) -> Result<()>,
@@ -324,63 +329,6 @@ impl Qcow2Image {
         let out = Arc::new(out);
         *self.last_decompressed.lock() = Some((host, out.clone()));
         Ok(out)
-    }
-
-    /// The L1 table of an internal snapshot, checked like the active one.
-    pub fn snapshot_l1(&self, snapshot: &Snapshot) -> Result<Vec<u64>> {
-        let cs = self.layout.cluster_size();
-        let bytes = u64::from(snapshot.l1_size) * 8;
-        if bytes > super::header::MAX_L1_BYTES {
-            return Err(Error::new(
-                self.path(),
-                FormatError::TooLarge {
-                    what: "snapshot L1 table",
-                    size: bytes,
-                    limit: super::header::MAX_L1_BYTES,
-                },
-            ));
-        }
-        if snapshot.l1_table_offset % cs != 0 {
-            return Err(Error::new(
-                self.path(),
-                FormatError::Misaligned {
-                    what: "snapshot L1 table",
-                    offset: snapshot.l1_table_offset,
-                    align: cs,
-                },
-            ));
-        }
-        let file_len = self.file.len()?;
-        if snapshot
-            .l1_table_offset
-            .checked_add(bytes)
-            .is_none_or(|end| end > file_len)
-        {
-            return Err(Error::new(
-                self.path(),
-                FormatError::BeyondEnd {
-                    what: "snapshot L1 table",
-                    offset: snapshot.l1_table_offset,
-                    len: bytes,
-                    file_len,
-                },
-            ));
-        }
-        let l1 = read_words(&self.file, snapshot.l1_table_offset, bytes as usize / 8)?;
-        for &word in &l1 {
-            let l2 = L1Entry(word).l2_offset();
-            if l2 % cs != 0 {
-                return Err(Error::new(
-                    self.path(),
-                    FormatError::Misaligned {
-                        what: "L2 table",
-                        offset: l2,
-                        align: cs,
-                    },
-                ));
-            }
-        }
-        Ok(l1)
     }
 
     /// Bytes of guest data this layer stores (data and compressed clusters; zero clusters hold none).

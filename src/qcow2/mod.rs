@@ -9,11 +9,14 @@ mod header_write;
 mod image;
 mod l2_update;
 pub mod layout;
+mod memory;
 mod overlap;
+mod pinned_lru;
 #[cfg(test)]
 mod qemu_tools;
 pub mod refcount;
 pub mod snapshot;
+pub mod snapshot_l1;
 pub mod table;
 #[cfg(test)]
 pub(crate) mod tiny;
@@ -24,4 +27,5 @@ pub use error::FormatError;
 pub use header::{Compression, Encryption, Header};
 pub use image::{Qcow2Image, WriteTarget};
 pub use layout::Layout;
+pub use memory::share_metadata_budget;
 pub use table::ClusterSource;

@@ -3,7 +3,7 @@
 //! image (refused for writing), and a data cluster that points into metadata reads as EIO and is never
 //! written over.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::header::Header;
 use super::snapshot::Snapshot;
@@ -13,7 +13,8 @@ use super::FormatError;
 use crate::error::Result;
 use crate::io::HostFile;
 
-/// Snapshot L1 tables read at open, at most, to find the L2 tables they use.
+/// Snapshot L1 tables read at open, at most, to find the L2 tables they use (a table shared by
+/// several snapshots counts once).
 const MAX_SNAPSHOT_L1_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,9 +100,11 @@ impl MetadataMap {
             );
         }
         let mut budget = MAX_SNAPSHOT_L1_BYTES;
+        let mut followed = HashSet::new();
         for s in snapshots {
             let len = u64::from(s.l1_size) * 8;
-            if len > budget || s.l1_table_offset % cs != 0 {
+            let again = followed.contains(&(s.l1_table_offset, s.l1_size));
+            if (!again && len > budget) || s.l1_table_offset % cs != 0 {
                 log::warn!(
                     "{}: snapshot '{}' L1 table not checked for overlaps",
                     file.path().display(),
@@ -109,16 +112,33 @@ impl MetadataMap {
                 );
                 continue;
             }
-            budget -= len;
+            // Recorded for every snapshot: a table named twice is an overlap.
             map.add(MetaKind::SnapshotL1, s.l1_table_offset, len);
-            let Ok(table) = read_words(file, s.l1_table_offset, s.l1_size as usize) else {
+            if again {
                 continue;
-            };
-            for word in table {
-                map.add_l2(L1Entry(word).l2_offset(), cs);
             }
+            budget -= len;
+            followed.insert((s.l1_table_offset, s.l1_size));
+            map.add_snapshot_l2s(file, s.l1_table_offset, u64::from(s.l1_size), cs);
         }
         Ok(map)
+    }
+
+    /// Record the L2 tables of the snapshot L1 table of `entries` at `offset`, read a piece at a
+    /// time (a table may be 32 MiB); one that cannot be read is followed as far as it can.
+    fn add_snapshot_l2s(&mut self, file: &HostFile, offset: u64, entries: u64, cs: u64) {
+        const PIECE_WORDS: u64 = 1 << 17;
+        let mut done = 0;
+        while done < entries {
+            let n = PIECE_WORDS.min(entries - done);
+            let Ok(piece) = read_words(file, offset + done * 8, n as usize) else {
+                return;
+            };
+            for word in piece {
+                self.add_l2(L1Entry(word).l2_offset(), cs);
+            }
+            done += n;
+        }
     }
 
     fn add_l2(&mut self, offset: u64, cs: u64) {

@@ -18,6 +18,7 @@ mod guest;
 mod hostile;
 mod image;
 mod mmap;
+mod proc;
 mod run;
 mod users;
 
@@ -40,6 +41,8 @@ pub use hostile::*;
 pub use image::*;
 #[allow(unused_imports)]
 pub use mmap::*;
+#[allow(unused_imports)]
+pub use proc::*;
 #[allow(unused_imports)]
 pub use run::*;
 #[allow(unused_imports)]
