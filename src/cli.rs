@@ -495,6 +495,7 @@ fn encrypted_layers_without_keys(
         without_keys: true,
         backing_within: within.to_vec(),
         record: None,
+        faults: None,
     };
     let chain = Chain::open(image, ring, opts)?;
     Ok(chain

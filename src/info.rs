@@ -24,6 +24,7 @@ pub fn run(args: &InfoArgs) -> Result<()> {
             without_keys: true,
             backing_within: args.confine.folders()?,
             record: None,
+            faults: None,
         },
     )?;
     let report = describe(&chain)?;

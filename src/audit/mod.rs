@@ -53,6 +53,7 @@ pub fn run(args: &AuditArgs) -> Result<()> {
         without_keys: true,
         backing_within: args.confine.folders()?,
         record: None,
+        faults: None,
     };
     let found = scan::discover(&args.paths);
     for problem in &found.problems {

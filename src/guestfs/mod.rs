@@ -113,6 +113,7 @@ impl GuestFs {
                 without_keys: false,
                 backing_within: opts.backing_within.clone(),
                 record: None,
+                faults: None,
             },
         )?;
         let aes = chain

@@ -237,6 +237,7 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
         without_keys: false,
         backing_within: req.backing_within.clone(),
         record: None,
+        faults: None,
     };
     let chain = Chain::open(&req.image, &req.keys, opts)?;
     let mut warnings = Vec::new();
