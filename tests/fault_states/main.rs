@@ -167,10 +167,11 @@ fn every_host_failure_is_reported_and_loses_nothing_acknowledged() {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(spec) = chosen.get(i) else { break };
-                // Whatever is left after rounding goes to the first workload; the counting run,
-                // itself a state without a fault, is one of each workload's states.
+                // Whatever is left after rounding goes to the last workload (the first is the
+                // slowest); the counting run, itself a state without a fault, is one of each
+                // workload's states.
                 let mut budget = (total as u64 * spec.weight / weights) as usize;
-                if i == 0 {
+                if i == chosen.len() - 1 {
                     let all: u64 = chosen
                         .iter()
                         .map(|s| total as u64 * s.weight / weights)

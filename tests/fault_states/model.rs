@@ -210,3 +210,73 @@ impl<'a> Expectation<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(offset: u64, data: &[u8]) -> GuestOp {
+        GuestOp::Write {
+            offset,
+            data: data.to_vec(),
+        }
+    }
+
+    fn err() -> Result<(), String> {
+        Err("EIO".into())
+    }
+
+    #[test]
+    fn a_range_minus_a_cut_keeps_what_lies_outside_it() {
+        let mut r = vec![(0, 10), (20, 30)];
+        subtract(&mut r, (5, 25));
+        assert_eq!(r, vec![(0, 5), (25, 30)]);
+        subtract(&mut r, (0, 100));
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn only_what_a_successful_fsync_covered_is_certain_after_reopen() {
+        let ops = [
+            write(0, b"aa"),
+            GuestOp::Durable,
+            write(1, b"bb"),
+            GuestOp::Durable,
+        ];
+        let results = [Ok(()), Ok(()), Ok(()), err()];
+        let durable = Expectation::durable(b"....", &ops, &results);
+        assert!(durable.check(b"aa..").is_ok());
+        assert!(
+            durable.check(b"abb.").is_ok(),
+            "the unflushed write may have landed"
+        );
+        assert!(durable.check(b"ab..").is_ok(), "or part of it: per byte");
+        assert!(
+            durable.check(b".a..").is_err(),
+            "the flushed write must be there"
+        );
+        assert!(durable.check(b"aaa").is_err(), "the size is fixed");
+        // The open disk shows every write that returned success.
+        let live = Expectation::live(b"....", &ops, &results);
+        assert!(live.check(b"abb.").is_ok());
+        assert!(live.check(b"aa..").is_err());
+    }
+
+    #[test]
+    fn a_failed_operation_may_show_until_a_certain_one_covers_it() {
+        let ops = [
+            GuestOp::Discard { offset: 0, len: 4 },
+            write(2, b"cc"),
+            GuestOp::Durable,
+        ];
+        let results = [err(), Ok(()), Ok(())];
+        let durable = Expectation::durable(b"abcd", &ops, &results);
+        assert!(durable.check(b"abcc").is_ok());
+        assert!(durable.check(b"\0\0cc").is_ok());
+        assert!(
+            durable.check(b"ab\0c").is_err(),
+            "the later write covers the discard"
+        );
+        assert!(durable.check(b"xbcc").is_err());
+    }
+}
