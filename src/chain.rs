@@ -53,6 +53,8 @@ pub struct OpenOptions {
     pub backing_within: Vec<PathBuf>,
     /// Log every write and barrier to the top layer (crash-state tests build states from it).
     pub record: Option<crate::io::WriteLog>,
+    /// Make one host operation on the top layer fail (fault-state tests).
+    pub faults: Option<crate::io::FaultPlan>,
 }
 
 /// One layer of the chain.
@@ -146,6 +148,9 @@ impl Chain {
             let is_top = layers.is_empty();
             if let (true, Some(log)) = (is_top, &opts.record) {
                 file = file.recorded(log.clone());
+            }
+            if let (true, Some(plan)) = (is_top, &opts.faults) {
+                file = file.with_faults(plan.clone());
             }
             let (layer, rejected) = open_layer(file, format.as_deref(), keys, &opts)?;
             if rejected {

@@ -33,7 +33,7 @@ pub fn run(opts: &CheckKeyOptions, keys: &KeyRing, out: &mut dyn Write) -> Resul
             without_keys: false,
             keep_rejected_keys: true,
             backing_within: opts.backing_within.clone(),
-            record: None,
+            ..Default::default()
         },
     )?;
     let check = KeyCheck::of(&chain)?;

@@ -560,6 +560,7 @@ fn encrypted_layers_without_keys(
         keep_rejected_keys: false,
         backing_within: within.to_vec(),
         record: None,
+        faults: None,
     };
     let chain = Chain::open(image, ring, opts)?;
     Ok(chain

@@ -26,6 +26,7 @@ pub fn run(args: &InfoArgs) -> Result<()> {
             keep_rejected_keys: true,
             backing_within: args.confine.folders()?,
             record: None,
+            faults: None,
         },
     )?;
     let mut report = describe(&chain)?;

@@ -54,6 +54,7 @@ pub fn run(args: &AuditArgs) -> Result<()> {
         keep_rejected_keys: false,
         backing_within: args.confine.folders()?,
         record: None,
+        faults: None,
     };
     let found = scan::discover(&args.paths);
     for problem in &found.problems {

@@ -69,6 +69,7 @@ fn open_disk(dir: &Path, data: &[u8], writable: bool) -> Result<(TempImage, Disk
         keep_rejected_keys: false,
         backing_within: Vec::new(),
         record: None,
+        faults: None,
     };
     let chain = Chain::open(&file.0, &keys, opts)?;
     let disk = Disk::new(

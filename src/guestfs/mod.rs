@@ -115,6 +115,7 @@ impl GuestFs {
                 keep_rejected_keys: false,
                 backing_within: opts.backing_within.clone(),
                 record: None,
+                faults: None,
             },
         )?;
         // A wrong key is named first: read as noise, it would look like a disk with no file system.

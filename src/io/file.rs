@@ -5,6 +5,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::fault::{FaultInjector, FaultPlan};
 use super::host::{HostIo, MemFile, OsFile, Recorder, WriteLog};
 use crate::error::{Context, Result};
 
@@ -160,6 +161,14 @@ impl HostFile {
     pub fn recorded(self, log: WriteLog) -> Self {
         HostFile {
             io: Arc::new(Recorder::new(self.io, log)),
+            ..self
+        }
+    }
+
+    /// The same file, with the host failure `plan` chooses injected into it from now on.
+    pub fn with_faults(self, plan: FaultPlan) -> Self {
+        HostFile {
+            io: Arc::new(FaultInjector::new(self.io, plan)),
             ..self
         }
     }

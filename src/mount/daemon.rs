@@ -243,6 +243,7 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
         keep_rejected_keys: false,
         backing_within: req.backing_within.clone(),
         record: None,
+        faults: None,
     };
     let chain = Chain::open(&req.image, &req.keys, opts)?;
     crate::qcow2::share_metadata_budget(
