@@ -12,7 +12,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use qcowfs::fuzz::fields::{Edit, Field, INTERESTING};
-use qcowfs::fuzz::{edited_image, read_image, write_image};
+use qcowfs::fuzz::{
+    check_write, check_write_at, edited_image, read_image, write_image, WriteVerdict,
+};
 
 /// Cases in the normal test run.
 const DEFAULT_CASES: u64 = 1500;
@@ -248,4 +250,88 @@ fn field_edits_never_panic_or_hang() {
         start.elapsed().as_secs_f64()
     );
     assert!(cases > 0);
+}
+
+/// Cases of the write oracle in the normal test run (each opens its input three times).
+const DEFAULT_WRITE_CASES: u64 = 300;
+
+/// Run the write oracle on one input in a thread: a panic, a hang or a misplaced write fails.
+fn check_write_case(dir: &Path, input: Vec<u8>) -> WriteVerdict {
+    let (tx, rx) = mpsc::channel();
+    let work_dir = dir.to_path_buf();
+    let data = input.clone();
+    std::thread::spawn(move || {
+        let outcome = std::panic::catch_unwind(|| check_write(&work_dir, &data));
+        let _ = tx.send(outcome.map_err(|_| ()));
+    });
+    let saved = || {
+        let path =
+            std::env::temp_dir().join(format!("qcowfs-write-failure-{}.bin", std::process::id()));
+        let _ = std::fs::write(&path, &input);
+        path
+    };
+    match rx.recv_timeout(CASE_LIMIT) {
+        Ok(Ok(Ok(verdict))) => verdict,
+        Ok(Ok(Err(misplaced))) => panic!("{misplaced} (input saved at {})", saved().display()),
+        Ok(Err(())) => panic!("panic (input saved at {})", saved().display()),
+        Err(_) => panic!("hang (input saved at {})", saved().display()),
+    }
+}
+
+#[test]
+fn writes_through_mutated_images_are_refused_or_change_exactly_their_bytes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let seeds = seeds(dir.path());
+    let seconds: Option<u64> = std::env::var("QCOWFS_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let mut rng = Rng::new(0x5eed_0f_a11);
+    let start = Instant::now();
+    let (mut cases, mut exact) = (0u64, 0u64);
+    loop {
+        match seconds {
+            Some(s) if start.elapsed() >= Duration::from_secs(s) => break,
+            None if cases >= DEFAULT_WRITE_CASES => break,
+            _ => {}
+        }
+        let base = &seeds[rng.below(seeds.len() as u64) as usize];
+        // Half the cases write through an unchanged seed (the oracle itself is checked there).
+        let mut input = match cases % 2 {
+            0 => base.clone(),
+            _ => mutate(&mut rng, base),
+        };
+        input.extend_from_slice(&rng.next_u64().to_le_bytes());
+        if check_write_case(dir.path(), input) == WriteVerdict::Exact {
+            exact += 1;
+        }
+        cases += 1;
+    }
+    eprintln!(
+        "write oracle: {cases} cases ({exact} stored exactly, the rest refused) in {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    // The unchanged seeds take most writes: an oracle that refuses everything proves nothing.
+    assert!(
+        exact >= cases / 4,
+        "only {exact} of {cases} writes were stored"
+    );
+}
+
+#[test]
+fn a_write_through_an_l2_entry_pointing_inside_a_cluster_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("u.qcow2");
+    let image = common::qcow2(&path, 1 << 30).create();
+    image.write_pattern(0, 64 << 10, 0x5a);
+    image.write_pattern(512 << 20, 64 << 10, 0x5b);
+    // The first L2 entry, 512 bytes into its data cluster (the L2 table of 512 MiB follows it).
+    common::patch_be_u64(&path, 0x40000, (1 << 63) | 0x50200);
+    let bytes = std::fs::read(&path).expect("read image");
+    let verdict = check_write_at(dir.path(), &bytes, &|_| (0xfe00, vec![0xee; 512]));
+    assert_eq!(verdict.expect("no misplaced write"), WriteVerdict::Refused);
+    // The same write through the undamaged entry is stored, and exactly.
+    common::patch_be_u64(&path, 0x40000, (1 << 63) | 0x50000);
+    let bytes = std::fs::read(&path).expect("read image");
+    let verdict = check_write_at(dir.path(), &bytes, &|_| (0xfe00, vec![0xee; 512]));
+    assert_eq!(verdict.expect("no misplaced write"), WriteVerdict::Exact);
 }

@@ -4,6 +4,9 @@
 //! fields of seed images for the structure-aware target.
 
 pub mod fields;
+mod write_oracle;
+
+pub use write_oracle::{check_write, check_write_at, Misplaced, WriteVerdict};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +49,14 @@ fn temp_image(dir: &Path, data: &[u8]) -> Result<TempImage> {
 
 /// Open `data` as an image, with the fuzz passphrase and no locks.
 fn open_disk(dir: &Path, data: &[u8], writable: bool) -> Result<(TempImage, Disk)> {
+    ready(dir, data)?;
+    let file = temp_image(dir, data)?;
+    let disk = open_path(&file.0, writable)?;
+    Ok((file, disk))
+}
+
+/// Refuse inputs that are slow by design, and make the backing file the overlay seed names.
+fn ready(dir: &Path, data: &[u8]) -> Result<()> {
     if fields::luks_iterations(data) > MAX_LUKS_ITERATIONS {
         return Err(Error::new(
             dir,
@@ -57,7 +68,11 @@ fn open_disk(dir: &Path, data: &[u8], writable: bool) -> Result<(TempImage, Disk
         let pattern: Vec<u8> = (0..BACKING_LEN).map(|i| (i / 512) as u8).collect();
         std::fs::write(&base, pattern).map_err(|e| Error::new(&base, e))?;
     }
-    let file = temp_image(dir, data)?;
+    Ok(())
+}
+
+/// Open the image at `path` with the fuzz passphrase and no locks.
+fn open_path(path: &Path, writable: bool) -> Result<Disk> {
     let keys = KeyRing {
         default: Some(Zeroizing::new(PASSPHRASE.to_vec())),
         per_layer: Vec::new(),
@@ -65,21 +80,16 @@ fn open_disk(dir: &Path, data: &[u8], writable: bool) -> Result<(TempImage, Disk
     let opts = OpenOptions {
         writable,
         force_share: true,
-        without_keys: false,
-        keep_rejected_keys: false,
-        backing_within: Vec::new(),
-        record: None,
-        faults: None,
+        ..Default::default()
     };
-    let chain = Chain::open(&file.0, &keys, opts)?;
-    let disk = Disk::new(
+    let chain = Chain::open(path, &keys, opts)?;
+    Ok(Disk::new(
         chain,
         DiskOptions {
             cache_size: 8 << 20,
             read_only: !writable,
         },
-    );
-    Ok((file, disk))
+    ))
 }
 
 /// Open `data` as an image (read-only), read its start, end and a few places in between, and the

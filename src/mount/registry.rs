@@ -202,15 +202,29 @@ pub struct Record {
 }
 
 impl Record {
-    /// The record of the mount on top at `mountpoint` (canonical) now.
+    /// The record this daemon writes for the mount on top at `mountpoint` (canonical) now. Its
+    /// name ends in the daemon's pid: the kernel hands a freed device number to the next FUSE
+    /// mount at once, while the daemon of the unmounted one may still be writing its last data
+    /// under its own record.
     pub fn for_mountpoint(mountpoint: &Path) -> Record {
         let entry = top_mount_at(mountpoint).ok().flatten();
-        Self::for_mount(mountpoint, entry.as_ref())
+        let entry = entry.as_ref().filter(|e| e.is_fuse());
+        let mut record = Self::in_dir(runtime_dir(), mountpoint, entry);
+        record.name = format!("{}-{}", record.name, std::process::id());
+        record.pid_file = record.dir.join(record.pid_name());
+        record
     }
 
-    /// The record of the FUSE mount `entry` at `mountpoint`; without one, the folder's.
+    /// The record of the FUSE mount `entry` at `mountpoint` (without one, the folder's): of the
+    /// records of its device, the newest. A device number is reused only once the mount that
+    /// had it is gone, so the newest record is the daemon of the mount there now.
     pub fn for_mount(mountpoint: &Path, entry: Option<&MountEntry>) -> Record {
-        Self::in_dir(runtime_dir(), mountpoint, entry.filter(|e| e.is_fuse()))
+        let mut record = Self::in_dir(runtime_dir(), mountpoint, entry.filter(|e| e.is_fuse()));
+        if let Some(name) = newest_with_prefix(&record.dir, &format!("{}-", record.name)) {
+            record.name = name;
+            record.pid_file = record.dir.join(record.pid_name());
+        }
+        record
     }
 
     fn in_dir(dir: PathBuf, mountpoint: &Path, entry: Option<&MountEntry>) -> Record {
@@ -366,6 +380,33 @@ impl Record {
         dir.remove(&self.status_name());
         Some(status)
     }
+}
+
+/// The record name (without `.pid`) starting with `prefix` then a pid whose pid file changed
+/// last, in the runtime folder `dir`.
+fn newest_with_prefix(dir: &Path, prefix: &str) -> Option<String> {
+    let runtime = RuntimeDir::open(dir, false).ok()?;
+    drop(runtime); // opened only to refuse a folder that is not private
+    let mut newest: Option<(std::time::SystemTime, String)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let file = entry.file_name();
+        let Some(name) = file.to_str().and_then(|n| n.strip_suffix(".pid")) else {
+            continue;
+        };
+        let Some(pid) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else {
+            continue;
+        };
+        if newest.as_ref().is_none_or(|(at, _)| modified > *at) {
+            newest = Some((modified, name.to_string()));
+        }
+    }
+    newest.map(|(_, name)| name)
 }
 
 #[cfg(test)]
