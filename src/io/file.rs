@@ -282,6 +282,17 @@ impl HostFile {
         data as u64 >= offset.saturating_add(len)
     }
 
+    /// Whether [offset, offset + len) holds stored data: Some(false) for a hole (or past the end
+    /// of the file), Some(true) for data, None when that cannot be told (a file held in memory,
+    /// a block device).
+    pub fn holds_data(&self, offset: u64, len: u64) -> Option<bool> {
+        let os = self.os.as_ref()?;
+        if self.device_len.is_some() || !os.metadata().ok()?.is_file() {
+            return None;
+        }
+        Some(!self.is_hole(offset, len))
+    }
+
     pub fn set_len(&self, len: u64) -> Result<()> {
         self.io.set_len(len).at(&self.path)
     }

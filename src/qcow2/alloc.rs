@@ -106,7 +106,8 @@ impl Allocator {
         })
     }
 
-    /// Find a free host cluster (refcount 0, not metadata) or grow the file; its refcount becomes 1.
+    /// Find a free host cluster (refcount 0, not metadata, no stored data) or grow the file; its
+    /// refcount becomes 1.
     /// Returns the cluster index.
     pub fn alloc(&mut self, file: &HostFile, metadata: &MetadataMap) -> Result<u64> {
         let cs = self.cluster_size();
@@ -119,7 +120,11 @@ impl Allocator {
                 break;
             };
             self.free_cursor = c + 1;
-            if !metadata.contains(c * cs) {
+            // A free cluster that still holds data is not taken: QEMU and this allocator punch
+            // what they free, so stored data under a zero refcount is a cluster the refcounts
+            // lost track of (damage), which some L2 entry may still name. Where holes cannot be
+            // told (memory, block devices) the refcounts are trusted, as QEMU trusts them.
+            if !metadata.contains(c * cs) && file.holds_data(c * cs, cs) != Some(true) {
                 found = Some(c);
                 break;
             }
