@@ -5,6 +5,8 @@
 # reads: plain v3 and v2, 512-byte clusters (2 MiB clusters make files of 10+ MiB, too big for a seed), refcount_bits 1 and 64, extended L2, AES and
 # LUKS (passphrase "fuzz", as src/fuzz/mod.rs expects; LUKS with encrypt.iter-time=10), zlib and zstd
 # compressed, internal snapshots, a raw-backed overlay (the base sits beside it in DIR).
+# Also, in DIR/guest/, small ext2/3/4 file systems made with mkfs.ext4 -d (raw bytes, the
+# input of the `guest` target): folders, symlinks, a hard link, a sparse file, an htree folder.
 set -euo pipefail
 DIR=${1:?usage: scripts/fuzz-seeds.sh DIR}
 mkdir -p "$DIR"
@@ -46,6 +48,31 @@ qemu-img create -q -f raw fuzz-base.raw 1M
 qemu-io -f raw -c "write -P 0x71 0 64k" fuzz-base.raw >/dev/null
 qemu-img create -q -f qcow2 -b fuzz-base.raw -F raw -o cluster_size=4096 overlay.qcow2 1M
 qemu-io -f qcow2 -c "write -P 0x72 4k 4k" overlay.qcow2 >/dev/null
+
+# Guest file systems (raw ext2/3/4, < 1 MiB each): a small tree, made by mkfs -d.
+mkdir -p guest
+tree=$(mktemp -d)
+trap 'rm -rf "$tree"' EXIT
+mkdir -p "$tree/etc/deep/er" "$tree/many"
+printf 'hello\n' >"$tree/etc/hostname"
+head -c 3000 /dev/urandom >"$tree/etc/deep/er/blob"
+ln -s ../hostname "$tree/etc/deep/link"
+ln "$tree/etc/hostname" "$tree/hardlink"
+truncate -s 40M "$tree/sparse"
+printf 'end' | dd of="$tree/sparse" bs=1 seek=$((20 << 20)) conv=notrunc status=none
+for i in $(seq 1 120); do : >"$tree/many/file-with-a-longer-name-$i"; done
+# NAME TYPE OPTIONS...
+while read -r name type opts; do
+    rm -f "guest/$name.raw"
+    # shellcheck disable=SC2086
+    mke2fs -q -F -t "$type" -b 1024 $opts -N 256 -d "$tree" "guest/$name.raw" 900k
+done <<'KINDS'
+ext4 ext4
+ext4-indirect ext4 -O ^extent,^64bit
+ext4-plain ext4 -O ^metadata_csum,^has_journal
+ext3 ext3
+ext2 ext2
+KINDS
 
 for f in *.qcow2; do
     size=$(stat -c %s "$f")

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Fuzz qcowfs for SECONDS per target (default 600):
 #   scripts/fuzz.sh 1800
-# With a nightly toolchain and cargo-fuzz: both cargo-fuzz targets, `image` (bytes as an image) and
-# `fields` (named field edits of seed images), one after the other, one job each, from the seeds of
-# scripts/fuzz-seeds.sh (made in fuzz/seeds/ when missing) plus the regression cases of
-# tests/fuzz_corpus/. Corpora grow in fuzz/corpus/TARGET, crashes land in fuzz/artifacts/TARGET, the
+# With a nightly toolchain (cargo-fuzz is installed with `cargo install cargo-fuzz` when missing):
+# every cargo-fuzz target, `image` (bytes as an image), `fields` (named field edits of seed images)
+# and `guest` (bytes as an ext2/3/4 file system through ls, cat and copy-out), one after the other,
+# one job each, from the seeds of scripts/fuzz-seeds.sh (made in fuzz/seeds/ when missing) plus the
+# regression cases of tests/fuzz_corpus/ (tests/fuzz_corpus/guest/ for `guest`). Corpora grow in fuzz/corpus/TARGET, crashes land in fuzz/artifacts/TARGET, the
 # libFuzzer log (final stats at its end) in fuzz/logs/TARGET.log.
 # Without them: the stable randomized tests of tests/fuzz_images.rs for SECONDS each.
 # A failing input goes into tests/fuzz_corpus/ as NAME.bin (a plain image; for `fields` inputs,
@@ -13,13 +14,20 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DURATION=${1:-600}
 
+if cargo +nightly --version >/dev/null 2>&1 && ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "fuzz.sh: installing cargo-fuzz"
+    cargo install --locked cargo-fuzz || cargo install cargo-fuzz || true
+fi
 if cargo +nightly --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2>&1; then
-    echo "fuzz.sh: cargo-fuzz targets image and fields, ${DURATION}s each (nightly: $(cargo +nightly --version))"
-    if ! ls fuzz/seeds/*.qcow2 >/dev/null 2>&1; then
+    TARGETS=${FUZZ_TARGETS:-image fields guest}
+    echo "fuzz.sh: cargo-fuzz targets $TARGETS, ${DURATION}s each (nightly: $(cargo +nightly --version))"
+    if ! ls fuzz/seeds/*.qcow2 fuzz/seeds/guest/*.raw >/dev/null 2>&1; then
         scripts/fuzz-seeds.sh fuzz/seeds >/dev/null
     fi
-    mkdir -p fuzz/corpus/image fuzz/corpus/fields fuzz/logs
+    mkdir -p fuzz/corpus/image fuzz/corpus/fields fuzz/corpus/guest fuzz/logs
     cp -n fuzz/seeds/*.qcow2 tests/fuzz_corpus/*.bin fuzz/corpus/image/
+    cp -n fuzz/seeds/guest/*.raw fuzz/corpus/guest/
+    cp -n tests/fuzz_corpus/guest/* fuzz/corpus/guest/ 2>/dev/null || true
     # The fields target's input is a seed index byte then the edit program: one byte per seed
     # (the sorted fuzz/seeds/*.qcow2), each unchanged.
     n=$(ls fuzz/seeds/*.qcow2 | wc -l)
@@ -30,7 +38,7 @@ if cargo +nightly --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2
     # The overlay seed's raw backing file, where the targets open their inputs.
     cp -n fuzz/seeds/fuzz-base.raw "${TMPDIR:-/tmp}/" 2>/dev/null || true
     status=0
-    for target in image fields; do
+    for target in $TARGETS; do
         echo "fuzz.sh: running $target (log: fuzz/logs/$target.log)"
         nice -n 19 cargo +nightly fuzz run "$target" "fuzz/corpus/$target" -- \
             -max_total_time="$DURATION" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
@@ -42,4 +50,5 @@ if cargo +nightly --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2
 fi
 
 echo "fuzz.sh: no nightly toolchain or cargo-fuzz; running the stable randomized tests (tests/fuzz_images.rs), ${DURATION}s each"
+echo "fuzz.sh: (the guest target has no stable fallback beyond tests/guest_files.rs's corruption test)"
 QCOWFS_FUZZ_SECONDS=$DURATION cargo test --release --test fuzz_images -- --nocapture

@@ -1018,7 +1018,12 @@ fn a_directory_loop_ends_the_copy_with_one_line() {
         work.join("out").as_os_str(),
     ]);
     assert_one_line_error(&r, &["loop.qcow2"], Duration::from_secs(60));
-    assert!(r.stderr.contains("a directory loop?"), "{}", r.stderr);
+    // /etc/loop is /etc again: entered once, its second name refused by name.
+    assert!(
+        r.stderr.contains("/etc/loop: a second name for a folder"),
+        "{}",
+        r.stderr
+    );
     // Listing it is harmless.
     let r = qcowfs([
         OsStr::new("ls"),
@@ -1121,4 +1126,288 @@ fn an_image_in_use_by_a_writer_is_refused_unless_force_share() {
     // Once the writer is gone, the reader locks are free again.
     let r = qcowfs([OsStr::new("ls"), p, OsStr::new("/")]);
     r.assert_success();
+}
+
+// --- hostile shapes: folder DAGs, shared files, huge holes -------------------------------------
+
+/// `mke2fs -t TYPE OPTIONS -d TREE FILE SIZE` (1 KiB blocks: small file systems, many blocks).
+fn mke2fs(kind: &str, options: &[&str], tree: &Path, file: &Path, size: &str) {
+    let mut a: Vec<&OsStr> = vec![
+        "-q".as_ref(),
+        "-F".as_ref(),
+        "-t".as_ref(),
+        kind.as_ref(),
+        "-b".as_ref(),
+        "1024".as_ref(),
+    ];
+    a.extend(options.iter().map(OsStr::new));
+    a.extend([
+        OsStr::new("-d"),
+        tree.as_os_str(),
+        file.as_os_str(),
+        OsStr::new(size),
+    ]);
+    run_ok("mke2fs", a);
+}
+
+/// `debugfs -w -R COMMAND FILE`.
+fn debugfs(file: &Path, command: &str) {
+    run_ok(
+        "debugfs",
+        [
+            "-w".as_ref(),
+            "-R".as_ref(),
+            OsStr::new(command),
+            file.as_os_str(),
+        ],
+    );
+}
+
+/// Folders /d0 (one 16 KiB file) to /d14, each /dN holding two more names, x and y, for
+/// /d(N-1): a DAG in which /d14 reaches /d0 by 2^14 paths (256 MiB of copies from 1 MiB of
+/// file system), made into `work/NAME.qcow2`.
+fn folder_dag(work: &Path, name: &str) -> Image {
+    let src = work.join(format!("{name}-src"));
+    fs::create_dir_all(src.join("d0")).unwrap();
+    fs::write(src.join("d0/data"), random_bytes(16384, 5)).unwrap();
+    for i in 1..=14 {
+        fs::create_dir(src.join(format!("d{i}"))).unwrap();
+    }
+    let raw = work.join(format!("{name}.raw"));
+    mke2fs("ext4", &[], &src, &raw, "16M");
+    for i in 1..=14 {
+        for link in ["x", "y"] {
+            debugfs(&raw, &format!("link /d{} /d{i}/{link}", i - 1));
+        }
+    }
+    convert(&raw, &work.join(format!("{name}.qcow2")), None)
+}
+
+/// Bytes in all files under `dir` (what a copy wrote), symlinks not followed.
+fn bytes_under(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .map(|e| e.unwrap().path())
+        .map(|p| match fs::symlink_metadata(&p).unwrap() {
+            m if m.is_dir() => bytes_under(&p),
+            m => m.len(),
+        })
+        .sum()
+}
+
+#[test]
+fn hard_linked_folders_are_entered_once_and_the_second_name_is_refused() {
+    let dir = workdir();
+    let work = dir.path();
+    let img = folder_dag(work, "dag");
+    let out = work.join("out");
+    let started = std::time::Instant::now();
+    let r = qcowfs([
+        OsStr::new("copy-out"),
+        img.path.as_os_str(),
+        OsStr::new("/d14"),
+        out.as_os_str(),
+    ]);
+    assert_one_line_error(&r, &["dag.qcow2"], Duration::from_secs(30));
+    // /d14/x/.../x/y is the first second name of a folder met, depth first.
+    let second = format!("/d14{}/y", "/x".repeat(13));
+    assert!(
+        r.stderr
+            .contains(&format!("{second}: a second name for a folder")),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        bytes_under(&out) <= 16384,
+        "{} bytes copied",
+        bytes_under(&out)
+    );
+    let r = qcowfs([
+        OsStr::new("copy-out"),
+        img.path.as_os_str(),
+        OsStr::new("/"),
+        OsStr::new("-"),
+    ]);
+    assert_one_line_error(&r, &["dag.qcow2"], Duration::from_secs(30));
+    assert!(
+        r.stderr.contains(": a second name for a folder"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stdout.len() < 256 * 1024,
+        "{} bytes of tar",
+        r.stdout.len()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_file_with_two_names_is_copied_once_and_hard_linked() {
+    let dir = workdir();
+    let work = dir.path();
+    let src = work.join("src");
+    fs::create_dir_all(src.join("a")).unwrap();
+    fs::write(src.join("a/one"), random_bytes(20000, 9)).unwrap();
+    fs::hard_link(src.join("a/one"), src.join("two")).unwrap();
+    let raw = work.join("links.raw");
+    mke2fs("ext4", &[], &src, &raw, "4M");
+    let img = convert(&raw, &work.join("links.qcow2"), None);
+    let out = work.join("out");
+    qcowfs([
+        OsStr::new("copy-out"),
+        img.path.as_os_str(),
+        OsStr::new("/"),
+        out.as_os_str(),
+    ])
+    .assert_success();
+    let (one, two) = (out.join("a/one"), out.join("two"));
+    assert_eq!(
+        fs::read(&one).unwrap(),
+        fs::read(src.join("a/one")).unwrap()
+    );
+    assert_eq!(
+        fs::metadata(&one).unwrap().ino(),
+        fs::metadata(&two).unwrap().ino()
+    );
+    // The tar stream: a hard link entry, which GNU tar extracts as one.
+    let r = qcowfs([
+        OsStr::new("copy-out"),
+        img.path.as_os_str(),
+        OsStr::new("/"),
+        OsStr::new("-"),
+    ]);
+    r.assert_success();
+    assert!(
+        r.stdout.len() < 64 * 1024,
+        "{} bytes of tar",
+        r.stdout.len()
+    );
+    let tarball = work.join("links.tar");
+    fs::write(&tarball, &r.stdout).unwrap();
+    let x = work.join("x");
+    fs::create_dir(&x).unwrap();
+    run_ok(
+        "tar",
+        [
+            "-xf".as_ref(),
+            tarball.as_os_str(),
+            "-C".as_ref(),
+            x.as_os_str(),
+        ],
+    );
+    let (one, two) = (x.join("a/one"), x.join("two"));
+    assert_eq!(
+        fs::read(&two).unwrap(),
+        fs::read(src.join("a/one")).unwrap()
+    );
+    assert_eq!(
+        fs::metadata(&one).unwrap().ino(),
+        fs::metadata(&two).unwrap().ino()
+    );
+}
+
+/// Marks written into the sparse source files: (offset, bytes).
+fn marks(len: u64) -> Vec<(u64, Vec<u8>)> {
+    vec![
+        (0, b"start".to_vec()),
+        (len / 3 + 5, random_bytes(3000, 1)),
+        (len - 4, b"end!".to_vec()),
+    ]
+}
+
+/// A file of `len` bytes holding only [`marks`]; the rest holes.
+fn sparse_file(path: &Path, len: u64) {
+    let f = fs::File::create(path).unwrap();
+    f.set_len(len).unwrap();
+    for (at, bytes) in marks(len) {
+        f.write_all_at(&bytes, at).unwrap();
+    }
+}
+
+/// `file` is `len` bytes, holds [`marks`], and takes no more than 1 MiB of disk.
+fn assert_sparse_copy(file: &Path, len: u64) {
+    let m = fs::metadata(file).unwrap();
+    assert_eq!(m.len(), len, "{}", file.display());
+    assert!(
+        m.blocks() * 512 <= MIB,
+        "{}: {} blocks",
+        file.display(),
+        m.blocks()
+    );
+    let f = fs::File::open(file).unwrap();
+    for (at, bytes) in marks(len) {
+        let mut got = vec![0u8; bytes.len()];
+        f.read_exact_at(&mut got, at).unwrap();
+        assert_eq!(got, bytes, "{} at {at}", file.display());
+    }
+    let mut before = [1u8; 4096];
+    f.read_exact_at(&mut before, len / 3 - 4096).unwrap();
+    assert!(
+        before.iter().all(|&b| b == 0),
+        "the hole before the middle mark"
+    );
+}
+
+#[test]
+fn sparse_files_are_copied_as_holes_to_a_folder_and_a_tar_stream_in_seconds() {
+    const TIB: u64 = 1 << 40;
+    let dir = workdir();
+    let work = dir.path();
+    // ext4 (an extent tree) with a 1 TiB file, ext3 (indirect blocks) with a 15 GiB one.
+    for (kind, len) in [("ext4", TIB), ("ext3", 15 << 30)] {
+        let src = work.join(format!("{kind}-src"));
+        fs::create_dir(&src).unwrap();
+        sparse_file(&src.join("huge"), len);
+        let raw = work.join(format!("{kind}.raw"));
+        mke2fs(kind, &[], &src, &raw, "8M");
+        let img = convert(&raw, &work.join(format!("{kind}.qcow2")), None);
+        let started = std::time::Instant::now();
+        let out = work.join(format!("{kind}-out"));
+        qcowfs([
+            OsStr::new("copy-out"),
+            img.path.as_os_str(),
+            OsStr::new("/huge"),
+            out.as_os_str(),
+        ])
+        .assert_success();
+        assert_sparse_copy(&out, len);
+        let r = qcowfs([
+            OsStr::new("copy-out"),
+            img.path.as_os_str(),
+            OsStr::new("/huge"),
+            OsStr::new("-"),
+        ]);
+        r.assert_success();
+        assert!(
+            r.stdout.len() < 64 * 1024,
+            "{kind}: {} bytes of tar",
+            r.stdout.len()
+        );
+        let tarball = work.join(format!("{kind}.tar"));
+        fs::write(&tarball, &r.stdout).unwrap();
+        let x = work.join(format!("{kind}-x"));
+        fs::create_dir(&x).unwrap();
+        run_ok(
+            "tar",
+            [
+                "-xf".as_ref(),
+                tarball.as_os_str(),
+                "-C".as_ref(),
+                x.as_os_str(),
+            ],
+        );
+        assert_sparse_copy(&x.join("huge"), len);
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{kind}: {:?}",
+            started.elapsed()
+        );
+    }
 }

@@ -2,7 +2,9 @@
 //! `cp -r`, or to a new name), and the host side of the walk (walk.rs): everything made relative
 //! to an open folder with `O_EXCL`, `mkdirat`, `symlinkat` and entered with `O_NOFOLLOW`, so a
 //! guest symlink is data, made as a symlink and never followed on the host, and nothing that
-//! exists is overwritten. Modes are kept less setuid/setgid, atimes and mtimes kept.
+//! exists is overwritten. Modes are kept less setuid/setgid, atimes and mtimes kept. A file's
+//! holes stay holes (skipped with a seek, the length set at the end), and a file with several
+//! names is copied once, its other names hard links (`linkat` below the same open folder).
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -13,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use ext4_view::{Component, Metadata, PathBuf as GuestPath};
 
-use super::list::{fill, CHUNK};
+use super::data::{GuestData, Range};
+use super::list::CHUNK;
 use super::walk::{CopyReport, Sink, Walker};
 use super::{guest_path, GuestError, GuestFs};
 use crate::error::{Error, Result};
@@ -74,7 +77,12 @@ pub fn copy_out(gfs: &GuestFs, path: &OsStr, dest: &Path, progress: bool) -> Res
         path: parent,
     };
     let mut walker = Walker::new(gfs, &meta, progress && std::io::stderr().is_terminal());
-    let result = walker.entry(&mut HostSink { gfs }, &dir, &name, &p, &meta, 0);
+    let number = gfs.inode_of(&p, &meta);
+    let mut sink = HostSink {
+        top: &dir.fd,
+        top_path: &dir.path,
+    };
+    let result = walker.entry(&mut sink, &dir, &name, &p, &meta, number, 0);
     walker.finish();
     result.map(|()| walker.report)
 }
@@ -89,9 +97,12 @@ pub(crate) struct HostDir {
     path: PathBuf,
 }
 
-/// The host side of a copy: entries made in open folders, never through a path.
+/// The host side of a copy: entries made in open folders, never through a path (a hard link
+/// names its first copy by its path below `top`, the folder the copy goes into, all made by
+/// this copy).
 struct HostSink<'a> {
-    gfs: &'a GuestFs,
+    top: &'a OwnedFd,
+    top_path: &'a Path,
 }
 
 impl HostSink<'_> {
@@ -147,11 +158,11 @@ impl Sink for HostSink<'_> {
         &mut self,
         parent: &HostDir,
         name: &[u8],
-        path: &GuestPath,
-        mut file: ext4_view::File,
+        data: &GuestData,
+        ranges: &[Range],
         meta: &Metadata,
         progress: &mut dyn FnMut(u64),
-    ) -> Result<()> {
+    ) -> Result<Vec<u8>> {
         let (host, cname) = Self::prepare(parent, name);
         let fd = open_at(
             &parent.fd,
@@ -160,25 +171,53 @@ impl Sink for HostSink<'_> {
             &host,
         )?;
         let mut out = File::from(fd);
+        let mut reader = data.reader()?;
         let mut buf = vec![0u8; CHUNK];
-        let mut at = 0u64;
-        loop {
-            let n = fill(&mut file, &mut buf).map_err(|e| self.gfs.error(path.as_ref(), e))?;
-            if n == 0 {
-                break;
+        let mut done = 0u64;
+        for r in ranges {
+            progress(r.offset - done);
+            let mut at = r.offset;
+            out.seek(SeekFrom::Start(at))
+                .map_err(|e| Error::new(&host, e))?;
+            while at < r.offset + r.len {
+                let n = (r.offset + r.len - at).min(CHUNK as u64) as usize;
+                reader.read_at(at, &mut buf[..n])?;
+                // Runs of zeros inside the data become holes too.
+                if buf[..n].iter().all(|&b| b == 0) {
+                    out.seek(SeekFrom::Current(n as i64))
+                        .map_err(|e| Error::new(&host, e))?;
+                } else {
+                    out.write_all(&buf[..n]).map_err(|e| Error::new(&host, e))?;
+                }
+                at += n as u64;
+                progress(n as u64);
             }
-            // Runs of zeros become holes.
-            if buf[..n].iter().all(|&b| b == 0) {
-                out.seek(SeekFrom::Current(n as i64))
-                    .map_err(|e| Error::new(&host, e))?;
-            } else {
-                out.write_all(&buf[..n]).map_err(|e| Error::new(&host, e))?;
-            }
-            at += n as u64;
-            progress(n as u64);
+            done = at;
         }
-        out.set_len(at).map_err(|e| Error::new(&host, e))?;
-        set_mode_and_times(&out, meta, &host)
+        progress(data.len() - done);
+        out.set_len(data.len()).map_err(|e| Error::new(&host, e))?;
+        set_mode_and_times(&out, meta, &host)?;
+        let below_top = host.strip_prefix(self.top_path).unwrap_or(&host);
+        Ok(below_top.as_os_str().as_bytes().to_vec())
+    }
+
+    fn link(&mut self, parent: &HostDir, name: &[u8], first: &[u8], _: &Metadata) -> Result<()> {
+        let (host, cname) = Self::prepare(parent, name);
+        let cfirst = CString::new(first).unwrap_or_default();
+        // SAFETY: both strings are valid C strings, both descriptors open folders; flags 0
+        // never follow a symlink at `first`.
+        check(
+            unsafe {
+                libc::linkat(
+                    self.top.as_raw_fd(),
+                    cfirst.as_ptr(),
+                    parent.fd.as_raw_fd(),
+                    cname.as_ptr(),
+                    0,
+                )
+            },
+            &host,
+        )
     }
 }
 

@@ -28,7 +28,7 @@ pub fn ls(gfs: &GuestFs, path: &OsStr, out: &mut dyn Write) -> Result<()> {
     .map_err(|e| gfs.error(bytes, e))?;
     let mut lines = Vec::new();
     if meta.is_dir() {
-        gfs.for_each_child(&p, bytes, |name, child, meta| {
+        gfs.for_each_child(&p, None, bytes, |name, child, meta, _| {
             let target = link_target(gfs, &child, &meta)?;
             lines.push((name, meta, target));
             Ok(())

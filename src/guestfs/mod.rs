@@ -3,12 +3,18 @@
 //! locks, or none with `--force-share`), the file system is found on the disk or one of its
 //! partitions by its magic (detect.rs), and ext2/3/4 is read by the `ext4-view` crate through a
 //! byte range of the disk (reader.rs). Listing and streaming are in list.rs; copying out walks the
-//! tree (walk.rs) into a host folder (copy.rs) or a tar stream (tar.rs).
+//! tree (walk.rs) into a host folder (copy.rs) or a tar stream (tar.rs), each file's data ranges
+//! (data.rs) found from its block map (layout.rs, extents.rs) so holes stay holes.
 
 mod copy;
+mod data;
 mod detect;
+mod extents;
+pub mod fuzzing;
+mod layout;
 mod list;
 mod reader;
+mod sparse;
 mod tar;
 mod walk;
 
@@ -17,7 +23,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ext4_view::{Ext4, Ext4Error};
+use ext4_view::{Ext4, Ext4Error, Metadata};
 
 use crate::chain::{Chain, KeyRing, OpenOptions};
 use crate::disk::{BlockDevice, Disk, DiskOptions};
@@ -25,9 +31,11 @@ use crate::error::{Error, Result};
 use crate::keycheck::KeyCheck;
 use crate::partition::read_table;
 use crate::qcow2::Encryption;
+use layout::RawInode;
 
 pub use copy::copy_out;
 pub use detect::Contents;
+pub use layout::LayoutError;
 pub use list::{cat, ls};
 pub use tar::copy_out_tar;
 pub use walk::CopyReport;
@@ -76,6 +84,29 @@ pub enum GuestError {
     NotAName,
     #[error("{0}: not a regular file, directory or symlink; not copied")]
     Special(String),
+    #[error(
+        "{0}: a second name for a folder already copied (ext4 folders have one name: a damaged \
+         or hostile file system; e2fsck repairs it)"
+    )]
+    SecondPath(String),
+    #[error("{path}: the copy reaches more than {limit} entries, more than a {fs_bytes}-byte file system can hold (hard-linked folders?)")]
+    TooManyEntries {
+        path: String,
+        limit: u64,
+        fs_bytes: u64,
+    },
+    #[error("{path}: the copy reaches more than {limit} bytes of file data, more than the file system holds (cross-linked files?)")]
+    TooMuchData { path: String, limit: u64 },
+    #[error(
+        "{path}: {len} bytes, longer than the {limit}-byte file system, and qcowfs cannot map \
+         its holes; mount the image and copy it with cp --sparse"
+    )]
+    Unmapped { path: String, len: u64, limit: u64 },
+    #[error("{path}: {source}")]
+    Map {
+        path: String,
+        source: layout::LayoutError,
+    },
 }
 
 /// A guest path (bytes) as terminal-safe text.
@@ -100,6 +131,11 @@ pub struct GuestFs {
     fs: Ext4,
     /// The superblock's inode count: no sound tree has more directories (copy.rs's loop bound).
     inodes: u64,
+    /// The bytes the file system lies in: no sound tree holds more data, nor more entries
+    /// than fit in them (walk.rs's bounds).
+    fs_bytes: u64,
+    /// Inode numbers and block maps, read by qcowfs itself where it can (layout.rs).
+    layout: Option<layout::Layout>,
 }
 
 impl GuestFs {
@@ -135,24 +171,41 @@ impl GuestFs {
         ));
         let (view, start, len) =
             choose(disk.as_ref(), opts.partition, aes).map_err(|e| e.at_image(image))?;
+        let hint = match aes {
+            true => AES_HINT,
+            false => "",
+        };
+        GuestFs::load(image, disk, view, start, len, hint)
+    }
+
+    /// The file system in `len` bytes of `disk` from `start` (`view` names them; `hint` is
+    /// added to a refusal), `image` named in errors.
+    fn load(
+        image: &Path,
+        disk: Arc<dyn BlockDevice>,
+        view: String,
+        start: u64,
+        len: u64,
+        hint: &'static str,
+    ) -> Result<GuestFs> {
         let mut sb = [0u8; 1024];
         disk.read_at(start + 1024, &mut sb)?;
         let inodes = check_superblock(&sb, len).map_err(|e| Error::new(image, e))?;
+        let layout = layout::Layout::load(disk.clone(), start, len);
         let reader = reader::RangeReader::new(disk, start, len);
         let fs = Ext4::load(Box::new(reader)).map_err(|source| {
             ext4_error(image, source, |source| GuestError::Load {
                 view,
                 source,
-                hint: match aes {
-                    true => AES_HINT,
-                    false => "",
-                },
+                hint,
             })
         })?;
         Ok(GuestFs {
             image: image.to_path_buf(),
             fs,
             inodes,
+            fs_bytes: len,
+            layout,
         })
     }
 
@@ -166,8 +219,46 @@ impl GuestFs {
         self.inodes
     }
 
+    /// How many bytes the file system lies in.
+    pub(crate) fn fs_bytes(&self) -> u64 {
+        self.fs_bytes
+    }
+
     pub(crate) fn ext4(&self) -> &Ext4 {
         &self.fs
+    }
+
+    pub(crate) fn layout(&self) -> Option<&layout::Layout> {
+        self.layout.as_ref()
+    }
+
+    /// Inode `number` as qcowfs reads it, if it agrees with ext4-view's `meta` for the same
+    /// entry (else None: the entry is copied without the inode's help).
+    pub(crate) fn inode(&self, number: Option<u32>, meta: &Metadata) -> Option<RawInode> {
+        let inode = self.layout.as_ref()?.inode(number?).ok()?;
+        inode.agrees(meta).then_some(inode)
+    }
+
+    /// The inode number of guest `path` (`meta`: its metadata, a final symlink followed or not
+    /// as the caller chose), found by name from the root along the path ext4-view resolves;
+    /// None for a symlink or when qcowfs cannot tell.
+    pub(crate) fn inode_of(&self, path: &ext4_view::PathBuf, meta: &Metadata) -> Option<u32> {
+        let layout = self.layout.as_ref()?;
+        // A symlink is copied as itself: no inode of it is needed.
+        if meta.is_symlink() {
+            return None;
+        }
+        let resolved = self.fs.canonicalize(path).ok()?;
+        let mut number = ROOT_INODE;
+        for c in resolved.components() {
+            let ext4_view::Component::Normal(name) = c else {
+                continue;
+            };
+            let dir = layout.inode(number).ok()?;
+            let entries = extents::dir_entries(layout, &dir, DIR_SCAN_LIMIT).ok()?;
+            number = entries.into_iter().find(|(n, _)| n == name.as_ref())?.1;
+        }
+        Some(number)
     }
 
     /// An error about guest `path` from ext4-view, naming the image and the path.
@@ -183,19 +274,36 @@ impl GuestFs {
         Error::new(&self.image, e)
     }
 
-    /// Hand each entry of guest folder `dir` but `.` and `..` to `each`, as read: its name, path
-    /// and metadata (a final symlink not followed). A failure to read the folder names it as
+    /// Hand each entry of guest folder `dir` but `.` and `..` to `each`, as read: its name, path,
+    /// metadata (a final symlink not followed) and inode number when `inode` is the folder's and
+    /// qcowfs reads the same entries from it. A failure to read the folder names it as
     /// `shown_as` (what the user typed, for `ls`).
     pub(crate) fn for_each_child(
         &self,
         dir: &ext4_view::PathBuf,
+        inode: Option<&RawInode>,
         shown_as: &[u8],
-        mut each: impl FnMut(Vec<u8>, ext4_view::PathBuf, ext4_view::Metadata) -> Result<()>,
+        mut each: impl FnMut(Vec<u8>, ext4_view::PathBuf, Metadata, Option<u32>) -> Result<()>,
     ) -> Result<()> {
         let entries = self.fs.read_dir(dir).map_err(|e| self.error(shown_as, e))?;
+        // The same entries in the same order, with their numbers; dropped at the first that
+        // differs from ext4-view's.
+        let mut numbers = match (self.layout.as_ref(), inode) {
+            (Some(layout), Some(inode)) => extents::dir_entries(layout, inode, DIR_SCAN_LIMIT)
+                .ok()
+                .map(|v| v.into_iter()),
+            _ => None,
+        };
         for entry in entries {
             let entry = entry.map_err(|e| self.error(shown_as, e))?;
             let name = entry.file_name().as_ref().to_vec();
+            let number = match numbers.as_mut().and_then(|n| n.next()) {
+                Some((n, number)) if n == name => Some(number),
+                _ => {
+                    numbers = None;
+                    None
+                }
+            };
             if name == b"." || name == b".." {
                 continue;
             }
@@ -203,11 +311,18 @@ impl GuestFs {
             let meta = entry
                 .metadata()
                 .map_err(|e| self.error(child.as_ref(), e))?;
-            each(name, child, meta)?;
+            each(name, child, meta, number)?;
         }
         Ok(())
     }
 }
+
+/// The root folder's inode number.
+const ROOT_INODE: u32 = 2;
+
+/// Most entries of one folder whose inode numbers qcowfs reads itself (a larger folder is
+/// copied without them).
+const DIR_SCAN_LIMIT: usize = 1 << 20;
 
 /// The most block groups accepted: 128 TiB of 4 KiB blocks (ext4-view keeps every group
 /// descriptor in memory; a hostile count would ask for gigabytes).

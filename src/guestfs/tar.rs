@@ -1,14 +1,18 @@
 //! `qcowfs copy-out IMAGE GUESTPATH -`: the walk (walk.rs) written to stdout as a tar stream
 //! (GNU headers: long names and targets, the guest's uid/gid, modes less setuid/setgid, mtimes).
-//! File bytes are streamed a chunk at a time; nothing is made on the host.
+//! File bytes are streamed a chunk at a time; nothing is made on the host. A file with holes is
+//! a GNU sparse entry (sparse.rs) holding only its data; a file's second name a hard link entry.
 
 use std::ffi::OsStr;
 use std::io::{BufWriter, IsTerminal, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 
-use ext4_view::{Ext4Error, Metadata, PathBuf as GuestPath};
+use ext4_view::{Metadata, PathBuf as GuestPath};
 
 use super::copy::{last_name, top_metadata, KEPT_MODE};
+use super::data::{DataReader, GuestData, Range};
+use super::list::CHUNK;
+use super::sparse::sparse_header;
 use super::walk::{CopyReport, Sink, Walker};
 use super::GuestFs;
 use crate::error::{Error, Result};
@@ -24,15 +28,15 @@ pub fn copy_out_tar(
     let (p, meta) = top_metadata(gfs, path)?;
     let name = last_name(&p).unwrap_or_else(|| b".".to_vec());
     let mut sink = TarSink {
-        gfs,
         builder: tar::Builder::new(BufWriter::with_capacity(1 << 20, out)),
     };
     let mut walker = Walker::new(gfs, &meta, progress && std::io::stderr().is_terminal());
+    let number = gfs.inode_of(&p, &meta);
     // The top name is checked by the walk like any other; the root's "." is the one exception.
     let result = if name == b"." {
-        root(&mut walker, &mut sink, &p, &meta)
+        root(&mut walker, &mut sink, &p, &meta, number)
     } else {
-        walker.entry(&mut sink, &Vec::new(), &name, &p, &meta, 0)
+        walker.entry(&mut sink, &Vec::new(), &name, &p, &meta, number, 0)
     };
     walker.finish();
     result?;
@@ -41,18 +45,28 @@ pub fn copy_out_tar(
     Ok(walker.report)
 }
 
-/// The root folder as `.`, its entries as `./NAME`.
-fn root(walker: &mut Walker, sink: &mut TarSink, p: &GuestPath, meta: &Metadata) -> Result<()> {
+/// The root folder (inode `number`) as `.`, its entries as `./NAME`.
+fn root(
+    walker: &mut Walker,
+    sink: &mut TarSink,
+    p: &GuestPath,
+    meta: &Metadata,
+    number: Option<u32>,
+) -> Result<()> {
     let gfs = walker.gfs;
     let top = b".".to_vec();
+    let inode = walker.folder(p, meta, number)?;
     sink.append(
         &top,
         header(meta, tar::EntryType::Directory, 0),
         &mut std::io::empty(),
     )?;
-    gfs.for_each_child(p, p.as_ref(), |name, child, child_meta| {
-        walker.entry(sink, &top, &name, &child, &child_meta, 1)
-    })
+    gfs.for_each_child(
+        p,
+        inode.as_ref(),
+        p.as_ref(),
+        |name, child, child_meta, n| walker.entry(sink, &top, &name, &child, &child_meta, n, 1),
+    )
 }
 
 fn stdout_error(e: std::io::Error) -> Error {
@@ -70,30 +84,43 @@ fn header(meta: &Metadata, kind: tar::EntryType, size: u64) -> tar::Header {
     h
 }
 
-/// A guest file as `Read`, keeping ext4-view's error to report it as the guest's.
-struct GuestReader<'a> {
-    file: ext4_view::File,
-    error: &'a mut Option<Ext4Error>,
+/// A guest file's data ranges, back to back, as `Read`, keeping our error to report it as is.
+struct RangesReader<'a, 'r> {
+    reader: DataReader<'r>,
+    ranges: &'a [Range],
+    /// The range being read, and the next byte of it.
+    index: usize,
+    at: u64,
+    error: &'a mut Option<Error>,
     progress: &'a mut dyn FnMut(u64),
 }
 
-impl Read for GuestReader<'_> {
+impl Read for RangesReader<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self.file.read_bytes(buf) {
-            Ok(n) => {
-                (self.progress)(n as u64);
-                Ok(n)
-            }
-            Err(e) => {
-                *self.error = Some(e);
-                Err(std::io::Error::other("the guest file cannot be read"))
+        let Some(r) = self.ranges.get(self.index) else {
+            return Ok(0);
+        };
+        let n = (r.offset + r.len - self.at).min(buf.len().min(CHUNK) as u64) as usize;
+        if let Err(e) = self.reader.read_at(self.at, &mut buf[..n]) {
+            *self.error = Some(e);
+            return Err(std::io::Error::other("the guest file cannot be read"));
+        }
+        self.at += n as u64;
+        let mut done = n as u64;
+        if self.at == r.offset + r.len {
+            self.index += 1;
+            if let Some(next) = self.ranges.get(self.index) {
+                // The hole before the next range counts as copied.
+                done += next.offset - self.at;
+                self.at = next.offset;
             }
         }
+        (self.progress)(done);
+        Ok(n)
     }
 }
 
 struct TarSink<'a> {
-    gfs: &'a GuestFs,
     builder: tar::Builder<BufWriter<&'a mut dyn Write>>,
 }
 
@@ -156,23 +183,56 @@ impl Sink for TarSink<'_> {
         &mut self,
         parent: &Vec<u8>,
         name: &[u8],
-        path: &GuestPath,
-        file: ext4_view::File,
+        data: &GuestData,
+        ranges: &[Range],
         meta: &Metadata,
         progress: &mut dyn FnMut(u64),
-    ) -> Result<()> {
+    ) -> Result<Vec<u8>> {
         let entry = join(parent, name);
-        let mut error = None;
-        let mut reader = GuestReader {
-            file,
-            error: &mut error,
-            progress,
+        let len = data.len();
+        let whole = match ranges {
+            [] => len == 0,
+            [only] => only.offset == 0 && only.len == len,
+            _ => false,
         };
-        let h = header(meta, tar::EntryType::Regular, meta.len());
-        let written = self.append(&entry, h, &mut reader);
-        match error {
-            Some(e) => Err(self.gfs.error(path.as_ref(), e)),
-            None => written,
+        let mut h = header(meta, tar::EntryType::Regular, len);
+        let extensions = match whole {
+            true => Vec::new(),
+            false => sparse_header(&mut h, ranges, len),
+        };
+        if let Some(first) = ranges.first() {
+            progress(first.offset);
         }
+        let mut error = None;
+        let mut reader = RangesReader {
+            reader: data.reader()?,
+            ranges,
+            index: 0,
+            at: ranges.first().map_or(0, |r| r.offset),
+            error: &mut error,
+            progress: &mut *progress,
+        };
+        let mut stream = extensions.as_slice().chain(&mut reader);
+        let written = self.append(&entry, h, &mut stream);
+        let data_end = ranges.last().map_or(0, |r| r.offset + r.len);
+        match error {
+            Some(e) => Err(e),
+            None => written.map(|()| {
+                progress(len - data_end);
+                entry
+            }),
+        }
+    }
+
+    fn link(&mut self, parent: &Vec<u8>, name: &[u8], first: &[u8], meta: &Metadata) -> Result<()> {
+        let path = join(parent, name);
+        let mut h = header(meta, tar::EntryType::Link, 0);
+        self.builder
+            .append_link(
+                &mut h,
+                std::path::Path::new(OsStr::from_bytes(&path)),
+                std::path::Path::new(OsStr::from_bytes(first)),
+            )
+            .map_err(stdout_error)
     }
 }

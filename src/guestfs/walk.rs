@@ -1,10 +1,22 @@
 //! The walk over a guest tree that `copy-out` makes: each entry's name checked, folders entered
-//! within bounds (depth, and no more folders than the file system has inodes, so a directory
-//! loop in a hostile image ends), and every entry handed to a [`Sink`]: the host folder
-//! (copy.rs) or a tar stream (tar.rs). Progress is counted here.
+//! within bounds, and every entry handed to a [`Sink`]: the host folder (copy.rs) or a tar
+//! stream (tar.rs). Progress is counted here.
+//!
+//! A hostile image can make the tree far larger than its bytes: folders hard-linked into a
+//! DAG (2^n paths through n folders) or a loop, or many files sharing the same blocks. So each
+//! folder inode is entered once — a second name for it stops the copy with an error naming
+//! it, since ext4 never gives a folder two names and a tree copied from a damaged file system
+//! should not look whole — and a file with several names is copied once, its other names made
+//! hard links (as `cp -a` and tar do). Where qcowfs cannot read inode numbers (layout.rs), the
+//! bounds still hold: no more entries than the file system's bytes can hold (12 bytes each),
+//! no more file data than its bytes, no deeper than [`MAX_DEPTH`], no more folders than inodes.
+
+use std::collections::{HashMap, HashSet};
 
 use ext4_view::{Metadata, PathBuf as GuestPath};
 
+use super::data::{GuestData, Range};
+use super::layout::RawInode;
 use super::{shown, GuestError, GuestFs};
 use crate::error::Result;
 
@@ -13,6 +25,10 @@ pub const MAX_DEPTH: usize = 256;
 
 /// A single file shows a progress bar from this size on (a tree always shows its spinner).
 const LARGE_FILE: u64 = 8 << 20;
+
+/// The smallest ext2/3/4 folder entry (8 bytes of header, a name padded to 4): a file system
+/// of N bytes holds at most N / 12 entries.
+const SMALLEST_ENTRY: u64 = 12;
 
 /// What a copy did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -39,16 +55,24 @@ pub(crate) trait Sink {
     fn dir(&mut self, parent: &Self::Dir, name: &[u8], meta: &Metadata) -> Result<Self::Dir>;
     /// After a folder's entries (modes and times go on last, so a read-only folder is filled).
     fn dir_done(&mut self, dir: Self::Dir, meta: &Metadata) -> Result<()>;
-    /// The regular file `name` in `parent`, its bytes read from `file` (`meta.len()` of them);
-    /// `progress` is told of every chunk.
+    /// The regular file `name` in `parent`: `data.len()` bytes, data only in `ranges` (the
+    /// rest holes); `progress` is told of every chunk. Returns how a later hard link names it.
     fn file(
         &mut self,
         parent: &Self::Dir,
         name: &[u8],
-        path: &GuestPath,
-        file: ext4_view::File,
+        data: &GuestData,
+        ranges: &[Range],
         meta: &Metadata,
         progress: &mut dyn FnMut(u64),
+    ) -> Result<Vec<u8>>;
+    /// `name` in `parent` as a hard link to the file [`Sink::file`] made and named `first`.
+    fn link(
+        &mut self,
+        parent: &Self::Dir,
+        name: &[u8],
+        first: &[u8],
+        meta: &Metadata,
     ) -> Result<()>;
 }
 
@@ -59,6 +83,14 @@ pub(crate) struct Walker<'a> {
     pub bar: Option<indicatif::ProgressBar>,
     /// Folders that may still be entered: no sound file system has more than its inodes.
     dirs_left: u64,
+    /// Entries that may still be made (see [`SMALLEST_ENTRY`]).
+    entries_left: u64,
+    /// Bytes of file data that may still be read: no more than the file system's.
+    data_left: u64,
+    /// The inode numbers of the folders entered.
+    folders: HashSet<u32>,
+    /// Files with several names, by inode number: how the sink named the first copy.
+    links: HashMap<u32, Vec<u8>>,
 }
 
 impl<'a> Walker<'a> {
@@ -70,11 +102,34 @@ impl<'a> Walker<'a> {
             report: CopyReport::default(),
             bar: (bar && (meta.is_dir() || meta.len() >= LARGE_FILE)).then(|| new_bar(meta)),
             dirs_left: gfs.inode_count().max(1),
+            entries_left: gfs.fs_bytes() / SMALLEST_ENTRY,
+            data_left: gfs.fs_bytes(),
+            folders: HashSet::new(),
+            links: HashMap::new(),
         }
     }
 
-    /// Hand guest `path` (its metadata `meta`, a final symlink not followed) to `sink` as `name`
-    /// in `parent`, and a folder's tree below it.
+    /// Folder `path` (inode `number` if known) about to be entered: its inode, when qcowfs
+    /// reads it, and an error if it was entered before under another name.
+    pub fn folder(
+        &mut self,
+        path: &GuestPath,
+        meta: &Metadata,
+        number: Option<u32>,
+    ) -> Result<Option<RawInode>> {
+        let inode = self.gfs.inode(number, meta);
+        if let Some(i) = &inode {
+            if !self.folders.insert(i.number) {
+                let e = GuestError::SecondPath(shown(path.as_ref()));
+                return Err(self.gfs.guest_error(e));
+            }
+        }
+        Ok(inode)
+    }
+
+    /// Hand guest `path` (its metadata `meta`, a final symlink not followed; its inode
+    /// `number` if known) to `sink` as `name` in `parent`, and a folder's tree below it.
+    #[allow(clippy::too_many_arguments)]
     pub fn entry<S: Sink>(
         &mut self,
         sink: &mut S,
@@ -82,6 +137,7 @@ impl<'a> Walker<'a> {
         name: &[u8],
         path: &GuestPath,
         meta: &Metadata,
+        number: Option<u32>,
         depth: usize,
     ) -> Result<()> {
         let gfs = self.gfs;
@@ -94,6 +150,14 @@ impl<'a> Walker<'a> {
         {
             return Err(unsafe_name());
         }
+        if self.entries_left == 0 {
+            return Err(gfs.guest_error(GuestError::TooManyEntries {
+                path: shown(path.as_ref()),
+                limit: gfs.fs_bytes() / SMALLEST_ENTRY,
+                fs_bytes: gfs.fs_bytes(),
+            }));
+        }
+        self.entries_left -= 1;
         let fs = gfs.ext4();
         if meta.is_symlink() {
             let target = fs
@@ -109,22 +173,16 @@ impl<'a> Walker<'a> {
                 return Err(gfs.guest_error(GuestError::TooDeep(shown(path.as_ref()))));
             }
             self.dirs_left -= 1;
+            let inode = self.folder(path, meta, number)?;
             let dir = sink.dir(parent, name, meta)?;
             self.report.dirs += 1;
-            gfs.for_each_child(path, path.as_ref(), |child_name, child, child_meta| {
-                self.entry(sink, &dir, &child_name, &child, &child_meta, depth + 1)
-            })?;
+            let each = |child_name: Vec<u8>, child: GuestPath, child_meta: Metadata, n| {
+                self.entry(sink, &dir, &child_name, &child, &child_meta, n, depth + 1)
+            };
+            gfs.for_each_child(path, inode.as_ref(), path.as_ref(), each)?;
             sink.dir_done(dir, meta)?;
         } else if meta.file_type().is_regular_file() {
-            let file = fs.open(path).map_err(|e| gfs.error(path.as_ref(), e))?;
-            let report = &mut self.report;
-            let bar = &self.bar;
-            sink.file(parent, name, path, file, meta, &mut |n| {
-                report.bytes += n;
-                if let Some(bar) = bar {
-                    bar.inc(n);
-                }
-            })?;
+            self.file(sink, parent, name, path, meta, number)?;
             self.report.files += 1;
         } else {
             eprintln!(
@@ -133,6 +191,46 @@ impl<'a> Walker<'a> {
                 GuestError::Special(shown(path.as_ref()))
             );
             self.report.skipped += 1;
+        }
+        Ok(())
+    }
+
+    /// A regular file: copied, or linked to its first copy when it has several names.
+    fn file<S: Sink>(
+        &mut self,
+        sink: &mut S,
+        parent: &S::Dir,
+        name: &[u8],
+        path: &GuestPath,
+        meta: &Metadata,
+        number: Option<u32>,
+    ) -> Result<()> {
+        let gfs = self.gfs;
+        let inode = gfs.inode(number, meta);
+        let linked = inode.as_ref().filter(|i| i.links > 1).map(|i| i.number);
+        if let Some(first) = linked.and_then(|n| self.links.get(&n)) {
+            return sink.link(parent, name, first, meta);
+        }
+        let mut data = GuestData::new(gfs, path, meta, inode);
+        let ranges = data.ranges()?;
+        let bytes: u64 = ranges.iter().map(|r| r.len).sum();
+        if bytes > self.data_left {
+            return Err(gfs.guest_error(GuestError::TooMuchData {
+                path: shown(path.as_ref()),
+                limit: gfs.fs_bytes(),
+            }));
+        }
+        self.data_left -= bytes;
+        let report = &mut self.report;
+        let bar = &self.bar;
+        let first = sink.file(parent, name, &data, &ranges, meta, &mut |n| {
+            report.bytes += n;
+            if let Some(bar) = bar {
+                bar.inc(n);
+            }
+        })?;
+        if let Some(n) = linked {
+            self.links.insert(n, first);
         }
         Ok(())
     }
@@ -158,5 +256,53 @@ fn new_bar(meta: &Metadata) -> indicatif::ProgressBar {
         let bar = indicatif::ProgressBar::new(meta.len());
         bar.set_style(style("{bar:40} {bytes}/{total_bytes} ({eta} left)"));
         bar
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::super::fuzzing::memory_fs;
+
+    fn run(program: &str, args: &[&str]) {
+        let out = Command::new(program).args(args).output().unwrap();
+        assert!(out.status.success(), "{program} {args:?}: {out:?}");
+    }
+
+    /// Without inode numbers (as when qcowfs cannot read the layout or it disagrees with
+    /// ext4-view), a folder DAG still ends: at the file system's bytes of file data.
+    #[test]
+    fn a_folder_dag_without_inode_numbers_ends_at_the_file_systems_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(src.join("d0")).unwrap();
+        std::fs::write(src.join("d0/data"), vec![7u8; 65536]).unwrap();
+        for i in 1..=10 {
+            std::fs::create_dir(src.join(format!("d{i}"))).unwrap();
+        }
+        let raw = dir.path().join("fs.raw");
+        let (src_s, raw_s) = (src.to_str().unwrap(), raw.to_str().unwrap());
+        run(
+            "mke2fs",
+            &["-q", "-F", "-t", "ext4", "-d", src_s, raw_s, "4M"],
+        );
+        for i in 1..=10 {
+            for name in ["x", "y"] {
+                let link = format!("link /d{} /d{i}/{name}", i - 1);
+                run("debugfs", &["-w", "-R", &link, raw_s]);
+            }
+        }
+        let mut gfs = memory_fs(&std::fs::read(&raw).unwrap()).unwrap();
+        gfs.layout = None;
+        let mut out = Vec::new();
+        let e = super::super::copy_out_tar(&gfs, "/d10".as_ref(), &mut out, false).unwrap_err();
+        let message = e.to_string();
+        assert!(message.starts_with("<fuzz>: /d10/"), "{message}");
+        assert!(
+            message.contains("/data: the copy reaches more than 4194304 bytes of file data"),
+            "{message}"
+        );
+        assert!(out.len() < 5 << 20, "{} bytes of tar", out.len());
     }
 }

@@ -3,10 +3,12 @@
 //! FUSE mounts as a normal user need `/dev/fuse` open to them; `FuseForAll` makes it so for the
 //! test's duration (the usual mode on a desktop system is 0666), `FuseRootOnly` makes sure it is
 //! not (0600), and both restore the mode after, one test at a time across the whole suite.
+//! The program a user runs is a copy in a root-owned, world-readable folder of /tmp
+//! ([`reachable`]): the checkout may live where only root can enter (under /root, mode 700).
 
 use std::ffi::OsStr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
@@ -74,7 +76,7 @@ impl User {
             .arg("env")
             .arg("-u")
             .arg("XDG_RUNTIME_DIR")
-            .arg(program)
+            .arg(reachable(program))
             .args(args)
             .current_dir("/");
         run_with(&mut cmd, None, COMMAND_TIMEOUT)
@@ -92,6 +94,52 @@ impl User {
         )
         .assert_success();
     }
+}
+
+/// `program` where any user can run it: a copy (mode 0755) in a root-owned folder of the temp
+/// dir (mode 0755), named after the program's path, size and mtime, so one copy serves every
+/// test process of one build. A folder of that name that root does not own, or that others
+/// may write, fails the test rather than be trusted.
+pub fn reachable(program: &Path) -> PathBuf {
+    static MADE: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    let meta = std::fs::metadata(program).unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(
+        &(program, meta.len(), meta.mtime(), meta.mtime_nsec()),
+        &mut h,
+    );
+    let key = std::hash::Hasher::finish(&h);
+    let dir = std::env::temp_dir().join(format!("qcowfs-tests-bin-{key:016x}"));
+    let name = program.file_name().expect("a program file name");
+    let copy = dir.join(name);
+    match std::fs::create_dir(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            panic!("mkdir {}: {e}", dir.display())
+        }
+        _ => {}
+    }
+    let m = std::fs::symlink_metadata(&dir).expect("the program folder");
+    assert!(
+        m.is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0,
+        "{} exists but is not a root-owned folder only root may write",
+        dir.display()
+    );
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the program folder");
+    if !copy.exists() {
+        let partial = dir.join(format!(
+            ".{}.{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        std::fs::copy(program, &partial)
+            .unwrap_or_else(|e| panic!("copy {} to {}: {e}", program.display(), partial.display()));
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the program copy");
+        std::fs::rename(&partial, &copy).expect("rename the program copy");
+    }
+    copy
 }
 
 /// `/dev/fuse` readable and writable by everyone while it lives (the usual mode on a desktop
