@@ -2,8 +2,10 @@
 # Fuzz qcowfs for SECONDS per target (default 600):
 #   scripts/fuzz.sh 1800
 # With a nightly toolchain (cargo-fuzz is installed with `cargo install cargo-fuzz` when missing):
-# every cargo-fuzz target, `image` (bytes as an image), `fields` (named field edits of seed images)
-# and `guest` (bytes as an ext2/3/4 file system through ls, cat and copy-out), one after the other,
+# every cargo-fuzz target, `image` (bytes as an image), `fields` (named field edits of seed images),
+# `write` (a write through bytes as an image must be refused or change exactly its bytes: the
+# input's last 8 bytes place it) and `guest` (bytes as an ext2/3/4 file system through ls, cat and
+# copy-out), one after the other,
 # one job each, from the seeds of scripts/fuzz-seeds.sh (made in fuzz/seeds/ when missing) plus the
 # regression cases of tests/fuzz_corpus/ (tests/fuzz_corpus/guest/ for `guest`). Corpora grow in fuzz/corpus/TARGET, crashes land in fuzz/artifacts/TARGET, the
 # libFuzzer log (final stats at its end) in fuzz/logs/TARGET.log.
@@ -19,13 +21,15 @@ if cargo +nightly --version >/dev/null 2>&1 && ! cargo fuzz --version >/dev/null
     cargo install --locked cargo-fuzz || cargo install cargo-fuzz || true
 fi
 if cargo +nightly --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2>&1; then
-    TARGETS=${FUZZ_TARGETS:-image fields guest}
+    TARGETS=${FUZZ_TARGETS:-image fields write guest}
     echo "fuzz.sh: cargo-fuzz targets $TARGETS, ${DURATION}s each (nightly: $(cargo +nightly --version))"
     if ! ls fuzz/seeds/*.qcow2 fuzz/seeds/guest/*.raw >/dev/null 2>&1; then
         scripts/fuzz-seeds.sh fuzz/seeds >/dev/null
     fi
-    mkdir -p fuzz/corpus/image fuzz/corpus/fields fuzz/corpus/guest fuzz/logs
+    mkdir -p fuzz/corpus/image fuzz/corpus/fields fuzz/corpus/write fuzz/corpus/guest fuzz/logs
     cp -n fuzz/seeds/*.qcow2 tests/fuzz_corpus/*.bin fuzz/corpus/image/
+    # An image seed is also a write input (its last 8 bytes place the write).
+    cp -n fuzz/seeds/*.qcow2 tests/fuzz_corpus/*.bin fuzz/corpus/write/
     cp -n fuzz/seeds/guest/*.raw fuzz/corpus/guest/
     cp -n tests/fuzz_corpus/guest/* fuzz/corpus/guest/ 2>/dev/null || true
     # The fields target's input is a seed index byte then the edit program: one byte per seed
