@@ -20,6 +20,7 @@ QCOWFS_DEPS=(
 	qemu-storage-daemon:qemu-utils
 	fusermount3:fuse3
 	mkfs.ext4:e2fsprogs
+	mke2fs:e2fsprogs
 	debugfs:e2fsprogs
 	e2fsck:e2fsprogs
 	sfdisk:fdisk
