@@ -96,7 +96,14 @@ fn another_users_planted_runtime_folder_and_symlinked_records_never_touch_the_vi
     );
     let meta = fs::metadata(&runtime).expect("runtime folder");
     assert_eq!((meta.uid(), meta.mode() & 0o777), (victim.uid, 0o700));
-    let pid_file = runtime.join(format!("{key}.pid"));
+    // Named by the mount's device and the daemon's pid (src/mount/registry.rs): the one record.
+    let records: Vec<PathBuf> = fs::read_dir(&runtime)
+        .expect("runtime folder")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pid"))
+        .collect();
+    assert_eq!(records.len(), 1, "one pid record: {records:?}");
+    let pid_file = records[0].clone();
     assert_eq!(
         fs::metadata(&pid_file).expect("pid record").mode() & 0o777,
         0o600

@@ -12,6 +12,9 @@ use super::mountpoint::{
 use super::registry::Record;
 use crate::error::{Error, Problem, Result};
 
+/// Attempts, 50 ms apart, at unmounting a busy mount.
+const BUSY_TRIES: u32 = 20;
+
 /// How long to wait for the daemon to write what is left and exit.
 const EXIT_WAIT: Duration = Duration::from_secs(3600);
 
@@ -152,11 +155,22 @@ fn unmount(mountpoint: &Path) -> Result<()> {
             Problem::Usage("path contains a NUL byte".into()),
         )
     })?;
-    // SAFETY: c is a valid C string.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
+    // A file closed a moment ago can still hold the mount: a process forking at that moment
+    // copies the descriptor until its child's exec closes it. So a busy mount is tried again for
+    // a second before it is called busy.
+    let mut tries = 0;
+    let err = loop {
+        // SAFETY: c is a valid C string.
+        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        tries += 1;
+        if err.raw_os_error() != Some(libc::EBUSY) || tries == BUSY_TRIES {
+            break err;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     if err.raw_os_error() == Some(libc::EBUSY) {
         return Err(Error::new(mountpoint, Problem::Usage("the mount is busy: unmount the guest file system (umount /mnt/guest) and close files on it first".into())));
     }
