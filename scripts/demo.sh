@@ -146,7 +146,7 @@ step "qcowfs audit instances (the host-wide table)"
 
 step "qcowfs check-key: the overlay now holds data, so the key is verified (a wrong one is refused)"
 "$QCOWFS" check-key --passphrase-file "$PASSFILE" "$DISK" | indent
-printf 'not the key' >"$WORK/wrong-key"
+(umask 077 && printf 'not the key' >"$WORK/wrong-key")
 status=0
 "$QCOWFS" seal --passphrase-file "$WORK/wrong-key" "$DISK" 2>&1 | indent || status=$?
 [ "$status" -eq 3 ] || die "seal with a wrong key: status $status, expected 3"
