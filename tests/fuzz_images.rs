@@ -285,7 +285,7 @@ fn writes_through_mutated_images_are_refused_or_change_exactly_their_bytes() {
     let seconds: Option<u64> = std::env::var("QCOWFS_FUZZ_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok());
-    let mut rng = Rng::new(0x5eed_0f_a11);
+    let mut rng = Rng::new(0x0005_eed0_fa11);
     let start = Instant::now();
     let (mut cases, mut exact) = (0u64, 0u64);
     loop {
