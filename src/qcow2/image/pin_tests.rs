@@ -1,6 +1,7 @@
-//! A read racing a commit that releases the cluster it mapped: the read must get the bytes it
-//! mapped, never the punched (or reused) cluster. The host file holds the read inside its
-//! `read_at` until the test lets it go, so the interleaving is exact.
+//! What a commit does to readers and after a failure: a read racing a commit that releases the
+//! cluster it mapped must get the bytes it mapped, never the punched (or reused) cluster (the host
+//! file holds the read inside its `read_at` until the test lets it go, so the interleaving is
+//! exact); and the reload after a failed commit trusts the disk no more than `open` does.
 
 use std::io;
 use std::sync::Arc;
@@ -129,4 +130,40 @@ fn a_cluster_a_read_has_mapped_is_released_only_once_the_read_is_done() {
     })
     .unwrap();
     assert!(after.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn reloading_after_a_failed_commit_checks_what_open_checks_and_poisons_when_it_fails() {
+    let mut t = TinyImage::new(BITS, 64 << 10);
+    t.data(0, &[0x71; CS as usize]);
+    let (img, probe) = t.open_probed(true).unwrap();
+    img.reload().unwrap();
+    // What a failed commit could leave on disk: an L1 entry naming an L2 table off its cluster.
+    let l1 = tiny::L1_TABLE * CS;
+    let mut word = [0u8; 8];
+    probe.mem.read_at(&mut word, l1).unwrap();
+    let bad = u64::from_be_bytes(word) + 512;
+    probe.mem.write_all_at(&bad.to_be_bytes(), l1).unwrap();
+    let err = img.reload().unwrap_err();
+    assert!(
+        matches!(
+            format_error(&err),
+            FormatError::Misaligned {
+                what: "L2 table",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // `abandon` (the failed commit's path) then refuses every later commit.
+    img.abandon();
+    let write = ClusterWrite {
+        guest: 0,
+        target: WriteTarget::Discard,
+        pieces: Vec::new(),
+    };
+    assert_eq!(
+        img.commit(vec![write], true).unwrap_err().errno(),
+        libc::EIO
+    );
 }
