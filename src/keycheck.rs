@@ -177,7 +177,8 @@ fn wrong(layer: &LayerKey) -> Error {
     Error::new(&layer.path, problem)
 }
 
-/// Decrypt the first sector of up to [`SAMPLES`] data clusters of the AES layer at `level`.
+/// Decrypt the first sector of up to [`SAMPLES`] data clusters of the AES layer at `level`; only
+/// sectors stored as noise are judged (see above), and a layer without one has `NoData`.
 fn judge_aes(chain: &Chain, level: usize) -> Result<Verdict> {
     let Layer::Qcow2(image) = &chain.layers()[level] else {
         return Ok(Verdict::NoData);
@@ -187,9 +188,17 @@ fn judge_aes(chain: &Chain, level: usize) -> Result<Verdict> {
         return Ok(Verdict::NoData);
     }
     let mut sector = [0u8; SECTOR_SIZE];
+    let mut stored = [0u8; SECTOR_SIZE];
     let (mut plausible, mut sampled) = (0, 0);
-    for &(guest, _) in &samples {
+    for &(guest, host) in &samples {
         let aligned = guest & !(SECTOR_SIZE as u64 - 1);
+        let host = host & !(SECTOR_SIZE as u64 - 1);
+        // Only a sector stored as ciphertext (noise) can tell a key: one stored as zeros (a hole,
+        // a preallocated cluster, data lost in a power cut) decrypts to a 16-byte pattern that
+        // looks like data under any key.
+        if image.file().read_at(host, &mut stored).is_err() || looks_like_plaintext(&stored) {
+            continue;
+        }
         // A cluster that cannot be read says nothing about the key (the read fails later, named).
         if chain.read_level(level, aligned, &mut sector).is_err() {
             continue;

@@ -9,22 +9,27 @@ use crate::qcow2::tiny::{self, TinyImage};
 
 const CS: u64 = 4096;
 
-/// An AES image (4 KiB clusters) with text in `clusters` clusters, encrypted under `right`, and
-/// opened with `given` as its key.
-fn aes_layer(clusters: u64, right: &[u8], given: &[u8]) -> Layer {
-    let mut t = TinyImage::new(12, 64 << 10);
-    t.crypt_method = 1; // legacy AES
-    let text: Vec<u8> = b"/dev/vda1 / ext4 defaults 0 1\n"
+/// A cluster of fstab text as the guest cluster `cluster` stores it under `key`.
+fn encrypted_text(key: &[u8], cluster: u64) -> Vec<u8> {
+    let mut data: Vec<u8> = b"/dev/vda1 / ext4 defaults 0 1\n"
         .iter()
         .cycle()
         .take(CS as usize)
         .copied()
         .collect();
-    let cipher = QcowAes::new(right);
+    QcowAes::new(key)
+        .encrypt(cluster * CS / 512, &mut data)
+        .unwrap();
+    data
+}
+
+/// An AES image (4 KiB clusters) with text in `clusters` clusters, encrypted under `right`, and
+/// opened with `given` as its key.
+fn aes_layer(clusters: u64, right: &[u8], given: &[u8]) -> Layer {
+    let mut t = TinyImage::new(12, 64 << 10);
+    t.crypt_method = 1; // legacy AES
     for c in 0..clusters {
-        let mut data = text.clone();
-        cipher.encrypt(c * CS / 512, &mut data).unwrap();
-        t.data(c * CS, &data);
+        t.data(c * CS, &encrypted_text(right, c));
     }
     let mut image = t.open(true).unwrap();
     image.set_cipher(Box::new(QcowAes::new(given)));
@@ -95,4 +100,28 @@ fn a_chain_without_encryption_has_nothing_to_verify() {
     let keys = check(vec![Layer::Raw(raw)]);
     assert!(keys.layers.is_empty());
     assert!(keys.all_verified());
+}
+
+#[test]
+fn clusters_stored_as_zeros_do_not_verify_a_wrong_key() {
+    // A preallocated (or torn) cluster holds zeros on disk: under any key, CBC turns them into a
+    // repeating 16-byte pattern that looks like data. Alone, it verifies nothing.
+    let mut t = TinyImage::new(12, 64 << 10);
+    t.crypt_method = 1;
+    t.data(0, &[0u8; CS as usize]);
+    let mut image = t.open(true).unwrap();
+    image.set_cipher(Box::new(QcowAes::new(b"wrong")));
+    let keys = check(vec![Layer::Qcow2(Box::new(image))]);
+    assert_eq!(keys.layers[0].verdict, Verdict::NoData);
+    assert!(keys.require_for_writing(false).is_err());
+    // Beside a real ciphertext cluster, the wrong key is found out.
+    let mut t = TinyImage::new(12, 64 << 10);
+    t.crypt_method = 1;
+    t.data(0, &[0u8; CS as usize]);
+    let text = encrypted_text(b"right", 1);
+    t.data(CS, &text);
+    let mut image = t.open(true).unwrap();
+    image.set_cipher(Box::new(QcowAes::new(b"wrong")));
+    let keys = check(vec![Layer::Qcow2(Box::new(image))]);
+    assert_eq!(keys.layers[0].verdict, Verdict::Noise { sampled: 1 });
 }

@@ -350,14 +350,22 @@ impl Qcow2Image {
     }
 
     /// Up to `max` allocated data clusters, (guest offset, host offset), spread evenly over the first
-    /// few thousand this layer maps.
+    /// few thousand this layer maps (entries a read would refuse are skipped).
     pub fn sample_data_clusters(&self, max: usize) -> Result<Vec<(u64, u64)>> {
         const SCAN: usize = 4096;
         let size = self.virtual_size();
+        let cs = self.layout.cluster_size();
         let mut found = Vec::new();
+        let mut damaged = 0;
         let mut at = 0;
-        while at < size && found.len() < SCAN {
-            let (source, n) = self.map(at, size - at)?;
+        while at < size && found.len() < SCAN && damaged < SCAN {
+            // A damaged entry says nothing about the rest: it is skipped (reading it fails later,
+            // named), so one bad entry does not stop the salvage tools that sample.
+            let Ok((source, n)) = self.map(at, size - at) else {
+                damaged += 1;
+                at = (at / cs + 1) * cs;
+                continue;
+            };
             if let ClusterSource::Data { host } = source {
                 found.push((at, host));
             }
