@@ -220,7 +220,8 @@ impl Record {
     /// had it is gone, so the newest record is the daemon of the mount there now.
     pub fn for_mount(mountpoint: &Path, entry: Option<&MountEntry>) -> Record {
         let mut record = Self::in_dir(runtime_dir(), mountpoint, entry.filter(|e| e.is_fuse()));
-        if let Some(name) = newest_with_prefix(&record.dir, &format!("{}-", record.name)) {
+        let prefix = format!("{}-", record.name);
+        if let Some(name) = newest_with_prefix(&record.dir, &prefix, record.source.as_deref()) {
             record.name = name;
             record.pid_file = record.dir.join(record.pid_name());
         }
@@ -383,8 +384,10 @@ impl Record {
 }
 
 /// The record name (without `.pid`) starting with `prefix` then a pid whose pid file changed
-/// last, in the runtime folder `dir`.
-fn newest_with_prefix(dir: &Path, prefix: &str) -> Option<String> {
+/// last, in the runtime folder `dir`; with `source`, only records of a mount of that image count
+/// (the daemon of an earlier mount that had the device may still be writing another image, and
+/// the same image cannot be mounted twice at once: QEMU's locks refuse it).
+fn newest_with_prefix(dir: &Path, prefix: &str, source: Option<&Path>) -> Option<String> {
     let runtime = RuntimeDir::open(dir, false).ok()?;
     drop(runtime); // opened only to refuse a folder that is not private
     let mut newest: Option<(std::time::SystemTime, String)> = None;
@@ -399,9 +402,19 @@ fn newest_with_prefix(dir: &Path, prefix: &str) -> Option<String> {
         if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
+        if !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
         let Ok(modified) = entry.metadata().and_then(|m| m.modified()) else {
             continue;
         };
+        if let Some(source) = source {
+            let text = std::fs::read(entry.path()).unwrap_or_default();
+            let recorded = text.split(|&b| b == b'\n').nth(2).unwrap_or_default();
+            if recorded != source.as_os_str().as_bytes() {
+                continue;
+            }
+        }
         if newest.as_ref().is_none_or(|(at, _)| modified > *at) {
             newest = Some((modified, name.to_string()));
         }
