@@ -5,6 +5,9 @@
 //! what the write path does when the host refuses an operation (tests/fault_states).
 
 use std::io;
+
+/// The unit a short write stops at (see `Fault::ShortWrite`).
+const PAGE: u64 = 4096;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -36,9 +39,10 @@ pub enum Fault {
     Eio,
     /// Any operation fails with ENOSPC having done nothing (the host file system is full).
     NoSpace,
-    /// A write stores its first part (half of it, in whole 512-byte sectors when it has two or
-    /// more), then fails with ENOSPC: a write(2) that returned short, and the retry found the disk
-    /// full.
+    /// A write stores its first part (up to the last page boundary of the file in its first
+    /// half: nothing for a write inside one page), then fails with ENOSPC: a write(2) that
+    /// returned short, and the retry found the disk full. The kernel copies a write page by page,
+    /// so a short write ends at a page boundary; it never tears a sector (an 8-byte L1 entry).
     ShortWrite,
     /// A barrier fails with EIO. The bytes written before it stay in the file: what matters is
     /// that the failure is reported and nothing is claimed durable on its strength.
@@ -181,8 +185,8 @@ impl HostIo for FaultInjector {
         match self.plan.next(HostOp::Write, offset, data.len() as u64) {
             None => self.inner.write_all_at(data, offset),
             Some(Fault::ShortWrite) => {
-                let half = data.len() / 2;
-                let part = if half >= 512 { half / 512 * 512 } else { half };
+                let half_end = offset + data.len() as u64 / 2;
+                let part = (half_end / PAGE * PAGE).saturating_sub(offset) as usize;
                 self.inner.write_all_at(&data[..part], offset)?;
                 Err(errno(libc::ENOSPC))
             }
@@ -282,26 +286,33 @@ mod tests {
     }
 
     #[test]
-    fn a_short_write_counts_only_writes_and_stores_whole_sectors_of_the_first_half() {
+    fn a_short_write_counts_only_writes_and_stops_at_a_page_boundary_of_its_first_half() {
         let plan = FaultPlan::new(Fault::ShortWrite, 1);
         let mem = Arc::new(MemFile::new(Vec::new()));
         let f = FaultInjector::new(mem.clone(), plan.clone());
         f.sync_data().unwrap();
         f.write_all_at(&[1u8; 10], 0).unwrap();
         f.sync_data().unwrap();
-        let err = f.write_all_at(&[2u8; 1536], 0).unwrap_err();
+        // From 1000, 12288 bytes: the first half ends at 7144, its last page boundary is 4096.
+        let err = f.write_all_at(&[2u8; 12288], 1000).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
         let contents = mem.contents();
-        assert_eq!(
-            contents.len(),
-            512,
-            "768 bytes is half; one whole sector of it"
-        );
-        assert!(contents.iter().all(|&b| b == 2));
+        assert_eq!(contents.len(), 4096, "stored up to the page boundary");
+        assert!(contents[1000..].iter().all(|&b| b == 2));
         assert_eq!(
             plan.struck().map(|s| (s.op, s.index)),
             Some((HostOp::Write, 1))
         );
+    }
+
+    #[test]
+    fn a_short_write_inside_one_page_stores_nothing() {
+        let plan = FaultPlan::new(Fault::ShortWrite, 0);
+        let mem = Arc::new(MemFile::new(vec![7u8; 16]));
+        let f = FaultInjector::new(mem.clone(), plan);
+        // An 8-byte L1 entry: the kernel never tears it.
+        assert!(f.write_all_at(&[9u8; 8], 8).is_err());
+        assert_eq!(mem.contents(), vec![7u8; 16]);
     }
 
     #[test]
