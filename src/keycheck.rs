@@ -18,6 +18,8 @@ use crate::qcow2::Encryption;
 
 /// Clusters sampled per legacy AES layer.
 pub const SAMPLES: usize = 32;
+/// Data clusters of a layer looked at to find `SAMPLES` stored as ciphertext.
+const CANDIDATES: usize = 4096;
 
 /// What a writing command lets through, from its flags.
 #[derive(Debug, Clone, Copy, Default)]
@@ -183,14 +185,21 @@ fn judge_aes(chain: &Chain, level: usize) -> Result<Verdict> {
     let Layer::Qcow2(image) = &chain.layers()[level] else {
         return Ok(Verdict::NoData);
     };
-    let samples = image.sample_data_clusters(SAMPLES)?;
-    if samples.is_empty() {
+    // Every data cluster of the first few thousand, visited spread out: clusters stored as zeros
+    // (a preallocated image is mostly those) are skipped until enough informative ones are found.
+    let candidates = image.sample_data_clusters(CANDIDATES)?;
+    if candidates.is_empty() {
         return Ok(Verdict::NoData);
     }
+    let stride = candidates.len().div_ceil(SAMPLES).max(1);
+    let spread = (0..stride).flat_map(|first| candidates.iter().skip(first).step_by(stride));
     let mut sector = [0u8; SECTOR_SIZE];
     let mut stored = [0u8; SECTOR_SIZE];
     let (mut plausible, mut sampled) = (0, 0);
-    for &(guest, host) in &samples {
+    for &(guest, host) in spread {
+        if sampled == SAMPLES {
+            break;
+        }
         let aligned = guest & !(SECTOR_SIZE as u64 - 1);
         let host = host & !(SECTOR_SIZE as u64 - 1);
         // Only a sector stored as ciphertext (noise) can tell a key: one stored as zeros (a hole,
