@@ -106,6 +106,11 @@ impl Allocator {
         })
     }
 
+    /// The refcount of host cluster `cluster` (loaded refcounts only).
+    pub fn refcount(&mut self, file: &HostFile, cluster: u64) -> Result<u64> {
+        self.refcounts(file)?.get(file, cluster)
+    }
+
     /// Find a free host cluster (refcount 0, not metadata, no stored data) or grow the file; its
     /// refcount becomes 1.
     /// Returns the cluster index.

@@ -64,6 +64,11 @@ pub enum FormatError {
     BadL2Entry { guest: u64, why: &'static str },
     #[error("compressed cluster at guest offset {0:#x} does not decompress")]
     Decompress(u64),
+    #[error(
+        "the {what} at offset {offset:#x} has refcount 0: the refcounts are damaged and writing \
+         could overwrite data still in use (repair with qemu-img check -r all)"
+    )]
+    Uncounted { what: &'static str, offset: u64 },
     #[error("refcount block for host cluster {0:#x} is invalid")]
     BadRefcount(u64),
     #[error("unsupported backing format '{0}' (qcow2 and raw are supported)")]

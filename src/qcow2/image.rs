@@ -122,9 +122,34 @@ impl Qcow2Image {
         };
         if writable {
             // Refcounts that cannot take an allocation refuse the mount now, not the first flush.
-            image.ensure_refcounts(&mut image.meta.lock())?;
+            let mut meta = image.meta.lock();
+            image.ensure_refcounts(&mut meta)?;
+            image.check_metadata_counted(&mut meta)?;
         }
         Ok(image)
+    }
+
+    /// Every metadata cluster must have a refcount: one that has none shows refcounts that lost
+    /// track of what the image uses (damage), and the allocator, which trusts them, would hand
+    /// out clusters still in use (a data cluster some L2 entry names, or the header itself).
+    /// QEMU leaves this to `qemu-img check`; a writer that trusts such refcounts corrupts data.
+    fn check_metadata_counted(&self, meta: &mut Meta) -> Result<()> {
+        let cs = self.layout.cluster_size();
+        let Meta {
+            alloc, metadata, ..
+        } = meta;
+        for (cluster, what) in metadata.clusters() {
+            if alloc.refcount(&self.file, cluster)? == 0 {
+                return Err(Error::new(
+                    self.path(),
+                    FormatError::Uncounted {
+                        what,
+                        offset: cluster * cs,
+                    },
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn set_cipher(&mut self, cipher: Box<dyn SectorCipher>) {

@@ -194,6 +194,11 @@ impl MetadataMap {
         }
     }
 
+    /// Every metadata cluster inside the file, (cluster index, what it holds), in no order.
+    pub fn clusters(&self) -> impl Iterator<Item = (u64, &'static str)> + '_ {
+        self.clusters.iter().map(|(&c, &kind)| (c, kind.name()))
+    }
+
     /// Does the host cluster containing `offset` hold metadata?
     pub fn contains(&self, offset: u64) -> bool {
         self.clusters.contains_key(&(offset >> self.cluster_bits))
