@@ -446,24 +446,8 @@ fn detach(mountpoint: &std::path::Path) -> std::io::Result<()> {
     if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
         return Ok(());
     }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EBUSY) {
-        // SAFETY: as above.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-            return Ok(());
-        }
-    }
-    // Not root: the setuid helper may unmount for the owner.
-    let status = std::process::Command::new("fusermount3")
-        .arg("-u")
-        .arg("-z")
-        .arg(mountpoint)
-        .status()?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(err)
-    }
+    // Busy, or not root (the setuid helper may unmount for the owner).
+    super::umount::detach_lazily(mountpoint)
 }
 
 /// A read-only file per internal snapshot of the top layer, as (name, id, device); one that cannot

@@ -128,7 +128,7 @@ fn detach_dead(
 }
 
 /// `umount -l`: the mount leaves the tree now; as a non-root owner, `fusermount3 -u -z`.
-fn detach_lazily(mountpoint: &Path) -> std::io::Result<()> {
+pub(super) fn detach_lazily(mountpoint: &Path) -> std::io::Result<()> {
     let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: c is a valid C string.
