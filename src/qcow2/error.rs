@@ -69,6 +69,17 @@ pub enum FormatError {
          could overwrite data still in use (repair with qemu-img check -r all)"
     )]
     Uncounted { what: &'static str, offset: u64 },
+    #[error(
+        "the data cluster at offset {host:#x} (guest offset {guest:#x}) has refcount {refcount} but \
+         is named {named} time(s) or marked unshared wrongly: the refcounts are damaged and writing \
+         could overwrite data still in use (repair with qemu-img check -r all)"
+    )]
+    Undercounted {
+        guest: u64,
+        host: u64,
+        refcount: u64,
+        named: u64,
+    },
     #[error("refcount block for host cluster {0:#x} is invalid")]
     BadRefcount(u64),
     #[error("unsupported backing format '{0}' (qcow2 and raw are supported)")]

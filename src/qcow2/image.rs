@@ -10,6 +10,7 @@ use parking_lot::{Mutex, RwLock};
 
 use super::alloc::Allocator;
 use super::compress::decompress;
+use super::data_refs;
 use super::header::{Encryption, Header};
 use super::layout::Layout;
 use super::overlap::MetadataMap;
@@ -125,6 +126,8 @@ impl Qcow2Image {
             let mut meta = image.meta.lock();
             image.ensure_refcounts(&mut meta)?;
             image.check_metadata_counted(&mut meta)?;
+            let Meta { l1, alloc, .. } = &mut *meta;
+            data_refs::check_data_counted(&image.file, &image.layout, l1, alloc)?;
         }
         Ok(image)
     }

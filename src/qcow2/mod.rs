@@ -3,6 +3,7 @@
 mod alloc;
 mod commit;
 mod compress;
+mod data_refs;
 mod error;
 pub mod header;
 mod header_write;
