@@ -79,24 +79,30 @@ impl PartitionFiles {
             Some(table) => table.touched_by(self.disk.size(), offset, len),
             None => return, // never read: the next use reads it
         };
-        if touched {
-            let before = std::mem::take(&mut state.files);
-            self.reload(&mut state);
-            let Some(notifier) = self.notifier.get() else {
-                return;
-            };
-            for old in &before {
-                match state.files.iter().find(|f| f.ino == old.ino) {
-                    Some(new) if new.disk_range == old.disk_range => {}
-                    Some(_) => {
-                        // Attributes only (offset < 0): a partition file caches no pages.
-                        let _ = notifier.inval_inode(old.ino, -1, 0);
-                    }
-                    None => {
-                        let _ = notifier.inval_inode(old.ino, -1, 0);
-                        let _ = notifier.inval_entry(ROOT, std::ffi::OsStr::new(&old.name));
-                    }
-                }
+        if !touched {
+            return;
+        }
+        let before = std::mem::take(&mut state.files);
+        self.reload(&mut state);
+        let changed: Vec<(FileNode, bool)> = before
+            .into_iter()
+            .filter_map(|old| match state.files.iter().find(|f| f.ino == old.ino) {
+                Some(new) if new.disk_range == old.disk_range => None,
+                Some(_) => Some((old, false)),
+                None => Some((old, true)),
+            })
+            .collect();
+        // Told after the lock is dropped: dropping a name waits for the root directory's lock,
+        // which a lookup holds while its request waits for `files()`, which takes this lock.
+        drop(state);
+        let Some(notifier) = self.notifier.get() else {
+            return;
+        };
+        for (old, gone) in changed {
+            // Attributes only (offset < 0): a partition file caches no pages.
+            let _ = notifier.inval_inode(old.ino, -1, 0);
+            if gone {
+                let _ = notifier.inval_entry(ROOT, std::ffi::OsStr::new(&old.name));
             }
         }
     }

@@ -7,6 +7,15 @@
 //! discard), which go to the queue's helper thread so that reads from this CPU never wait behind
 //! a write-back; partition writes are answered by the partition writer (see `partitions`). Those
 //! answers come back through [`Sink`], which wakes the ring with an eventfd.
+//!
+//! A partition write holds its entry until the partition writer answers, and that writer's drop of
+//! `disk`'s pages can wait on a `disk` request (a locked page being read, a dirty page written
+//! back) that needs an entry of this very queue. So a queue never lets partition writes hold more
+//! than its extra entries: while fewer than `DEPTH` entries are free of them it registers another
+//! (the kernel takes new entries at any time). The kernel runs one direct write per file at a time
+//! (no `FOPEN_PARALLEL_DIRECT_WRITES`), so partition writes hold at most one entry per partition
+//! file; `MAX_EXTRA` bounds the growth (and the memory: a payload buffer each) beyond any table a
+//! guest really has.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,16 +23,20 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::ThreadId;
 
-use fuser::Errno;
+use fuser::{Errno, INodeNo};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use parking_lot::Mutex;
 
 use super::dispatch::{self, Handled};
-use super::wire::{self, InHeader, HEADER_AREA, OP_AREA, RING_HEADER_LEN};
+use super::wire::{self, opcode as fuse_op, InHeader, HEADER_AREA, OP_AREA, RING_HEADER_LEN};
 use crate::mount::fs::{Done, QcowFs};
+use crate::mount::partitions::is_partition;
 
-/// Entries per queue: each holds one request being served or waiting.
+/// Entries per queue kept free of partition writes: each holds one request being served or
+/// waiting.
 pub const DEPTH: usize = 4;
+/// Entries a queue may register beyond `DEPTH` while partition writes hold entries.
+const MAX_EXTRA: usize = 64;
 /// `FUSE_IO_URING_CMD_REGISTER` and `FUSE_IO_URING_CMD_COMMIT_AND_FETCH`.
 const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
@@ -40,7 +53,7 @@ pub fn new_ring() -> std::io::Result<Ring> {
     IoUring::<squeue::Entry128, cqueue::Entry>::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
-        .build((2 * DEPTH + 2) as u32)
+        .build((2 * (DEPTH + MAX_EXTRA) + 2) as u32)
 }
 
 /// What a deferred request answers once it is done.
@@ -144,6 +157,34 @@ struct Slot {
     payload: Box<[u8]>,
     iov: Box<[libc::iovec; 2]>,
     unique: u64,
+    /// Holds a partition write or discard until the partition writer answers it.
+    partition: bool,
+}
+
+impl Slot {
+    /// Zeroed allocations come untouched from the kernel: a payload costs memory only once a
+    /// request fills it.
+    fn new(payload_len: usize) -> Slot {
+        let mut header = vec![0u8; RING_HEADER_LEN].into_boxed_slice();
+        let mut payload = vec![0u8; payload_len].into_boxed_slice();
+        let iov = Box::new([
+            libc::iovec {
+                iov_base: header.as_mut_ptr().cast(),
+                iov_len: header.len(),
+            },
+            libc::iovec {
+                iov_base: payload.as_mut_ptr().cast(),
+                iov_len: payload.len(),
+            },
+        ]);
+        Slot {
+            header,
+            payload,
+            iov,
+            unique: 0,
+            partition: false,
+        }
+    }
 }
 
 /// A queue, started: serves requests until the connection ends or `stop` is set.
@@ -155,6 +196,10 @@ pub struct Queue {
     fd: OwnedFd,
     fs: Arc<QcowFs>,
     slots: Vec<Slot>,
+    /// Entries the kernel still holds (registered and not ended).
+    live: usize,
+    /// Entries holding a partition write (see the module doc).
+    partition_held: usize,
     sink: Arc<Sink>,
     slow: Slow,
     eventfd_buf: Box<[u8; 8]>,
@@ -179,36 +224,15 @@ impl Queue {
         }
         // SAFETY: `raw` is a new descriptor that nothing else owns.
         let eventfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-        let slots = (0..DEPTH)
-            .map(|_| {
-                // Zeroed allocations come untouched from the kernel: a payload costs memory only
-                // once a request fills it.
-                let mut header = vec![0u8; RING_HEADER_LEN].into_boxed_slice();
-                let mut payload = vec![0u8; payload_len].into_boxed_slice();
-                let iov = Box::new([
-                    libc::iovec {
-                        iov_base: header.as_mut_ptr().cast(),
-                        iov_len: header.len(),
-                    },
-                    libc::iovec {
-                        iov_base: payload.as_mut_ptr().cast(),
-                        iov_len: payload.len(),
-                    },
-                ]);
-                Slot {
-                    header,
-                    payload,
-                    iov,
-                    unique: 0,
-                }
-            })
-            .collect();
+        let slots = (0..DEPTH).map(|_| Slot::new(payload_len)).collect();
         Ok(Queue {
             ring,
             qid,
             fd,
             fs,
             slots,
+            live: 0,
+            partition_held: 0,
             sink: Arc::new(Sink {
                 done: Mutex::new(Vec::new()),
                 eventfd,
@@ -228,6 +252,7 @@ impl Queue {
             let sqe = self.command(CMD_REGISTER, i, 0);
             self.push(sqe)?;
         }
+        self.live = self.slots.len();
         self.ring.submit()?;
         if let Some(cqe) = self.ring.completion().next() {
             return Err(std::io::Error::from_raw_os_error(-cqe.result()));
@@ -238,12 +263,11 @@ impl Queue {
     /// Serve until every entry has been released by the kernel (the file system was unmounted)
     /// or `stop` is set.
     pub fn serve(mut self) {
-        let mut live = self.slots.len();
         if let Err(e) = self.arm_eventfd() {
             log::error!("io_uring queue {}: {e}", self.qid);
             return;
         }
-        while live > 0 && !self.stop.load(Ordering::Acquire) {
+        while self.live > 0 && !self.stop.load(Ordering::Acquire) {
             let args = types::SubmitArgs::new().timespec(&WAIT);
             match self.ring.submitter().submit_with_args(1, &args) {
                 Ok(_) => {}
@@ -267,7 +291,7 @@ impl Queue {
                     }
                 } else if result < 0 {
                     // The kernel gave the entry back: the session is over (or the entry broke).
-                    live -= 1;
+                    self.live -= 1;
                     if !matches!(
                         -result,
                         libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED
@@ -311,8 +335,37 @@ impl Queue {
         );
         match handled {
             Handled::Now(r) => self.answer(i, r),
-            Handled::Later => Ok(()),
+            Handled::Later => {
+                let partition = matches!(request.opcode, fuse_op::WRITE | fuse_op::FALLOCATE)
+                    && is_partition(INodeNo(request.nodeid));
+                if partition {
+                    self.slots[i].partition = true;
+                    self.partition_held += 1;
+                    self.keep_entries_free()?;
+                }
+                Ok(())
+            }
         }
+    }
+
+    /// Register entries until `DEPTH` are free of partition writes (see the module doc).
+    fn keep_entries_free(&mut self) -> std::io::Result<()> {
+        while self.slots.len() - self.partition_held < DEPTH {
+            if self.slots.len() >= DEPTH + MAX_EXTRA {
+                log::warn!(
+                    "io_uring queue {}: {} partition writes at once; no more entries",
+                    self.qid,
+                    self.partition_held
+                );
+                return Ok(());
+            }
+            let payload_len = self.slots[0].payload.len();
+            self.slots.push(Slot::new(payload_len));
+            let sqe = self.command(CMD_REGISTER, self.slots.len() - 1, 0);
+            self.push(sqe)?;
+            self.live += 1;
+        }
+        Ok(())
     }
 
     /// Answer every request that finished elsewhere (or inline through its `Done`).
@@ -331,6 +384,9 @@ impl Queue {
     /// Write the answer into entry `i` and commit it (which also fetches the next request).
     fn answer(&mut self, i: usize, r: Result<usize, Errno>) -> std::io::Result<()> {
         let slot = &mut self.slots[i];
+        if std::mem::take(&mut slot.partition) {
+            self.partition_held -= 1;
+        }
         wire::set_answer(&mut slot.header, slot.unique, r);
         let unique = slot.unique;
         let sqe = self.command(CMD_COMMIT_AND_FETCH, i, unique);
