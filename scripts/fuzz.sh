@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fuzz qcowfs for SECONDS per target (default 600):
 #   scripts/fuzz.sh 1800
+#   FUZZ_JOBS=2 FUZZ_TARGETS="image write" scripts/fuzz.sh 1800   # two targets at once
 # With a nightly toolchain (cargo-fuzz is installed with `cargo install cargo-fuzz` when missing):
 # every cargo-fuzz target, `image` (bytes as an image), `fields` (named field edits of seed images),
 # `write` (a write through bytes as an image must be refused or change exactly its bytes: the
@@ -41,14 +42,34 @@ if cargo +nightly --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2
     done
     # The overlay seed's raw backing file, where the targets open their inputs.
     cp -n fuzz/seeds/fuzz-base.raw "${TMPDIR:-/tmp}/" 2>/dev/null || true
-    status=0
-    for target in $TARGETS; do
-        echo "fuzz.sh: running $target (log: fuzz/logs/$target.log)"
+    # FUZZ_JOBS targets at once (default 1): each still runs DURATION seconds, on a share of
+    # the CPUs, so the final stats say how many inputs it ran.
+    JOBS=${FUZZ_JOBS:-1}
+    run_target() {
+        local target=$1 rc=0
         nice -n 19 cargo +nightly fuzz run "$target" "fuzz/corpus/$target" -- \
             -max_total_time="$DURATION" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
-            >"fuzz/logs/$target.log" 2>&1 || status=$?
+            >"fuzz/logs/$target.log" 2>&1 || rc=$?
         grep -E '^(Done|stat::number_of_executed_units|stat::average_exec_per_sec)|SUMMARY|artifact_prefix|Test unit written' \
             "fuzz/logs/$target.log" | sed "s/^/    $target: /" || true
+        return "$rc"
+    }
+    # Built once, before any target runs: parallel builds of one crate would race.
+    cargo +nightly fuzz build >/dev/null
+    status=0
+    running=0
+    for target in $TARGETS; do
+        if [ "$running" -ge "$JOBS" ]; then
+            wait -n || status=$?
+            running=$((running - 1))
+        fi
+        echo "fuzz.sh: running $target (log: fuzz/logs/$target.log)"
+        run_target "$target" &
+        running=$((running + 1))
+    done
+    while [ "$running" -gt 0 ]; do
+        wait -n || status=$?
+        running=$((running - 1))
     done
     exit "$status"
 fi
