@@ -410,9 +410,10 @@ fn open_layer(
     match encryption {
         Encryption::None => {}
         Encryption::Aes => match keys.for_layer(&path) {
-            Some(key) => image.set_cipher(crate::secret::scope(|| {
-                Box::new(crate::secret::StackHiding(Box::new(QcowAes::new(key))))
-                    as Box<dyn SectorCipher>
+            Some(key) => image.set_cipher(crate::crypto::secret::scope(|| {
+                Box::new(crate::crypto::secret::StackHiding(Box::new(QcowAes::new(
+                    key,
+                )))) as Box<dyn SectorCipher>
             })),
             None if opts.without_keys => {}
             None => return Err(Error::new(&path, CryptoError::NoPassphrase)),
@@ -422,10 +423,10 @@ fn open_layer(
             match keys.for_layer(&path) {
                 Some(key) => {
                     // Key material, slot keys, the master key and the cipher: all secret memory.
-                    let cipher = crate::secret::scope(|| {
+                    let cipher = crate::crypto::secret::scope(|| {
                         luks.unlock(key, &|slot| read_key_material(&image, &luks, slot))
                             .map(|c| {
-                                Box::new(crate::secret::StackHiding(Box::new(c)))
+                                Box::new(crate::crypto::secret::StackHiding(Box::new(c)))
                                     as Box<dyn SectorCipher>
                             })
                     });

@@ -1,15 +1,12 @@
 //! Command-line arguments, passphrase sources and exit codes.
 
-use std::io::{IsTerminal, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use zeroize::Zeroizing;
 
-use crate::chain::{Chain, KeyRing, OpenOptions};
-use crate::crypto::CryptoError;
-use crate::error::{Error, Problem, Result};
-use crate::qcow2::Encryption;
+use crate::error::{Error, Result};
+use crate::keys::sources::KeySources;
+pub use crate::keys::sources::{LIBVIRT_SECRETS_DIR, LIBVIRT_SECRETS_DIR_ENV};
 
 pub mod generate;
 pub mod mount_helper;
@@ -34,14 +31,6 @@ pub fn exit_status(e: &Error) -> i32 {
         crate::error::Failure::UnverifiedKey => EXIT_UNVERIFIED_KEY,
     }
 }
-
-/// Room reserved for a key file's contents before reading it.
-const KEY_FILE_CAPACITY: usize = 4096;
-
-/// Where libvirt keeps the values of persistent secrets, one `UUID.base64` file per secret.
-pub const LIBVIRT_SECRETS_DIR: &str = "/etc/libvirt/secrets";
-/// Overrides [`LIBVIRT_SECRETS_DIR`]; meant for tests.
-pub const LIBVIRT_SECRETS_DIR_ENV: &str = "QCOWFS_LIBVIRT_SECRETS_DIR";
 
 const AFTER_HELP: &str = "\
 Exit status: 0 success, 1 failure (one line on stderr names the file and the problem), 2 bad usage,
@@ -92,7 +81,7 @@ layer's key and made durable on fsync, after a few idle seconds, and at umount."
     #[command(after_help = "Example:\n  qcowfs info --json /var/lib/nova/instances/UUID/disk")]
     Info(InfoArgs),
     /// Audit a host's instance disks: encryption of each disk and how much of its data lies in plaintext bases
-    #[command(after_help = crate::audit::AFTER_HELP)]
+    #[command(after_help = crate::cmd::audit::AFTER_HELP)]
     Audit(AuditArgs),
     /// Copy all data from the backing files into IMAGE (encrypted with its key) and drop the backing file
     #[command(after_help = "\
@@ -188,6 +177,18 @@ pub struct KeyArgs {
     pub layer_passphrase_file: Vec<String>,
 }
 
+impl KeyArgs {
+    /// The sources these options name.
+    pub fn sources(&self) -> KeySources {
+        KeySources {
+            passphrase_file: self.passphrase_file.clone(),
+            passphrase_base64_file: self.passphrase_base64_file.clone(),
+            libvirt_secret: self.libvirt_secret.clone(),
+            layer_passphrase_files: self.layer_passphrase_file.clone(),
+        }
+    }
+}
+
 /// Where backing files may be.
 #[derive(Debug, Args, Default)]
 pub struct ConfineArgs {
@@ -227,11 +228,11 @@ pub struct MountArgs {
     #[command(flatten)]
     pub confine: ConfineArgs,
     /// Memory for decrypted clusters (e.g. 256M, 1G); dirty data counts against it
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = crate::size::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = crate::cmd::size::parse_size)]
     pub cache_size: u64,
     /// Memory for image metadata (L2 tables, refcount blocks, snapshot L1 tables), all layers
     /// together; the active L1 and refcount tables come on top
-    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = crate::size::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = crate::cmd::size::parse_size)]
     pub metadata_cache: u64,
     /// Stay in the foreground and log to stderr (Ctrl-C unmounts)
     #[arg(short, long)]
@@ -330,7 +331,7 @@ pub struct AuditArgs {
     pub confine: ConfineArgs,
     /// Nova instance folders (each DIR/UUID/disk is audited; DIR/_base is not an instance) or
     /// qcow2 image files
-    #[arg(value_name = "DIR|IMAGE", default_value = crate::audit::NOVA_INSTANCES)]
+    #[arg(value_name = "DIR|IMAGE", default_value = crate::cmd::audit::NOVA_INSTANCES)]
     pub paths: Vec<PathBuf>,
 }
 
@@ -371,112 +372,6 @@ pub struct CheckKeyArgs {
     pub image: PathBuf,
 }
 
-/// Read a passphrase file ('-' is stdin); one trailing newline is dropped.
-pub fn read_passphrase(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
-    let mut data = read_all(path)?;
-    if data.last() == Some(&b'\n') {
-        data.pop();
-    }
-    Ok(data)
-}
-
-/// The whole of a key file ('-' is stdin), in memory that is zeroized when dropped.
-fn read_all(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
-    // Key files are small; reserving up front keeps a growing Vec from leaving copies behind.
-    let mut data = Zeroizing::new(Vec::with_capacity(KEY_FILE_CAPACITY));
-    if path == Path::new("-") {
-        std::io::stdin()
-            .read_to_end(&mut data)
-            .map_err(|e| Error::new("<stdin>", e))?;
-    } else {
-        let mut f = std::fs::File::open(path).map_err(|e| Error::new(path, e))?;
-        warn_if_others_can_read(path, &f);
-        f.read_to_end(&mut data).map_err(|e| Error::new(path, e))?;
-    }
-    Ok(data)
-}
-
-/// A key file that group or others may read is used, with a warning naming it and its mode (as
-/// ssh does for keys; a regular file only: a pipe or /dev/stdin has no mode worth telling).
-fn warn_if_others_can_read(path: &Path, f: &std::fs::File) {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(meta) = f.metadata() else { return };
-    let mode = meta.permissions().mode() & 0o7777;
-    if meta.is_file() && mode & 0o044 != 0 {
-        eprintln!(
-            "qcowfs: warning: {}: the passphrase file is readable by {} (mode {mode:04o}); \
-             chmod 600 it",
-            crate::error::escaped(path),
-            if mode & 0o004 != 0 {
-                "everyone"
-            } else {
-                "its group"
-            }
-        );
-    }
-}
-
-/// Read a file of base64 text ('-' is stdin), as `virsh secret-get-value` prints it, and decode it.
-/// Whitespace anywhere (line breaks, a trailing newline) is ignored; padding is optional.
-pub fn read_base64_passphrase(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
-    use base64::Engine;
-    let text = read_all(path)?;
-    let compact: Zeroizing<Vec<u8>> = Zeroizing::new(
-        text.iter()
-            .copied()
-            .filter(|b| !b.is_ascii_whitespace())
-            .collect(),
-    );
-    if compact.is_empty() {
-        return Err(Error::new(
-            path,
-            Problem::Usage("the base64 passphrase file is empty".into()),
-        ));
-    }
-    // Sized up front: a Vec that grew would leave copies of the key behind in freed memory.
-    let mut key = Zeroizing::new(vec![0u8; compact.len().div_ceil(4) * 3]);
-    let n = base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT
-        .decode_slice(&compact[..], &mut key[..])
-        .map_err(|e| Error::new(path, Problem::Usage(format!("not base64: {e}"))))?;
-    key.truncate(n);
-    Ok(key)
-}
-
-/// The file holding libvirt secret `uuid`'s value: `UUID.base64` in [`LIBVIRT_SECRETS_DIR`], or in
-/// `$QCOWFS_LIBVIRT_SECRETS_DIR` when set (for tests).
-pub fn libvirt_secret_path(uuid: &str) -> PathBuf {
-    let dir = std::env::var_os(LIBVIRT_SECRETS_DIR_ENV)
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(LIBVIRT_SECRETS_DIR));
-    dir.join(format!("{uuid}.base64"))
-}
-
-/// The value of libvirt secret `uuid`, read from libvirt's secret store on this host.
-pub fn read_libvirt_secret(uuid: &str) -> Result<Zeroizing<Vec<u8>>> {
-    let path = libvirt_secret_path(uuid);
-    match std::fs::metadata(&path) {
-        Ok(_) => read_base64_passphrase(&path),
-        Err(e) => {
-            let why = match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    "it is not in libvirt's secret store on this host (ephemeral secrets never are)"
-                        .to_string()
-                }
-                std::io::ErrorKind::PermissionDenied => {
-                    "permission denied (libvirt's secret store is readable by root only)"
-                        .to_string()
-                }
-                _ => e.to_string(),
-            };
-            Err(Error::new(
-                &path,
-                Problem::Usage(format!("cannot read the libvirt secret: {why}")),
-            ))
-        }
-    }
-}
-
 /// A libvirt secret UUID: 32 hex digits, dashes allowed between them (libvirt's own spellings),
 /// normalized to the lower-case 8-4-4-4-12 form libvirt names its files by. Anything else, such as
 /// a path, is refused.
@@ -495,87 +390,6 @@ pub fn parse_uuid(text: &str) -> std::result::Result<String, String> {
         &hex[16..20],
         &hex[20..]
     ))
-}
-
-/// The passphrase for every encrypted layer, from whichever source the arguments name (at most
-/// one: clap enforces it), or `None`.
-pub fn default_passphrase(args: &KeyArgs) -> Result<Option<Zeroizing<Vec<u8>>>> {
-    if let Some(p) = &args.passphrase_file {
-        return read_passphrase(p).map(Some);
-    }
-    if let Some(p) = &args.passphrase_base64_file {
-        return read_base64_passphrase(p).map(Some);
-    }
-    if let Some(uuid) = &args.libvirt_secret {
-        return read_libvirt_secret(uuid).map(Some);
-    }
-    Ok(None)
-}
-
-/// Build the key ring from the arguments; prompt on a terminal for an encrypted chain without keys.
-pub fn key_ring(args: &KeyArgs, image: &Path, prompt: bool, within: &[PathBuf]) -> Result<KeyRing> {
-    let mut ring = KeyRing {
-        default: default_passphrase(args)?,
-        ..KeyRing::default()
-    };
-    for spec in &args.layer_passphrase_file {
-        let Some((layer, file)) = spec.split_once('=') else {
-            return Err(Error::new(
-                spec,
-                Problem::Usage("--layer-passphrase-file takes PATH=FILE".into()),
-            ));
-        };
-        let layer_path = PathBuf::from(layer);
-        let canon = std::fs::canonicalize(&layer_path).map_err(|e| Error::new(&layer_path, e))?;
-        ring.per_layer
-            .push((canon, read_passphrase(Path::new(file))?));
-    }
-    if ring.default.is_none() {
-        let missing = encrypted_layers_without_keys(image, &ring, within)?;
-        if let Some(first) = missing.first() {
-            if !prompt || !std::io::stdin().is_terminal() {
-                return Err(Error::new(first, CryptoError::NoPassphrase));
-            }
-            let answer = rpassword::prompt_password(format!(
-                "Passphrase for {}: ",
-                crate::error::escaped(image)
-            ))
-            .map_err(|e| Error::new(image, e))?;
-            ring.default = Some(Zeroizing::new(answer.into_bytes()));
-        }
-    }
-    Ok(ring)
-}
-
-/// Encrypted layers of the chain that the ring has no key for.
-fn encrypted_layers_without_keys(
-    image: &Path,
-    ring: &KeyRing,
-    within: &[PathBuf],
-) -> Result<Vec<PathBuf>> {
-    let opts = OpenOptions {
-        writable: false,
-        force_share: true,
-        without_keys: true,
-        keep_rejected_keys: false,
-        backing_within: within.to_vec(),
-        record: None,
-        faults: None,
-    };
-    let chain = Chain::open(image, ring, opts)?;
-    Ok(chain
-        .layers()
-        .iter()
-        .filter(|l| l.encryption() != Encryption::None)
-        .filter(|l| {
-            let canon = std::fs::canonicalize(l.path()).ok();
-            !ring
-                .per_layer
-                .iter()
-                .any(|(p, _)| Some(p) == canon.as_ref())
-        })
-        .map(|l| l.path().to_path_buf())
-        .collect())
 }
 
 #[cfg(test)]
@@ -599,37 +413,6 @@ mod tests {
             "3f8f9a5e-6d7c-4e11-9a9b-2f1c0d7e8a4g",
         ] {
             assert!(parse_uuid(bad).is_err(), "{bad:?} accepted");
-        }
-    }
-
-    #[test]
-    fn base64_files_ignore_whitespace_and_padding() {
-        let dir = tempfile::tempdir().unwrap();
-        let cases: [(&str, &[u8]); 4] = [
-            ("c2VjcmV0\n", b"secret"),
-            ("  c2Vj\r\ncmV0 \n\n", b"secret"),
-            ("aHVudGVyMg==\n", b"hunter2"),
-            ("aHVudGVyMg\n", b"hunter2"),
-        ];
-        for (i, (text, want)) in cases.iter().enumerate() {
-            let path = dir.path().join(format!("k{i}"));
-            std::fs::write(&path, text).unwrap();
-            assert_eq!(
-                &read_base64_passphrase(&path).unwrap()[..],
-                *want,
-                "{text:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn bad_base64_files_name_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        for (name, text) in [("empty", " \n"), ("junk", "not*base64!\n")] {
-            let path = dir.path().join(name);
-            std::fs::write(&path, text).unwrap();
-            let e = read_base64_passphrase(&path).unwrap_err().to_string();
-            assert!(e.contains(name), "{e}");
         }
     }
 }

@@ -7,8 +7,8 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::crypto::CryptoError;
-use crate::qcow2::FormatError;
+use crate::crypto::error::CryptoError;
+use crate::qcow2::error::FormatError;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -22,7 +22,7 @@ pub enum Problem {
     #[error("{0}")]
     Crypto(#[from] CryptoError),
     #[error("{0}")]
-    Guest(#[from] crate::guestfs::GuestError),
+    Guest(#[from] crate::cmd::guestfs::error::GuestError),
     #[error("image is in use: {0}")]
     Locked(String),
     #[error("{0}")]

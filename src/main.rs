@@ -7,8 +7,7 @@ use clap::Parser;
 
 use qcowfs::cli::mount_helper::{self, Invocation};
 use qcowfs::cli::{
-    default_passphrase, exit_status, generate, key_ring, Cli, Command, EXIT_OK,
-    EXIT_UNVERIFIED_KEY, EXIT_USAGE, EXIT_WRONG_KEY,
+    exit_status, generate, Cli, Command, EXIT_OK, EXIT_UNVERIFIED_KEY, EXIT_USAGE, EXIT_WRONG_KEY,
 };
 use qcowfs::error::{Error, Result};
 use qcowfs::mount::daemon::{self, MountRequest};
@@ -26,11 +25,11 @@ fn level(verbose: u8) -> log::LevelFilter {
 
 /// Keys and what they are derived from come from a locked arena that core dumps leave out.
 #[global_allocator]
-static ALLOC: qcowfs::secret::SecretAwareAlloc = qcowfs::secret::SecretAwareAlloc;
+static ALLOC: qcowfs::crypto::secret::SecretAwareAlloc = qcowfs::crypto::secret::SecretAwareAlloc;
 
 fn main() {
     // Before any passphrase is read: no core dump and no /proc/PID/mem of this process.
-    qcowfs::secret::protect_process();
+    qcowfs::crypto::secret::protect_process();
     let argv: Vec<OsString> = std::env::args_os().collect();
     let cli = match argv.first() {
         Some(argv0) if mount_helper::is_helper(argv0) => parse_helper(&argv[1..]),
@@ -65,7 +64,7 @@ fn main() {
     }
     let result = match cli.command {
         Command::Mount(m) => m.confine.folders().and_then(|within| {
-            let keys = key_ring(&m.keys, &m.image, true, &within)?;
+            let keys = m.keys.sources().key_ring(&m.image, true, &within)?;
             daemon::mount(MountRequest {
                 image: m.image,
                 mountpoint: m.mountpoint,
@@ -77,8 +76,10 @@ fn main() {
                 foreground: m.foreground,
                 allow_other: m.allow_other,
                 force_share: m.force_share,
-                force: m.force,
-                unverified_key: m.unverified_key,
+                key_policy: qcowfs::keys::KeyPolicy {
+                    force: m.force,
+                    unverified_key: m.unverified_key,
+                },
                 log_level,
                 log_file,
                 io_uring: m.io_uring,
@@ -86,32 +87,38 @@ fn main() {
             })
         }),
         Command::Umount { mountpoint } => umount(&mountpoint),
-        // The key sources are read (and a bad one reported) even though describing an image
-        // needs no key.
-        Command::Info(args) => {
-            default_passphrase(&args.keys).and_then(|_| qcowfs::info::run(&args))
-        }
-        Command::Audit(args) => qcowfs::audit::run(&args),
+        Command::Info(args) => info(args),
+        Command::Audit(args) => args.confine.folders().and_then(|backing_within| {
+            qcowfs::cmd::audit::run(&qcowfs::cmd::audit::AuditOptions {
+                json: args.json,
+                force_share: args.force_share,
+                backing_within,
+                paths: args.paths,
+            })
+        }),
         Command::CheckKey(args) => check_key(&args),
         Command::Generate(target) => generate::run(&target),
         Command::Ls(args) => guest_command(&args, |g| {
-            qcowfs::guestfs::ls(g, &args.guest_path, &mut std::io::stdout().lock())
+            qcowfs::cmd::guestfs::ls(g, &args.guest_path, &mut std::io::stdout().lock())
         }),
         Command::Cat(args) => guest_command(&args, |g| {
-            qcowfs::guestfs::cat(g, &args.guest_path, &mut std::io::stdout().lock())
+            qcowfs::cmd::guestfs::cat(g, &args.guest_path, &mut std::io::stdout().lock())
         }),
         Command::CopyOut(args) => guest_command(&args.guest, |g| {
             let guest = &args.guest.guest_path;
             match args.dest.as_os_str() == "-" {
-                true => {
-                    qcowfs::guestfs::copy_out_tar(g, guest, &mut std::io::stdout().lock(), true)
-                }
-                false => qcowfs::guestfs::copy_out(g, guest, &args.dest, true),
+                true => qcowfs::cmd::guestfs::copy_out_tar(
+                    g,
+                    guest,
+                    &mut std::io::stdout().lock(),
+                    true,
+                ),
+                false => qcowfs::cmd::guestfs::copy_out(g, guest, &args.dest, true),
             }
             .map(|_| ())
         }),
         Command::Seal(args) => args.confine.folders().and_then(|within| {
-            let keys = key_ring(&args.keys, &args.image, true, &within)?;
+            let keys = args.keys.sources().key_ring(&args.image, true, &within)?;
             seal(&args, &keys, within)
         }),
     };
@@ -127,16 +134,27 @@ fn fail(e: &Error) -> ! {
 }
 
 /// `qcowfs check-key`: exits 0 only when every encrypted layer's key is verified.
+/// `qcowfs info`: the key sources are read (and a bad one reported) even though describing an
+/// image needs no key; with one, each layer's key is checked.
+fn info(args: qcowfs::cli::InfoArgs) -> Result<()> {
+    qcowfs::cmd::info::run(qcowfs::cmd::info::InfoOptions {
+        json: args.json,
+        passphrase: args.keys.sources().default_passphrase()?,
+        backing_within: args.confine.folders()?,
+        image: args.image,
+    })
+}
+
 fn check_key(args: &qcowfs::cli::CheckKeyArgs) -> Result<()> {
     let within = args.confine.folders()?;
-    let keys = key_ring(&args.keys, &args.image, true, &within)?;
-    let opts = qcowfs::check_key::CheckKeyOptions {
+    let keys = args.keys.sources().key_ring(&args.image, true, &within)?;
+    let opts = qcowfs::cmd::check_key::CheckKeyOptions {
         image: args.image.clone(),
         json: args.json,
         force_share: args.force_share,
         backing_within: within,
     };
-    let check = qcowfs::check_key::run(&opts, &keys, &mut std::io::stdout().lock())?;
+    let check = qcowfs::cmd::check_key::run(&opts, &keys, &mut std::io::stdout().lock())?;
     if check.layers.iter().any(|l| l.verdict.is_wrong()) {
         std::process::exit(EXIT_WRONG_KEY);
     }
@@ -186,16 +204,20 @@ fn absolute_log_file(path: &Path) -> Result<PathBuf> {
 /// given) and run `f` on it.
 fn guest_command(
     args: &qcowfs::cli::GuestArgs,
-    f: impl FnOnce(&qcowfs::guestfs::GuestFs) -> Result<()>,
+    f: impl FnOnce(&qcowfs::cmd::guestfs::GuestFs) -> Result<()>,
 ) -> Result<()> {
     let within = args.confine.folders()?;
-    let keys = key_ring(&args.keys, &args.image, true, &within)?;
-    let opts = qcowfs::guestfs::GuestOptions {
+    let keys = args.keys.sources().key_ring(&args.image, true, &within)?;
+    let opts = qcowfs::cmd::guestfs::GuestOptions {
         force_share: args.force_share,
         backing_within: within,
         partition: args.partition,
     };
-    f(&qcowfs::guestfs::GuestFs::open(&args.image, &keys, &opts)?)
+    f(&qcowfs::cmd::guestfs::GuestFs::open(
+        &args.image,
+        &keys,
+        &opts,
+    )?)
 }
 
 /// `qcowfs seal`, with a progress bar on a terminal when asked.
@@ -217,11 +239,11 @@ fn seal(
         backing_within: within,
         ..Default::default()
     };
-    let policy = qcowfs::keycheck::KeyPolicy {
+    let policy = qcowfs::keys::check::KeyPolicy {
         force: args.force,
         unverified_key: args.unverified_key,
     };
-    let report = qcowfs::seal::seal(&args.image, keys, open, policy, &|done, total| {
+    let report = qcowfs::cmd::seal::seal(&args.image, keys, open, policy, &|done, total| {
         if let Some(bar) = &bar {
             bar.set_length(total);
             bar.set_position(done);
@@ -240,7 +262,7 @@ fn seal(
             "{}: copied {} from the backing chain ({} cluster(s) that read as zeros left \
              unallocated); the image no longer has a backing file",
             qcowfs::error::escaped(&args.image),
-            qcowfs::size::human(report.copied_bytes),
+            qcowfs::cmd::size::human(report.copied_bytes),
             report.zero_clusters
         );
     }

@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = qcowfs::guestfs::fuzzing::guest_bytes(data, &std::env::temp_dir());
+    let _ = qcowfs::cmd::guestfs::fuzzing::guest_bytes(data, &std::env::temp_dir());
 });

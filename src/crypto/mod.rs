@@ -4,48 +4,17 @@
 //! number the first sector of a buffer has (guest offset / 512 for legacy AES, host offset / 512 for
 //! LUKS, as QEMU numbers them).
 
+pub(crate) mod error;
 pub mod luks;
 mod qcow_aes;
+pub mod secret;
 
+pub use error::CryptoError;
 pub use luks::{LuksCipher, LuksHeader};
 pub use qcow_aes::QcowAes;
 
 /// The sector size every QEMU block cipher works in.
 pub const SECTOR_SIZE: usize = 512;
-
-#[derive(Debug, thiserror::Error)]
-pub enum CryptoError {
-    #[error("the image is encrypted and no passphrase was given (use --passphrase-file)")]
-    NoPassphrase,
-    #[error("encryption method {0} is not supported")]
-    UnsupportedMethod(u32),
-    #[error(
-        "the passphrase is wrong: all {sampled} sampled clusters decrypt to noise (legacy AES \
-         has no key check; only if the guest's own data is encrypted or random and the key is \
-         right: --force)"
-    )]
-    LooksWrong { sampled: usize },
-    #[error("the passphrase is wrong: no key slot opens with it")]
-    WrongPassphrase,
-    #[error(
-        "the passphrase cannot be verified: legacy AES has no key check and this layer holds no \
-         encrypted data yet, so a wrong one would encrypt new data for no one; if it is right, \
-         say --unverified-key"
-    )]
-    Unverifiable,
-    #[error("LUKS header is unusable: {0}")]
-    BadLuksHeader(&'static str),
-    #[error("unsupported LUKS cipher: {0}")]
-    UnsupportedCipher(String),
-    #[error(
-        "refusing to unlock: the LUKS header asks for {work} million PBKDF2 iterations (SHA-256 \
-         equivalent) over {slots} key slot(s) and their digest checks, past the limit of {limit} \
-         million (qemu-img makes a few million per slot)"
-    )]
-    TooMuchWork { work: u64, slots: usize, limit: u64 },
-    #[error("buffer of {0} bytes is not a whole number of 512-byte sectors")]
-    Unaligned(usize),
-}
 
 /// View a buffer of whole 16-byte blocks as AES blocks, in place.
 pub(crate) fn as_blocks(

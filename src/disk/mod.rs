@@ -3,6 +3,7 @@
 
 mod cache;
 mod flush;
+pub mod partition;
 pub mod views;
 
 use std::sync::atomic::AtomicU64;

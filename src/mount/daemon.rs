@@ -20,7 +20,7 @@ use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
 use crate::disk::views::SnapshotView;
 use crate::disk::{BlockDevice, Disk, DiskOptions};
 use crate::error::{Error, Problem, Result};
-use crate::keycheck::{KeyCheck, Verdict};
+use crate::keys::{KeyCheck, KeyPolicy};
 
 /// Flush dirty data after this long without writes.
 const IDLE_FLUSH: Duration = Duration::from_secs(2);
@@ -41,10 +41,9 @@ pub struct MountRequest {
     pub foreground: bool,
     pub allow_other: bool,
     pub force_share: bool,
-    /// `--force`: no passphrase check at all.
-    pub force: bool,
-    /// `--unverified-key`: write even when the top layer's key cannot be verified (no data yet).
-    pub unverified_key: bool,
+    /// `--force` (no passphrase check at all) and `--unverified-key` (write even when the top
+    /// layer's key cannot be verified: no data yet).
+    pub key_policy: KeyPolicy,
     pub log_level: log::LevelFilter,
     /// Where the daemon logs instead of syslog (`--log-file`), an absolute path.
     pub log_file: Option<PathBuf>,
@@ -134,7 +133,7 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
     // The keys are derived: the passphrases go now (zeroized), not at the end of the mount, and
     // so do the copies key derivation left on the stack.
     drop(std::mem::take(&mut req.keys));
-    crate::secret::scrub_stack();
+    crate::crypto::secret::scrub_stack();
     let Prepared {
         session,
         disk,
@@ -253,29 +252,11 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
         }),
         req.metadata_cache,
     );
-    let mut warnings = Vec::new();
-    if !req.force {
-        // Writing with a wrong key would store garbage: refuse. Reading only shows garbage: warn.
-        let keys = KeyCheck::of(&chain)?;
-        match req.read_only {
-            true => {
-                if let Err(e) = keys.require_right() {
-                    warnings.push(format!("warning: {e}"));
-                }
-            }
-            false => {
-                keys.require_for_writing(req.unverified_key)?;
-                for layer in keys.layers.iter().filter(|l| l.verdict == Verdict::NoData) {
-                    warnings.push(format!(
-                        "warning: {}: the passphrase {}; new data is encrypted with the one given \
-                         (--unverified-key)",
-                        crate::error::escaped(&layer.path),
-                        layer.verdict.describe()
-                    ));
-                }
-            }
-        }
-    }
+    // Writing with a wrong key would store garbage: refuse. Reading only shows garbage: warn.
+    let mut warnings = match req.key_policy.force {
+        true => Vec::new(),
+        false => KeyCheck::of(&chain)?.judge_mount(req.read_only, req.key_policy)?,
+    };
     let disk = Arc::new(Disk::new(
         chain,
         DiskOptions {

@@ -10,32 +10,19 @@ use std::time::{Duration, SystemTime};
 use fuser::{Errno, FileAttr, FileType, FopenFlags, INodeNo, Notifier};
 use parking_lot::Mutex;
 
-use super::partitions::{is_partition, PartitionFiles, PartitionWriter, PARTITION_END};
+use super::inodes::{
+    errno, Done, FileNode, DISK, DISK_NAME, ROOT, SNAPSHOT_DIR, SNAPSHOT_DIR_NAME,
+};
+use super::inodes::{is_partition, SNAPSHOT_BASE};
+use super::partitions::{PartitionFiles, PartitionWriter};
 use crate::disk::BlockDevice;
 
-pub const ROOT: INodeNo = INodeNo::ROOT;
-pub const DISK: INodeNo = INodeNo(2);
-pub const SNAPSHOT_DIR: INodeNo = INodeNo(3);
-/// Snapshot i is SNAPSHOT_BASE + i (partitions come before, see `partitions`).
-const SNAPSHOT_BASE: u64 = PARTITION_END;
-pub const DISK_NAME: &str = "disk";
-pub const SNAPSHOT_DIR_NAME: &str = "snapshots";
 /// Largest read and write request we ask the kernel for.
 pub const MAX_IO: u32 = 1 << 20;
 /// The disk and snapshots never change size behind the kernel's back.
 const TTL: Duration = Duration::from_secs(3600);
 /// Partition files come and go when the guest rewrites its partition table.
 const SHORT_TTL: Duration = Duration::from_secs(1);
-
-/// A file of the mount and the device behind it.
-#[derive(Clone)]
-pub struct FileNode {
-    pub ino: INodeNo,
-    pub name: String,
-    pub device: Arc<dyn BlockDevice>,
-    /// Where a partition file's bytes lie on `disk`: (start, length).
-    pub disk_range: Option<(u64, u64)>,
-}
 
 /// The mounted file system: `disk`, `disk-partN` for each partition, `snapshots/NAME` read-only.
 pub struct QcowFs {
@@ -315,17 +302,8 @@ impl QcowFs {
     }
 }
 
-pub(super) fn errno(e: crate::Error) -> Errno {
-    log::error!("{e}");
-    Errno::from_i32(e.errno())
-}
-
 /// What lookup and getattr answer: the attributes and how long the kernel may keep them.
 pub type Attr = (FileAttr, Duration);
-
-/// Where an answer goes that may come later, from another thread (partition writes, see
-/// `partitions`). Both transports pass one; most requests call it before returning.
-pub type Done<T> = Box<dyn FnOnce(Result<T, Errno>) + Send>;
 
 /// The file system's statfs figures: (blocks, block size).
 pub struct Statfs {

@@ -6,6 +6,8 @@ pub mod daemon;
 mod devfuse;
 pub mod filelog;
 pub mod fs;
+mod inodes;
+mod mount_table;
 mod mountpoint;
 mod partitions;
 pub mod registry;

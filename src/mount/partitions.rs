@@ -22,20 +22,10 @@ use std::thread::JoinHandle;
 use fuser::{Errno, INodeNo, Notifier};
 use parking_lot::Mutex;
 
-use super::fs::{errno, Done, FileNode, DISK, DISK_NAME, ROOT};
+use super::inodes::{errno, Done, FileNode, DISK, DISK_NAME, PARTITION_BASE, ROOT};
+use crate::disk::partition::{read_table, Table};
 use crate::disk::views::Window;
 use crate::disk::BlockDevice;
-use crate::partition::{read_table, Table};
-
-/// Partition N is inode PARTITION_BASE + N.
-pub const PARTITION_BASE: u64 = 0x100;
-/// Inodes from here on are snapshots.
-pub const PARTITION_END: u64 = 0x1_0000;
-
-/// Whether `ino` is a partition file's.
-pub fn is_partition(ino: INodeNo) -> bool {
-    ino.0 > PARTITION_BASE && ino.0 < PARTITION_END
-}
 
 /// The partitions of the disk as of the last table read.
 struct State {

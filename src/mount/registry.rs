@@ -18,7 +18,7 @@ use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::mountpoint::{top_mount_at, MountEntry};
+use super::mount_table::{top_mount_at, MountEntry};
 
 /// The per-user runtime folder for qcowfs records: `/run/qcowfs` for root, else
 /// `$XDG_RUNTIME_DIR/qcowfs`, else `/run/user/UID/qcowfs`, else `/tmp/qcowfs-UID`.

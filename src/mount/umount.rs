@@ -5,10 +5,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::fs::DISK_NAME;
-use super::mountpoint::{
-    canonical, is_dead_connection, is_qcowfs, probe, top_mount_at, MountEntry,
-};
+use super::inodes::DISK_NAME;
+use super::mount_table::{top_mount_at, MountEntry};
+use super::mountpoint::{canonical, is_dead_connection, is_qcowfs, probe};
 use super::registry::Record;
 use crate::error::{Error, Problem, Result};
 

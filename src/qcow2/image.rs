@@ -196,6 +196,16 @@ impl Qcow2Image {
         &self.snapshots
     }
 
+    /// The L1 table of an internal snapshot, checked (see [`SnapshotTables::table`]).
+    pub fn snapshot_l1(&self, snapshot: &Snapshot) -> Result<SnapshotL1> {
+        self.snapshot_tables.table(&self.file, snapshot)
+    }
+
+    /// Entry `index` of the snapshot table `l1` (None past its end), through the bounded cache.
+    pub(super) fn snapshot_l1_entry(&self, l1: &SnapshotL1, index: u64) -> Result<Option<u64>> {
+        self.snapshot_tables.entry(&self.file, l1, index)
+    }
+
     /// Load (or find in the cache) the L2 table at `offset`.
     pub(super) fn l2_table(&self, meta: &mut Meta, offset: u64) -> Result<L2Table> {
         if let Some(t) = meta.l2_cache.get(&offset) {

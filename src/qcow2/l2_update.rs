@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use super::image::{Meta, Qcow2Image};
-use super::table::{L1Entry, L2Entry, SUBCLUSTERS};
+use super::layout::SUBCLUSTERS;
+use super::table::{L1Entry, L2Entry};
 use super::WriteTarget;
 use crate::error::Result;
 

@@ -2,6 +2,9 @@
 //! and where the fields of a compressed-cluster descriptor lie.
 
 /// The sizes derived from `cluster_bits`, the version and the L2 entry width.
+/// Subclusters per cluster with extended L2 entries.
+pub const SUBCLUSTERS: u32 = 32;
+
 #[derive(Debug, Clone, Copy)]
 pub struct Layout {
     pub cluster_bits: u32,
@@ -54,7 +57,7 @@ impl Layout {
 
     pub fn subclusters(&self) -> u32 {
         if self.extended_l2 {
-            super::table::SUBCLUSTERS
+            SUBCLUSTERS
         } else {
             1
         }

@@ -4,7 +4,7 @@ mod alloc;
 mod commit;
 mod compress;
 mod data_refs;
-mod error;
+pub(crate) mod error;
 pub mod header;
 mod header_write;
 mod image;

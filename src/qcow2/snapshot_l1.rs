@@ -10,12 +10,12 @@ use lru::LruCache;
 use parking_lot::Mutex;
 
 use super::header::MAX_L1_BYTES;
-use super::image::Qcow2Image;
 use super::snapshot::Snapshot;
 use super::table::L1Entry;
 use super::words::decode_words;
 use super::FormatError;
 use crate::error::{Error, Result};
+use crate::io::HostFile;
 
 /// Bytes of snapshot L1 tables kept in memory by default.
 pub const DEFAULT_CACHE_BYTES: u64 = 8 << 20;
@@ -69,15 +69,16 @@ impl SnapshotTables {
     }
 }
 
-impl Qcow2Image {
-    /// The L1 table of an internal snapshot, checked like the active one: no larger than QEMU
-    /// allows, cluster-aligned, inside the file. Its entries are checked when they are read.
-    pub fn snapshot_l1(&self, snapshot: &Snapshot) -> Result<SnapshotL1> {
-        let cs = self.layout.cluster_size();
+impl SnapshotTables {
+    /// The L1 table of an internal snapshot of the image in `file`, checked like the active one:
+    /// no larger than QEMU allows, cluster-aligned, inside the file. Its entries are checked when
+    /// they are read.
+    pub(super) fn table(&self, file: &HostFile, snapshot: &Snapshot) -> Result<SnapshotL1> {
+        let cs = 1u64 << self.cluster_bits;
         let bytes = u64::from(snapshot.l1_size) * 8;
         if bytes > MAX_L1_BYTES {
             return Err(Error::new(
-                self.path(),
+                file.path(),
                 FormatError::TooLarge {
                     what: "snapshot L1 table",
                     size: bytes,
@@ -87,7 +88,7 @@ impl Qcow2Image {
         }
         if snapshot.l1_table_offset % cs != 0 {
             return Err(Error::new(
-                self.path(),
+                file.path(),
                 FormatError::Misaligned {
                     what: "snapshot L1 table",
                     offset: snapshot.l1_table_offset,
@@ -95,14 +96,14 @@ impl Qcow2Image {
                 },
             ));
         }
-        let file_len = self.file.len()?;
+        let file_len = file.len()?;
         if snapshot
             .l1_table_offset
             .checked_add(bytes)
             .is_none_or(|end| end > file_len)
         {
             return Err(Error::new(
-                self.path(),
+                file.path(),
                 FormatError::BeyondEnd {
                     what: "snapshot L1 table",
                     offset: snapshot.l1_table_offset,
@@ -119,11 +120,16 @@ impl Qcow2Image {
 
     /// Entry `index` of the snapshot table `l1` (None past its end), read through the cache and
     /// checked: an L2 table must be cluster-aligned.
-    pub(super) fn snapshot_l1_entry(&self, l1: &SnapshotL1, index: u64) -> Result<Option<u64>> {
+    pub(super) fn entry(
+        &self,
+        file: &HostFile,
+        l1: &SnapshotL1,
+        index: u64,
+    ) -> Result<Option<u64>> {
         if index >= l1.entries {
             return Ok(None);
         }
-        let tables = &self.snapshot_tables;
+        let tables = self;
         let per_piece = 1u64 << (tables.cluster_bits - 3);
         let at = l1.offset + (index / per_piece) * (per_piece * 8);
         let word = {
@@ -133,7 +139,7 @@ impl Qcow2Image {
                 None => {
                     // Inside the file (`snapshot_l1`); the piece may reach past its end: zeros.
                     let mut raw = vec![0u8; 1 << tables.cluster_bits];
-                    self.file.read_at(at, &mut raw)?;
+                    file.read_at(at, &mut raw)?;
                     let piece = Arc::new(decode_words(&raw));
                     pieces.put(at, piece.clone());
                     piece
@@ -141,11 +147,11 @@ impl Qcow2Image {
             };
             piece[(index % per_piece) as usize]
         };
-        let cs = self.layout.cluster_size();
+        let cs = 1u64 << self.cluster_bits;
         let l2 = L1Entry(word).l2_offset();
         if l2 % cs != 0 {
             return Err(Error::new(
-                self.path(),
+                file.path(),
                 FormatError::Misaligned {
                     what: "L2 table",
                     offset: l2,

@@ -1,6 +1,6 @@
 //! L1 and L2 table entries as typed values. Every mask and flag of the on-disk entries is here.
 
-use super::layout::Layout;
+use super::layout::{Layout, SUBCLUSTERS};
 use super::FormatError;
 
 /// Bits 9..=55 of L1 entries, standard L2 entries and refcount table entries: a host offset.
@@ -11,8 +11,6 @@ pub const COPIED: u64 = 1 << 63;
 pub const COMPRESSED: u64 = 1 << 62;
 /// Bit 0 of standard L2 entries (v3, without extended L2): the cluster reads as zeros.
 pub const ZERO: u64 = 1;
-/// Subclusters per cluster with extended L2 entries.
-pub const SUBCLUSTERS: u32 = 32;
 /// Every subcluster, as a mask of one half of the extended L2 bitmap.
 pub const ALL_SUBCLUSTERS: u32 = u32::MAX;
 

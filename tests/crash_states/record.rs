@@ -129,7 +129,7 @@ pub fn record_seal(name: &'static str, image: Image, dir: &Path) -> Recording {
         record: Some(log.clone()),
         ..Default::default()
     };
-    qcowfs::seal::seal(
+    qcowfs::cmd::seal::seal(
         &image.path,
         &keys_of(&image),
         open,

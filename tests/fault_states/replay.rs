@@ -57,7 +57,7 @@ pub fn run(rec: &Recording, path: &Path, plan: &FaultPlan) -> Run {
     };
     if rec.ops.is_empty() {
         // The seal workload: its one operation is the seal itself.
-        let sealed = qcowfs::seal::seal(
+        let sealed = qcowfs::cmd::seal::seal(
             path,
             &keys_of(&run.image),
             open,

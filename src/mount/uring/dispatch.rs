@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use fuser::{Errno, INodeNo};
 
-use super::queue::{Completer, Slow};
+use super::answer::{Completer, Slow};
 use super::wire::{self, opcode, InHeader};
 use crate::mount::fs::QcowFs;
 

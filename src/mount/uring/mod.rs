@@ -10,6 +10,7 @@
 //! answers EAGAIN). A refused registration makes the kernel drop io_uring for the session and
 //! serve it on `/dev/fuse`.
 
+mod answer;
 mod dispatch;
 mod queue;
 mod wire;

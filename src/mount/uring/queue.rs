@@ -19,18 +19,16 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::ThreadId;
 
 use fuser::{Errno, INodeNo};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
-use parking_lot::Mutex;
 
+use super::answer::{Completer, Outcome, Sink, Slow};
 use super::dispatch::{self, Handled};
 use super::wire::{self, opcode as fuse_op, InHeader, HEADER_AREA, OP_AREA, RING_HEADER_LEN};
-use crate::mount::fs::{Done, QcowFs};
-use crate::mount::partitions::is_partition;
+use crate::mount::fs::QcowFs;
+use crate::mount::inodes::is_partition;
 
 /// Entries per queue kept free of partition writes: each holds one request being served or
 /// waiting.
@@ -54,100 +52,6 @@ pub fn new_ring() -> std::io::Result<Ring> {
         .setup_single_issuer()
         .setup_defer_taskrun()
         .build((2 * (DEPTH + MAX_EXTRA) + 2) as u32)
-}
-
-/// What a deferred request answers once it is done.
-pub enum Outcome {
-    Written(u32),
-    Empty,
-}
-
-/// Deferred answers on their way back to the ring thread.
-pub struct Sink {
-    done: Mutex<Vec<(usize, Result<Outcome, Errno>)>>,
-    eventfd: OwnedFd,
-    owner: ThreadId,
-}
-
-impl Sink {
-    fn push(&self, entry: usize, r: Result<Outcome, Errno>) {
-        self.done.lock().push((entry, r));
-        // On the ring thread itself the answer is picked up after the request returns.
-        if std::thread::current().id() != self.owner {
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: writes 8 bytes from a live buffer to our own eventfd.
-            unsafe { libc::write(self.eventfd.as_raw_fd(), one.as_ptr().cast(), 8) };
-        }
-    }
-}
-
-/// Answers one entry's request, possibly from another thread.
-pub struct Completer {
-    entry: usize,
-    sink: Arc<Sink>,
-}
-
-impl Completer {
-    pub fn written(self) -> Done<u32> {
-        Box::new(move |r| self.sink.push(self.entry, r.map(Outcome::Written)))
-    }
-
-    pub fn empty(self) -> Done<()> {
-        Box::new(move |r| self.sink.push(self.entry, r.map(|()| Outcome::Empty)))
-    }
-}
-
-/// Runs slow requests off the ring thread, in order, on a helper thread started at the first one
-/// (a host with many CPUs has many queues, most of which never see a flush).
-pub struct Slow {
-    qid: u16,
-    jobs: Option<mpsc::Sender<Box<dyn FnOnce() + Send>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Slow {
-    fn new(qid: u16) -> Slow {
-        Slow {
-            qid,
-            jobs: None,
-            thread: None,
-        }
-    }
-
-    /// Run `job` on the helper thread (here, if that thread cannot start).
-    pub fn run(&mut self, job: impl FnOnce() + Send + 'static) {
-        if self.jobs.is_none() {
-            let (tx, rx) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
-            let spawned = std::thread::Builder::new()
-                .name(format!("qcowfs-ring{}-slow", self.qid))
-                .spawn(move || rx.into_iter().for_each(|job| job()));
-            match spawned {
-                Ok(thread) => {
-                    self.jobs = Some(tx);
-                    self.thread = Some(thread);
-                }
-                Err(e) => log::warn!("io_uring queue {}: no helper thread ({e})", self.qid),
-            }
-        }
-        let unsent = match &self.jobs {
-            Some(tx) => tx.send(Box::new(job)).err().map(|mpsc::SendError(job)| job),
-            None => Some(Box::new(job) as Box<dyn FnOnce() + Send>),
-        };
-        if let Some(job) = unsent {
-            job();
-        }
-    }
-}
-
-impl Drop for Slow {
-    /// The queue is done: let the helper finish what it was given (the session's final flush
-    /// comes after).
-    fn drop(&mut self) {
-        self.jobs.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// One registered entry: the buffers the kernel reads requests into and answers out of. They stay
@@ -233,11 +137,7 @@ impl Queue {
             slots,
             live: 0,
             partition_held: 0,
-            sink: Arc::new(Sink {
-                done: Mutex::new(Vec::new()),
-                eventfd,
-                owner: std::thread::current().id(),
-            }),
+            sink: Arc::new(Sink::new(eventfd)),
             slow: Slow::new(qid),
             eventfd_buf: Box::new([0; 8]),
             arrived: Vec::with_capacity(DEPTH + 1),
@@ -315,10 +215,7 @@ impl Queue {
 
     /// Entry `i` holds a request: answer it now, or leave it to whoever will.
     fn serve_one(&mut self, i: usize) -> std::io::Result<()> {
-        let completer = Completer {
-            entry: i,
-            sink: self.sink.clone(),
-        };
+        let completer = Completer::new(i, self.sink.clone());
         let slot = &mut self.slots[i];
         let request = InHeader::parse(&slot.header);
         slot.unique = request.unique;
@@ -370,7 +267,7 @@ impl Queue {
 
     /// Answer every request that finished elsewhere (or inline through its `Done`).
     fn answer_deferred(&mut self) -> std::io::Result<()> {
-        let done = std::mem::take(&mut *self.sink.done.lock());
+        let done = self.sink.take();
         for (i, r) in done {
             let r = r.map(|outcome| match outcome {
                 Outcome::Written(n) => wire::write_out(&mut self.slots[i].payload, n),
@@ -407,7 +304,7 @@ impl Queue {
     /// Read the eventfd again (its completion says deferred answers are waiting).
     fn arm_eventfd(&mut self) -> std::io::Result<()> {
         let read = opcode::Read::new(
-            types::Fd(self.sink.eventfd.as_raw_fd()),
+            types::Fd(self.sink.eventfd()),
             self.eventfd_buf.as_mut_ptr(),
             8,
         )

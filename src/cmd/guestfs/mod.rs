@@ -9,7 +9,9 @@
 mod copy;
 mod data;
 mod detect;
+pub(crate) mod error;
 mod extents;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 mod layout;
 mod list;
@@ -26,16 +28,15 @@ use std::sync::Arc;
 use ext4_view::{Ext4, Ext4Error, Metadata};
 
 use crate::chain::{Chain, KeyRing, OpenOptions};
+use crate::disk::partition::read_table;
 use crate::disk::{BlockDevice, Disk, DiskOptions};
 use crate::error::{Error, Result};
-use crate::keycheck::KeyCheck;
-use crate::partition::read_table;
+use crate::keys::check::KeyCheck;
 use crate::qcow2::Encryption;
 use layout::RawInode;
 
 pub use copy::copy_out;
-pub use detect::Contents;
-pub use layout::LayoutError;
+pub use error::{Contents, GuestError, LayoutError};
 pub use list::{cat, ls};
 pub use tar::copy_out_tar;
 pub use walk::CopyReport;
@@ -45,69 +46,6 @@ const CACHE_BYTES: u64 = 16 << 20;
 
 /// Said when a chain with a legacy AES layer shows no readable file system.
 const AES_HINT: &str = "; or the passphrase is wrong (legacy AES cannot check it)";
-
-/// What went wrong reading the guest's files. Wrapped in an [`Error`] naming the image.
-#[derive(Debug, thiserror::Error)]
-pub enum GuestError {
-    #[error("the disk has no partition {number} ({present})")]
-    NoPartition { number: u32, present: String },
-    #[error("{view} holds {}, which qcowfs cannot read in place; {}", .found.name(), .found.suggestion(.view))]
-    Unsupported { view: String, found: Contents },
-    #[error("no ext2/3/4 file system found ({found}); {hint}")]
-    NoneSupported { found: String, hint: String },
-    #[error("{list} hold ext2/3/4 file systems; choose one with --partition N")]
-    Ambiguous { list: String },
-    #[error("cannot read the ext2/3/4 file system on {view}: {source}{hint}")]
-    Load {
-        view: String,
-        source: Ext4Error,
-        /// Set when a legacy AES layer could explain it (a wrong key reads as noise).
-        hint: &'static str,
-    },
-    #[error("{path}: {source}")]
-    Ext4 { path: String, source: Ext4Error },
-    #[error("the ext2/3/4 superblock claims {claims}, more than {limit}; refusing it as damaged")]
-    Geometry { claims: String, limit: String },
-    #[error("{0}: guest paths are absolute (start with /)")]
-    NotAbsolute(String),
-    #[error("{0}: is a directory (use ls, or copy-out for a tree)")]
-    IsADirectory(String),
-    #[error("{0}: refusing an unsafe name in the guest file system (a '/', '.' or '..' entry)")]
-    UnsafeName(String),
-    #[error("{0}: the tree is deeper than {max} levels (a directory loop?)", max = walk::MAX_DEPTH)]
-    TooDeep(String),
-    #[error("exists; copy-out never overwrites (remove it or name a new file)")]
-    Exists,
-    #[error("exists; the guest's root has no name to copy into it: name a folder that does not exist yet")]
-    RootHasNoName,
-    #[error("not a name for a new file")]
-    NotAName,
-    #[error("{0}: not a regular file, directory or symlink; not copied")]
-    Special(String),
-    #[error(
-        "{0}: a second name for a folder already copied (ext4 folders have one name: a damaged \
-         or hostile file system; e2fsck repairs it)"
-    )]
-    SecondPath(String),
-    #[error("{path}: the copy reaches more than {limit} entries, more than a {fs_bytes}-byte file system can hold (hard-linked folders?)")]
-    TooManyEntries {
-        path: String,
-        limit: u64,
-        fs_bytes: u64,
-    },
-    #[error("{path}: the copy reaches more than {limit} bytes of file data, more than the file system holds (cross-linked files?)")]
-    TooMuchData { path: String, limit: u64 },
-    #[error(
-        "{path}: {len} bytes, longer than the {limit}-byte file system, and qcowfs cannot map \
-         its holes; mount the image and copy it with cp --sparse"
-    )]
-    Unmapped { path: String, len: u64, limit: u64 },
-    #[error("{path}: {source}")]
-    Map {
-        path: String,
-        source: layout::LayoutError,
-    },
-}
 
 /// A guest path (bytes) as terminal-safe text.
 pub(crate) fn shown(path: &[u8]) -> String {

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::scan::{Audit, BaseRow, DiskAudit, DiskRow};
+use crate::cmd::info::{percent, share};
+use crate::cmd::size::human;
 use crate::error::escaped;
-use crate::info::{percent, share};
 use crate::qcow2::Encryption;
-use crate::size::human;
 
 /// The short name of an encryption, as both outputs show it.
 fn encryption_name(e: Encryption) -> &'static str {
@@ -268,8 +268,8 @@ pub(super) fn json_lines(audit: &Audit, host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::scan::LayerRow;
-    use crate::info::Coverage;
+    use crate::cmd::audit::scan::LayerRow;
+    use crate::cmd::info::Coverage;
 
     fn disk(path: &str, top: Encryption, own: u64, from_base: u64) -> DiskRow {
         let mut layers = vec![LayerRow {

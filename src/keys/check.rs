@@ -164,6 +164,34 @@ impl KeyCheck {
         }
     }
 
+    /// What a mount lets through (unless `--force`, which skips the check): a writable one
+    /// refuses as `require_for_writing` does and returns a warning for each layer it writes with a
+    /// key that cannot be verified; a read-only one only shows garbage with a wrong key: a warning.
+    pub fn judge_mount(&self, read_only: bool, policy: KeyPolicy) -> Result<Vec<String>> {
+        if read_only {
+            return Ok(self
+                .require_right()
+                .err()
+                .map(|e| format!("warning: {e}"))
+                .into_iter()
+                .collect());
+        }
+        self.require_for_writing(policy.unverified_key)?;
+        Ok(self
+            .layers
+            .iter()
+            .filter(|l| l.verdict == Verdict::NoData)
+            .map(|l| {
+                format!(
+                    "warning: {}: the passphrase {}; new data is encrypted with the one given \
+                     (--unverified-key)",
+                    crate::error::escaped(&l.path),
+                    l.verdict.describe()
+                )
+            })
+            .collect())
+    }
+
     /// The layer at `path`, if it is encrypted.
     pub fn layer(&self, path: &Path) -> Option<&LayerKey> {
         self.layers.iter().find(|l| l.path == path)
@@ -227,5 +255,5 @@ fn judge_aes(chain: &Chain, level: usize) -> Result<Verdict> {
 }
 
 #[cfg(test)]
-#[path = "keycheck/tests.rs"]
+#[path = "check/tests.rs"]
 mod tests;

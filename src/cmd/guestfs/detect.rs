@@ -3,70 +3,12 @@
 //! FAT, an LVM physical volume, LUKS, swap, nothing known), named so the refusal can say what was
 //! found and how to get at it instead.
 
+pub use super::error::Contents;
 use crate::disk::BlockDevice;
 use crate::error::Result;
 
 /// Bytes read to detect every kind below (btrfs's superblock ends at 64 KiB + 4 KiB).
 const PROBE_BYTES: u64 = 68 << 10;
-
-/// What a range of the disk holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Contents {
-    /// The ext2/3/4 superblock magic: readable here.
-    Ext,
-    Xfs,
-    Btrfs,
-    Ntfs,
-    ExFat,
-    Fat,
-    Lvm2,
-    Luks,
-    Swap,
-    /// A partition table (an extended partition's chain, or a nested table).
-    PartitionTable,
-    Nothing,
-}
-
-impl Contents {
-    /// Whether `ls`, `cat` and `copy-out` can read it.
-    pub fn is_supported(self) -> bool {
-        self == Contents::Ext
-    }
-
-    /// What it is, in a few words.
-    pub fn name(self) -> &'static str {
-        match self {
-            Contents::Ext => "an ext2/3/4 file system",
-            Contents::Xfs => "an XFS file system",
-            Contents::Btrfs => "a btrfs file system",
-            Contents::Ntfs => "an NTFS file system",
-            Contents::ExFat => "an exFAT file system",
-            Contents::Fat => "a FAT file system",
-            Contents::Lvm2 => "an LVM2 physical volume",
-            Contents::Luks => "a LUKS encrypted volume",
-            Contents::Swap => "swap space",
-            Contents::PartitionTable => "a partition table",
-            Contents::Nothing => "no file system",
-        }
-    }
-
-    /// How to get at it without these commands, where `file` is the mountpoint's file for it
-    /// (`MNT/disk` or `MNT/disk-partN`).
-    pub fn suggestion(self, file: &str) -> String {
-        let mount = "qcowfs mount --read-only IMAGE MNT";
-        match self {
-            Contents::Ext | Contents::Nothing | Contents::PartitionTable => {
-                format!("{mount}, then look at MNT/{file}")
-            }
-            Contents::Swap => "swap space holds no files".to_string(),
-            Contents::Lvm2 => {
-                format!("{mount}, then losetup -r -f --show MNT/{file} and vgchange -ay")
-            }
-            Contents::Luks => format!("{mount}, then cryptsetup open --readonly MNT/{file} NAME"),
-            _ => format!("{mount}, then mount -o loop,ro MNT/{file} /mnt/guest"),
-        }
-    }
-}
 
 /// What [start, start + len) of `disk` holds. A range too small for a file system holds nothing.
 pub fn detect(disk: &dyn BlockDevice, start: u64, len: u64) -> Result<Contents> {

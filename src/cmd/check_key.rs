@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::chain::{Chain, KeyRing, OpenOptions};
 use crate::error::{escaped, Error, Result};
-use crate::keycheck::KeyCheck;
+use crate::keys::check::KeyCheck;
 use crate::qcow2::Encryption;
 
 /// What to check, and how to print it.

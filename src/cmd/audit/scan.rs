@@ -13,8 +13,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use crate::chain::{Chain, KeyRing, OpenOptions};
+use crate::cmd::info::{allocated_bytes, Coverage};
 use crate::error::{Error, Problem, Result};
-use crate::info::{allocated_bytes, Coverage};
 use crate::qcow2::Encryption;
 
 /// Nova's folder of base images beside the instance folders; never an instance itself.

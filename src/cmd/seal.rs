@@ -37,7 +37,7 @@ use std::path::Path;
 use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
 use crate::disk::{BlockDevice, Disk, DiskOptions};
 use crate::error::{Error, Problem, Result};
-use crate::keycheck::{KeyCheck, KeyPolicy};
+use crate::keys::check::{KeyCheck, KeyPolicy};
 use crate::qcow2::{ClusterSource, Qcow2Image};
 
 /// Memory for the copy; dirty data is flushed whenever a quarter of it is used.
@@ -306,8 +306,8 @@ fn check_room(image: &Path, need: u64) -> Result<()> {
             dir,
             Problem::Usage(format!(
                 "not enough free space to seal: {} needed, {} free",
-                crate::size::human(need),
-                crate::size::human(free)
+                crate::cmd::size::human(need),
+                crate::cmd::size::human(free)
             )),
         ));
     }

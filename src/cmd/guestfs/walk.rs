@@ -170,7 +170,10 @@ impl<'a> Walker<'a> {
             self.report.symlinks += 1;
         } else if meta.is_dir() {
             if depth >= MAX_DEPTH || self.dirs_left == 0 {
-                return Err(gfs.guest_error(GuestError::TooDeep(shown(path.as_ref()))));
+                return Err(gfs.guest_error(GuestError::TooDeep {
+                    path: shown(path.as_ref()),
+                    max: MAX_DEPTH,
+                }));
             }
             self.dirs_left -= 1;
             let inode = self.folder(path, meta, number)?;

@@ -23,18 +23,7 @@ const FLAG_INLINE_DATA: u32 = 0x1000_0000;
 /// The file type bits of `i_mode`.
 const MODE_TYPE: u16 = 0o170_000;
 
-/// Why qcowfs could not read a record itself (the copy then falls back to ext4-view alone).
-#[derive(Debug, thiserror::Error)]
-pub enum LayoutError {
-    #[error("block {0} lies past the end of the file system")]
-    PastEnd(u64),
-    #[error("inode {0} does not exist")]
-    NoInode(u32),
-    #[error("the block map is damaged: {0}")]
-    BadMap(&'static str),
-    #[error("the disk cannot be read: {0}")]
-    Disk(String),
-}
+pub use super::error::LayoutError;
 
 type Result<T> = std::result::Result<T, LayoutError>;
 

@@ -11,9 +11,9 @@ mod report;
 mod scan;
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use crate::chain::OpenOptions;
-use crate::cli::AuditArgs;
 use crate::error::{Error, Problem, Result};
 
 /// Where nova keeps instance folders (`UUID/disk`) and their bases (`_base/`).
@@ -45,14 +45,27 @@ running VM writes gets a row saying it is in use (--force-share reads it without
 A disk that cannot be audited (not an image, unreadable, in use) gets a row saying why and the
 others are still audited; the exit status is then 1 (0 when every disk was audited).";
 
+/// What `qcowfs audit` is asked to do.
+#[derive(Debug, Default)]
+pub struct AuditOptions {
+    /// JSON Lines instead of tables.
+    pub json: bool,
+    /// Take no locks (disks of running instances are read too).
+    pub force_share: bool,
+    /// Backing files must lie in these folders (canonical).
+    pub backing_within: Vec<PathBuf>,
+    /// Nova instance folders or image files.
+    pub paths: Vec<PathBuf>,
+}
+
 /// `qcowfs audit [--json] [--force-share] [DIR|IMAGE...]`.
-pub fn run(args: &AuditArgs) -> Result<()> {
+pub fn run(args: &AuditOptions) -> Result<()> {
     let opts = OpenOptions {
         writable: false,
         force_share: args.force_share,
         without_keys: true,
         keep_rejected_keys: false,
-        backing_within: args.confine.folders()?,
+        backing_within: args.backing_within.clone(),
         record: None,
         faults: None,
     };

@@ -1,19 +1,33 @@
 //! `qcowfs info`: what an image is, as text or JSON. No key is needed to describe a chain.
 
 use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 
 use serde_json::{json, Value};
+use zeroize::Zeroizing;
 
 use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
-use crate::cli::InfoArgs;
+use crate::cmd::size::human;
 use crate::error::{Error, Result};
-use crate::keycheck::KeyCheck;
+use crate::keys::check::KeyCheck;
 use crate::qcow2::{Compression, Encryption, Header};
-use crate::size::human;
 
-pub fn run(args: &InfoArgs) -> Result<()> {
+/// What `qcowfs info` is asked to do.
+#[derive(Debug, Default)]
+pub struct InfoOptions {
+    /// JSON instead of text.
+    pub json: bool,
+    /// A passphrase: each encrypted layer's key is then checked and shown.
+    pub passphrase: Option<Zeroizing<Vec<u8>>>,
+    /// Backing files must lie in these folders (canonical).
+    pub backing_within: Vec<PathBuf>,
+    /// The image to describe.
+    pub image: PathBuf,
+}
+
+pub fn run(args: InfoOptions) -> Result<()> {
     let keys = KeyRing {
-        default: crate::cli::default_passphrase(&args.keys)?,
+        default: args.passphrase,
         per_layer: Vec::new(),
     };
     let chain = Chain::open(
@@ -24,7 +38,7 @@ pub fn run(args: &InfoArgs) -> Result<()> {
             force_share: true,
             without_keys: true,
             keep_rejected_keys: true,
-            backing_within: args.confine.folders()?,
+            backing_within: args.backing_within,
             record: None,
             faults: None,
         },

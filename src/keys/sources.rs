@@ -1,0 +1,263 @@
+//! Where passphrases come from: a file, a base64 file (as `virsh secret-get-value` prints it),
+//! libvirt's secret store, per-layer files, or the terminal, read into memory that is zeroized when
+//! dropped; and which encrypted layers of a chain are left without one. The command line names the
+//! sources ([`KeySources`]); the chain only applies the keys it is given.
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use crate::chain::{Chain, KeyRing, OpenOptions};
+use crate::crypto::CryptoError;
+use crate::error::{Error, Problem, Result};
+use crate::qcow2::Encryption;
+
+/// Room reserved for a key file's contents before reading it.
+const KEY_FILE_CAPACITY: usize = 4096;
+
+/// Where libvirt keeps the values of persistent secrets, one `UUID.base64` file per secret.
+pub const LIBVIRT_SECRETS_DIR: &str = "/etc/libvirt/secrets";
+/// Overrides [`LIBVIRT_SECRETS_DIR`]; meant for tests.
+pub const LIBVIRT_SECRETS_DIR_ENV: &str = "QCOWFS_LIBVIRT_SECRETS_DIR";
+
+/// The passphrase sources a command was given.
+#[derive(Debug, Default, Clone)]
+pub struct KeySources {
+    /// A passphrase file ('-' is stdin).
+    pub passphrase_file: Option<PathBuf>,
+    /// A base64 passphrase file ('-' is stdin).
+    pub passphrase_base64_file: Option<PathBuf>,
+    /// A libvirt secret UUID, normalized.
+    pub libvirt_secret: Option<String>,
+    /// `PATH=FILE`: the passphrase file for one layer of the chain.
+    pub layer_passphrase_files: Vec<String>,
+}
+
+/// Read a passphrase file ('-' is stdin); one trailing newline is dropped.
+pub fn read_passphrase(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    let mut data = read_all(path)?;
+    if data.last() == Some(&b'\n') {
+        data.pop();
+    }
+    Ok(data)
+}
+
+/// The whole of a key file ('-' is stdin), in memory that is zeroized when dropped.
+fn read_all(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    // Key files are small; reserving up front keeps a growing Vec from leaving copies behind.
+    let mut data = Zeroizing::new(Vec::with_capacity(KEY_FILE_CAPACITY));
+    if path == Path::new("-") {
+        std::io::stdin()
+            .read_to_end(&mut data)
+            .map_err(|e| Error::new("<stdin>", e))?;
+    } else {
+        let mut f = std::fs::File::open(path).map_err(|e| Error::new(path, e))?;
+        warn_if_others_can_read(path, &f);
+        f.read_to_end(&mut data).map_err(|e| Error::new(path, e))?;
+    }
+    Ok(data)
+}
+
+/// A key file that group or others may read is used, with a warning naming it and its mode (as
+/// ssh does for keys; a regular file only: a pipe or /dev/stdin has no mode worth telling).
+fn warn_if_others_can_read(path: &Path, f: &std::fs::File) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = f.metadata() else { return };
+    let mode = meta.permissions().mode() & 0o7777;
+    if meta.is_file() && mode & 0o044 != 0 {
+        eprintln!(
+            "qcowfs: warning: {}: the passphrase file is readable by {} (mode {mode:04o}); \
+             chmod 600 it",
+            crate::error::escaped(path),
+            if mode & 0o004 != 0 {
+                "everyone"
+            } else {
+                "its group"
+            }
+        );
+    }
+}
+
+/// Read a file of base64 text ('-' is stdin), as `virsh secret-get-value` prints it, and decode it.
+/// Whitespace anywhere (line breaks, a trailing newline) is ignored; padding is optional.
+pub fn read_base64_passphrase(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    use base64::Engine;
+    let text = read_all(path)?;
+    let compact: Zeroizing<Vec<u8>> = Zeroizing::new(
+        text.iter()
+            .copied()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect(),
+    );
+    if compact.is_empty() {
+        return Err(Error::new(
+            path,
+            Problem::Usage("the base64 passphrase file is empty".into()),
+        ));
+    }
+    // Sized up front: a Vec that grew would leave copies of the key behind in freed memory.
+    let mut key = Zeroizing::new(vec![0u8; compact.len().div_ceil(4) * 3]);
+    let n = base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT
+        .decode_slice(&compact[..], &mut key[..])
+        .map_err(|e| Error::new(path, Problem::Usage(format!("not base64: {e}"))))?;
+    key.truncate(n);
+    Ok(key)
+}
+
+/// The file holding libvirt secret `uuid`'s value: `UUID.base64` in [`LIBVIRT_SECRETS_DIR`], or in
+/// `$QCOWFS_LIBVIRT_SECRETS_DIR` when set (for tests).
+pub fn libvirt_secret_path(uuid: &str) -> PathBuf {
+    let dir = std::env::var_os(LIBVIRT_SECRETS_DIR_ENV)
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(LIBVIRT_SECRETS_DIR));
+    dir.join(format!("{uuid}.base64"))
+}
+
+/// The value of libvirt secret `uuid`, read from libvirt's secret store on this host.
+pub fn read_libvirt_secret(uuid: &str) -> Result<Zeroizing<Vec<u8>>> {
+    let path = libvirt_secret_path(uuid);
+    match std::fs::metadata(&path) {
+        Ok(_) => read_base64_passphrase(&path),
+        Err(e) => {
+            let why = match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    "it is not in libvirt's secret store on this host (ephemeral secrets never are)"
+                        .to_string()
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "permission denied (libvirt's secret store is readable by root only)"
+                        .to_string()
+                }
+                _ => e.to_string(),
+            };
+            Err(Error::new(
+                &path,
+                Problem::Usage(format!("cannot read the libvirt secret: {why}")),
+            ))
+        }
+    }
+}
+
+impl KeySources {
+    /// The passphrase for every encrypted layer, from whichever source is named (at most one: the
+    /// command line enforces it), or `None`.
+    pub fn default_passphrase(&self) -> Result<Option<Zeroizing<Vec<u8>>>> {
+        let args = self;
+        if let Some(p) = &args.passphrase_file {
+            return read_passphrase(p).map(Some);
+        }
+        if let Some(p) = &args.passphrase_base64_file {
+            return read_base64_passphrase(p).map(Some);
+        }
+        if let Some(uuid) = &args.libvirt_secret {
+            return read_libvirt_secret(uuid).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// The key ring for `image`'s chain; with `prompt`, ask on the terminal when an encrypted layer
+    /// has no key from any source.
+    pub fn key_ring(&self, image: &Path, prompt: bool, within: &[PathBuf]) -> Result<KeyRing> {
+        let mut ring = KeyRing {
+            default: self.default_passphrase()?,
+            ..KeyRing::default()
+        };
+        for spec in &self.layer_passphrase_files {
+            let Some((layer, file)) = spec.split_once('=') else {
+                return Err(Error::new(
+                    spec,
+                    Problem::Usage("--layer-passphrase-file takes PATH=FILE".into()),
+                ));
+            };
+            let layer_path = PathBuf::from(layer);
+            let canon =
+                std::fs::canonicalize(&layer_path).map_err(|e| Error::new(&layer_path, e))?;
+            ring.per_layer
+                .push((canon, read_passphrase(Path::new(file))?));
+        }
+        if ring.default.is_none() {
+            let missing = encrypted_layers_without_keys(image, &ring, within)?;
+            if let Some(first) = missing.first() {
+                if !prompt || !std::io::stdin().is_terminal() {
+                    return Err(Error::new(first, CryptoError::NoPassphrase));
+                }
+                let answer = rpassword::prompt_password(format!(
+                    "Passphrase for {}: ",
+                    crate::error::escaped(image)
+                ))
+                .map_err(|e| Error::new(image, e))?;
+                ring.default = Some(Zeroizing::new(answer.into_bytes()));
+            }
+        }
+        Ok(ring)
+    }
+}
+
+/// Encrypted layers of the chain that the ring has no key for.
+fn encrypted_layers_without_keys(
+    image: &Path,
+    ring: &KeyRing,
+    within: &[PathBuf],
+) -> Result<Vec<PathBuf>> {
+    let opts = OpenOptions {
+        writable: false,
+        force_share: true,
+        without_keys: true,
+        keep_rejected_keys: false,
+        backing_within: within.to_vec(),
+        record: None,
+        faults: None,
+    };
+    let chain = Chain::open(image, ring, opts)?;
+    Ok(chain
+        .layers()
+        .iter()
+        .filter(|l| l.encryption() != Encryption::None)
+        .filter(|l| {
+            let canon = std::fs::canonicalize(l.path()).ok();
+            !ring
+                .per_layer
+                .iter()
+                .any(|(p, _)| Some(p) == canon.as_ref())
+        })
+        .map(|l| l.path().to_path_buf())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_files_ignore_whitespace_and_padding() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: [(&str, &[u8]); 4] = [
+            ("c2VjcmV0\n", b"secret"),
+            ("  c2Vj\r\ncmV0 \n\n", b"secret"),
+            ("aHVudGVyMg==\n", b"hunter2"),
+            ("aHVudGVyMg\n", b"hunter2"),
+        ];
+        for (i, (text, want)) in cases.iter().enumerate() {
+            let path = dir.path().join(format!("k{i}"));
+            std::fs::write(&path, text).unwrap();
+            assert_eq!(
+                &read_base64_passphrase(&path).unwrap()[..],
+                *want,
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_base64_files_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [("empty", " \n"), ("junk", "not*base64!\n")] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            let e = read_base64_passphrase(&path).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+        }
+    }
+}
