@@ -15,6 +15,6 @@ pub mod fuzz;
 pub mod io;
 pub mod keys;
 pub mod mount;
-pub mod qcow2;
+pub(crate) mod qcow2;
 
 pub use error::{Error, Problem, Result};

@@ -5,7 +5,7 @@
 //! LUKS, as QEMU numbers them).
 
 pub(crate) mod error;
-pub mod luks;
+pub(crate) mod luks;
 mod qcow_aes;
 pub mod secret;
 

@@ -3,8 +3,8 @@
 
 mod cache;
 mod flush;
-pub mod partition;
-pub mod views;
+pub(crate) mod partition;
+pub(crate) mod views;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;

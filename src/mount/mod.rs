@@ -5,14 +5,12 @@
 pub mod daemon;
 mod devfuse;
 pub mod filelog;
-pub mod fs;
+pub(crate) mod fs;
 mod inodes;
 mod mount_table;
 mod mountpoint;
 mod partitions;
-pub mod registry;
+pub(crate) mod registry;
 mod syslog;
 pub mod umount;
-pub mod uring;
-
-pub use fs::QcowFs;
+pub(crate) mod uring;

@@ -5,8 +5,8 @@
 mod record;
 
 use super::FormatError;
+pub use record::V3_MIN_HEADER_LEN;
 pub(crate) use record::{extensions, field, Extension, Field, HeaderUpdate, RawHeader};
-pub use record::{V2_HEADER_LEN, V3_MIN_HEADER_LEN};
 
 pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 pub const MIN_CLUSTER_BITS: u32 = 9;

@@ -23,10 +23,9 @@ pub mod table;
 pub(crate) mod tiny;
 mod words;
 
-pub use commit::{ClusterWrite, Pipeline};
+pub use commit::ClusterWrite;
 pub use error::FormatError;
 pub use header::{Compression, Encryption, Header};
 pub use image::{Qcow2Image, WriteTarget};
-pub use layout::Layout;
 pub use memory::share_metadata_budget;
 pub use table::ClusterSource;

@@ -37,6 +37,7 @@ impl<V> PinnedLru<V> {
             .resize(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN));
     }
 
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         self.clean.cap().get()
     }

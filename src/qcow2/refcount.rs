@@ -153,6 +153,7 @@ impl Refcounts {
     }
 
     /// The most bytes of clean blocks kept.
+    #[cfg(test)]
     pub fn cache_capacity_bytes(&self) -> u64 {
         (self.blocks.capacity() as u64) << self.cluster_bits
     }
