@@ -2,6 +2,7 @@
 # Fuzz qcowfs for SECONDS per target (default 600):
 #   scripts/fuzz.sh 1800
 #   FUZZ_JOBS=2 FUZZ_TARGETS="image write" scripts/fuzz.sh 1800   # two targets at once
+# Targets run at nice 19 (FUZZ_NICE to change it): beside other work they get what is left.
 # With a nightly toolchain (cargo-fuzz is installed with `cargo install cargo-fuzz` when missing):
 # every cargo-fuzz target, `image` (bytes as an image), `fields` (named field edits of seed images),
 # `write` (a write through bytes as an image must be refused or change exactly its bytes: the
@@ -47,8 +48,8 @@ if cargo +nightly --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2
     JOBS=${FUZZ_JOBS:-1}
     run_target() {
         local target=$1 rc=0
-        nice -n 19 cargo +nightly fuzz run "$target" "fuzz/corpus/$target" -- \
-            -max_total_time="$DURATION" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
+        nice -n "${FUZZ_NICE:-19}" cargo +nightly fuzz run "$target" "fuzz/corpus/$target" -- \
+            -max_total_time="$DURATION" -rss_limit_mb=2048 -timeout=30 -print_final_stats=1 \
             >"fuzz/logs/$target.log" 2>&1 || rc=$?
         grep -E '^(Done|stat::number_of_executed_units|stat::average_exec_per_sec)|SUMMARY|artifact_prefix|Test unit written' \
             "fuzz/logs/$target.log" | sed "s/^/    $target: /" || true
