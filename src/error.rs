@@ -115,11 +115,6 @@ impl Error {
             Problem::Incomplete(_) => libc::EIO,
         }
     }
-
-    /// Whether the host file system ran out of space (flush keeps the dirty data and retries later).
-    pub fn is_no_space(&self) -> bool {
-        matches!(&self.problem, Problem::Io(e) if e.raw_os_error() == Some(libc::ENOSPC))
-    }
 }
 
 impl fmt::Display for Error {

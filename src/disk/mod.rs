@@ -55,7 +55,9 @@ pub struct Disk {
     /// Resident memory past which a write-back gives freed heap pages back (the cache size plus
     /// room for the program itself).
     memory_target: u64,
-    /// Writers hold it shared; the flush writer exclusively, so blocks do not change under it.
+    /// Writers hold it shared; a discard exclusively, so no write lands in its range between its
+    /// commit and the forgetting of the range's blocks. The flush writer does not take it: it
+    /// copies each block with its stamp, and a block written meanwhile stays dirty.
     write_gate: RwLock<()>,
     flush_lock: Mutex<()>,
     /// Wakes the background writer early (set: dirty data passed half its bound).

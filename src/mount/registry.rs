@@ -188,9 +188,10 @@ pub fn is_our_daemon(pid: u32) -> bool {
 }
 
 /// The files recording one mount: `NAME.pid` and `NAME.status` in the runtime folder. NAME is
-/// `dev-MAJOR-MINOR` of the FUSE mount: a folder can hold two mounts (one stacked over the other)
-/// and a mount can move to another folder, and `umount` must wait for the daemon of the mount it
-/// detaches, not for another recorded at the same folder.
+/// `dev-MAJOR-MINOR-PID` (the FUSE mount's device and the daemon's pid; a hash of the folder in
+/// place of the device when there is no mount entry): a folder can hold two mounts (one stacked
+/// over the other) and a mount can move to another folder, and `umount` must wait for the daemon
+/// of the mount it detaches, not for another recorded at the same folder.
 #[derive(Debug, Clone)]
 pub struct Record {
     dir: PathBuf,
