@@ -1,4 +1,4 @@
-//! Command-line arguments, passphrase sources and exit codes.
+//! Command-line arguments (converted into each command's options), and exit codes.
 
 use std::path::PathBuf;
 

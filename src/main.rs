@@ -133,7 +133,6 @@ fn fail(e: &Error) -> ! {
     std::process::exit(exit_status(e));
 }
 
-/// `qcowfs check-key`: exits 0 only when every encrypted layer's key is verified.
 /// `qcowfs info`: the key sources are read (and a bad one reported) even though describing an
 /// image needs no key; with one, each layer's key is checked.
 fn info(args: qcowfs::cli::InfoArgs) -> Result<()> {
@@ -145,6 +144,7 @@ fn info(args: qcowfs::cli::InfoArgs) -> Result<()> {
     })
 }
 
+/// `qcowfs check-key`: exits 0 only when every encrypted layer's key is verified.
 fn check_key(args: &qcowfs::cli::CheckKeyArgs) -> Result<()> {
     let within = args.confine.folders()?;
     let keys = args.keys.sources().key_ring(&args.image, true, &within)?;

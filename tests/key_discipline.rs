@@ -200,3 +200,27 @@ fn check_key_reports_each_layer_and_exits_by_the_worst() {
     assert_eq!(v["encryption"], "luks");
     qcowfs(args("check-key", &key(dir.path(), RIGHT), &luks.path)).assert_success();
 }
+
+#[test]
+fn info_reads_a_passphrase_from_stdin_once() {
+    // It used to read the key source twice: the second read of stdin found nothing, and the
+    // empty passphrase was judged wrong.
+    let dir = workdir();
+    let disk = nova_disk(dir.path(), true);
+    let r = qcowfs_with(
+        [
+            "info".as_ref(),
+            "--passphrase-file".as_ref(),
+            "-".as_ref(),
+            disk.path.as_os_str(),
+        ],
+        Some(RIGHT.as_bytes()),
+        dir.path(),
+    );
+    r.assert_success();
+    assert!(
+        r.stdout_str().contains("key: verified"),
+        "{}",
+        r.stdout_str()
+    );
+}

@@ -144,14 +144,13 @@ impl KeySources {
     /// The passphrase for every encrypted layer, from whichever source is named (at most one: the
     /// command line enforces it), or `None`.
     pub fn default_passphrase(&self) -> Result<Option<Zeroizing<Vec<u8>>>> {
-        let args = self;
-        if let Some(p) = &args.passphrase_file {
+        if let Some(p) = &self.passphrase_file {
             return read_passphrase(p).map(Some);
         }
-        if let Some(p) = &args.passphrase_base64_file {
+        if let Some(p) = &self.passphrase_base64_file {
             return read_base64_passphrase(p).map(Some);
         }
-        if let Some(uuid) = &args.libvirt_secret {
+        if let Some(uuid) = &self.libvirt_secret {
             return read_libvirt_secret(uuid).map(Some);
         }
         Ok(None)

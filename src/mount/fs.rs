@@ -11,9 +11,9 @@ use fuser::{Errno, FileAttr, FileType, FopenFlags, INodeNo, Notifier};
 use parking_lot::Mutex;
 
 use super::inodes::{
-    errno, Done, FileNode, DISK, DISK_NAME, ROOT, SNAPSHOT_DIR, SNAPSHOT_DIR_NAME,
+    errno, is_partition, Done, FileNode, DISK, DISK_NAME, ROOT, SNAPSHOT_BASE, SNAPSHOT_DIR,
+    SNAPSHOT_DIR_NAME,
 };
-use super::inodes::{is_partition, SNAPSHOT_BASE};
 use super::partitions::{PartitionFiles, PartitionWriter};
 use crate::disk::BlockDevice;
 
@@ -247,7 +247,8 @@ impl QcowFs {
     fn write_disk(&self, device: &dyn BlockDevice, offset: u64, data: &[u8]) -> Result<u32, Errno> {
         let len = Self::writable_len(device, offset, data.len())?;
         device.write_at(offset, &data[..len]).map_err(errno)?;
-        self.partitions.note_write(offset, len as u64);
+        let changed = self.partitions.note_write(offset, len as u64);
+        self.partition_writer.notify(changed);
         Ok(len as u32)
     }
 
@@ -421,7 +422,8 @@ impl QcowFs {
             }
             Ok(Some((at, len))) if len > 0 => done(match node.device.discard(at, len) {
                 Ok(()) => {
-                    self.partitions.note_write(at, len);
+                    let changed = self.partitions.note_write(at, len);
+                    self.partition_writer.notify(changed);
                     Ok(())
                 }
                 Err(e) => Err(errno(e)),

@@ -62,19 +62,20 @@ impl PartitionFiles {
     }
 
     /// Disk bytes [offset, offset + len) were written or discarded: re-read the table if that may
-    /// have changed it, and tell the kernel about every partition file that changed.
-    pub fn note_write(&self, offset: u64, len: u64) {
+    /// have changed it. Returns the partition files that changed, for `notify` (the kernel is told
+    /// apart, by a thread that serves no requests: see `PartitionWriter::notify`).
+    pub fn note_write(&self, offset: u64, len: u64) -> Changed {
         let mut state = self.state.lock();
         let touched = match &state.table {
             Some(table) => table.touched_by(self.disk.size(), offset, len),
-            None => return, // never read: the next use reads it
+            None => return Changed::default(), // never read: the next use reads it
         };
         if !touched {
-            return;
+            return Changed::default();
         }
         let before = std::mem::take(&mut state.files);
         self.reload(&mut state);
-        let changed: Vec<(FileNode, bool)> = before
+        let files = before
             .into_iter()
             .filter_map(|old| match state.files.iter().find(|f| f.ino == old.ino) {
                 Some(new) if new.disk_range == old.disk_range => None,
@@ -82,14 +83,18 @@ impl PartitionFiles {
                 None => Some((old, true)),
             })
             .collect();
-        // Told after the lock is dropped: dropping a name waits for the root directory's lock,
-        // which a lookup holds while its request waits for `files()`, which takes this lock.
-        drop(state);
+        Changed { files }
+    }
+
+    /// Tell the kernel about partition files that changed: their attributes (a partition file
+    /// caches no pages), and the names of those that are gone. Never on a request thread:
+    /// dropping a name waits for the root directory's lock, which a lookup holds while its
+    /// request waits for a request thread.
+    fn notify(&self, changed: Changed) {
         let Some(notifier) = self.notifier.get() else {
             return;
         };
-        for (old, gone) in changed {
-            // Attributes only (offset < 0): a partition file caches no pages.
+        for (old, gone) in changed.files {
             let _ = notifier.inval_inode(old.ino, -1, 0);
             if gone {
                 let _ = notifier.inval_entry(ROOT, std::ffi::OsStr::new(&old.name));
@@ -118,8 +123,17 @@ impl PartitionFiles {
     }
 }
 
-/// A write or discard through a partition file, and where to answer it.
+/// Partition files whose range changed (false) or that are gone (true), still to be told to the
+/// kernel.
+#[derive(Default)]
+pub struct Changed {
+    files: Vec<(FileNode, bool)>,
+}
+
+/// A write or discard through a partition file, and where to answer it; or partition changes a
+/// request thread found, to tell the kernel about.
 enum Job {
+    Notify(Changed),
     Write {
         node: FileNode,
         offset: u64,
@@ -183,6 +197,14 @@ impl PartitionWriter {
         }
     }
 
+    /// Tell the kernel about `changed` from the writer thread (a request thread must not wait on
+    /// the kernel's directory lock: see `PartitionFiles::notify`).
+    pub fn notify(&self, changed: Changed) {
+        if !changed.files.is_empty() {
+            let _ = self.send(Job::Notify(changed));
+        }
+    }
+
     fn send(&self, job: Job) -> Result<(), mpsc::SendError<Job>> {
         match &*self.jobs.lock() {
             Some(tx) => tx.send(job),
@@ -210,18 +232,45 @@ fn fail(job: Job) {
     match job {
         Job::Write { done, .. } => done(Err(Errno::EIO)),
         Job::Discard { done, .. } => done(Err(Errno::EIO)),
+        Job::Notify(_) => {}
     }
 }
 
 fn run(partitions: &PartitionFiles, job: Job) {
-    let (node, offset, len) = match &job {
+    match job {
+        Job::Notify(changed) => partitions.notify(changed),
         Job::Write {
-            node, offset, data, ..
-        } => (node, *offset, data.len() as u64),
+            node,
+            offset,
+            data,
+            done,
+        } => {
+            let r = apply(partitions, &node, offset, data.len() as u64, || {
+                node.device.write_at(offset, &data)
+            });
+            done(r.map(|()| data.len() as u32))
+        }
         Job::Discard {
-            node, offset, len, ..
-        } => (node, *offset, *len),
-    };
+            node,
+            offset,
+            len,
+            done,
+        } => done(apply(partitions, &node, offset, len, || {
+            node.device.discard(offset, len)
+        })),
+    }
+}
+
+/// Apply a write or discard of [offset, offset + len) of the partition file `node` with `disk`'s
+/// pages over it dropped before and after (see the module doc), then tell the kernel about any
+/// partition it changed.
+fn apply(
+    partitions: &PartitionFiles,
+    node: &FileNode,
+    offset: u64,
+    len: u64,
+    op: impl FnOnce() -> crate::Result<()>,
+) -> Result<(), Errno> {
     let at = node.disk_range.map_or(offset, |(start, _)| start + offset);
     let drop_disk_pages = || {
         if let Some(notifier) = partitions.notifier.get() {
@@ -229,16 +278,8 @@ fn run(partitions: &PartitionFiles, job: Job) {
         }
     };
     drop_disk_pages();
-    let result = match &job {
-        Job::Write { data, .. } => node.device.write_at(offset, data),
-        Job::Discard { .. } => node.device.discard(offset, len),
-    };
+    let result = op();
     drop_disk_pages();
-    partitions.note_write(at, len);
-    match (job, result) {
-        (Job::Write { data, done, .. }, Ok(())) => done(Ok(data.len() as u32)),
-        (Job::Discard { done, .. }, Ok(())) => done(Ok(())),
-        (Job::Write { done, .. }, Err(e)) => done(Err(errno(e))),
-        (Job::Discard { done, .. }, Err(e)) => done(Err(errno(e))),
-    }
+    partitions.notify(partitions.note_write(at, len));
+    result.map_err(errno)
 }

@@ -9,11 +9,13 @@
 //!
 //! One pass over the L2 tables of the active L1 (a few MiB for a typical disk: its L2 tables are
 //! 1/8192 of the guest data with 64 KiB clusters), each read once straight from the file, with a
-//! bitmap of the host clusters seen (one bit per cluster of the file). Snapshot tables are not
-//! walked: a cluster shared with a snapshot has a refcount above its active references, which
-//! this check allows.
+//! bitmap of the host clusters seen (in chunks, made as clusters are named). Snapshot tables are
+//! not walked: a cluster shared with a snapshot has a refcount above its active references, which
+//! this check allows; a snapshot-shared cluster counted once and marked COPIED in the active table
+//! is not found here (an in-place write would then change the snapshot too). `qemu-img check`
+//! finds it; qcowfs never creates snapshots.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use super::alloc::Allocator;
@@ -39,13 +41,25 @@ pub(super) fn check_data_counted(
     }
     let path = file.path();
     let cs = layout.cluster_size();
-    let mut refs = References::new(file.len()?.div_ceil(cs));
+    let mut refs = References::default();
     let entries = layout.l2_entries() as usize;
     let words = (layout.l2_entry_size() / 8) as usize * entries;
+    // QEMU never names one L2 table twice in an L1 table; a hostile one that did would have this
+    // pass read the table once per entry (4M times, with a 32 MiB L1).
+    let mut walked = HashSet::new();
     for (l1_index, &word) in l1.iter().enumerate() {
         let l2 = L1Entry(word).l2_offset();
         if l2 == 0 {
             continue;
+        }
+        if !walked.insert(l2) {
+            return Err(Error::new(
+                path,
+                FormatError::Overlap {
+                    what: "L2 table named twice by the L1 table",
+                    offset: l2,
+                },
+            ));
         }
         let table = read_words(file, l2, words)?;
         for i in 0..entries {
@@ -106,36 +120,34 @@ fn undercounted(path: &Path, guest: u64, host: u64, refcount: u64, named: u64) -
     )
 }
 
-/// How many times each host cluster has been named so far: a bit per cluster of the file, and a
-/// map for the clusters named twice or more (compressed clusters sharing one) or past its end.
+/// How many times each host cluster has been named so far: a bit per cluster, in chunks made as
+/// clusters are named (so memory follows the clusters the tables name, not the file's length,
+/// which a sparse file makes anything), and a map for the clusters named twice or more
+/// (compressed clusters sharing one).
+#[derive(Default)]
 struct References {
-    seen: Vec<u64>,
-    clusters: u64,
+    seen: HashMap<u64, Box<[u64; CHUNK_WORDS]>>,
     more: HashMap<u64, u64>,
 }
 
-impl References {
-    fn new(clusters: u64) -> Self {
-        References {
-            seen: vec![0; clusters.div_ceil(64) as usize],
-            clusters,
-            more: HashMap::new(),
-        }
-    }
+/// Words of a bitmap chunk: 4 KiB, 32,768 clusters.
+const CHUNK_WORDS: usize = 512;
 
+impl References {
     /// Count one more reference to `cluster`; returns how many it has now.
     fn add(&mut self, cluster: u64) -> u64 {
-        if cluster < self.clusters {
-            let (word, bit) = ((cluster / 64) as usize, 1u64 << (cluster % 64));
-            if self.seen[word] & bit == 0 {
-                self.seen[word] |= bit;
-                return 1;
-            }
-            let n = self.more.entry(cluster).or_insert(1);
-            *n += 1;
-            return *n;
+        let bits = (CHUNK_WORDS * 64) as u64;
+        let chunk = self
+            .seen
+            .entry(cluster / bits)
+            .or_insert_with(|| Box::new([0; CHUNK_WORDS]));
+        let at = cluster % bits;
+        let (word, bit) = ((at / 64) as usize, 1u64 << (at % 64));
+        if chunk[word] & bit == 0 {
+            chunk[word] |= bit;
+            return 1;
         }
-        let n = self.more.entry(cluster).or_insert(0);
+        let n = self.more.entry(cluster).or_insert(1);
         *n += 1;
         *n
     }
@@ -146,8 +158,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_references_inside_and_past_the_bitmap() {
-        let mut refs = References::new(100);
+    fn counts_references_in_any_chunk() {
+        let mut refs = References::default();
         assert_eq!(refs.add(3), 1);
         assert_eq!(refs.add(4), 1);
         assert_eq!(refs.add(3), 2);
@@ -155,6 +167,8 @@ mod tests {
         assert_eq!(refs.add(500), 1);
         assert_eq!(refs.add(500), 2);
         assert_eq!(refs.add(99), 1);
+        assert_eq!(refs.add(u64::MAX >> 9), 1);
+        assert_eq!(refs.add(u64::MAX >> 9), 2);
     }
 
     #[test]

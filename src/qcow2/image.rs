@@ -136,7 +136,7 @@ impl Qcow2Image {
     /// track of what the image uses (damage), and the allocator, which trusts them, would hand
     /// out clusters still in use (a data cluster some L2 entry names, or the header itself).
     /// QEMU leaves this to `qemu-img check`; a writer that trusts such refcounts corrupts data.
-    fn check_metadata_counted(&self, meta: &mut Meta) -> Result<()> {
+    pub(super) fn check_metadata_counted(&self, meta: &mut Meta) -> Result<()> {
         let cs = self.layout.cluster_size();
         let Meta {
             alloc, metadata, ..
@@ -526,7 +526,10 @@ impl Qcow2Image {
         let cs = self.layout.cluster_size();
         let last = host.saturating_add(len.max(1) - 1);
         let touches = |at: u64| meta.metadata.contains(at) || at & !(cs - 1) == l2_offset;
-        if touches(host) || touches(last) {
+        // Every cluster of the range: a compressed entry may span three (its size field allows
+        // two clusters of data starting inside a first one).
+        let mut clusters = (host / cs..=last / cs).map(|c| c * cs);
+        if clusters.any(touches) {
             return Err(Error::new(
                 self.path(),
                 FormatError::Overlap { what, offset: host },

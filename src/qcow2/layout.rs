@@ -1,10 +1,10 @@
 //! Geometry of one qcow2 image: how a guest offset splits into L1 index, L2 index and cluster offset,
 //! and where the fields of a compressed-cluster descriptor lie.
 
-/// The sizes derived from `cluster_bits`, the version and the L2 entry width.
 /// Subclusters per cluster with extended L2 entries.
 pub const SUBCLUSTERS: u32 = 32;
 
+/// The sizes derived from `cluster_bits`, the version and the L2 entry width.
 #[derive(Debug, Clone, Copy)]
 pub struct Layout {
     pub cluster_bits: u32,

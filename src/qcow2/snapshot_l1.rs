@@ -63,6 +63,10 @@ impl SnapshotTables {
             .resize(Self::pieces_for(cache_bytes, self.cluster_bits));
     }
 
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
     /// Bytes of pieces in memory now.
     pub fn cached_bytes(&self) -> u64 {
         (self.pieces.lock().len() as u64) << self.cluster_bits
@@ -74,7 +78,7 @@ impl SnapshotTables {
     /// no larger than QEMU allows, cluster-aligned, inside the file. Its entries are checked when
     /// they are read.
     pub(super) fn table(&self, file: &HostFile, snapshot: &Snapshot) -> Result<SnapshotL1> {
-        let cs = 1u64 << self.cluster_bits;
+        let cs = self.cluster_size();
         let bytes = u64::from(snapshot.l1_size) * 8;
         if bytes > MAX_L1_BYTES {
             return Err(Error::new(
@@ -129,16 +133,15 @@ impl SnapshotTables {
         if index >= l1.entries {
             return Ok(None);
         }
-        let tables = self;
-        let per_piece = 1u64 << (tables.cluster_bits - 3);
+        let per_piece = 1u64 << (self.cluster_bits - 3);
         let at = l1.offset + (index / per_piece) * (per_piece * 8);
         let word = {
-            let mut pieces = tables.pieces.lock();
+            let mut pieces = self.pieces.lock();
             let piece = match pieces.get(&at) {
                 Some(p) => p.clone(),
                 None => {
                     // Inside the file (`snapshot_l1`); the piece may reach past its end: zeros.
-                    let mut raw = vec![0u8; 1 << tables.cluster_bits];
+                    let mut raw = vec![0u8; 1 << self.cluster_bits];
                     file.read_at(at, &mut raw)?;
                     let piece = Arc::new(decode_words(&raw));
                     pieces.put(at, piece.clone());
@@ -147,7 +150,7 @@ impl SnapshotTables {
             };
             piece[(index % per_piece) as usize]
         };
-        let cs = 1u64 << self.cluster_bits;
+        let cs = self.cluster_size();
         let l2 = L1Entry(word).l2_offset();
         if l2 % cs != 0 {
             return Err(Error::new(

@@ -1,4 +1,5 @@
-//! L1 and L2 table entries as typed values. Every mask and flag of the on-disk entries is here.
+//! L1 and L2 table entries as typed values. Every mask and flag of the on-disk entries is here
+//! (the subcluster count is the layout's).
 
 use super::layout::{Layout, SUBCLUSTERS};
 use super::FormatError;

@@ -11,11 +11,14 @@
 //! A partition write holds its entry until the partition writer answers, and that writer's drop of
 //! `disk`'s pages can wait on a `disk` request (a locked page being read, a dirty page written
 //! back) that needs an entry of this very queue. So a queue never lets partition writes hold more
-//! than its extra entries: while fewer than `DEPTH` entries are free of them it registers another
-//! (the kernel takes new entries at any time). The kernel runs one direct write per file at a time
-//! (no `FOPEN_PARALLEL_DIRECT_WRITES`), so partition writes hold at most one entry per partition
-//! file; `MAX_EXTRA` bounds the growth (and the memory: a payload buffer each) beyond any table a
-//! guest really has.
+//! than its extra entries: it starts with `SPARE` beyond `DEPTH`, and while fewer than `DEPTH` are
+//! free of partition writes it registers another (the kernel takes new entries at any time). The
+//! kernel runs one direct write per file at a time (no `FOPEN_PARALLEL_DIRECT_WRITES`), so
+//! partition writes hold at most one entry per partition file; `MAX_EXTRA` bounds the growth (and
+//! the memory: a payload buffer each, touched only when used). What is left: an entry registered
+//! late does not take a request the kernel queued before it (only one that arrives later, or an
+//! answer's fetch, does), so a burst of more than `DEPTH + SPARE` partition writes arriving at
+//! once on one CPU, with no other request after it, could still wait.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,8 +36,13 @@ use crate::mount::inodes::is_partition;
 /// Entries per queue kept free of partition writes: each holds one request being served or
 /// waiting.
 pub const DEPTH: usize = 4;
-/// Entries a queue may register beyond `DEPTH` while partition writes hold entries.
-const MAX_EXTRA: usize = 64;
+/// Entries registered beyond `DEPTH` from the start: the kernel hands out the entry answered last
+/// first, so they cost no memory until requests on one CPU outnumber `DEPTH`, and a burst of
+/// partition writes that takes every free entry at once still leaves these.
+const SPARE: usize = 4;
+/// Entries a queue may register beyond `DEPTH` while partition writes hold entries: one per
+/// partition file an MBR with all its logical partitions, or a usual GPT, can have.
+const MAX_EXTRA: usize = 132;
 /// `FUSE_IO_URING_CMD_REGISTER` and `FUSE_IO_URING_CMD_COMMIT_AND_FETCH`.
 const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
@@ -128,7 +136,7 @@ impl Queue {
         }
         // SAFETY: `raw` is a new descriptor that nothing else owns.
         let eventfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-        let slots = (0..DEPTH).map(|_| Slot::new(payload_len)).collect();
+        let slots = (0..DEPTH + SPARE).map(|_| Slot::new(payload_len)).collect();
         Ok(Queue {
             ring,
             qid,
@@ -140,7 +148,7 @@ impl Queue {
             sink: Arc::new(Sink::new(eventfd)),
             slow: Slow::new(qid),
             eventfd_buf: Box::new([0; 8]),
-            arrived: Vec::with_capacity(DEPTH + 1),
+            arrived: Vec::with_capacity(DEPTH + SPARE + 1),
             stop,
         })
     }

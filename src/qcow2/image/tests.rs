@@ -634,3 +634,40 @@ fn a_writable_open_refuses_a_data_cluster_named_more_often_than_it_is_counted() 
     let img = t.open(false).unwrap();
     assert_eq!(img.map(CS, 1).unwrap(), img.map(0, 1).unwrap());
 }
+
+#[test]
+fn a_writable_open_refuses_an_l1_table_naming_one_l2_table_twice() {
+    // A hostile L1 naming one table over and over would have the open's reference count read it
+    // once per entry; QEMU never writes that, so it is refused outright.
+    let span = CS * (CS / 8);
+    let mut t = TinyImage::new(BITS, 2 * span);
+    let l2 = t.l2_for(0);
+    t.set_l1(1, l2 | COPIED);
+    let err = t.open(true).unwrap_err();
+    assert!(
+        matches!(format_error(&err), FormatError::Overlap { offset, .. } if *offset == l2),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_compressed_entry_spanning_metadata_in_its_middle_cluster_is_refused() {
+    // Two clusters of compressed data starting 512 bytes before a cluster's end touch three: the
+    // middle one here is the entry's own L2 table, which a copy-on-write would release.
+    let mut t = TinyImage::new(BITS, 64 << 10);
+    let first = t.cluster();
+    let l2 = t.l2_for(0);
+    let last = t.cluster();
+    assert_eq!((l2 - first, last - l2), (CS, CS), "three clusters in a row");
+    let start = first + CS - 512;
+    let sectors = 2 * CS / 512; // the most the size field holds
+    let layout = crate::qcow2::layout::Layout::new(BITS, 3, false);
+    let word = COMPRESSED | ((sectors - 1) << layout.compressed_size_shift()) | start;
+    t.set_entry(0, L2Entry { word, bitmap: 0 });
+    let img = super::data_refs::skipped(|| t.open(true)).unwrap();
+    let err = img.write_target(0).unwrap_err();
+    assert!(
+        matches!(format_error(&err), FormatError::Overlap { .. }),
+        "{err}"
+    );
+}
