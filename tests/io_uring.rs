@@ -403,7 +403,6 @@ fn many_partition_writes_and_disk_reads_on_one_queue_never_deadlock() {
     const WRITERS: usize = 16;
     const READERS: usize = 4;
     const WRITES: usize = 1000;
-    const LIMIT: Duration = Duration::from_secs(90);
     let _one = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     let _on = Switch::set(true);
     let dir = workdir();
@@ -461,25 +460,7 @@ fn many_partition_writes_and_disk_reads_on_one_queue_never_deadlock() {
         }));
     }
     drop(done_tx);
-    let start = std::time::Instant::now();
-    let mut writers_done = 0;
-    while writers_done < WRITERS {
-        match done_rx.recv_timeout(LIMIT.saturating_sub(start.elapsed())) {
-            Ok(()) => writers_done += 1,
-            Err(_) => {
-                // Stuck: abort the connection so every thread gets an error, then fail.
-                abort_connection(dev);
-                panic!(
-                    "partition writes and disk reads on one io_uring queue made no progress for \
-                     {LIMIT:?} ({writers_done} of {WRITERS} writers done): deadlock"
-                );
-            }
-        }
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for t in threads {
-        t.join().expect("a reader or writer failed");
-    }
+    finish_or_abort(&done_rx, WRITERS, dev, &stop, threads);
     // The last write of each writer to each of its two chunks, through disk and through QEMU.
     let mut expected = vec![0u8; span as usize];
     for w in 0..WRITERS {
@@ -518,6 +499,36 @@ fn abort_connection(dev: u64) {
     }
 }
 
+/// Wait for `writers` done messages, then stop the readers and join every thread. No progress for
+/// 90 s is a deadlock: the connection (of the mount on device `dev`) is aborted so every thread
+/// gets an error, and the test fails.
+fn finish_or_abort(
+    done: &std::sync::mpsc::Receiver<()>,
+    writers: usize,
+    dev: u64,
+    stop: &std::sync::atomic::AtomicBool,
+    threads: Vec<std::thread::JoinHandle<()>>,
+) {
+    const LIMIT: Duration = Duration::from_secs(90);
+    let start = std::time::Instant::now();
+    for finished in 0..writers {
+        if done
+            .recv_timeout(LIMIT.saturating_sub(start.elapsed()))
+            .is_err()
+        {
+            abort_connection(dev);
+            panic!(
+                "partition writes and disk reads on one io_uring queue made no progress for \
+                 {LIMIT:?} ({finished} of {writers} writers done): deadlock"
+            );
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("a reader or writer failed");
+    }
+}
+
 /// Six partitions, 1 MiB each from 1 MiB on (GPT).
 const SIX: &str = "label: gpt\nunit: sectors\n\nstart=2048, size=2048\nstart=4096, size=2048\n\
                    start=6144, size=2048\nstart=8192, size=2048\nstart=10240, size=2048\n\
@@ -532,7 +543,6 @@ fn writes_to_more_partition_files_than_queue_entries_never_deadlock() {
     const PARTS: usize = 6;
     const READERS: usize = 4;
     const WRITES: usize = 600;
-    const LIMIT: Duration = Duration::from_secs(90);
     let _one = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     let _on = Switch::set(true);
     let dir = workdir();
@@ -592,24 +602,7 @@ fn writes_to_more_partition_files_than_queue_entries_never_deadlock() {
         }));
     }
     drop(done_tx);
-    let start = std::time::Instant::now();
-    let mut writers_done = 0;
-    while writers_done < PARTS {
-        match done_rx.recv_timeout(LIMIT.saturating_sub(start.elapsed())) {
-            Ok(()) => writers_done += 1,
-            Err(_) => {
-                abort_connection(dev);
-                panic!(
-                    "writes to {PARTS} partition files on one io_uring queue made no progress for \
-                     {LIMIT:?} ({writers_done} of {PARTS} writers done): deadlock"
-                );
-            }
-        }
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for t in threads {
-        t.join().expect("a reader or writer failed");
-    }
+    finish_or_abort(&done_rx, PARTS, dev, &stop, threads);
     let disk = read_at_bounded(&m.disk(), 0, 8 * MIB as usize);
     m.umount().assert_success();
     assert_check_clean_when(&image, "after writes to six partition files");

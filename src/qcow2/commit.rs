@@ -463,10 +463,7 @@ impl Qcow2Image {
         meta.l1 = l1;
         meta.header = header;
         meta.l2_cache.clear();
-        self.ensure_refcounts(&mut meta)?;
-        self.check_metadata_counted(&mut meta)?;
-        let super::image::Meta { l1, alloc, .. } = &mut *meta;
-        super::data_refs::check_data_counted(&self.file, &self.layout, l1, alloc)
+        self.check_refcounts_for_writing(&mut meta)
     }
 }
 

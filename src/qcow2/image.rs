@@ -123,20 +123,26 @@ impl Qcow2Image {
         };
         if writable {
             // Refcounts that cannot take an allocation refuse the mount now, not the first flush.
-            let mut meta = image.meta.lock();
-            image.ensure_refcounts(&mut meta)?;
-            image.check_metadata_counted(&mut meta)?;
-            let Meta { l1, alloc, .. } = &mut *meta;
-            data_refs::check_data_counted(&image.file, &image.layout, l1, alloc)?;
+            image.check_refcounts_for_writing(&mut image.meta.lock())?;
         }
         Ok(image)
+    }
+
+    /// The refcounts a writer trusts: able to take an allocation, counting every metadata
+    /// cluster, and every data cluster as often as the active L2 tables name it (`open`, and
+    /// `reload` after a failed commit).
+    pub(super) fn check_refcounts_for_writing(&self, meta: &mut Meta) -> Result<()> {
+        self.ensure_refcounts(meta)?;
+        self.check_metadata_counted(meta)?;
+        let Meta { l1, alloc, .. } = meta;
+        data_refs::check_data_counted(&self.file, &self.layout, l1, alloc)
     }
 
     /// Every metadata cluster must have a refcount: one that has none shows refcounts that lost
     /// track of what the image uses (damage), and the allocator, which trusts them, would hand
     /// out clusters still in use (a data cluster some L2 entry names, or the header itself).
     /// QEMU leaves this to `qemu-img check`; a writer that trusts such refcounts corrupts data.
-    pub(super) fn check_metadata_counted(&self, meta: &mut Meta) -> Result<()> {
+    fn check_metadata_counted(&self, meta: &mut Meta) -> Result<()> {
         let cs = self.layout.cluster_size();
         let Meta {
             alloc, metadata, ..
