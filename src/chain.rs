@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
@@ -60,7 +61,7 @@ pub struct OpenOptions {
 /// One layer of the chain.
 #[derive(Debug)]
 pub enum Layer {
-    Qcow2(Box<Qcow2Image>),
+    Qcow2(Arc<Qcow2Image>),
     Raw(HostFile),
 }
 
@@ -98,6 +99,9 @@ impl Layer {
 #[derive(Debug)]
 pub struct Chain {
     layers: Vec<Layer>,
+    /// The top layer (`layers[0]`), the only one ever written: `open` refuses a chain whose top
+    /// is not qcow2, so the writers hold it typed instead of matching `Layer` again.
+    image: Arc<Qcow2Image>,
     /// Cached virtual sizes, so reads need no metadata calls.
     sizes: Vec<u64>,
     /// Levels whose LUKS key slots refused the passphrase (only with `keep_rejected_keys`).
@@ -111,6 +115,7 @@ impl Chain {
         let mut rejected_keys = Vec::new();
         let mut locks = Vec::new();
         let mut seen = HashSet::new();
+        let mut top = None;
         let mut next: Option<(PathBuf, Option<String>)> = Some((image.to_path_buf(), None));
         while let Some((path, format)) = next.take() {
             if layers.len() == MAX_DEPTH {
@@ -157,8 +162,11 @@ impl Chain {
                 rejected_keys.push(layers.len());
             }
             // The image the user names must be qcow2; only backing files may be raw.
-            if is_top && matches!(layer, Layer::Raw(_)) {
-                return Err(Error::new(&path, FormatError::BadMagic));
+            if is_top {
+                let Layer::Qcow2(q) = &layer else {
+                    return Err(Error::new(&path, FormatError::BadMagic));
+                };
+                top = Some(q.clone());
             }
             if let Layer::Qcow2(q) = &layer {
                 let header = q.header();
@@ -176,8 +184,10 @@ impl Chain {
             .iter()
             .map(Layer::virtual_size)
             .collect::<Result<Vec<_>>>()?;
+        let image = top.ok_or_else(|| Error::new(image, FormatError::BadMagic))?;
         Ok(Chain {
             layers,
+            image,
             sizes,
             rejected_keys,
             _locks: locks,
@@ -196,6 +206,11 @@ impl Chain {
 
     pub fn top(&self) -> &Layer {
         &self.layers[0]
+    }
+
+    /// The top layer as the qcow2 image it always is (the one writes go to).
+    pub fn image(&self) -> &Arc<Qcow2Image> {
+        &self.image
     }
 
     /// The guest disk size: the top layer's virtual size.
@@ -433,7 +448,7 @@ fn open_layer(
                     match cipher {
                         Ok(cipher) => image.set_cipher(cipher),
                         Err(CryptoError::WrongPassphrase) if opts.keep_rejected_keys => {
-                            return Ok((Layer::Qcow2(Box::new(image)), true))
+                            return Ok((Layer::Qcow2(Arc::new(image)), true))
                         }
                         Err(e) => return Err(Error::new(&path, e)),
                     }
@@ -443,7 +458,7 @@ fn open_layer(
             }
         }
     }
-    Ok((Layer::Qcow2(Box::new(image)), false))
+    Ok((Layer::Qcow2(Arc::new(image)), false))
 }
 
 /// The LUKS header of a LUKS-encrypted qcow2 layer, from where the encryption extension points.
@@ -534,7 +549,11 @@ impl Chain {
     /// A chain over layers already open (in memory in unit tests): no files to check or lock.
     pub(crate) fn from_layers(layers: Vec<Layer>) -> Chain {
         let sizes = layers.iter().map(|l| l.virtual_size().unwrap()).collect();
+        let Some(Layer::Qcow2(image)) = layers.first() else {
+            panic!("a chain's top layer is qcow2");
+        };
         Chain {
+            image: image.clone(),
             layers,
             sizes,
             rejected_keys: Vec::new(),

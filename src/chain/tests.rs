@@ -138,7 +138,7 @@ fn two_layers() -> (Chain, Vec<u8>, Vec<u8>) {
     let base = tiny::pattern(5, 40_000);
     let raw = HostFile::in_memory(Path::new("base.raw"), base.clone());
     let chain = Chain::from_layers(vec![
-        Layer::Qcow2(Box::new(t.open(false).unwrap())),
+        Layer::Qcow2(Arc::new(t.open(false).unwrap())),
         Layer::Raw(raw),
     ]);
     (chain, data, base)
@@ -186,7 +186,7 @@ fn tells_which_layer_provides_each_range_and_counts_their_bytes() {
 fn reads_a_qcow2_layer_ending_inside_a_sector_as_zeros_past_its_size() {
     let mut t = TinyImage::new(12, 10_000);
     t.data(2 * CS, &[0x77; CS as usize]);
-    let chain = Chain::from_layers(vec![Layer::Qcow2(Box::new(t.open(false).unwrap()))]);
+    let chain = Chain::from_layers(vec![Layer::Qcow2(Arc::new(t.open(false).unwrap()))]);
     assert_eq!(chain.size(), 10_000);
     let mut got = vec![0xeeu8; 1024];
     chain.read(9728, &mut got).unwrap();

@@ -209,39 +209,38 @@ fn describe(chain: &Chain) -> Result<Value> {
         "layers": layers,
         "coverage": coverage,
     });
-    if let Layer::Qcow2(q) = top {
-        let h: Header = q.header();
-        report["version"] = json!(h.version);
-        report["cluster_size"] = json!(h.cluster_size());
-        report["refcount_bits"] = json!(h.refcount_bits());
-        report["extended_l2"] = json!(h.extended_l2());
-        report["compression"] = json!(match h.compression {
-            Compression::Zlib => "zlib",
-            Compression::Zstd => "zstd",
-        });
-        report["backing_file"] = json!(h.backing_file);
-        report["backing_format"] = json!(h.backing_format);
-        report["features"] = json!({
-            "incompatible": h.incompatible,
-            "compatible": h.compatible,
-            "autoclear": h.autoclear,
-            "dirty": h.is_dirty(),
-            "lazy_refcounts": h.compatible & crate::qcow2::header::COMPAT_LAZY_REFCOUNTS != 0,
-        });
-        report["snapshots"] = q
-            .snapshots()
-            .iter()
-            .map(|s| {
-                json!({
-                    "id": s.id,
-                    "name": s.name,
-                    "disk_size": s.disk_size,
-                    "vm_state_size": s.vm_state_size,
-                    "date": s.date_sec,
-                })
+    let q = chain.image();
+    let h: Header = q.header();
+    report["version"] = json!(h.version);
+    report["cluster_size"] = json!(h.cluster_size());
+    report["refcount_bits"] = json!(h.refcount_bits());
+    report["extended_l2"] = json!(h.extended_l2());
+    report["compression"] = json!(match h.compression {
+        Compression::Zlib => "zlib",
+        Compression::Zstd => "zstd",
+    });
+    report["backing_file"] = json!(h.backing_file);
+    report["backing_format"] = json!(h.backing_format);
+    report["features"] = json!({
+        "incompatible": h.incompatible,
+        "compatible": h.compatible,
+        "autoclear": h.autoclear,
+        "dirty": h.is_dirty(),
+        "lazy_refcounts": h.compatible & crate::qcow2::header::COMPAT_LAZY_REFCOUNTS != 0,
+    });
+    report["snapshots"] = q
+        .snapshots()
+        .iter()
+        .map(|s| {
+            json!({
+                "id": s.id,
+                "name": s.name,
+                "disk_size": s.disk_size,
+                "vm_state_size": s.vm_state_size,
+                "date": s.date_sec,
             })
-            .collect();
-    }
+        })
+        .collect();
     Ok(report)
 }
 

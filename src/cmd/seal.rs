@@ -34,7 +34,7 @@
 
 use std::path::Path;
 
-use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
+use crate::chain::{Chain, KeyRing, OpenOptions};
 use crate::disk::{BlockDevice, Disk, DiskOptions};
 use crate::error::{Error, Problem, Result};
 use crate::keys::check::{KeyCheck, KeyPolicy};
@@ -86,12 +86,7 @@ pub fn seal(
     if chain.layers().len() == 1 {
         return Ok(SealReport::default());
     }
-    let Layer::Qcow2(top) = chain.top() else {
-        return Err(Error::new(
-            image,
-            Problem::Usage("only a qcow2 image can be sealed".into()),
-        ));
-    };
+    let top = chain.image();
     // Snapshots may read from the backing file too; sealing would silently change them.
     if !top.snapshots().is_empty() {
         return Err(Error::new(
@@ -132,12 +127,7 @@ pub fn seal(
     }
     disk.flush()?;
     let zero_clusters = skipped.iter().filter(|&&s| s).count() as u64;
-    let Layer::Qcow2(top) = disk.chain().top() else {
-        return Err(Error::new(
-            image,
-            Problem::Usage("only a qcow2 image can be sealed".into()),
-        ));
-    };
+    let top = disk.chain().image();
     let left = Plan::of(disk.chain(), top, cs)?.clusters;
     if !left
         .iter()

@@ -1,20 +1,23 @@
-//! The guest's view of the chain: byte ranges split into blocks, served from the block cache; writes
-//! go into the cache as dirty blocks and the flush writer (flush.rs) turns them into image state.
+//! The guest's view of the chain: byte ranges split into blocks, served from the block cache
+//! (cache.rs); writes go into the cache as dirty blocks and the flusher (flush.rs) turns them into
+//! image state. A write runs one way: `Disk` → `BlockCache`; a flush `Disk` → `Flusher` → the
+//! image's commit pipeline.
 
 mod cache;
 mod flush;
 pub(crate) mod partition;
 pub(crate) mod views;
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::chain::{Chain, Layer};
+use crate::chain::Chain;
 use crate::error::{Error, Result};
-use cache::{BlockCache, Update};
+use crate::qcow2::Durability;
+use cache::BlockCache;
+use flush::Flusher;
 
 /// The largest cache block: bigger clusters are cached in parts so a small read decrypts little.
 const MAX_BLOCK: u64 = 64 << 10;
@@ -43,43 +46,32 @@ pub struct DiskOptions {
     pub read_only: bool,
 }
 
-/// The guest disk over a chain.
+/// The guest disk over a chain: reads and writes split into blocks of the cache, which the
+/// flusher stores into the chain's top image.
 #[derive(Debug)]
 pub struct Disk {
     chain: Arc<Chain>,
     cache: BlockCache,
-    block_size: u64,
+    flusher: Flusher,
     size: u64,
     read_only: bool,
     dirty_limit: u64,
-    /// Resident memory past which a write-back gives freed heap pages back (the cache size plus
-    /// room for the program itself).
-    memory_target: u64,
-    /// Writers hold it shared; a discard exclusively, so no write lands in its range between its
-    /// commit and the forgetting of the range's blocks. The flush writer does not take it: it
-    /// copies each block with its stamp, and a block written meanwhile stays dirty.
+    /// Writers hold it shared; a discard exclusively (before the flush lock), so no write lands
+    /// in its range between its commit and the forgetting of the range's blocks. The flusher does
+    /// not take it: it copies each block with its stamp, and a block written meanwhile stays dirty.
     write_gate: RwLock<()>,
-    flush_lock: Mutex<()>,
     /// Wakes the background writer early (set: dirty data passed half its bound).
     writer_wake: (Mutex<bool>, Condvar),
     last_write: Mutex<Option<Instant>>,
     /// `allocated_bytes`, until the next flush or discard changes it.
     allocated: Mutex<Option<u64>>,
-    /// Bytes written and flushed, for logs.
-    pub(crate) stats: Stats,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Stats {
-    pub flushed_clusters: AtomicU64,
 }
 
 impl Disk {
     pub fn new(chain: Chain, opts: DiskOptions) -> Self {
-        let block_size = match chain.top() {
-            Layer::Qcow2(q) => q.layout().cluster_size().min(MAX_BLOCK),
-            Layer::Raw(_) => MAX_BLOCK,
-        };
+        let image = chain.image().clone();
+        let layout = image.layout();
+        let block_size = layout.cluster_size().min(MAX_BLOCK);
         // The cache budget holds the dirty data, the copies a flush batch makes, and clean blocks
         // (recently written ones: reads do not fill the cache) in what is left.
         let dirty_limit = (64 << 20).min(opts.cache_size / 4).max(block_size * 4);
@@ -88,29 +80,25 @@ impl Disk {
             .cache_size
             .saturating_sub(dirty_limit + in_flight)
             .max(block_size * 64);
-        // The unit the flush writer stores a written span in, and so the alignment a write needs to
+        // The unit the flusher stores a written span in, and so the alignment a write needs to
         // leave the rest of its block unloaded: whole sectors, or whole subclusters (they are
         // allocated as a whole).
-        let partial_align = match chain.top() {
-            Layer::Qcow2(q) if q.layout().extended_l2 => q.layout().subcluster_size() as usize,
-            Layer::Qcow2(_) => 512,
-            Layer::Raw(_) => 0,
+        let partial_align = match layout.extended_l2 {
+            true => layout.subcluster_size() as usize,
+            false => 512,
         };
         let size = chain.size();
         Disk {
             chain: Arc::new(chain),
-            cache: BlockCache::new(clean, block_size, partial_align),
-            block_size,
+            cache: BlockCache::new(clean, block_size, size, partial_align),
+            flusher: Flusher::new(image, opts.cache_size + (8 << 20)),
             size,
             read_only: opts.read_only,
             dirty_limit,
-            memory_target: opts.cache_size + (8 << 20),
             write_gate: RwLock::new(()),
-            flush_lock: Mutex::new(()),
             writer_wake: (Mutex::new(false), Condvar::new()),
             last_write: Mutex::new(None),
             allocated: Mutex::new(None),
-            stats: Stats::default(),
         }
     }
 
@@ -122,82 +110,28 @@ impl Disk {
         self.chain.clone()
     }
 
-    fn block_len(&self, block: u64) -> usize {
-        let start = block * self.block_size;
-        self.block_size.min(self.size - start) as usize
-    }
-
-    /// Copy `out.len()` bytes of `block` from offset `within` into `out`, if the cache has it. A
-    /// partial block that lacks them is completed first.
-    fn cached(&self, block: u64, within: usize, out: &mut [u8]) -> Result<bool> {
-        let range = within..within + out.len();
-        {
-            let mut shard = self.cache.shard(block);
-            match shard.dirty.get(&block) {
-                Some(d) if d.holds(&range) => {
-                    out.copy_from_slice(&d.data[range]);
-                    return Ok(true);
-                }
-                Some(_) => {}
-                None => {
-                    if let Some(c) = shard.clean.get(&block) {
-                        out.copy_from_slice(&c[range]);
-                        return Ok(true);
-                    }
-                    return Ok(false);
-                }
-            }
-        }
-        let serial = self.cache.stripe(block);
-        self.fill_partial(block)?;
-        drop(serial);
-        // Complete now, or stored and dropped meanwhile (then the chain has it).
-        match self.cache.shard(block).dirty.get(&block) {
-            Some(d) if d.holds(&range) => {
-                out.copy_from_slice(&d.data[range]);
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
-    }
-
-    /// Load the rest of the partial `block` from the chain (the caller holds its stripe, so no
-    /// write changes it meanwhile).
-    fn fill_partial(&self, block: u64) -> Result<()> {
-        let mut base = vec![0u8; self.block_len(block)];
-        self.read_sectors(block * self.block_size, &mut base)?;
-        // The flush writer stores a partial block's written span only, so the rest of what was just
-        // read is still what the image holds for the block, whatever it did meanwhile.
-        let mut shard = self.cache.shard(block);
-        self.cache.fill_partial(&mut shard, block, base);
-        Ok(())
-    }
-
     /// Copy `out.len()` bytes of `block` from offset `within` into `out`: from the cache, else read
     /// through the chain (not cached: the kernel's page cache keeps what is read again).
     fn read_block(&self, block: u64, within: usize, out: &mut [u8]) -> Result<()> {
-        if !self.cached(block, within, out)? {
-            self.read_uncached(block * self.block_size + within as u64, out)?;
+        if !self
+            .cache
+            .read(block, within, out, &|b, base| self.load(b, base))?
+        {
+            self.read_uncached(block * self.cache.block_size() + within as u64, out)?;
         }
         Ok(())
+    }
+
+    /// What the chain holds for the whole `block`, dirty data not included.
+    fn load(&self, block: u64, base: &mut [u8]) -> Result<()> {
+        self.read_sectors(block * self.cache.block_size(), base)
     }
 
     /// Read through the chain, then let writes that landed meanwhile win.
     fn read_uncached(&self, offset: u64, out: &mut [u8]) -> Result<()> {
         self.read_sectors(offset, out)?;
         for (block, within, n, done) in self.pieces(offset, out.len()) {
-            if let Some(d) = self.cache.shard(block).dirty.get(&block) {
-                // Of a partial block, only the written span is newer than the chain.
-                let (from, to) = if d.partial {
-                    (within.max(d.written.start), (within + n).min(d.written.end))
-                } else {
-                    (within, within + n)
-                };
-                if from < to {
-                    let at = done + from - within;
-                    out[at..at + to - from].copy_from_slice(&d.data[from..to]);
-                }
-            }
+            self.cache.overlay(block, within, &mut out[done..done + n]);
         }
         Ok(())
     }
@@ -217,94 +151,29 @@ impl Disk {
         Ok(())
     }
 
-    /// Before a block becomes dirty: can the flush writer store it? Nothing unstorable may be left
-    /// dirty (it would fail every flush, and umount with it), so a write that the flush could not
-    /// store fails here, at once: a cluster whose mapping is damaged (data inside metadata), or a
-    /// copy-on-write cluster whose other bytes cannot be read (a damaged compressed cluster, an
-    /// unreadable backing file). A write of the whole cluster needs nothing read and may repair it.
-    /// Returns whether the cluster is written in place (only then may a block stay partial).
-    fn check_storable(&self, block: u64) -> Result<bool> {
-        let Layer::Qcow2(image) = self.chain.top() else {
-            return Ok(false);
-        };
-        let cs = image.layout().cluster_size();
-        let guest = block * self.block_size / cs * cs;
-        if let crate::qcow2::WriteTarget::InPlace { .. } = image.write_target(guest)? {
-            return Ok(true);
-        }
-        let bs = self.block_size;
-        // This block itself is read by the write when it is not written whole (and fails there).
-        let others: Vec<u64> = (guest / bs..(guest + cs).min(self.size).div_ceil(bs))
-            .filter(|&b| b != block)
-            .collect();
-        if others.is_empty() || others.iter().any(|&b| self.cache.stamp(b).is_some()) {
-            return Ok(false); // none, or checked when the cluster's first block became dirty
-        }
-        let mut scratch = vec![0u8; bs as usize];
-        for b in others {
-            let len = self.block_len(b);
-            self.read_block(b, 0, &mut scratch[..len])?;
-        }
-        Ok(false)
-    }
-
     fn write_block(&self, block: u64, within: usize, data: &[u8]) -> Result<()> {
-        let len = self.block_len(block);
-        let full = within == 0 && data.len() == len;
-        // Checked outside the block's stripe: the check reads the cluster's other blocks.
-        let in_place = match self.cache.stamp(block) {
-            None => self.check_storable(block)?,
-            Some(_) => false,
+        // Checked before the cache takes the block's stripe: the check reads the cluster's other
+        // blocks. A dirty block was checked when it became dirty.
+        let in_place = match self.cache.is_dirty(block) {
+            false => self.flusher.storable(&self.cache, &self.visible(), block)?,
+            true => false,
         };
-        let _serial = self.cache.stripe(block);
-        let range = within..within + data.len();
-        let mut shard = self.cache.shard(block);
-        match self.cache.update_dirty(&mut shard, block, within, data) {
-            Update::Done => return Ok(()),
-            Update::NotDirty => {}
-            Update::NeedsLoad => {
-                drop(shard);
-                self.fill_partial(block)?;
-                shard = self.cache.shard(block);
-                if self.cache.update_dirty(&mut shard, block, within, data) == Update::Done {
-                    return Ok(());
-                }
-                // Stored and dropped meanwhile: go on as for a block that is not dirty.
-            }
-        }
-        if full {
-            self.cache
-                .insert_dirty(&mut shard, block, data.to_vec(), range);
-            return Ok(());
-        }
-        if let Some(c) = shard.clean.get(&block) {
-            let mut copy = c.as_ref().clone();
-            copy[range.clone()].copy_from_slice(data);
-            self.cache.insert_dirty(&mut shard, block, copy, range);
-            return Ok(());
-        }
-        if in_place && self.cache.may_be_partial(&range, len) {
-            self.cache
-                .insert_partial(&mut shard, block, len, within, data);
-            return Ok(());
-        }
-        drop(shard);
-        let mut base = vec![0u8; len];
-        self.read_sectors(block * self.block_size, &mut base)?;
-        base[within..within + data.len()].copy_from_slice(data);
-        let mut shard = self.cache.shard(block);
-        let written = within..within + data.len();
-        self.cache.insert_dirty(&mut shard, block, base, written);
-        Ok(())
+        let load = |b: u64, base: &mut [u8]| self.load(b, base);
+        self.cache.write(block, within, data, in_place, &load)
     }
 
-    /// Split [offset, offset + len) into (block, offset in block, length) pieces.
+    /// The guest's view of a whole block, for the flusher's copy-on-write.
+    fn visible(&self) -> impl Fn(u64, &mut [u8]) -> Result<()> + '_ {
+        |block, out| self.read_block(block, 0, out)
+    }
+
+    /// Split [offset, offset + len) into (block, offset in block, length, offset in the buffer).
     fn pieces(
         &self,
         offset: u64,
         len: usize,
     ) -> impl Iterator<Item = (u64, usize, usize, usize)> + '_ {
-        let bs = self.block_size;
+        let bs = self.cache.block_size();
         let mut done = 0usize;
         std::iter::from_fn(move || {
             if done >= len {
@@ -323,11 +192,15 @@ impl Disk {
     fn check_range(&self, offset: u64, len: usize) -> Result<()> {
         match offset.checked_add(len as u64) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(Error::new(
-                self.chain.top().path(),
-                std::io::Error::from_raw_os_error(libc::EINVAL),
-            )),
+            _ => Err(self.error(libc::EINVAL)),
         }
+    }
+
+    fn error(&self, errno: i32) -> Error {
+        Error::new(
+            self.chain.top().path(),
+            std::io::Error::from_raw_os_error(errno),
+        )
     }
 
     /// The background writer's call: flush when writes have been idle for `idle`, or when dirty
@@ -360,12 +233,34 @@ impl Disk {
 
     /// Store dirty data to make room, without paying for durability (fsync does that).
     pub fn write_back(&self) -> Result<()> {
+        self.store(Durability::Ordered, 0)
+    }
+
+    /// Have the flusher store dirty data (see `Flusher::flush` for `dirty_bound`).
+    fn store(&self, durability: Durability, dirty_bound: u64) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
         *self.allocated.lock() = None;
-        flush::flush(self, false)
+        self.flusher
+            .flush(&self.cache, &self.visible(), durability, dirty_bound)
     }
 
     pub fn dirty_bytes(&self) -> u64 {
         self.cache.dirty_bytes()
+    }
+
+    /// Write zeros over [from, to) through the cache (nothing when empty).
+    fn write_zeros(&self, from: u64, to: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(to.saturating_sub(from)) as usize];
+        let mut at = from;
+        while at < to {
+            let n = CHUNK.min(to - at) as usize;
+            self.write_at(at, &zeros[..n])?;
+            at += n as u64;
+        }
+        Ok(())
     }
 }
 
@@ -378,8 +273,12 @@ impl BlockDevice for Disk {
         self.check_range(offset, buf.len())?;
         // Cached blocks are copied; each run of uncached ones is one read through the chain.
         let mut run: Option<(usize, usize)> = None; // (start, end) in buf
+        let load = |b: u64, base: &mut [u8]| self.load(b, base);
         for (block, within, n, done) in self.pieces(offset, buf.len()) {
-            if self.cached(block, within, &mut buf[done..done + n])? {
+            if self
+                .cache
+                .read(block, within, &mut buf[done..done + n], &load)?
+            {
                 if let Some((start, end)) = run.take() {
                     self.read_uncached(offset + start as u64, &mut buf[start..end])?;
                 }
@@ -395,10 +294,7 @@ impl BlockDevice for Disk {
 
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         if self.read_only {
-            return Err(Error::new(
-                self.chain.top().path(),
-                std::io::Error::from_raw_os_error(libc::EROFS),
-            ));
+            return Err(self.error(libc::EROFS));
         }
         self.check_range(offset, data.len())?;
         // Make room first: wait for the background write-back, or do one. When the flush fails
@@ -406,8 +302,7 @@ impl BlockDevice for Disk {
         let len = data.len() as u64;
         if self.cache.dirty_bytes() + len > self.dirty_limit {
             self.wake_writer();
-            *self.allocated.lock() = None;
-            flush::flush_above(self, false, self.dirty_limit.saturating_sub(len))?;
+            self.store(Durability::Ordered, self.dirty_limit.saturating_sub(len))?;
         }
         {
             let _gate = self.write_gate.read();
@@ -423,8 +318,7 @@ impl BlockDevice for Disk {
     }
 
     fn flush(&self) -> Result<()> {
-        *self.allocated.lock() = None;
-        flush::flush(self, true)
+        self.store(Durability::Synced, 0)
     }
 
     fn allocated_bytes(&self) -> Result<u64> {
@@ -454,13 +348,19 @@ impl BlockDevice for Disk {
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         if self.read_only {
-            return Err(Error::new(
-                self.chain.top().path(),
-                std::io::Error::from_raw_os_error(libc::EROFS),
-            ));
+            return Err(self.error(libc::EROFS));
         }
         self.check_range(offset, len as usize)?;
-        flush::discard(self, offset, len)
+        let end = offset + len;
+        // Whole clusters are dropped; the pieces at either end are written with zeros.
+        let Some(clusters) = self.flusher.whole_clusters(offset, end) else {
+            return self.write_zeros(offset, end);
+        };
+        self.write_zeros(offset, clusters.start)?;
+        self.write_zeros(clusters.end, end)?;
+        *self.allocated.lock() = None;
+        let _no_writes = self.write_gate.write();
+        self.flusher.discard(&self.cache, clusters)
     }
 
     fn is_read_only(&self) -> bool {

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use super::*;
+use crate::chain::Layer;
 use crate::io::HostFile;
 use crate::qcow2::table::{L2Entry, ZERO};
 use crate::qcow2::tiny::{self, Probe, TinyImage};
@@ -40,9 +41,9 @@ fn base() -> Vec<u8> {
     tiny::pattern(5, 40_000)
 }
 
-fn chain_over(top: Box<crate::qcow2::Qcow2Image>) -> Chain {
+fn chain_over(top: crate::qcow2::Qcow2Image) -> Chain {
     let raw = HostFile::in_memory(Path::new("base.raw"), base());
-    Chain::from_layers(vec![Layer::Qcow2(top), Layer::Raw(raw)])
+    Chain::from_layers(vec![Layer::Qcow2(Arc::new(top)), Layer::Raw(raw)])
 }
 
 /// What the guest reads of `top()` over `base()`.
@@ -56,15 +57,12 @@ fn expected() -> Vec<u8> {
 
 fn writable_disk() -> (Disk, Probe) {
     let (img, probe) = top().open_probed(true).unwrap();
-    (Disk::new(chain_over(Box::new(img)), options(false)), probe)
+    (Disk::new(chain_over(img), options(false)), probe)
 }
 
 #[test]
 fn reads_the_chain_through_the_disk_in_any_pieces() {
-    let disk = Disk::new(
-        chain_over(Box::new(top().open(false).unwrap())),
-        options(true),
-    );
+    let disk = Disk::new(chain_over(top().open(false).unwrap()), options(true));
     assert_eq!(disk.size(), SIZE);
     assert!(disk.is_read_only());
     let mut all = vec![0xeeu8; SIZE as usize];
@@ -94,7 +92,7 @@ fn refuses_ranges_past_the_end_of_the_disk() {
 #[test]
 fn a_read_only_disk_refuses_writes_and_discards() {
     let img = top().open(false).unwrap();
-    let disk = Disk::new(chain_over(Box::new(img)), options(true));
+    let disk = Disk::new(chain_over(img), options(true));
     assert_eq!(disk.write_at(0, &[1]).unwrap_err().errno(), libc::EROFS);
     assert_eq!(disk.discard(0, CS).unwrap_err().errno(), libc::EROFS);
 }
@@ -127,7 +125,7 @@ fn reads_back_writes_before_and_after_a_flush_and_stores_them_in_the_image() {
 
     // A fresh open of the bytes the flush left shows the same disk.
     let reopened = tiny::open_bytes(probe.mem.contents(), false).unwrap();
-    let chain = chain_over(Box::new(reopened));
+    let chain = chain_over(reopened);
     let mut again = vec![0u8; SIZE as usize];
     chain.read(0, &mut again).unwrap();
     assert_eq!(again, expect);
@@ -146,7 +144,7 @@ fn seeks_data_and_holes_and_counts_allocated_bytes_of_one_layer() {
         },
     );
     t.data(5 * CS, &[3; CS as usize]);
-    let chain = Chain::from_layers(vec![Layer::Qcow2(Box::new(t.open(false).unwrap()))]);
+    let chain = Chain::from_layers(vec![Layer::Qcow2(Arc::new(t.open(false).unwrap()))]);
     let disk = Disk::new(chain, options(true));
     assert_eq!(disk.seek(0, true).unwrap(), Some(CS));
     assert_eq!(disk.seek(CS, false).unwrap(), Some(3 * CS));
@@ -172,7 +170,7 @@ fn discard_zeros_its_range_over_a_backing_file_and_supersedes_pending_writes() {
     let reopened = tiny::open_bytes(probe.mem.contents(), false).unwrap();
     assert_eq!(reopened.map(CS, CS).unwrap(), (ClusterSource::Zero, CS));
     assert_eq!(reopened.map(2 * CS, CS).unwrap(), (ClusterSource::Zero, CS));
-    let chain = chain_over(Box::new(reopened));
+    let chain = chain_over(reopened);
     let mut again = vec![0u8; SIZE as usize];
     chain.read(0, &mut again).unwrap();
     assert_eq!(again, expect);
@@ -203,6 +201,6 @@ fn a_failed_discard_keeps_the_writes_it_would_have_superseded() {
     disk.flush().unwrap();
     let reopened = tiny::open_bytes(probe.mem.contents(), false).unwrap();
     let mut again = vec![0u8; SIZE as usize];
-    chain_over(Box::new(reopened)).read(0, &mut again).unwrap();
+    chain_over(reopened).read(0, &mut again).unwrap();
     assert_eq!(again, expect);
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::BlockDevice;
-use crate::chain::{Chain, Layer};
+use crate::chain::Chain;
 use crate::error::{Error, Result};
 use crate::qcow2::snapshot::Snapshot;
 use crate::qcow2::snapshot_l1::SnapshotL1;
@@ -106,20 +106,15 @@ pub struct SnapshotView {
 
 impl SnapshotView {
     pub fn new(chain: Arc<Chain>, snapshot: &Snapshot) -> Result<Self> {
-        let Layer::Qcow2(image) = chain.top() else {
-            return Err(out_of_range(&chain));
-        };
-        let l1 = image.snapshot_l1(snapshot)?;
+        let l1 = chain.image().snapshot_l1(snapshot)?;
         let size = snapshot.disk_size.unwrap_or_else(|| chain.size());
         Ok(SnapshotView { chain, l1, size })
     }
 
     /// Read whole sectors (the cipher works on sectors), `buf` may be any range.
     fn read_sectors(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let Layer::Qcow2(image) = self.chain.top() else {
-            return Err(out_of_range(&self.chain));
-        };
         let chain = &self.chain;
+        let image = chain.image();
         let below = |g: u64, b: &mut [u8]| chain.read_level(1, g, b);
         let first = offset & !511;
         let end = (offset + buf.len() as u64).div_ceil(512) * 512;

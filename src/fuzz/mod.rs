@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use zeroize::Zeroizing;
 
-use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
+use crate::chain::{Chain, KeyRing, OpenOptions};
 use crate::disk::views::SnapshotView;
 use crate::disk::{BlockDevice, Disk, DiskOptions};
 use crate::error::{Error, Result};
@@ -99,11 +99,9 @@ pub fn read_image(dir: &Path, data: &[u8]) -> Result<()> {
     let (_file, disk) = open_disk(dir, data, false)?;
     let mut result = probe(&disk);
     let chain = disk.shared_chain();
-    if let Layer::Qcow2(image) = chain.top() {
-        for snapshot in image.snapshots().iter().take(MAX_SNAPSHOT_VIEWS) {
-            let view = SnapshotView::new(chain.clone(), snapshot).and_then(|v| probe(&v));
-            result = result.and(view);
-        }
+    for snapshot in chain.image().snapshots().iter().take(MAX_SNAPSHOT_VIEWS) {
+        let view = SnapshotView::new(chain.clone(), snapshot).and_then(|v| probe(&v));
+        result = result.and(view);
     }
     result
 }

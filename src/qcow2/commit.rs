@@ -35,6 +35,16 @@ pub struct ClusterWrite {
     pub pieces: Vec<(u64, Vec<u8>)>,
 }
 
+/// What a commit promises when it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Everything committed so far is on stable storage (fsync, close, umount).
+    Synced,
+    /// The image is consistent after a crash at any point (the barriers that order metadata
+    /// after the data it points to are paid), but the last commits may be lost (write-back).
+    Ordered,
+}
+
 /// A batch whose data is written (on its way to the disk, not yet durable) into reserved clusters.
 #[derive(Debug)]
 struct Staged {
@@ -112,13 +122,13 @@ impl Qcow2Image {
         }
     }
 
-    /// Store `writes` as one batch; with `durable`, everything is on stable storage when this
+    /// Store `writes` as one batch; with `Synced`, everything is on stable storage when this
     /// returns. On error the on-disk image is consistent (at most leaks) and the in-memory metadata
     /// is re-read from disk, so the caller may retry with the same writes.
-    pub fn commit(&self, writes: Vec<ClusterWrite>, durable: bool) -> Result<()> {
+    pub fn commit(&self, writes: Vec<ClusterWrite>, durability: Durability) -> Result<()> {
         let mut pipeline = self.pipeline();
         pipeline.submit(writes, ())?;
-        pipeline.finish(durable).map(|_| ())
+        pipeline.finish(durability).map(|_| ())
     }
 }
 
@@ -135,7 +145,7 @@ impl<T> Pipeline<'_, T> {
         let staged = image.reload_on_error(image.stage(batch))?;
         let done = match self.in_flight.take() {
             Some((barrier, before)) => {
-                image.complete(barrier.wait(image), false)?;
+                image.complete(barrier.wait(image), Durability::Ordered)?;
                 Some(before)
             }
             None => None,
@@ -146,16 +156,16 @@ impl<T> Pipeline<'_, T> {
         Ok(done)
     }
 
-    /// Complete the last batch; with `durable`, everything committed so far is durable when this
+    /// Complete the last batch; with `Synced`, everything committed so far is durable when this
     /// returns. Returns the last batch's payload.
-    pub fn finish(mut self, durable: bool) -> Result<Option<T>> {
+    pub fn finish(mut self, durability: Durability) -> Result<Option<T>> {
         let image = self.image;
         match self.in_flight.take() {
             Some((barrier, last)) => {
-                image.complete(barrier.wait(image), durable)?;
+                image.complete(barrier.wait(image), durability)?;
                 Ok(Some(last))
             }
-            None if durable => image.sync_pending().map(|_| None),
+            None if durability == Durability::Synced => image.sync_pending().map(|_| None),
             None => Ok(None),
         }
     }
@@ -251,13 +261,15 @@ impl Qcow2Image {
     }
 
     /// Write the L2 tables, then L1 entries, each behind its barrier; publish; release what the
-    /// new state no longer references. With `durable`, all of it is durable when this returns.
-    fn complete(&self, ordered: Result<Ordered>, durable: bool) -> Result<()> {
-        let result = ordered.and_then(|Ordered(prepared)| self.complete_tables(prepared, durable));
+    /// new state no longer references. With `Synced`, all of it is durable when this returns.
+    fn complete(&self, ordered: Result<Ordered>, durability: Durability) -> Result<()> {
+        let result =
+            ordered.and_then(|Ordered(prepared)| self.complete_tables(prepared, durability));
         self.reload_on_error(result)
     }
 
-    fn complete_tables(&self, prepared: Prepared, durable: bool) -> Result<()> {
+    fn complete_tables(&self, prepared: Prepared, durability: Durability) -> Result<()> {
+        let synced = durability == Durability::Synced;
         let cs = self.layout.cluster_size();
         let Prepared {
             l2_new,
@@ -280,7 +292,7 @@ impl Qcow2Image {
         };
         // The L2 tables must be durable before an L1 entry points to them, and before a cluster
         // they stopped referencing may be reused (released below). Otherwise the next barrier does.
-        if durable || !l1_changed.is_empty() || !releases.0.is_empty() || moved_table.is_some() {
+        if synced || !l1_changed.is_empty() || !releases.0.is_empty() || moved_table.is_some() {
             self.barrier()?;
         } else {
             self.unsynced.store(true, Ordering::Release);
@@ -329,7 +341,7 @@ impl Qcow2Image {
             }
             drop(meta);
             // A lost decrement is only a leak; the next commit's first barrier stores it anyway.
-            if durable {
+            if synced {
                 self.barrier()?;
             } else {
                 self.unsynced.store(true, Ordering::Release);
@@ -338,7 +350,7 @@ impl Qcow2Image {
                 self.file.punch_hole(c * cs, cs);
             }
         }
-        if durable {
+        if synced {
             self.unsynced.store(false, Ordering::Release);
         }
         Ok(())

@@ -23,7 +23,7 @@ pub mod table;
 pub(crate) mod tiny;
 mod words;
 
-pub use commit::ClusterWrite;
+pub use commit::{ClusterWrite, Durability};
 pub use error::FormatError;
 pub use header::{Compression, Encryption, Header};
 pub use image::{Qcow2Image, WriteTarget};

@@ -2,6 +2,7 @@
 //! sampled clusters decrypt to, and what reading and writing commands accept.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use super::*;
 use crate::crypto::{QcowAes, SectorCipher};
@@ -33,7 +34,7 @@ fn aes_layer(clusters: u64, right: &[u8], given: &[u8]) -> Layer {
     }
     let mut image = t.open(true).unwrap();
     image.set_cipher(Box::new(QcowAes::new(given)));
-    Layer::Qcow2(Box::new(image))
+    Layer::Qcow2(Arc::new(image))
 }
 
 fn check(layers: Vec<Layer>) -> KeyCheck {
@@ -86,7 +87,7 @@ fn a_wrong_key_on_a_backing_layer_is_refused_for_writing_the_top() {
     // The top is plain; sealing would copy the AES base's noise up.
     let top = tiny::open_bytes(TinyImage::new(12, 64 << 10).bytes(), true).unwrap();
     let keys = check(vec![
-        Layer::Qcow2(Box::new(top)),
+        Layer::Qcow2(Arc::new(top)),
         aes_layer(2, b"right", b"wrong"),
     ]);
     assert_eq!(keys.layers.len(), 1);
@@ -96,8 +97,9 @@ fn a_wrong_key_on_a_backing_layer_is_refused_for_writing_the_top() {
 
 #[test]
 fn a_chain_without_encryption_has_nothing_to_verify() {
+    let top = tiny::open_bytes(TinyImage::new(12, 64 << 10).bytes(), true).unwrap();
     let raw = crate::io::HostFile::in_memory(Path::new("base.raw"), vec![0; 4096]);
-    let keys = check(vec![Layer::Raw(raw)]);
+    let keys = check(vec![Layer::Qcow2(Arc::new(top)), Layer::Raw(raw)]);
     assert!(keys.layers.is_empty());
     assert!(keys.all_verified());
 }
@@ -111,7 +113,7 @@ fn clusters_stored_as_zeros_do_not_verify_a_wrong_key() {
     t.data(0, &[0u8; CS as usize]);
     let mut image = t.open(true).unwrap();
     image.set_cipher(Box::new(QcowAes::new(b"wrong")));
-    let keys = check(vec![Layer::Qcow2(Box::new(image))]);
+    let keys = check(vec![Layer::Qcow2(Arc::new(image))]);
     assert_eq!(keys.layers[0].verdict, Verdict::NoData);
     assert!(keys.require_for_writing(false).is_err());
     // Beside a real ciphertext cluster, the wrong key is found out.
@@ -122,6 +124,6 @@ fn clusters_stored_as_zeros_do_not_verify_a_wrong_key() {
     t.data(CS, &text);
     let mut image = t.open(true).unwrap();
     image.set_cipher(Box::new(QcowAes::new(b"wrong")));
-    let keys = check(vec![Layer::Qcow2(Box::new(image))]);
+    let keys = check(vec![Layer::Qcow2(Arc::new(image))]);
     assert_eq!(keys.layers[0].verdict, Verdict::Noise { sampled: 1 });
 }

@@ -187,7 +187,9 @@ fn find(steps: &[Step], from: usize, step: &Step) -> usize {
 fn an_allocating_write_orders_data_then_l2_then_l1_each_behind_a_barrier() {
     let f = fixture("cluster_size=65536", "4M", &[]);
     assert_eq!(f.image.write_target(0).unwrap(), WriteTarget::Allocate);
-    f.image.commit(vec![f.whole(0, 0x11)], true).unwrap();
+    f.image
+        .commit(vec![f.whole(0, 0x11)], Durability::Synced)
+        .unwrap();
     let (data, l2) = (f.host_of(0), f.l2_of(0));
     assert_ne!(l2, 0);
     assert_eq!(
@@ -211,14 +213,18 @@ fn an_allocating_write_orders_data_then_l2_then_l1_each_behind_a_barrier() {
 #[test]
 fn a_new_l2_table_is_known_as_metadata_after_its_commit() {
     let f = fixture("cluster_size=65536", "4M", &[]);
-    f.image.commit(vec![f.whole(0, 0x11)], true).unwrap();
+    f.image
+        .commit(vec![f.whole(0, 0x11)], Durability::Synced)
+        .unwrap();
     let l2 = f.l2_of(0);
     assert!(
         f.image.meta.lock().metadata.contains(l2),
         "L2 table at {l2:#x}"
     );
     // And stays known when a later batch rewrites it in place.
-    f.image.commit(vec![f.whole(f.cs(), 0x12)], true).unwrap();
+    f.image
+        .commit(vec![f.whole(f.cs(), 0x12)], Durability::Synced)
+        .unwrap();
     assert!(
         f.image.meta.lock().metadata.contains(l2),
         "L2 table at {l2:#x}"
@@ -240,7 +246,9 @@ fn a_write_in_place_with_its_l2_table_unchanged_costs_one_barrier_when_durable_a
         pieces: vec![(0, vec![byte; 4096])],
     };
     let syncs = f.mem.syncs();
-    f.image.commit(vec![part(0x33)], true).unwrap();
+    f.image
+        .commit(vec![part(0x33)], Durability::Synced)
+        .unwrap();
     assert_eq!(
         f.steps(0, &[(host, "data")]),
         vec![w("data"), Step::Barrier]
@@ -248,7 +256,9 @@ fn a_write_in_place_with_its_l2_table_unchanged_costs_one_barrier_when_durable_a
     assert_eq!(f.mem.syncs(), syncs + 1);
 
     let from = f.log.events().len();
-    f.image.commit(vec![part(0x44)], false).unwrap();
+    f.image
+        .commit(vec![part(0x44)], Durability::Ordered)
+        .unwrap();
     assert_eq!(f.steps(from, &[(host, "data")]), vec![w("data")]);
     assert_eq!(f.mem.syncs(), syncs + 1, "no barrier in the background");
     f.image.sync_pending().unwrap();
@@ -275,7 +285,7 @@ fn a_second_batch_stages_its_data_before_the_first_completes_but_its_l2_waits_fo
         pipeline.submit(vec![f.whole(cs, 0xb2)], 2).unwrap(),
         Some(1)
     );
-    assert_eq!(pipeline.finish(true).unwrap(), Some(2));
+    assert_eq!(pipeline.finish(Durability::Synced).unwrap(), Some(2));
     let (d1, d2, l2) = (f.host_of(0), f.host_of(cs), f.l2_of(0));
     assert_eq!(l2, f.l2_of(cs), "one L2 table for both");
     let steps = f.steps(0, &[(d1, "data 1"), (d2, "data 2"), (l2, "L2")]);
@@ -327,7 +337,9 @@ fn a_replaced_cluster_is_punched_only_after_the_barrier_behind_the_new_reference
         other => panic!("not compressed: {other:?}"),
     };
     assert_eq!(f.image.write_target(0).unwrap(), WriteTarget::Allocate);
-    f.image.commit(vec![f.whole(0, 0x66)], true).unwrap();
+    f.image
+        .commit(vec![f.whole(0, 0x66)], Durability::Synced)
+        .unwrap();
     let (data, l2) = (f.host_of(0), f.l2_of(0));
     let steps = f.steps(0, &[(data, "data"), (l2, "L2")]);
     assert_eq!(
@@ -351,7 +363,7 @@ fn a_replaced_cluster_is_punched_only_after_the_barrier_behind_the_new_reference
         target: WriteTarget::Discard,
         pieces: Vec::new(),
     };
-    f.image.commit(vec![discard], true).unwrap();
+    f.image.commit(vec![discard], Durability::Synced).unwrap();
     let steps = f.steps(from, &[(l2, "L2")]);
     let l2_write = find(&steps, 0, &w("L2"));
     let punch = find(&steps, 0, &Step::Punch(data));
@@ -388,7 +400,9 @@ fn dropping_a_pipeline_with_a_batch_in_flight_leaves_the_image_as_it_was() {
     assert_reads(&path, 0, cs, (4 << 20) - cs);
 
     // The image commits again from what the disk holds; the leaked cluster is not reused.
-    f.image.commit(vec![f.whole(cs, 0x99)], true).unwrap();
+    f.image
+        .commit(vec![f.whole(cs, 0x99)], Durability::Synced)
+        .unwrap();
     let path = f.save();
     assert_eq!(qemu_check(&path), (0, 1));
     assert_reads(&path, 0x77, 0, cs);
@@ -410,7 +424,7 @@ fn batches_that_outgrow_the_refcount_table_move_it_and_leave_a_clean_image() {
             .collect();
         completed.extend(pipeline.submit(batch, b).unwrap());
     }
-    completed.extend(pipeline.finish(true).unwrap());
+    completed.extend(pipeline.finish(Durability::Synced).unwrap());
     assert_eq!(completed, (0..9).collect::<Vec<_>>(), "in order, each once");
     let header = f.image.header();
     assert_ne!(header.refcount_table_offset, old_table, "the table moved");
@@ -449,7 +463,7 @@ fn a_new_refcount_block_is_durable_before_the_table_entry_that_names_it() {
     let table = header.refcount_table_offset;
     assert_eq!(f.refcount_blocks().len(), 1, "qemu-img made one block");
     let batch = (0..5000u64).map(|i| f.whole(i * cs, 0x5a)).collect();
-    f.image.commit(batch, true).unwrap();
+    f.image.commit(batch, Durability::Synced).unwrap();
     let blocks = f.refcount_blocks();
     assert_eq!(blocks.len(), 2, "a second block was added");
     assert_eq!(
@@ -527,13 +541,17 @@ fn after_a_failed_barrier_every_commit_and_barrier_fails_even_when_the_disk_work
         target: image.write_target(guest).unwrap(),
         pieces: vec![(0, vec![0x33; cs])],
     };
-    image.commit(vec![write(0)], true).unwrap();
+    image.commit(vec![write(0)], Durability::Synced).unwrap();
     io.fail_next
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    let err = image.commit(vec![write(cs as u64)], true).unwrap_err();
+    let err = image
+        .commit(vec![write(cs as u64)], Durability::Synced)
+        .unwrap_err();
     assert_eq!(err.errno(), libc::EIO, "{err}");
     // The disk would sync now, but what the kernel dropped is gone: refuse, do not pretend.
-    let again = image.commit(vec![write(2 * cs as u64)], true).unwrap_err();
+    let again = image
+        .commit(vec![write(2 * cs as u64)], Durability::Synced)
+        .unwrap_err();
     assert_eq!(again.errno(), libc::EIO, "{again}");
     assert_eq!(image.sync_pending().unwrap_err().errno(), libc::EIO);
 }

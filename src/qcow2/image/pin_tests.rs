@@ -12,6 +12,7 @@ use parking_lot::{Condvar, Mutex};
 use super::*;
 use crate::io::{HostIo, MemFile};
 use crate::qcow2::tiny::{self, TinyImage, PATH};
+use crate::qcow2::Durability;
 use crate::qcow2::{ClusterWrite, WriteTarget};
 
 /// A memory file whose first read at `held` waits until `release` (it says when it began).
@@ -107,7 +108,7 @@ fn a_cluster_a_read_has_mapped_is_released_only_once_the_read_is_done() {
                 target: WriteTarget::Discard,
                 pieces: Vec::new(),
             };
-            img.commit(vec![discard], true)
+            img.commit(vec![discard], Durability::Synced)
         })
     };
     // Unhindered, the commit is done in far less; held back by the read, it waits for it.
@@ -163,7 +164,9 @@ fn reloading_after_a_failed_commit_checks_what_open_checks_and_poisons_when_it_f
         pieces: Vec::new(),
     };
     assert_eq!(
-        img.commit(vec![write], true).unwrap_err().errno(),
+        img.commit(vec![write], Durability::Synced)
+            .unwrap_err()
+            .errno(),
         libc::EIO
     );
 }

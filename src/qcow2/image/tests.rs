@@ -6,6 +6,7 @@ use crate::error::Problem;
 use crate::qcow2::table::{COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::qcow2::tiny::{self, TinyImage, L1_TABLE, REFCOUNT_BLOCK, REFCOUNT_TABLE};
 use crate::qcow2::Compression;
+use crate::qcow2::Durability;
 
 #[path = "pin_tests.rs"]
 mod pin_tests;
@@ -570,7 +571,7 @@ fn a_discard_never_releases_metadata_an_entry_names() {
         target: WriteTarget::Discard,
         pieces: Vec::new(),
     };
-    let err = img.commit(vec![write], true).unwrap_err();
+    let err = img.commit(vec![write], Durability::Synced).unwrap_err();
     assert!(
         matches!(format_error(&err), FormatError::Overlap { .. }),
         "{err}"
