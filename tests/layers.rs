@@ -2,11 +2,11 @@
 //! import each other (directly or round a circle), and only `cli/` and `main.rs` know the
 //! command line. A change that breaks the shape fails here, with the files named.
 //!
-//! The files are parsed, not compiled: every `crate::a::b` and `super::a` path in a file (test
-//! modules aside) is an arrow to the file that defines the longest prefix of it. Paths relative to
-//! a module's own children (`mod copy; pub use copy::copy_out;`) are not read: a module file that
-//! re-exports its children is their facade, not another job (cmd/guestfs/mod.rs still defines
-//! `GuestFs` beside re-exporting the commands that use it; the guest file rework splits it).
+//! The files are parsed, not compiled: every `crate::a::b`, `super::a` and `self::a` path in a file
+//! (test modules aside), and every `use` of the module's own children (`mod copy; pub use
+//! copy::copy_out;`), is an arrow to the file that defines the longest prefix of it. So a module
+//! file that re-exports its children must define nothing they import (a facade), or the two
+//! make a circle.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -78,7 +78,7 @@ fn is_test_file(module: &str) -> bool {
 /// levels (each `super` segment is kept, for `arrows` to resolve).
 fn paths(code: &str) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
-    for start in ["crate::", "super::"] {
+    for start in ["crate::", "super::", "self::"] {
         let mut from = 0;
         while let Some(found) = code[from..].find(start) {
             let at = from + found;
@@ -94,6 +94,63 @@ fn paths(code: &str) -> Vec<(String, Vec<String>)> {
         }
     }
     out
+}
+
+/// The paths of every `use` statement, whatever they start with (`crate`, `super`, `self`, a child
+/// module of the file's own, or another crate: `arrows` tells them apart), each with whether the
+/// statement re-exports (`pub use`).
+fn use_paths(code: &str) -> Vec<(bool, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for line in code.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        let body = [
+            ("pub(crate) ", true),
+            ("pub(super) ", true),
+            ("pub ", true),
+            ("", false),
+        ]
+        .iter()
+        .find_map(|(vis, public)| {
+            Some((trimmed.strip_prefix(vis)?.strip_prefix("use ")?, *public))
+        });
+        if let Some((body, public)) = body {
+            let start = at + (line.len() - body.len());
+            out.extend(tree(&code[start..]).0.into_iter().map(|t| (public, t)));
+        }
+        at += line.len();
+    }
+    out
+}
+
+/// `segments` as written in module `own` (after `crate`, `super` or `self`, or a child's name
+/// when `root` is "self"), made absolute: `super::super::x` from `a::b::c` is `a::x`.
+fn absolute(own: &[String], root: &str, segments: &[String]) -> Vec<String> {
+    let mut base: Vec<String> = match root {
+        "crate" => Vec::new(),
+        "self" => own.to_vec(),
+        _ => own[..own.len().saturating_sub(1)].to_vec(),
+    };
+    let mut rest = segments;
+    while rest.first().is_some_and(|s| s == "super") {
+        base.pop();
+        rest = &rest[1..];
+    }
+    base.extend(rest.iter().cloned());
+    base
+}
+
+/// A use path split into its root (`crate`, `super`, `self`) and the rest; a path that starts
+/// with a name is relative to the module itself.
+fn rooted(segments: Vec<String>) -> (String, Vec<String>) {
+    match segments.first().map(String::as_str) {
+        Some("crate" | "super" | "self") => {
+            let mut rest = segments;
+            let root = rest.remove(0);
+            (root, rest)
+        }
+        _ => ("self".to_string(), segments),
+    }
 }
 
 /// The paths of a use tree at the start of `text` (`a::b`, `a::{b, c::d}`, `{a, b}`) and the bytes
@@ -160,35 +217,72 @@ fn tree(text: &str) -> (Vec<Vec<String>>, usize) {
     }
 }
 
+/// Each module's own path segments (the crate root's are none).
+fn own_path(module: &str) -> Vec<String> {
+    match module {
+        "lib" | "main" => Vec::new(),
+        m => m.split("::").map(String::from).collect(),
+    }
+}
+
+/// The file an absolute path names: the longest prefix that is a file, through re-exports
+/// (`pub use error::FormatError` in qcow2/mod.rs makes `qcow2::FormatError` name qcow2/error.rs).
+fn target(
+    files: &BTreeMap<String, PathBuf>,
+    reexports: &BTreeMap<(String, String), Vec<String>>,
+    mut full: Vec<String>,
+) -> Option<String> {
+    for _ in 0..16 {
+        let n = (1..=full.len())
+            .rev()
+            .find(|&n| files.contains_key(&full[..n].join("::")))
+            .unwrap_or(0);
+        let module = full[..n].join("::");
+        if let Some(via) = full
+            .get(n)
+            .and_then(|name| reexports.get(&(module.clone(), name.clone())))
+        {
+            let mut next = via.clone();
+            next.extend(full[n + 1..].iter().cloned());
+            if next != full {
+                full = next;
+                continue;
+            }
+        }
+        return (n > 0).then_some(module);
+    }
+    None
+}
+
 /// The file-to-file arrows of `src/`.
 fn arrows(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
     let files = modules(src);
-    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for (module, path) in &files {
-        if is_test_file(module) {
-            continue;
+    let texts: BTreeMap<&String, String> = files
+        .iter()
+        .filter(|(module, _)| !is_test_file(module))
+        .map(|(module, path)| (module, code(path)))
+        .collect();
+    // What each module re-exports, by name, as the absolute path it names.
+    let mut reexports = BTreeMap::new();
+    for (module, text) in &texts {
+        let own = own_path(module);
+        for (_, segments) in use_paths(text).into_iter().filter(|(public, _)| *public) {
+            let (root, rest) = rooted(segments);
+            let full = absolute(&own, &root, &rest);
+            if let Some(name) = full.last() {
+                reexports.insert((own.join("::"), name.clone()), full.clone());
+            }
         }
-        let own: Vec<String> = if module == "lib" || module == "main" {
-            Vec::new()
-        } else {
-            module.split("::").map(String::from).collect()
-        };
-        // `super` from `a/b.rs` and from `a/b/mod.rs` (module a::b) both mean `a`.
-        let parent = own[..own.len().saturating_sub(1)].to_vec();
-        for (root, segments) in paths(&code(path)) {
-            let mut full = if root == "crate" {
-                Vec::new()
-            } else {
-                parent.clone()
-            };
-            full.extend(segments);
-            let target = (1..=full.len())
-                .rev()
-                .map(|n| full[..n].join("::"))
-                .find(|m| files.contains_key(m));
-            if let Some(t) = target {
-                if &t != module {
-                    out.entry(module.clone()).or_default().insert(t);
+    }
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (module, text) in &texts {
+        let own = own_path(module);
+        let written = use_paths(text).into_iter().map(|(_, s)| rooted(s));
+        for (root, segments) in paths(text).into_iter().chain(written) {
+            let full = absolute(&own, &root, &segments);
+            if let Some(t) = target(&files, &reexports, full) {
+                if &t != *module {
+                    out.entry((*module).clone()).or_default().insert(t);
                 }
             }
         }
@@ -355,6 +449,14 @@ fn the_parser_sees_the_arrows_it_should() {
         ("mount::fs", "mount::inodes"),
         ("qcow2::image", "qcow2::alloc"),
         ("cmd::seal", "keys::check"),
+        // A facade's use of its own children: `pub use open::{GuestFs, GuestOptions};`.
+        ("cmd::guestfs", "cmd::guestfs::open"),
+        // Through re-exports to the defining file: `use super::{CryptoError, SectorCipher, ..}`
+        // in crypto/luks.rs names crypto/cipher.rs and crypto/error.rs, not crypto/mod.rs.
+        ("crypto::luks", "crypto::cipher"),
+        ("crypto::luks", "crypto::error"),
+        // `super::super::` climbs two levels: qcow2/header/record.rs names qcow2/error.rs.
+        ("qcow2::header::record", "qcow2::error"),
     ] {
         assert!(
             graph.get(from).is_some_and(|t| t.contains(to)),
@@ -362,4 +464,34 @@ fn the_parser_sees_the_arrows_it_should() {
             graph.get(from)
         );
     }
+    // A re-export is not where the thing lives.
+    assert!(
+        !graph["crypto::luks"].contains("crypto"),
+        "{:?}",
+        graph["crypto::luks"]
+    );
+}
+
+#[test]
+fn use_statements_are_read_whatever_they_start_with() {
+    let found =
+        use_paths("pub use copy::copy_out;\n    use std::fs;\npub(crate) use self::a::{b, c};\n");
+    let found: Vec<(bool, String)> = found
+        .into_iter()
+        .map(|(public, s)| (public, s.join("::")))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (true, "copy::copy_out".to_string()),
+            (false, "std::fs".to_string()),
+            (true, "self::a::b".to_string()),
+            (true, "self::a::c".to_string()),
+        ]
+    );
+    let own = ["a".to_string(), "b".to_string(), "c".to_string()];
+    let seg = |s: &str| s.split("::").map(String::from).collect::<Vec<_>>();
+    assert_eq!(absolute(&own, "super", &seg("super::x")), seg("a::x"));
+    assert_eq!(absolute(&own, "self", &seg("d")), seg("a::b::c::d"));
+    assert_eq!(absolute(&own, "crate", &seg("e::f")), seg("e::f"));
 }

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use super::{open_path, ready, temp_image};
+use super::input::{open_path, ready, temp_image};
 use crate::disk::BlockDevice;
 use crate::error::Result;
 

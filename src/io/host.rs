@@ -195,9 +195,9 @@ impl WriteLog {
 /// begins and again when it returns.
 #[derive(Debug)]
 pub struct Recorder {
-    pub inner: Arc<dyn HostIo>,
-    pub log: WriteLog,
-    pub barriers: std::sync::atomic::AtomicU64,
+    inner: Arc<dyn HostIo>,
+    log: WriteLog,
+    barriers: std::sync::atomic::AtomicU64,
 }
 
 impl Recorder {

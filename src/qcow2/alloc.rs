@@ -176,8 +176,7 @@ impl Allocator {
     /// Place the refcount table in new clusters at the end of the file with room for `entries`.
     fn grow_table(&mut self, file: &HostFile, entries: u64) -> Result<()> {
         let cs = self.cluster_size();
-        let rc = self.refcounts(file)?;
-        let old_clusters = rc.table_clusters;
+        let (placed_at, old_clusters) = self.refcounts(file)?.table_place();
         let want = (entries * 8).div_ceil(cs).max(old_clusters * 2).max(1);
         if want * cs > MAX_REFTABLE_BYTES {
             return Err(Error::new(
@@ -190,7 +189,6 @@ impl Allocator {
             ));
         }
         // A table placed earlier and not yet committed was never pointed to: give it back now.
-        let placed_at = rc.table_offset;
         if placed_at != self.committed_table.0 {
             for c in placed_at / cs..placed_at / cs + old_clusters {
                 self.refcounts(file)?.set(file, c, 0)?;
@@ -198,10 +196,7 @@ impl Allocator {
             }
         }
         let start = self.append(want);
-        let rc = self.refcounts(file)?;
-        rc.table_offset = start * cs;
-        rc.table_clusters = want;
-        rc.table_dirty = true;
+        self.refcounts(file)?.move_table(start * cs, want);
         for c in start..start + want {
             self.ensure_block(file, c)?;
             self.refcounts(file)?.set(file, c, 1)?;
@@ -218,11 +213,11 @@ impl Allocator {
         metadata.set_end(self.end_cluster);
         let rc = self.refcounts(file)?;
         rc.write_dirty_blocks(file)?;
-        if !rc.table_dirty {
+        if !rc.table_dirty() {
             return Ok(false);
         }
         // New refcount blocks (they always dirty the table) become known metadata.
-        for &block in rc.table.iter().filter(|&&b| b != 0) {
+        for block in rc.block_offsets() {
             if !metadata.contains(block) {
                 metadata.add(MetaKind::RefcountBlock, block, cs);
             }
@@ -236,23 +231,16 @@ impl Allocator {
     pub fn store_table(&mut self, file: &HostFile) -> Result<Option<TableMove>> {
         let committed = self.committed_table;
         let rc = self.refcounts(file)?;
-        if !rc.table_dirty {
+        if !rc.write_table(file)? {
             return Ok(None);
         }
-        let bytes = rc.table_bytes().ok_or_else(|| {
-            Error::new(
-                file.path(),
-                FormatError::Unsupported("the refcount table outgrew its clusters"),
-            )
-        })?;
-        file.write_at(rc.table_offset, &bytes)?;
-        rc.table_dirty = false;
-        if rc.table_offset == committed.0 {
+        let (offset, clusters) = rc.table_place();
+        if offset == committed.0 {
             return Ok(None);
         }
         Ok(Some(TableMove {
-            offset: rc.table_offset,
-            clusters: rc.table_clusters,
+            offset,
+            clusters,
             old: committed,
         }))
     }

@@ -5,10 +5,9 @@
 mod record;
 
 use super::FormatError;
-pub use record::V3_MIN_HEADER_LEN;
 pub(crate) use record::{extensions, field, Extension, Field, HeaderUpdate, RawHeader};
+pub use record::{MAGIC, V3_MIN_HEADER_LEN};
 
-pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 pub const MIN_CLUSTER_BITS: u32 = 9;
 pub const MAX_CLUSTER_BITS: u32 = 21;
 /// QEMU's limits (block/qcow2.h): L1 table 32 MiB, refcount table 8 MiB, 64 Ki snapshots.

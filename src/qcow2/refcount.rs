@@ -7,7 +7,7 @@ use super::pinned_lru::PinnedLru;
 use super::table::OFFSET_MASK;
 use super::words::{encode_words, read_words};
 use super::FormatError;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::io::HostFile;
 
 /// Read entry `index` of a refcount block with entries of 2^order bits.
@@ -73,14 +73,14 @@ const MIN_CACHED_BLOCKS: usize = 2;
 /// of commits touches, a handful.
 #[derive(Debug)]
 pub struct Refcounts {
-    pub order: u32,
+    order: u32,
     cluster_bits: u32,
     /// Offsets of refcount blocks (0: none yet); grows when the table is relocated.
-    pub table: Vec<u64>,
+    table: Vec<u64>,
     /// Where the table lives and how many clusters it takes; changed by a relocation.
-    pub table_offset: u64,
-    pub table_clusters: u64,
-    pub table_dirty: bool,
+    table_offset: u64,
+    table_clusters: u64,
+    table_dirty: bool,
     /// Blocks by table index.
     blocks: PinnedLru<Vec<u8>>,
 }
@@ -337,9 +337,48 @@ impl Refcounts {
         })
     }
 
+    /// Where the table lives: (offset, clusters).
+    pub fn table_place(&self) -> (u64, u64) {
+        (self.table_offset, self.table_clusters)
+    }
+
+    /// The table is to live in `clusters` clusters at `offset` (the allocator placed them): it is
+    /// written there by the next `write_table`.
+    pub fn move_table(&mut self, offset: u64, clusters: u64) {
+        self.table_offset = offset;
+        self.table_clusters = clusters;
+        self.table_dirty = true;
+    }
+
+    /// Whether the table changed (new blocks, or a new place) since it was last written.
+    pub fn table_dirty(&self) -> bool {
+        self.table_dirty
+    }
+
+    /// The offsets of the refcount blocks the table names.
+    pub fn block_offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        self.table.iter().copied().filter(|&b| b != 0)
+    }
+
+    /// Write the table where it lives, if it changed; returns whether it did.
+    pub fn write_table(&mut self, file: &HostFile) -> Result<bool> {
+        if !self.table_dirty {
+            return Ok(false);
+        }
+        let bytes = self.table_bytes().ok_or_else(|| {
+            Error::new(
+                file.path(),
+                FormatError::Unsupported("the refcount table outgrew its clusters"),
+            )
+        })?;
+        file.write_at(self.table_offset, &bytes)?;
+        self.table_dirty = false;
+        Ok(true)
+    }
+
     /// The table as it is stored: big-endian entries, padded to its clusters. None if it outgrew
     /// them, which `ensure_block` prevents by growing the clusters first.
-    pub fn table_bytes(&self) -> Option<Vec<u8>> {
+    fn table_bytes(&self) -> Option<Vec<u8>> {
         if self.table.len() as u64 > self.table_capacity() {
             return None;
         }

@@ -16,9 +16,10 @@ use std::path::{Path, PathBuf};
 use ext4_view::{Component, Metadata, PathBuf as GuestPath};
 
 use super::data::{GuestData, Range};
+use super::error::GuestError;
 use super::list::CHUNK;
+use super::open::{guest_path, GuestFs};
 use super::walk::{CopyReport, Sink, Walker};
-use super::{guest_path, GuestError, GuestFs};
 use crate::error::{Error, Result};
 
 /// Permission bits kept on the host: setuid and setgid are dropped (a copied-out root-owned
@@ -83,8 +84,8 @@ pub fn copy_out(gfs: &GuestFs, path: &OsStr, dest: &Path, progress: bool) -> Res
         top_path: &dir.path,
     };
     let result = walker.entry(&mut sink, &dir, &name, &p, &meta, number, 0);
-    walker.finish();
-    result.map(|()| walker.report)
+    let report = walker.finish();
+    result.map(|()| report)
 }
 
 fn exists(path: &Path) -> Error {

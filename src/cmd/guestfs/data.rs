@@ -8,10 +8,11 @@
 
 use ext4_view::{Metadata, PathBuf as GuestPath};
 
+use super::error::GuestError;
 use super::extents::{Extent, Extents};
 use super::layout::{Layout, LayoutError, RawInode};
 use super::list::fill;
-use super::{shown, GuestError, GuestFs};
+use super::open::{shown, GuestFs};
 use crate::error::{Error, Result};
 
 /// Most data ranges handed to a sink: a file with more (a hole every few blocks) has its

@@ -11,7 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::GuestFs;
+use super::open::GuestFs;
 use crate::disk::BlockDevice;
 use crate::error::Result;
 
@@ -90,7 +90,7 @@ impl Write for Bounded {
 pub fn guest_bytes(data: &[u8], scratch: &Path) -> Result<()> {
     let gfs = memory_fs(data)?;
     let root = OsStr::new("/");
-    let listed = super::ls(&gfs, root, &mut Bounded::default());
+    let listed = super::list::ls(&gfs, root, &mut Bounded::default());
     let mut files = Vec::new();
     let top = ext4_view::PathBuf::new("/");
     let _ = gfs.for_each_child(&top, None, b"/", |_, child, meta, _| {
@@ -101,11 +101,11 @@ pub fn guest_bytes(data: &[u8], scratch: &Path) -> Result<()> {
     });
     for f in &files {
         let name = OsStr::from_bytes(f.as_ref());
-        let _ = super::cat(&gfs, name, &mut Bounded::default());
+        let _ = super::list::cat(&gfs, name, &mut Bounded::default());
     }
-    let tar = super::copy_out_tar(&gfs, root, &mut Bounded::default(), false);
+    let tar = super::tar::copy_out_tar(&gfs, root, &mut Bounded::default(), false);
     let out = tempfile_dir(scratch)?;
-    let copied = super::copy_out(&gfs, root, &out.join("copy"), false);
+    let copied = super::copy::copy_out(&gfs, root, &out.join("copy"), false);
     let _ = std::fs::remove_dir_all(&out);
     listed?;
     tar?;

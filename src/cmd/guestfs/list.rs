@@ -7,7 +7,8 @@ use std::os::unix::ffi::OsStrExt;
 
 use ext4_view::{FileType, Metadata};
 
-use super::{guest_path, shown, GuestError, GuestFs};
+use super::error::GuestError;
+use super::open::{guest_path, shown, GuestFs};
 use crate::error::{Error, Result};
 
 /// Bytes gathered from the guest file before each write to stdout.

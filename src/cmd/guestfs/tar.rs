@@ -12,9 +12,9 @@ use ext4_view::{Metadata, PathBuf as GuestPath};
 use super::copy::{last_name, top_metadata, KEPT_MODE};
 use super::data::{DataReader, GuestData, Range};
 use super::list::CHUNK;
+use super::open::GuestFs;
 use super::sparse::sparse_header;
 use super::walk::{CopyReport, Sink, Walker};
-use super::GuestFs;
 use crate::error::{Error, Result};
 
 /// Stream guest `path` (a final symlink followed only when it ends in `/`) to `out` as a tar
@@ -38,11 +38,11 @@ pub fn copy_out_tar(
     } else {
         walker.entry(&mut sink, &Vec::new(), &name, &p, &meta, number, 0)
     };
-    walker.finish();
+    let report = walker.finish();
     result?;
     let mut w = sink.builder.into_inner().map_err(stdout_error)?;
     w.flush().map_err(stdout_error)?;
-    Ok(walker.report)
+    Ok(report)
 }
 
 /// The root folder (inode `number`) as `.`, its entries as `./NAME`.
@@ -53,7 +53,7 @@ fn root(
     meta: &Metadata,
     number: Option<u32>,
 ) -> Result<()> {
-    let gfs = walker.gfs;
+    let gfs = walker.gfs();
     let top = b".".to_vec();
     let inode = walker.folder(p, meta, number)?;
     sink.append(

@@ -16,8 +16,9 @@ use std::collections::{HashMap, HashSet};
 use ext4_view::{Metadata, PathBuf as GuestPath};
 
 use super::data::{GuestData, Range};
+use super::error::GuestError;
 use super::layout::RawInode;
-use super::{shown, GuestError, GuestFs};
+use super::open::{shown, GuestFs};
 use crate::error::Result;
 
 /// Deepest tree copied (a directory loop in a hostile image ends here, or at the inode count).
@@ -78,9 +79,9 @@ pub(crate) trait Sink {
 
 /// One walk: the file system, the bounds left, what was done.
 pub(crate) struct Walker<'a> {
-    pub gfs: &'a GuestFs,
-    pub report: CopyReport,
-    pub bar: Option<indicatif::ProgressBar>,
+    gfs: &'a GuestFs,
+    report: CopyReport,
+    bar: Option<indicatif::ProgressBar>,
     /// Folders that may still be entered: no sound file system has more than its inodes.
     dirs_left: u64,
     /// Entries that may still be made (see [`SMALLEST_ENTRY`]).
@@ -238,11 +239,17 @@ impl<'a> Walker<'a> {
         Ok(())
     }
 
-    /// Clear the progress bar.
-    pub fn finish(&self) {
+    /// The file system walked.
+    pub fn gfs(&self) -> &'a GuestFs {
+        self.gfs
+    }
+
+    /// Clear the progress bar; what was done.
+    pub fn finish(self) -> CopyReport {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+        self.report
     }
 }
 
@@ -296,10 +303,12 @@ mod tests {
                 run("debugfs", &["-w", "-R", &link, raw_s]);
             }
         }
-        let mut gfs = memory_fs(&std::fs::read(&raw).unwrap()).unwrap();
-        gfs.layout = None;
+        let gfs = memory_fs(&std::fs::read(&raw).unwrap())
+            .unwrap()
+            .without_layout();
         let mut out = Vec::new();
-        let e = super::super::copy_out_tar(&gfs, "/d10".as_ref(), &mut out, false).unwrap_err();
+        let e =
+            super::super::tar::copy_out_tar(&gfs, "/d10".as_ref(), &mut out, false).unwrap_err();
         let message = e.to_string();
         assert!(message.starts_with("<fuzz>: /d10/"), "{message}");
         assert!(

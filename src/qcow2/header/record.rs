@@ -5,7 +5,9 @@
 use std::ops::Range;
 
 use super::super::FormatError;
-use super::MAGIC;
+
+/// The first four bytes of every qcow2 image.
+pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// Where one fixed big-endian field lies: byte offset and width (1, 4 or 8 bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
