@@ -11,7 +11,7 @@
 # one job each, from the seeds of scripts/fuzz-seeds.sh (made in fuzz/seeds/ when missing) plus the
 # regression cases of tests/fuzz_corpus/ (tests/fuzz_corpus/guest/ for `guest`). Corpora grow in fuzz/corpus/TARGET, crashes land in fuzz/artifacts/TARGET, the
 # libFuzzer log (final stats at its end) in fuzz/logs/TARGET.log.
-# Without them: the stable randomized tests of tests/fuzz_images.rs for SECONDS each.
+# Without them: the stable randomized tests of tests/it/fuzz_images.rs for SECONDS each.
 # A failing input goes into tests/fuzz_corpus/ as NAME.bin (a plain image; for `fields` inputs,
 # QCOWFS_FIELDS_DUMP=DIR cargo +nightly fuzz run fields INPUT writes the edited image to DIR).
 set -euo pipefail
@@ -75,6 +75,6 @@ if cargo +nightly --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2
     exit "$status"
 fi
 
-echo "fuzz.sh: no nightly toolchain or cargo-fuzz; running the stable randomized tests (tests/fuzz_images.rs), ${DURATION}s each"
-echo "fuzz.sh: (the guest target has no stable fallback beyond tests/guest_files.rs's corruption test)"
-QCOWFS_FUZZ_SECONDS=$DURATION cargo test --release --test fuzz_images -- --nocapture
+echo "fuzz.sh: no nightly toolchain or cargo-fuzz; running the stable randomized tests (tests/it/fuzz_images.rs), ${DURATION}s each"
+echo "fuzz.sh: (the guest target has no stable fallback beyond tests/it/guest_files.rs's corruption test)"
+QCOWFS_FUZZ_SECONDS=$DURATION cargo test --release --test it fuzz_images:: -- --nocapture

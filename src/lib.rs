@@ -1,6 +1,6 @@
 //! qcowfs: mount (encrypted) qcow2 images and their backing chains as a plain file with FUSE.
 //!
-//! Layers, calls going downward only (tests/layers.rs keeps it so; docs/ARCHITECTURE.md draws it):
+//! Layers, calls going downward only (tests/it/layers.rs keeps it so; docs/ARCHITECTURE.md draws it):
 //! `cli` → `mount` (daemon, FUSE requests, transports) and `cmd` (info, check-key, seal, audit,
 //! guest files) → `disk` (guest byte ranges, block cache, flush writer, partition tables) and `keys`
 //! (passphrase sources, the key check) → `chain` (the stack of images, qcow2 or raw) → `qcow2` (the

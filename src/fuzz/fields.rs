@@ -1,7 +1,7 @@
 //! Structure-aware fuzzing: edits of named fields of a qcow2 image (header, header extensions, L1 and
 //! L2 entries, refcount table entries, snapshot table entries, the LUKS header and its key slots),
 //! located by walking the image the way a reader does. The cargo-fuzz target `fields` and the stable
-//! test in tests/fuzz_images.rs both build edit lists and apply them here to qemu-img-made seeds.
+//! test in tests/it/fuzz_images.rs both build edit lists and apply them here to qemu-img-made seeds.
 //!
 //! Locating is best effort: a field whose structure cannot be found in the (already edited) image is
 //! left alone, and nothing ever grows the image.

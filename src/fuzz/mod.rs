@@ -1,4 +1,4 @@
-//! Entry points for fuzzing (cargo-fuzz targets and the randomized test in tests/fuzz_images.rs): take
+//! Entry points for fuzzing (cargo-fuzz targets and the randomized test in tests/it/fuzz_images.rs): take
 //! arbitrary bytes as an image file and exercise open, reads and a write through every layer. Any
 //! outcome is fine except a panic, a hang or an allocation sized by the input. `fields` edits named
 //! fields of seed images for the structure-aware target.

@@ -359,6 +359,9 @@ impl QcowFs {
         let node = self.file(ino).ok_or(Errno::EISDIR)?;
         let device = node.device.as_ref();
         let len = (buf.len() as u64).min(device.size().saturating_sub(offset)) as usize;
+        if len == 0 {
+            return Ok(0); // at or past the end: end of file, as pread(2) says, not an error
+        }
         device.read_at(offset, &mut buf[..len]).map_err(errno)?;
         Ok(len)
     }
@@ -448,3 +451,6 @@ impl QcowFs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

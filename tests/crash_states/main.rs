@@ -7,7 +7,8 @@
 //! little on thread timing, so a seed replays the same workload but not always the same log).
 //! It ends with one line: `N crash states, M failed`.
 
-#[path = "../common/mod.rs"]
+#[allow(dead_code, unused_imports)] // each harness uses some of the shared helpers
+#[path = "../it/common/mod.rs"]
 mod common;
 mod record;
 mod states;

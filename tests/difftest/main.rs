@@ -14,7 +14,8 @@
 //! A failure names the seed, the configuration, the operation's index and every operation before
 //! it, and the command that replays it.
 
-#[path = "../common/mod.rs"]
+#[allow(dead_code, unused_imports)] // each harness uses some of the shared helpers
+#[path = "../it/common/mod.rs"]
 mod common;
 
 mod build;

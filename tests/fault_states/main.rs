@@ -13,7 +13,8 @@
 //! QCOWFS_FAULT_STATES_KEEP=DIR keeps the image of every failed state there. It ends with one line:
 //! `N fault states, M failed`.
 
-#[path = "../common/mod.rs"]
+#[allow(dead_code, unused_imports)] // each harness uses some of the shared helpers
+#[path = "../it/common/mod.rs"]
 mod common;
 #[path = "../crash_states/workloads.rs"]
 mod crash_workloads;

@@ -317,7 +317,7 @@ fn every_program_the_tests_and_scripts_run_is_installed_by_install_deps() {
     let mut rust = Vec::new();
     files_under(&repo().join("tests"), "rs", &mut rust);
     // This file names programs in its own examples.
-    rust.retain(|f| !f.ends_with("tests/deps.rs"));
+    rust.retain(|f| !f.ends_with("tests/it/deps.rs"));
     for file in &rust {
         let text = fs::read_to_string(file).expect("read test source");
         for p in programs_in_rust(&text) {

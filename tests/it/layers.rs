@@ -303,7 +303,7 @@ fn layer_of(module: &str) -> usize {
     LAYERS
         .iter()
         .position(|l| l.contains(&top))
-        .unwrap_or_else(|| panic!("src/{top}: in no layer of tests/layers.rs; add it"))
+        .unwrap_or_else(|| panic!("src/{top}: in no layer of tests/it/layers.rs; add it"))
 }
 
 fn src() -> PathBuf {

@@ -10,7 +10,7 @@
 //! whatever the outcome. `scripts/crash.sh ROUNDS` runs the kill -9 test with more rounds
 //! (`QCOWFS_CRASH_ROUNDS`, and `QCOWFS_CRASH_SEED` for another sequence).
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::ffi::{OsStr, OsString};
@@ -47,65 +47,6 @@ const ENTRY_COPIED: u64 = 1 << 63;
 /// Default number of kill -9 rounds in the suite (a dozen per image); `QCOWFS_CRASH_ROUNDS`
 /// overrides it.
 const CRASH_ROUNDS: usize = 36;
-
-/// What one guest write puts on the disk; regenerated from its seed when needed, so a round that
-/// issues thousands of writes does not keep their bytes.
-#[derive(Clone, Copy, Debug)]
-enum Fill {
-    Byte(u8),
-    Random(u64),
-    GuestLike(u64),
-}
-
-/// One guest write of `len` bytes at `off`.
-#[derive(Clone, Copy, Debug)]
-struct GuestWrite {
-    off: u64,
-    len: u64,
-    fill: Fill,
-}
-
-impl GuestWrite {
-    fn end(&self) -> u64 {
-        self.off + self.len
-    }
-
-    fn data(&self) -> Vec<u8> {
-        match self.fill {
-            Fill::Byte(b) => vec![b; self.len as usize],
-            Fill::Random(seed) => random_bytes(self.len as usize, seed),
-            Fill::GuestLike(seed) => compressible_bytes(self.len as usize, seed),
-        }
-    }
-
-    /// A seeded write of 1 byte to 400 KiB (tiny, sub-cluster, multi-cluster), at a uniform
-    /// offset, near the end of the disk, or straddling a 64 KiB boundary; random bytes
-    /// (guest-like text for AES images, which must mount again), a constant, or zeros.
-    fn random(rng: &mut Rng, size: u64, guest_like: bool) -> GuestWrite {
-        let len = match rng.below(4) {
-            0 => rng.range(1, 64),
-            1 => rng.range(65, 8 * KIB),
-            2 => rng.range(8 * KIB + 1, 128 * KIB),
-            _ => rng.range(128 * KIB + 1, 400 * KIB),
-        }
-        .min(size);
-        let off = match rng.below(8) {
-            0 => size - len - rng.below(4096).min(size - len),
-            1 => {
-                let boundary = rng.below(size / (64 * KIB) + 1) * 64 * KIB;
-                boundary.saturating_sub(rng.below(len)).min(size - len)
-            }
-            _ => rng.below(size - len + 1),
-        };
-        let fill = match rng.below(4) {
-            0 if rng.below(2) == 0 => Fill::Byte(0),
-            0 => Fill::Byte(rng.next_u64() as u8),
-            _ if guest_like => Fill::GuestLike(rng.next_u64()),
-            _ => Fill::Random(rng.next_u64()),
-        };
-        GuestWrite { off, len, fill }
-    }
-}
 
 /// What the writer of a crash round did: every write it started (recorded before it was
 /// issued), how many completed, how many the last completed fsync covers, whether it was inside
@@ -215,7 +156,7 @@ fn crash_images(dir: &Path) -> Vec<CrashImage> {
             contents: overlay.raw(),
             image: overlay,
             fresh: overlay_new,
-            // A fresh overlay holds no data to check its key against (tests/key_discipline.rs).
+            // A fresh overlay holds no data to check its key against (tests/it/key_discipline.rs).
             options: [key_opts, vec!["--unverified-key".into()]].concat(),
             guest_like: true,
             base: Some((base.path.clone(), base_bytes)),

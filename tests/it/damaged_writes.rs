@@ -2,7 +2,7 @@
 //! refused when it is made (EIO), nothing outside it changes, a healthy write beside it is kept,
 //! and the mount ends normally. Found by the hostile-image kit rerun read-write (issue 22).
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs::OpenOptions;

@@ -237,23 +237,6 @@ impl Image {
         bytes
     }
 
-    /// `qemu-img compare` with another image (exit 0: identical guest contents).
-    pub fn compare(&self, other: &Image) -> Run {
-        assert!(
-            !self.encrypted() && !other.encrypted(),
-            "compare through convert_raw for encrypted images"
-        );
-        qemu_img([
-            "compare",
-            "-f",
-            self.format.as_str(),
-            "-F",
-            other.format.as_str(),
-            path_str(&self.path),
-            path_str(&other.path),
-        ])
-    }
-
     /// `qemu-img info --output=json` (without --backing-chain), parsed.
     pub fn qemu_info(&self) -> serde_json::Value {
         let r = qemu_img(["info", "--output=json", "-U", path_str(&self.path)]);
@@ -411,12 +394,6 @@ impl Qcow2Builder {
     /// the overlay's folder, as qemu resolves it).
     pub fn backing_named(mut self, base: &Image, name: &str) -> Self {
         self.backing = Some((name.to_string(), base.format, base.secrets.clone()));
-        self
-    }
-
-    /// Any other `-o key=value` creation option.
-    pub fn option(mut self, kv: &str) -> Self {
-        self.options.push(kv.to_string());
         self
     }
 

@@ -3,7 +3,7 @@
 //! `ls`/`cat`/`copy-out` and `info` say "the passphrase is wrong" first; `check-key` reports each
 //! layer. Exit statuses: 3 a wrong key, 4 a key that cannot be verified for a writing command.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! whose allocator cross-linked clusters, writes that cannot be stored, and a hostile header field.
 //! Each test fails on the code before its fix. QEMU is the oracle throughout.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs::{self, File, OpenOptions};
@@ -98,7 +98,7 @@ fn a_block_device_backing_file_reads_as_its_contents_and_seal_copies_it_all() {
         "info of the device layer: {info}"
     );
 
-    // The overlay holds no data yet: its key cannot be verified (tests/key_discipline.rs).
+    // The overlay holds no data yet: its key cannot be verified (tests/it/key_discipline.rs).
     let m = Mount::new(
         &top.path,
         &[

@@ -7,8 +7,6 @@
 //! skips it. Every qemu command line a test runs is printed (shown only when the test fails: the
 //! steps to reproduce).
 
-#![allow(dead_code)]
-
 mod check;
 mod compare;
 mod data;
@@ -21,6 +19,7 @@ mod mmap;
 mod proc;
 mod run;
 mod users;
+mod writes;
 
 // Each test crate uses a different part; an unused glob is not a mistake here.
 #[allow(unused_imports)]
@@ -47,6 +46,8 @@ pub use proc::*;
 pub use run::*;
 #[allow(unused_imports)]
 pub use users::*;
+
+pub use writes::*;
 
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * KIB;

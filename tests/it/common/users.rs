@@ -17,7 +17,6 @@ use super::run::{run_with, Run, COMMAND_TIMEOUT};
 /// A system user of the test suite.
 #[derive(Debug, Clone)]
 pub struct User {
-    pub name: String,
     pub uid: u32,
     pub gid: u32,
 }
@@ -56,7 +55,6 @@ pub fn test_user(name: &str) -> User {
         .assert_success();
     }
     User {
-        name: name.to_string(),
         uid: id_of(name, "-u").expect("uid of the new user"),
         gid: id_of(name, "-g").expect("gid of the new user"),
     }
@@ -144,21 +142,29 @@ pub fn reachable(program: &Path) -> PathBuf {
 
 /// `/dev/fuse` readable and writable by everyone while it lives (the usual mode on a desktop
 /// system: non-root mounts work); the old mode comes back on drop.
-pub struct FuseForAll(FuseMode);
+pub struct FuseForAll {
+    _mode: FuseMode,
+}
 
 impl FuseForAll {
     pub fn new() -> FuseForAll {
-        FuseForAll(FuseMode::hold(0o666))
+        FuseForAll {
+            _mode: FuseMode::hold(0o666),
+        }
     }
 }
 
 /// `/dev/fuse` readable and writable by root only (0600, as in a container by default) while it
 /// lives: a non-root mount cannot open it. The old mode comes back on drop.
-pub struct FuseRootOnly(FuseMode);
+pub struct FuseRootOnly {
+    _mode: FuseMode,
+}
 
 impl FuseRootOnly {
     pub fn new() -> FuseRootOnly {
-        FuseRootOnly(FuseMode::hold(0o600))
+        FuseRootOnly {
+            _mode: FuseMode::hold(0o600),
+        }
     }
 }
 

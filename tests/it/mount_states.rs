@@ -5,7 +5,7 @@
 //!
 //! Real FUSE mounts (root, as in CI); QEMU checks the images.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

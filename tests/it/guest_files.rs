@@ -6,7 +6,7 @@
 //!
 //! Each test prints the commands it ran (shown on failure: the steps to reproduce).
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::ffi::{CString, OsStr, OsString};
@@ -222,6 +222,23 @@ fn expected_bytes(e: &Entry) -> Vec<u8> {
         }
         _ => panic!("{} has no bytes", e.path),
     }
+}
+
+/// The base tree written into `work/src`: (its entries, the folder).
+fn base_source(work: &Path) -> (Vec<Entry>, PathBuf) {
+    let entries = base_tree();
+    let src = work.join("src");
+    fs::create_dir(&src).unwrap();
+    build_tree(&src, &entries);
+    (entries, src)
+}
+
+/// The base tree as an ext4 file system of `size` bytes in `work/fs.raw`: (its entries, the file).
+fn base_ext4(work: &Path, size: u64) -> (Vec<Entry>, PathBuf) {
+    let (entries, src) = base_source(work);
+    let raw = work.join("fs.raw");
+    mkfs_ext4(&raw, &src, 0, size);
+    (entries, raw)
 }
 
 /// An ext4 file system of `size` bytes made from `tree` into `file` at byte `offset` (the file
@@ -522,7 +539,7 @@ fn a_user_lists_reads_and_copies_out_files_of_an_aes_overlay_and_its_raw_base() 
     fs::create_dir(&add).unwrap();
     build_tree(&add, &overlay_entries);
     {
-        // A fresh overlay: its key cannot be verified yet (tests/key_discipline.rs).
+        // A fresh overlay: its key cannot be verified yet (tests/it/key_discipline.rs).
         let mount = Mount::new(
             &overlay.path,
             &[
@@ -688,12 +705,7 @@ fn a_user_lists_reads_and_copies_out_files_of_an_aes_overlay_and_its_raw_base() 
 fn a_luks_image_is_read_like_a_plain_one() {
     let dir = workdir();
     let work = dir.path();
-    let entries = base_tree();
-    let src = work.join("src");
-    fs::create_dir(&src).unwrap();
-    build_tree(&src, &entries);
-    let raw = work.join("fs.raw");
-    mkfs_ext4(&raw, &src, 0, 48 * MIB);
+    let (entries, raw) = base_ext4(work, 48 * MIB);
     let img = convert(&raw, &work.join("luks.qcow2"), Some("luks"));
     let key = passphrase_file(work, "key", PASS);
     let base = [
@@ -761,10 +773,7 @@ fn mbr_disk(work: &Path, tree: &Path, both: bool) -> Image {
 fn mbr_fixture(both: bool) -> (tempfile::TempDir, Vec<Entry>, Image, PathBuf) {
     let dir = workdir();
     let work = dir.path();
-    let entries = base_tree();
-    let src = work.join("src");
-    fs::create_dir(&src).unwrap();
-    build_tree(&src, &entries);
+    let (entries, src) = base_source(work);
     let img = mbr_disk(work, &src, both);
     let key = passphrase_file(work, "key", PASS);
     (dir, entries, img, key)
@@ -928,12 +937,7 @@ fn xfs_lvm_swap_and_luks_guests_are_refused_with_what_was_found() {
 fn bad_guest_paths_are_one_line_errors() {
     let dir = workdir();
     let work = dir.path();
-    let entries = base_tree();
-    let src = work.join("src");
-    fs::create_dir(&src).unwrap();
-    build_tree(&src, &entries);
-    let raw = work.join("fs.raw");
-    mkfs_ext4(&raw, &src, 0, 32 * MIB);
+    let (_, raw) = base_ext4(work, 32 * MIB);
     let img = convert(&raw, &work.join("plain.qcow2"), None);
     let p = img.path.as_os_str();
     let dest = work.join("dest");
@@ -985,12 +989,7 @@ fn assert_success_or_one_line_error(a: &[OsString], image: &str) -> bool {
 fn a_directory_loop_ends_the_copy_with_one_line() {
     let dir = workdir();
     let work = dir.path();
-    let entries = base_tree();
-    let src = work.join("src");
-    fs::create_dir(&src).unwrap();
-    build_tree(&src, &entries);
-    let raw = work.join("fs.raw");
-    mkfs_ext4(&raw, &src, 0, 32 * MIB);
+    let (_, raw) = base_ext4(work, 32 * MIB);
     // Two more names for /etc inside itself: a loop that doubles at every level.
     run_ok(
         "debugfs",
@@ -1039,12 +1038,7 @@ fn a_corrupt_file_system_gives_one_line_errors_never_a_panic() {
     const ROUNDS: u64 = 16;
     let dir = workdir();
     let work = dir.path();
-    let entries = base_tree();
-    let src = work.join("src");
-    fs::create_dir(&src).unwrap();
-    build_tree(&src, &entries);
-    let raw = work.join("fs.raw");
-    mkfs_ext4(&raw, &src, 0, 16 * MIB);
+    let (_, raw) = base_ext4(work, 16 * MIB);
     let pristine = fs::read(&raw).unwrap();
     // A superblock claiming far more blocks than the disk has is refused before it is used.
     let mut huge = pristine.clone();
@@ -1101,12 +1095,7 @@ fn a_corrupt_file_system_gives_one_line_errors_never_a_panic() {
 fn an_image_in_use_by_a_writer_is_refused_unless_force_share() {
     let dir = workdir();
     let work = dir.path();
-    let entries = base_tree();
-    let src = work.join("src");
-    fs::create_dir(&src).unwrap();
-    build_tree(&src, &entries);
-    let raw = work.join("fs.raw");
-    mkfs_ext4(&raw, &src, 0, 32 * MIB);
+    let (_, raw) = base_ext4(work, 32 * MIB);
     let img = convert(&raw, &work.join("busy.qcow2"), None);
     // A read-write mount holds QEMU's write lock, as a running VM does.
     let mount = Mount::new(&img.path, &[] as &[&str]);

@@ -7,7 +7,7 @@
 //!
 //! Each test prints the commands it ran (shown on failure: the steps to reproduce).
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;
@@ -292,6 +292,14 @@ fn an_mbr_with_logical_partitions_gives_loop_mountable_files_numbered_as_linux_n
             "a write of 8192 bytes 4096 bytes before the end of disk-part6 wrote {n} bytes"
         );
         f.sync_all().expect("fsync disk-part6");
+        // Partition files are opened for direct I/O: a shared mapping is refused, not served
+        // from pages the disk file's cache would not see.
+        let rw = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&part6)
+            .expect("open disk-part6 for reading and writing");
+        assert_shared_mmap_refused(&rw, 4096, "disk-part6");
     }
     assert_same_bytes(
         &read_at_bounded(&m.disk(), (p6.start + p6.sectors) * SECTOR, 4096),

@@ -3,7 +3,7 @@
 //! hang. A bounded number of cases runs in the normal suite; `scripts/fuzz.sh SECONDS` runs longer via
 //! QCOWFS_FUZZ_SECONDS. Inputs in tests/fuzz_corpus/ are regression cases found this way.
 
-mod common;
+use crate::common;
 
 use common::Rng;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! check the image with qemu-img and read it back through a fresh open. Aligned writes make partial
 //! blocks (only the written span loaded), so reads, writes, write-backs and discards race over them.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::sync::Arc;

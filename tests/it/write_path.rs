@@ -2,12 +2,12 @@
 //! reference with `qemu-img compare` and `qemu-img check` over a geometry matrix; growth of the
 //! metadata; no plaintext in encrypted images; ext4 inside the disk; QEMU's image locks in both
 //! directions; wrong passphrases and read-only mounts that leave the image byte-identical. (kill -9
-//! mid-write is tests/faults.rs.)
+//! mid-write is tests/it/faults.rs.)
 //!
 //! Each test prints the commands it ran (shown on failure: the steps to reproduce). The data is
 //! seeded, so a failing test fails the same way again.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::ffi::{OsStr, OsString};
@@ -31,7 +31,7 @@ fn passphrase_opts(dir: &Path, passphrase: &str) -> Vec<OsString> {
 }
 
 /// `passphrase_opts` for a legacy AES image that holds no data yet: its key cannot be verified,
-/// and a read-write mount needs `--unverified-key` (tests/key_discipline.rs shows the refusal).
+/// and a read-write mount needs `--unverified-key` (tests/it/key_discipline.rs shows the refusal).
 fn fresh_aes_opts(dir: &Path, passphrase: &str) -> Vec<OsString> {
     let mut opts = passphrase_opts(dir, passphrase);
     opts.push("--unverified-key".into());
@@ -39,61 +39,6 @@ fn fresh_aes_opts(dir: &Path, passphrase: &str) -> Vec<OsString> {
 }
 
 // --- random writes, the common scenario ----------------------------------------------------------
-
-/// One guest write: `data` at `off`.
-#[derive(Clone, Debug)]
-struct GuestWrite {
-    off: u64,
-    data: Vec<u8>,
-}
-
-/// A seeded write of 1 byte to 400 KiB: tiny, sub-cluster, multi-cluster; at a uniform offset,
-/// near the disk's end, or straddling a 64 KiB boundary; random bytes (guest-like text when
-/// `guest_like`, for encrypted images that are mounted again) or a constant fill (zeros too).
-fn random_write(rng: &mut Rng, size: u64, guest_like: bool) -> GuestWrite {
-    let len = match rng.below(4) {
-        0 => rng.range(1, 64),
-        1 => rng.range(65, 8 * KIB),
-        2 => rng.range(8 * KIB + 1, 128 * KIB),
-        _ => rng.range(128 * KIB + 1, 400 * KIB),
-    }
-    .min(size);
-    let off = match rng.below(8) {
-        0 => size - len - rng.below(4096).min(size - len),
-        1 => {
-            let boundary = rng.below(size / (64 * KIB) + 1) * 64 * KIB;
-            boundary.saturating_sub(rng.below(len)).min(size - len)
-        }
-        _ => rng.below(size - len + 1),
-    };
-    // A guest's file system writes whole sectors and pages: those may leave the rest of a cache
-    // block unloaded, a path of its own.
-    let (off, len) = match rng.below(4) {
-        0 if size >= 4 * KIB => aligned_write(off, len, 4 * KIB, size),
-        1 if size >= 512 => aligned_write(off, len, 512, size),
-        _ => (off, len),
-    };
-    let data = match rng.below(3) {
-        0 => {
-            let byte = if rng.below(3) == 0 {
-                0
-            } else {
-                rng.next_u64() as u8
-            };
-            vec![byte; len as usize]
-        }
-        _ if guest_like => compressible_bytes(len as usize, rng.next_u64()),
-        _ => random_bytes(len as usize, rng.next_u64()),
-    };
-    GuestWrite { off, data }
-}
-
-/// (off, len) rounded down to multiples of `unit` (at least one unit), inside a disk of `size`.
-fn aligned_write(off: u64, len: u64, unit: u64, size: u64) -> (u64, u64) {
-    let len = (len / unit * unit).max(unit);
-    let off = (off / unit * unit).min((size - len) / unit * unit);
-    (off, len)
-}
 
 /// Applies `writes` seeded random writes to `disk` (through the mount) and to `reference` (a raw
 /// file), with an fsync or fdatasync now and then and read-backs through the mount compared with
@@ -116,15 +61,15 @@ fn apply_random_writes(disk: &Path, reference: &Path, size: u64, writes: usize, 
                 .expect("open the raw reference");
             let mut rng = Rng::new(seed);
             for i in 0..writes {
-                let w = random_write(&mut rng, size, false);
-                d.write_all_at(&w.data, w.off).unwrap_or_else(|e| {
+                let w = GuestWrite::random(&mut rng, size, false);
+                let data = w.data();
+                d.write_all_at(&data, w.off).unwrap_or_else(|e| {
                     panic!(
                         "write #{i} of {} bytes at {} through the mount: {e}",
-                        w.data.len(),
-                        w.off
+                        w.len, w.off
                     )
                 });
-                r.write_all_at(&w.data, w.off).expect("write the reference");
+                r.write_all_at(&data, w.off).expect("write the reference");
                 match rng.below(16) {
                     0 => d
                         .sync_all()

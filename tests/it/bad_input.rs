@@ -3,7 +3,7 @@
 //! use the cheap `qcowfs info`; those that only show when the chain is opened or the disk is
 //! served use `qcowfs mount`.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::ffi::OsStr;

@@ -4,7 +4,7 @@
 //! (VmHWM) within `--cache-size` plus `--metadata-cache` plus the program. Writes and reads through
 //! them still match what qemu-img shows.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs;

@@ -5,7 +5,7 @@
 //! set it and put the old value back, one at a time. They need root, as every FUSE test here does
 //! in CI; without it they fail, loudly.
 
-mod common;
+use crate::common;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;

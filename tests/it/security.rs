@@ -5,7 +5,7 @@
 //! in one line naming `/dev/fuse` when the user cannot open it, a full read/write round trip of an
 //! AES image when the user can.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::fs;

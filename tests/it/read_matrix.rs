@@ -12,7 +12,7 @@
 //! Each case prints the qemu command lines it ran (shown on failure: the steps to reproduce) and,
 //! on a mismatch, the first differing offset.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;

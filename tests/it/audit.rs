@@ -7,7 +7,7 @@
 //!
 //! Each test prints the commands it ran (shown on failure: the steps to reproduce).
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::Value;

@@ -6,7 +6,7 @@
 //! Every external command is bounded by a timeout; FUSE tests fail loudly without /dev/fuse; QEMU
 //! is the oracle. Each test prints the commands it ran (shown on failure: the steps to reproduce).
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::ffi::OsStr;

@@ -3,7 +3,7 @@
 //! through a conversion, since the image is encrypted), `qemu-img check` stays clean, and a wrong
 //! passphrase is refused without touching the image.
 
-mod common;
+use crate::common;
 
 use common::*;
 use std::ffi::OsString;
