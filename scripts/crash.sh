@@ -8,7 +8,7 @@
 # Prints each round and, at the end, how many rounds survived.
 #   scripts/crash.sh 500
 #   QCOWFS_CRASH_SEED=7 scripts/crash.sh 100     # another sequence of writes and kill moments
-# It is the suite's kill -9 test (tests/it/faults.rs) with more rounds: it needs what the suite needs
+# It is the suite's kill -9 test (tests/it/kill_9.rs) with more rounds: it needs what the suite needs
 # (root or FUSE access, qemu-img, fusermount3).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,7 +22,7 @@ esac
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-QCOWFS_CRASH_ROUNDS=$ROUNDS cargo test --release --test it faults::kill_9_at_random_moments -- --nocapture \
+QCOWFS_CRASH_ROUNDS=$ROUNDS cargo test --release --test it kill_9::kill_9_at_random_moments -- --nocapture \
     2>&1 | tee "$log" | grep --line-buffered -E '^(round |FAILED |test |error|thread )' || status=$?
 # The pipeline's status is cargo's (pipefail), unless grep found nothing to print.
 summary=$(grep -E '^kill -9 rounds survived' "$log" | tail -n 1 || true)

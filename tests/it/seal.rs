@@ -3,7 +3,7 @@
 //! copied into the sealed image, so it is about as small as `qemu-img convert` of the same chain
 //! would make it; with extended L2 subclusters, over three layers, and under AES and LUKS alike.
 //! qemu-img is the oracle: `compare` with the chain's raw view, `check` clean, `map` of what the
-//! sealed image allocated. The tests of seal's other promises are in tests/it/inspection.rs.
+//! sealed image allocated. The tests of seal's other promises are in tests/it/seal_chain.rs.
 //!
 //! Each test prints the commands it ran (shown on failure: the steps to reproduce).
 

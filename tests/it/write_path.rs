@@ -2,7 +2,7 @@
 //! reference with `qemu-img compare` and `qemu-img check` over a geometry matrix; growth of the
 //! metadata; no plaintext in encrypted images; ext4 inside the disk; QEMU's image locks in both
 //! directions; wrong passphrases and read-only mounts that leave the image byte-identical. (kill -9
-//! mid-write is tests/it/faults.rs.)
+//! mid-write is tests/it/kill_9.rs.)
 //!
 //! Each test prints the commands it ran (shown on failure: the steps to reproduce). The data is
 //! seeded, so a failing test fails the same way again.
@@ -23,12 +23,6 @@ use std::time::{Duration, Instant};
 const WRITE_TIMEOUT: Duration = Duration::from_secs(180);
 
 const PASS: &str = "write path secret";
-
-/// Mount options that give qcowfs `passphrase` through a file in `dir`.
-fn passphrase_opts(dir: &Path, passphrase: &str) -> Vec<OsString> {
-    let file = passphrase_file(dir, "passphrase", passphrase);
-    vec!["--passphrase-file".into(), file.into()]
-}
 
 /// `passphrase_opts` for a legacy AES image that holds no data yet: its key cannot be verified,
 /// and a read-write mount needs `--unverified-key` (tests/it/key_discipline.rs shows the refusal).

@@ -1,4 +1,4 @@
-//! Comparing bytes (naming the first differing offset) and bounded reads through FUSE.
+//! Comparing bytes (naming the first differing offset), and bounded reads and writes through FUSE.
 
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::data::Rng;
-use super::run::within;
+use super::image::Image;
+use super::run::{describe_status, run, within};
 
 /// How long reading a whole `disk` through FUSE may take before the test fails instead of hanging.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(120);
@@ -102,4 +103,63 @@ pub fn assert_random_reads_match(disk: &Path, expected: &[u8], count: usize, see
             }
         }
     });
+}
+
+/// How long one write through FUSE may take before the test fails instead of hanging.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `data` written at `off` of `path` (positional, then fsync) under [`WRITE_TIMEOUT`].
+pub fn write_at_bounded(path: &Path, off: u64, data: &[u8]) {
+    let p = path.to_path_buf();
+    let d = data.to_vec();
+    within(
+        WRITE_TIMEOUT,
+        &format!("writing {}", path.display()),
+        move || {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .unwrap_or_else(|e| panic!("open {} for writing: {e}", p.display()));
+            f.write_all_at(&d, off).unwrap_or_else(|e| {
+                panic!("write {} bytes at {off} of {}: {e}", d.len(), p.display())
+            });
+            f.sync_all()
+                .unwrap_or_else(|e| panic!("fsync {}: {e}", p.display()));
+        },
+    );
+}
+
+/// `qemu-img compare IMAGE REFERENCE.raw` (plain chains) says identical; on a difference, names the
+/// first differing offset.
+pub fn assert_same_guest_contents(image: &Image, reference: &Path) {
+    let r = run(
+        "qemu-img",
+        [
+            "compare".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            "raw".as_ref(),
+            image.path.as_os_str(),
+            reference.as_os_str(),
+        ],
+    );
+    match r.status.code() {
+        Some(0) => {}
+        Some(1) => {
+            let reference_bytes = fs::read(reference).expect("read reference");
+            assert_same_bytes(
+                &image.raw(),
+                &reference_bytes,
+                &format!("{} (qemu) vs the raw reference", image.path.display()),
+            );
+            panic!("qemu-img compare says different: {}", r.stdout_str());
+        }
+        _ => panic!(
+            "qemu-img compare failed ({}): {}\n{}",
+            describe_status(r.status),
+            r.command,
+            r.stderr
+        ),
+    }
 }

@@ -466,6 +466,25 @@ pub fn convert_compressed(src: &Image, dest: impl Into<PathBuf>, options: &str) 
     Image::plain(dest, Format::Qcow2, src.size)
 }
 
+/// Mount (and seal, info) options that give qcowfs `passphrase` through a file in `dir`.
+pub fn passphrase_opts(dir: &Path, passphrase: &str) -> Vec<std::ffi::OsString> {
+    let file = passphrase_file(dir, "passphrase", passphrase);
+    vec!["--passphrase-file".into(), file.into()]
+}
+
+/// A nova instance folder: `DIR/instances/UUID/disk` over `DIR/instances/_base/HASH`.
+pub fn nova_paths(dir: &Path) -> (PathBuf, PathBuf) {
+    let instances = dir.join("instances");
+    let uuid = instances.join("6f1c0e4e-2b6c-4b8e-9d1e-inspection");
+    let base = instances.join("_base");
+    fs::create_dir_all(&uuid).expect("mkdir instance");
+    fs::create_dir_all(&base).expect("mkdir _base");
+    (
+        uuid.join("disk"),
+        base.join("3b2c1f0e8d7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c"),
+    )
+}
+
 /// Writes `passphrase` plus one trailing newline (which qcowfs drops) to `dir/name`, mode 0600.
 pub fn passphrase_file(dir: &Path, name: &str, passphrase: &str) -> PathBuf {
     use std::os::unix::fs::OpenOptionsExt;

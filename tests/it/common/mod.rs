@@ -18,6 +18,7 @@ mod image;
 mod mmap;
 mod proc;
 mod run;
+mod tmpfs;
 mod users;
 mod writes;
 
@@ -44,6 +45,8 @@ pub use mmap::*;
 pub use proc::*;
 #[allow(unused_imports)]
 pub use run::*;
+
+pub use tmpfs::*;
 #[allow(unused_imports)]
 pub use users::*;
 
