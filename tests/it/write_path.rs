@@ -141,6 +141,23 @@ fn random_writes_match_qemu(
 
 // --- geometry matrix ------------------------------------------------------------------------------
 
+/// Random writes to a plain image of one shape (`shape` sets its geometry), holding `scattered`
+/// (count, longest, seed) pieces of data of its own first, match qemu.
+fn random_writes_on(
+    name: &str,
+    size: u64,
+    shape: impl FnOnce(Qcow2Builder) -> Qcow2Builder,
+    scattered: (usize, u64, u64),
+    writes: usize,
+    seed: u64,
+) {
+    let dir = workdir();
+    let img = shape(qcow2(dir.path().join(format!("{name}.qcow2")), size)).create();
+    let (count, longest, scatter_seed) = scattered;
+    img.scatter_random(size, count, longest, scatter_seed);
+    random_writes_match_qemu(dir.path(), &img, &[], &[], writes, seed);
+}
+
 #[test]
 fn random_writes_to_an_empty_plain_image_match_qemu() {
     let dir = workdir();
@@ -216,41 +233,43 @@ fn random_writes_to_an_aes_overlay_over_a_compressed_qcow2_base_match_qemu() {
 
 #[test]
 fn random_writes_to_an_image_with_4k_clusters_match_qemu() {
-    let dir = workdir();
-    let img = qcow2(dir.path().join("c4k.qcow2"), 32 * MIB)
-        .cluster_size(4 * KIB)
-        .create();
-    img.scatter_random(32 * MIB, 20, 100_000, 50);
-    random_writes_match_qemu(dir.path(), &img, &[], &[], 150, 5);
+    random_writes_on(
+        "c4k",
+        32 * MIB,
+        |b| b.cluster_size(4 * KIB),
+        (20, 100_000, 50),
+        150,
+        5,
+    );
 }
 
 #[test]
 fn random_writes_to_an_image_with_2m_clusters_match_qemu() {
-    let dir = workdir();
-    let img = qcow2(dir.path().join("c2m.qcow2"), 64 * MIB)
-        .cluster_size(2 * MIB)
-        .create();
-    img.scatter_random(64 * MIB, 10, 100_000, 60);
-    random_writes_match_qemu(dir.path(), &img, &[], &[], 120, 6);
+    random_writes_on(
+        "c2m",
+        64 * MIB,
+        |b| b.cluster_size(2 * MIB),
+        (10, 100_000, 60),
+        120,
+        6,
+    );
 }
 
 #[test]
 fn random_writes_to_an_image_with_512_byte_clusters_and_1_bit_refcounts_match_qemu() {
-    let dir = workdir();
-    let img = qcow2(dir.path().join("c512r1.qcow2"), 32 * MIB)
-        .cluster_size(512)
-        .refcount_bits(1)
-        .create();
-    img.scatter_random(32 * MIB, 20, 50_000, 70);
-    random_writes_match_qemu(dir.path(), &img, &[], &[], 120, 7);
+    random_writes_on(
+        "c512r1",
+        32 * MIB,
+        |b| b.cluster_size(512).refcount_bits(1),
+        (20, 50_000, 70),
+        120,
+        7,
+    );
 }
 
 #[test]
 fn random_writes_to_a_v2_image_match_qemu() {
-    let dir = workdir();
-    let img = qcow2(dir.path().join("v2.qcow2"), 32 * MIB).v2().create();
-    img.scatter_random(32 * MIB, 20, 100_000, 80);
-    random_writes_match_qemu(dir.path(), &img, &[], &[], 150, 8);
+    random_writes_on("v2", 32 * MIB, |b| b.v2(), (20, 100_000, 80), 150, 8);
 }
 
 /// An empty qcow2 with extended L2 entries (64 KiB clusters, 2 KiB subclusters) in `dir` over a raw
@@ -313,12 +332,14 @@ fn random_writes_to_an_image_with_an_internal_snapshot_leave_the_snapshot_intact
 
 #[test]
 fn random_writes_to_an_image_with_64_bit_refcounts_match_qemu() {
-    let dir = workdir();
-    let img = qcow2(dir.path().join("r64.qcow2"), 32 * MIB)
-        .refcount_bits(64)
-        .create();
-    img.scatter_random(32 * MIB, 20, 100_000, 110);
-    random_writes_match_qemu(dir.path(), &img, &[], &[], 150, 11);
+    random_writes_on(
+        "r64",
+        32 * MIB,
+        |b| b.refcount_bits(64),
+        (20, 100_000, 110),
+        150,
+        11,
+    );
 }
 
 #[test]
