@@ -724,42 +724,6 @@ fn sha256_file(path: &Path) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `qemu-img compare IMAGE REFERENCE.raw` says identical; on a difference, names the first
-/// differing offset.
-fn assert_same_guest_contents(image: &Image, reference: &Path) {
-    let (mut args, target) = image.qemu_open_args();
-    args.insert(0, "compare".into());
-    let reference_str = reference.to_str().expect("UTF-8 path");
-    if args.iter().any(|a| a == "--image-opts") {
-        args.push(target);
-        args.push(format!("driver=raw,file.filename={reference_str}"));
-    } else {
-        args.extend(["-F".into(), "raw".into(), target, reference_str.into()]);
-    }
-    let r = run("qemu-img", &args);
-    match r.status.code() {
-        Some(0) => {}
-        Some(1) => {
-            let reference_bytes = fs::read(reference).expect("read reference");
-            assert_same_bytes(
-                &image.raw(),
-                &reference_bytes,
-                &format!(
-                    "{} after writes (qemu) vs the raw reference",
-                    image.path.display()
-                ),
-            );
-            panic!("qemu-img compare says different: {}", r.stdout_str());
-        }
-        _ => panic!(
-            "qemu-img compare failed ({}): {}\n{}",
-            describe_status(r.status),
-            r.command,
-            r.stderr
-        ),
-    }
-}
-
 /// A `qemu-io IMAGE` process that holds the image open read-write (QEMU's write locks) while its
 /// stdin pipe stays open. Dropping it kills it.
 struct QemuIoHolder {

@@ -129,21 +129,19 @@ pub fn write_at_bounded(path: &Path, off: u64, data: &[u8]) {
     );
 }
 
-/// `qemu-img compare IMAGE REFERENCE.raw` (plain chains) says identical; on a difference, names the
-/// first differing offset.
+/// `qemu-img compare IMAGE REFERENCE.raw` says identical (encrypted images too); on a difference, names the first
+/// differing offset.
 pub fn assert_same_guest_contents(image: &Image, reference: &Path) {
-    let r = run(
-        "qemu-img",
-        [
-            "compare".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-F".as_ref(),
-            "raw".as_ref(),
-            image.path.as_os_str(),
-            reference.as_os_str(),
-        ],
-    );
+    let (mut args, target) = image.qemu_open_args();
+    args.insert(0, "compare".into());
+    let reference_str = reference.to_str().expect("UTF-8 path");
+    if args.iter().any(|a| a == "--image-opts") {
+        args.push(target);
+        args.push(format!("driver=raw,file.filename={reference_str}"));
+    } else {
+        args.extend(["-F".into(), "raw".into(), target, reference_str.into()]);
+    }
+    let r = run("qemu-img", &args);
     match r.status.code() {
         Some(0) => {}
         Some(1) => {
