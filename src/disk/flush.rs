@@ -29,6 +29,9 @@ pub(super) type Visible<'a> = &'a dyn Fn(u64, &mut [u8]) -> Result<()>;
 #[derive(Debug)]
 pub(super) struct Flusher {
     image: Arc<Qcow2Image>,
+    /// The guest disk's size, fixed while the disk is open (the image's own header field is
+    /// behind its metadata lock).
+    size: u64,
     lock: Mutex<()>,
     /// Resident memory past which a write-back gives freed heap pages back (the cache size plus
     /// room for the program itself).
@@ -39,9 +42,10 @@ pub(super) struct Flusher {
 type Stored = Vec<(u64, u64)>;
 
 impl Flusher {
-    pub fn new(image: Arc<Qcow2Image>, memory_target: u64) -> Self {
+    pub fn new(image: Arc<Qcow2Image>, size: u64, memory_target: u64) -> Self {
         Flusher {
             image,
+            size,
             lock: Mutex::new(()),
             memory_target,
         }
@@ -97,7 +101,7 @@ impl Flusher {
             return Ok(true);
         }
         // This block itself is read by the write when it is not written whole (and fails there).
-        let end = (guest + cs).min(self.image.virtual_size());
+        let end = (guest + cs).min(self.size);
         let others: Vec<u64> = (guest / bs..end.div_ceil(bs))
             .filter(|&b| b != block)
             .collect();
@@ -220,7 +224,7 @@ impl Flusher {
         let cs = self.image.layout().cluster_size();
         let mut out = vec![0u8; cs as usize];
         let bs = cache.block_size();
-        let shown = self.image.virtual_size().saturating_sub(guest).min(cs);
+        let shown = self.size.saturating_sub(guest).min(cs);
         for at in (0..shown).step_by(bs as usize) {
             let len = bs.min(shown - at) as usize;
             visible((guest + at) / bs, &mut out[at as usize..at as usize + len])?;

@@ -91,7 +91,7 @@ impl Disk {
         Disk {
             chain: Arc::new(chain),
             cache: BlockCache::new(clean, block_size, size, partial_align),
-            flusher: Flusher::new(image, opts.cache_size + (8 << 20)),
+            flusher: Flusher::new(image, size, opts.cache_size + (8 << 20)),
             size,
             read_only: opts.read_only,
             dirty_limit,
