@@ -3,10 +3,12 @@
 //! once. The differential tester, the crash states and the fault states are harnesses of their
 //! own (tests/difftest, tests/crash_states, tests/fault_states).
 //!
-//! The tests of one binary run side by side on the test threads, so nothing here may depend on
-//! another test's absence: each builds its images in its own temporary folder, and the one
-//! process-wide switch (the kernel's FUSE io_uring parameter) is changed only under `io_uring`'s
-//! lock, by tests that hold it throughout.
+//! Each test builds its images in its own temporary folder, and the one process-wide switch (the
+//! kernel's FUSE io_uring parameter) is changed only under `io_uring`'s lock. scripts/test.sh
+//! still runs the tests one at a time: side by side in one process, a test that signals its daemon
+//! by pid, or reopens an image it has just closed, can meet another test's processes (pids wrap at
+//! 32768 on a machine like this one, and a fork holds copies of every descriptor until it execs);
+//! two runs of the suite with two test threads each failed once that way.
 
 mod common;
 

@@ -70,14 +70,21 @@ pub fn require_fuse() {
 
 /// Whether `path` is a mount point now (per /proc/self/mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
+    !mounted_devices(path).is_empty()
+}
+
+/// The devices ("major:minor", as mountinfo gives them) mounted at `path`, read from mountinfo
+/// (no call into the mount, which may hang).
+fn mounted_devices(path: &Path) -> Vec<String> {
     let target = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines().any(|line| {
-        line.split(' ')
-            .nth(4)
-            .map(unescape_mountinfo)
-            .is_some_and(|m| Path::new(&m) == target)
-    })
+    info.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let at = unescape_mountinfo(fields.get(4)?);
+            (Path::new(&at) == target).then(|| fields.get(2).map(|d| d.to_string()))?
+        })
+        .collect()
 }
 
 fn unescape_mountinfo(s: &str) -> String {
@@ -274,8 +281,12 @@ impl Mount {
     fn force_unmount(&self) {
         // minor(3) of a Linux dev_t, which names the FUSE connection.
         let minor = (self.dev & 0xff) | ((self.dev >> 12) & 0xffff_ff00);
+        let major = ((self.dev >> 8) & 0xfff) | ((self.dev >> 32) & !0xfff);
         let abort = PathBuf::from(format!("/sys/fs/fuse/connections/{minor}/abort"));
-        if self.dev != 0 && abort.exists() {
+        // Only while this mount is still there: once it is gone its connection number may name
+        // another test's mount (the tests of one binary mount side by side).
+        let ours = mounted_devices(&self.mountpoint).contains(&format!("{major}:{minor}"));
+        if self.dev != 0 && ours && abort.exists() {
             let _ = fs::write(&abort, "1");
         }
         let mp = self.mountpoint.as_os_str();
