@@ -151,17 +151,6 @@ fn actual_size(image: &Image) -> u64 {
         .expect("qemu-img info has actual-size")
 }
 
-/// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
-fn process_gone(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        // The state follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
-    }
-}
-
 /// The daemon pid recorded for `mountpoint` in /run/qcowfs/*.pid (first line pid, second line the
 /// canonical mount point).
 fn recorded_daemon_pid(mountpoint: &Path) -> Option<u32> {

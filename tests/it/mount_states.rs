@@ -18,16 +18,6 @@ use common::*;
 /// How long a umount that has nothing to wait for may take.
 const PROMPT: Duration = Duration::from_secs(20);
 
-/// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
-fn process_gone(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
-    }
-}
-
 /// How many mounts the mount table has at `path` (stacked ones count each).
 fn mounts_at(path: &Path) -> usize {
     let canon = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
