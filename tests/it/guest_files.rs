@@ -885,13 +885,9 @@ fn assert_refused(img: &Image, what: &str, suggests: &str) {
 }
 
 #[test]
-fn xfs_lvm_swap_and_luks_guests_are_refused_with_what_was_found() {
+fn lvm_swap_and_luks_guests_are_refused_with_what_was_found() {
     let dir = workdir();
     let work = dir.path();
-    let xfs = guest_disk(work, "xfs", 320 * MIB, |raw| {
-        run_ok("mkfs.xfs", ["-q".as_ref(), "-f".as_ref(), raw.as_os_str()]);
-    });
-    assert_refused(&xfs, "XFS", "mount -o loop,ro MNT/disk");
     let lvm = guest_disk(work, "lvm", 32 * MIB, |raw| {
         let dev = run_ok(
             "losetup",
@@ -930,7 +926,7 @@ fn xfs_lvm_swap_and_luks_guests_are_refused_with_what_was_found() {
     });
     assert_refused(&luks, "LUKS", "cryptsetup open");
     let empty = guest_disk(work, "empty", 8 * MIB, |_| {});
-    assert_refused(&empty, "no ext2/3/4 file system found", "qcowfs mount");
+    assert_refused(&empty, "no file system qcowfs reads found", "qcowfs mount");
 }
 
 #[test]

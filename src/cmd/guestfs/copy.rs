@@ -13,12 +13,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
-use ext4_view::{Component, Metadata, PathBuf as GuestPath};
-
 use super::data::{GuestData, Range};
 use super::error::GuestError;
 use super::list::CHUNK;
-use super::open::{guest_path, GuestFs};
+use super::open::GuestFs;
+use super::tree::{GuestPath, Meta, Time};
 use super::walk::{CopyReport, Sink, Walker};
 use crate::error::{Error, Result};
 
@@ -26,36 +25,29 @@ use crate::error::{Error, Result};
 /// program must not become a setuid program of whoever copied it).
 pub(crate) const KEPT_MODE: u32 = 0o1777;
 
-/// The metadata of guest `path`: a final symlink followed only when the path ends in `/`.
-pub(crate) fn top_metadata(gfs: &GuestFs, path: &OsStr) -> Result<(GuestPath, Metadata)> {
-    let p = guest_path(gfs.image(), path)?;
+/// The entry guest `path` names, a final symlink followed only when the path ends in `/`:
+/// its resolved path, metadata, and the name a copy of it takes (None for the root).
+pub(crate) fn top_entry(gfs: &GuestFs, path: &OsStr) -> Result<(GuestPath, Meta, Option<Vec<u8>>)> {
     let bytes = path.as_bytes();
-    let meta = match bytes.ends_with(b"/") {
-        true => gfs.ext4().metadata(&p),
-        false => gfs.ext4().symlink_metadata(&p),
-    }
-    .map_err(|e| gfs.error(bytes, e))?;
-    Ok((p, meta))
-}
-
-/// The last name of a guest path; None for the root.
-pub(crate) fn last_name(p: &GuestPath) -> Option<Vec<u8>> {
-    p.components()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.as_ref().to_vec()),
-            _ => None,
-        })
-        .last()
+    let (p, meta) = gfs.resolve(bytes, bytes.ends_with(b"/"))?;
+    // The name as typed (a symlink copied as itself keeps its own name), unless that is `.`
+    // or `..`.
+    let typed = bytes.split(|&b| b == b'/').rfind(|n| !n.is_empty());
+    let name = match typed {
+        Some(n) if n != b"." && n != b".." => Some(n.to_vec()),
+        _ => p.last_name().map(<[u8]>::to_vec),
+    };
+    Ok((p, meta, name))
 }
 
 /// Copy guest `path` to `dest`: into it when it is an existing directory (as `cp -r`), else as
 /// the new name `dest`. A path ending in `/` follows a final symlink (inside the guest); without
 /// it, a symlink is copied as a symlink. `progress`: a bar on stderr when it is a terminal.
 pub fn copy_out(gfs: &GuestFs, path: &OsStr, dest: &Path, progress: bool) -> Result<CopyReport> {
-    let (p, meta) = top_metadata(gfs, path)?;
+    let (p, meta, top_name) = top_entry(gfs, path)?;
     let (parent, name) = match std::fs::metadata(dest) {
         Ok(m) if m.is_dir() => {
-            let Some(name) = last_name(&p) else {
+            let Some(name) = top_name else {
                 return Err(Error::new(dest, GuestError::RootHasNoName));
             };
             (dest.to_path_buf(), name)
@@ -78,12 +70,11 @@ pub fn copy_out(gfs: &GuestFs, path: &OsStr, dest: &Path, progress: bool) -> Res
         path: parent,
     };
     let mut walker = Walker::new(gfs, &meta, progress && std::io::stderr().is_terminal());
-    let number = gfs.inode_of(&p, &meta);
     let mut sink = HostSink {
         top: &dir.fd,
         top_path: &dir.path,
     };
-    let result = walker.entry(&mut sink, &dir, &name, &p, &meta, number, 0);
+    let result = walker.entry(&mut sink, &dir, &name, &p, &meta, 0);
     let report = walker.finish();
     result.map(|()| report)
 }
@@ -118,13 +109,7 @@ impl HostSink<'_> {
 impl Sink for HostSink<'_> {
     type Dir = HostDir;
 
-    fn symlink(
-        &mut self,
-        parent: &HostDir,
-        name: &[u8],
-        target: &[u8],
-        meta: &Metadata,
-    ) -> Result<()> {
+    fn symlink(&mut self, parent: &HostDir, name: &[u8], target: &[u8], meta: &Meta) -> Result<()> {
         let (host, cname) = Self::prepare(parent, name);
         let ctarget = CString::new(target).unwrap_or_default();
         // SAFETY: both strings are valid C strings, parent.fd an open directory.
@@ -135,7 +120,7 @@ impl Sink for HostSink<'_> {
         set_times_at(&parent.fd, &cname, meta, &host)
     }
 
-    fn dir(&mut self, parent: &HostDir, name: &[u8], _meta: &Metadata) -> Result<HostDir> {
+    fn dir(&mut self, parent: &HostDir, name: &[u8], _meta: &Meta) -> Result<HostDir> {
         let (host, cname) = Self::prepare(parent, name);
         // SAFETY: cname is a valid C string, parent.fd an open directory.
         check(
@@ -151,7 +136,7 @@ impl Sink for HostSink<'_> {
         Ok(HostDir { fd, path: host })
     }
 
-    fn dir_done(&mut self, dir: HostDir, meta: &Metadata) -> Result<()> {
+    fn dir_done(&mut self, dir: HostDir, meta: &Meta) -> Result<()> {
         set_mode_and_times(&dir.fd, meta, &dir.path)
     }
 
@@ -159,9 +144,9 @@ impl Sink for HostSink<'_> {
         &mut self,
         parent: &HostDir,
         name: &[u8],
-        data: &GuestData,
+        data: &mut GuestData,
         ranges: &[Range],
-        meta: &Metadata,
+        meta: &Meta,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Vec<u8>> {
         let (host, cname) = Self::prepare(parent, name);
@@ -172,7 +157,6 @@ impl Sink for HostSink<'_> {
             &host,
         )?;
         let mut out = File::from(fd);
-        let mut reader = data.reader()?;
         let mut buf = vec![0u8; CHUNK];
         let mut done = 0u64;
         for r in ranges {
@@ -182,7 +166,7 @@ impl Sink for HostSink<'_> {
                 .map_err(|e| Error::new(&host, e))?;
             while at < r.offset + r.len {
                 let n = (r.offset + r.len - at).min(CHUNK as u64) as usize;
-                reader.read_at(at, &mut buf[..n])?;
+                data.read_at(at, &mut buf[..n])?;
                 // Runs of zeros inside the data become holes too.
                 if buf[..n].iter().all(|&b| b == 0) {
                     out.seek(SeekFrom::Current(n as i64))
@@ -202,7 +186,7 @@ impl Sink for HostSink<'_> {
         Ok(below_top.as_os_str().as_bytes().to_vec())
     }
 
-    fn link(&mut self, parent: &HostDir, name: &[u8], first: &[u8], _: &Metadata) -> Result<()> {
+    fn link(&mut self, parent: &HostDir, name: &[u8], first: &[u8], _: &Meta) -> Result<()> {
         let (host, cname) = Self::prepare(parent, name);
         let cfirst = CString::new(first).unwrap_or_default();
         // SAFETY: both strings are valid C strings, both descriptors open folders; flags 0
@@ -264,17 +248,17 @@ fn open_at(dir: &OwnedFd, name: &CString, flags: libc::c_int, host: &Path) -> Re
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn timespecs(meta: &Metadata) -> [libc::timespec; 2] {
-    let ts = |t: ext4_view::Timestamp| libc::timespec {
-        tv_sec: t.seconds() as libc::time_t,
-        tv_nsec: libc::c_long::from(t.nanoseconds() as i32),
+fn timespecs(meta: &Meta) -> [libc::timespec; 2] {
+    let ts = |t: Time| libc::timespec {
+        tv_sec: t.secs as libc::time_t,
+        tv_nsec: libc::c_long::from(t.nanos.min(999_999_999) as i32),
     };
-    [ts(meta.accessed()), ts(meta.modified())]
+    [ts(meta.atime), ts(meta.mtime)]
 }
 
 /// The guest's permission bits (less setuid/setgid) and atime/mtime on an open file or folder.
-fn set_mode_and_times(fd: &impl AsRawFd, meta: &Metadata, host: &Path) -> Result<()> {
-    let mode = u32::from(meta.mode()) & KEPT_MODE;
+fn set_mode_and_times(fd: &impl AsRawFd, meta: &Meta, host: &Path) -> Result<()> {
+    let mode = meta.mode & KEPT_MODE;
     // SAFETY: fd is open.
     check(
         unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) },
@@ -289,7 +273,7 @@ fn set_mode_and_times(fd: &impl AsRawFd, meta: &Metadata, host: &Path) -> Result
 }
 
 /// atime/mtime of the symlink `name` in `dir` itself (never of what it points to).
-fn set_times_at(dir: &OwnedFd, name: &CString, meta: &Metadata, host: &Path) -> Result<()> {
+fn set_times_at(dir: &OwnedFd, name: &CString, meta: &Meta, host: &Path) -> Result<()> {
     let times = timespecs(meta);
     // SAFETY: dir is open, name a valid C string, times two timespecs.
     check(

@@ -11,9 +11,9 @@ pub enum GuestError {
     NoPartition { number: u32, present: String },
     #[error("{view} holds {}, which qcowfs cannot read in place; {}", .found.name(), .found.suggestion(.view))]
     Unsupported { view: String, found: Contents },
-    #[error("no ext2/3/4 file system found ({found}); {hint}")]
+    #[error("no file system qcowfs reads found ({found}); {hint}")]
     NoneSupported { found: String, hint: String },
-    #[error("{list} hold ext2/3/4 file systems; choose one with --partition N")]
+    #[error("{list} hold file systems qcowfs reads; choose one with --partition N")]
     Ambiguous { list: String },
     #[error("cannot read the ext2/3/4 file system on {view}: {source}{hint}")]
     Load {
@@ -22,8 +22,28 @@ pub enum GuestError {
         /// Set when a legacy AES layer could explain it (a wrong key reads as noise).
         hint: &'static str,
     },
+    #[error("cannot read the {fs} file system on {view}: {message}{hint}")]
+    LoadFs {
+        fs: &'static str,
+        view: String,
+        message: String,
+        /// As [`GuestError::Load`]'s.
+        hint: &'static str,
+    },
     #[error("{path}: {source}")]
     Ext4 { path: String, source: Ext4Error },
+    #[error("{path}: {message} ({fs})")]
+    Library {
+        fs: &'static str,
+        path: String,
+        message: String,
+    },
+    #[error("{0}: file not found")]
+    NotFound(String),
+    #[error("{0}: path is not a directory")]
+    NotADirectory(String),
+    #[error("{0}: too many levels of symbolic links")]
+    TooManyLinks(String),
     #[error("the ext2/3/4 superblock claims {claims}, more than {limit}; refusing it as damaged")]
     Geometry { claims: String, limit: String },
     #[error("{0}: guest paths are absolute (start with /)")]
@@ -40,11 +60,13 @@ pub enum GuestError {
     RootHasNoName,
     #[error("not a name for a new file")]
     NotAName,
+    #[error("{0}: a device, fifo or socket, which holds no data to read")]
+    NotAFile(String),
     #[error("{0}: not a regular file, directory or symlink; not copied")]
     Special(String),
     #[error(
-        "{0}: a second name for a folder already copied (ext4 folders have one name: a damaged \
-         or hostile file system; e2fsck repairs it)"
+        "{0}: a second name for a folder already copied (folders have one name: a damaged or \
+         hostile file system; its fsck repairs it)"
     )]
     SecondPath(String),
     #[error("{path}: the copy reaches more than {limit} entries, more than a {fs_bytes}-byte file system can hold (hard-linked folders?)")]
@@ -85,7 +107,7 @@ pub enum Contents {
 impl Contents {
     /// Whether `ls`, `cat` and `copy-out` can read it.
     pub fn is_supported(self) -> bool {
-        self == Contents::Ext
+        matches!(self, Contents::Ext | Contents::Xfs | Contents::Btrfs)
     }
 
     /// What it is, in a few words.

@@ -92,15 +92,16 @@ pub fn guest_bytes(data: &[u8], scratch: &Path) -> Result<()> {
     let root = OsStr::new("/");
     let listed = super::list::ls(&gfs, root, &mut Bounded::default());
     let mut files = Vec::new();
-    let top = ext4_view::PathBuf::new("/");
-    let _ = gfs.for_each_child(&top, None, b"/", |_, child, meta, _| {
-        if files.len() < CAT_FILES && meta.file_type().is_regular_file() {
-            files.push(child);
-        }
-        Ok(())
-    });
+    if let Ok((top, meta)) = gfs.resolve(b"/", false) {
+        let _ = gfs.for_each_child(&top, &meta, b"/", |_, child, meta| {
+            if files.len() < CAT_FILES && meta.is_file() {
+                files.push(child);
+            }
+            Ok(())
+        });
+    }
     for f in &files {
-        let name = OsStr::from_bytes(f.as_ref());
+        let name = OsStr::from_bytes(f.as_bytes());
         let _ = super::list::cat(&gfs, name, &mut Bounded::default());
     }
     let tar = super::tar::copy_out_tar(&gfs, root, &mut Bounded::default(), false);

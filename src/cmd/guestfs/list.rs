@@ -5,10 +5,9 @@ use std::ffi::OsStr;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 
-use ext4_view::{FileType, Metadata};
-
 use super::error::GuestError;
-use super::open::{guest_path, shown, GuestFs};
+use super::open::{shown, GuestFs};
+use super::tree::{GuestPath, Kind, Meta, Node};
 use crate::error::{Error, Result};
 
 /// Bytes gathered from the guest file before each write to stdout.
@@ -18,18 +17,11 @@ pub(crate) const CHUNK: usize = 1 << 20;
 /// name, dot files included, `.` and `..` left out), or the one entry a file or symlink is. A
 /// symlink is shown as itself unless the path ends with `/`.
 pub fn ls(gfs: &GuestFs, path: &OsStr, out: &mut dyn Write) -> Result<()> {
-    let p = guest_path(gfs.image(), path)?;
     let bytes = path.as_bytes();
-    let fs = gfs.ext4();
-    let follow = bytes.ends_with(b"/");
-    let meta = match follow {
-        true => fs.metadata(&p),
-        false => fs.symlink_metadata(&p),
-    }
-    .map_err(|e| gfs.error(bytes, e))?;
+    let (p, meta) = gfs.resolve(bytes, bytes.ends_with(b"/"))?;
     let mut lines = Vec::new();
     if meta.is_dir() {
-        gfs.for_each_child(&p, None, bytes, |name, child, meta, _| {
+        gfs.for_each_child(&p, &meta, bytes, |name, child, meta| {
             let target = link_target(gfs, &child, &meta)?;
             lines.push((name, meta, target));
             Ok(())
@@ -43,10 +35,10 @@ pub fn ls(gfs: &GuestFs, path: &OsStr, out: &mut dyn Write) -> Result<()> {
         let mut line = format!(
             "{} {:>6} {:>6} {:>12} {} {}",
             mode_string(meta),
-            meta.uid(),
-            meta.gid(),
-            meta.len(),
-            utc_time(meta.modified().seconds()),
+            meta.uid,
+            meta.gid,
+            meta.len,
+            utc_time(meta.mtime.secs),
             shown(name)
         );
         if let Some(t) = target {
@@ -62,54 +54,42 @@ pub fn ls(gfs: &GuestFs, path: &OsStr, out: &mut dyn Write) -> Result<()> {
 }
 
 /// The target of a symlink (as stored, never resolved), None for anything else.
-fn link_target(
-    gfs: &GuestFs,
-    path: &ext4_view::PathBuf,
-    meta: &Metadata,
-) -> Result<Option<Vec<u8>>> {
-    if !meta.is_symlink() {
-        return Ok(None);
+fn link_target(gfs: &GuestFs, path: &GuestPath, meta: &Meta) -> Result<Option<Vec<u8>>> {
+    match meta.is_symlink() {
+        true => gfs.read_link(path, meta).map(Some),
+        false => Ok(None),
     }
-    let target = gfs
-        .ext4()
-        .read_link(path)
-        .map_err(|e| gfs.error(path.as_ref(), e))?;
-    Ok(Some(target.as_ref().to_vec()))
 }
 
 /// Stream guest file `path` (symlinks followed inside the guest) to `out`, a chunk at a time.
 pub fn cat(gfs: &GuestFs, path: &OsStr, out: &mut dyn Write) -> Result<()> {
-    let p = guest_path(gfs.image(), path)?;
     let bytes = path.as_bytes();
-    let meta = gfs.ext4().metadata(&p).map_err(|e| gfs.error(bytes, e))?;
+    let (p, meta) = gfs.resolve(bytes, true)?;
     if meta.is_dir() {
         return Err(gfs.guest_error(GuestError::IsADirectory(shown(bytes))));
     }
-    let mut file = gfs.ext4().open(&p).map_err(|e| gfs.error(bytes, e))?;
+    if !meta.is_file() {
+        return Err(gfs.guest_error(GuestError::NotAFile(shown(bytes))));
+    }
+    let mut file = gfs
+        .tree()
+        .open(Node {
+            path: &p,
+            meta: &meta,
+        })
+        .map_err(|e| gfs.error(bytes, e))?;
     let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = fill(&mut file, &mut buf).map_err(|e| gfs.error(bytes, e))?;
-        if n == 0 || !write_stdout(out, &buf[..n])? {
+    let mut at = 0;
+    while at < meta.len {
+        let n = (meta.len - at).min(CHUNK as u64) as usize;
+        file.read_at(at, &mut buf[..n])
+            .map_err(|e| gfs.error(bytes, e))?;
+        if !write_stdout(out, &buf[..n])? {
             break;
         }
+        at += n as u64;
     }
     flush_stdout(out)
-}
-
-/// Read from `file` until `buf` is full or the file ends; the bytes read.
-pub(crate) fn fill(
-    file: &mut ext4_view::File,
-    buf: &mut [u8],
-) -> Result<usize, ext4_view::Ext4Error> {
-    let mut n = 0;
-    while n < buf.len() {
-        let got = file.read_bytes(&mut buf[n..])?;
-        if got == 0 {
-            break;
-        }
-        n += got;
-    }
-    Ok(n)
 }
 
 /// Write to stdout; false when the reader went away (a closed pipe: `qcowfs cat ... | head`).
@@ -129,17 +109,17 @@ fn flush_stdout(out: &mut dyn Write) -> Result<()> {
 }
 
 /// `drwxr-xr-x`, as ls prints a mode.
-pub fn mode_string(meta: &Metadata) -> String {
-    let kind = match meta.file_type() {
-        FileType::Directory => 'd',
-        FileType::Symlink => 'l',
-        FileType::CharacterDevice => 'c',
-        FileType::BlockDevice => 'b',
-        FileType::Fifo => 'p',
-        FileType::Socket => 's',
-        _ => '-',
+pub fn mode_string(meta: &Meta) -> String {
+    let kind = match meta.kind {
+        Kind::Dir => 'd',
+        Kind::Symlink => 'l',
+        Kind::CharDevice => 'c',
+        Kind::BlockDevice => 'b',
+        Kind::Fifo => 'p',
+        Kind::Socket => 's',
+        Kind::File => '-',
     };
-    let m = u32::from(meta.mode());
+    let m = meta.mode;
     let mut s = String::with_capacity(10);
     s.push(kind);
     for (shift, special, set, unset) in [

@@ -7,10 +7,14 @@
 //! tree (walk.rs) into a host folder (copy.rs) or a tar stream (tar.rs), each file's data ranges
 //! (data.rs) found from its block map (layout.rs, extents.rs) so holes stay holes.
 
+mod backends;
+mod btrfs;
 mod copy;
 mod data;
 mod detect;
+mod device;
 pub(crate) mod error;
+mod ext;
 mod extents;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
@@ -18,9 +22,12 @@ mod layout;
 mod list;
 mod open;
 mod reader;
+mod resolve;
 mod sparse;
 mod tar;
+mod tree;
 mod walk;
+mod xfs;
 
 pub use copy::copy_out;
 pub use error::{Contents, GuestError, LayoutError};

@@ -1,18 +1,17 @@
 //! Opening a guest file system: the chain read-only, the key checked, the partition chosen, and
-//! ext2/3/4 mounted in-process over a byte range of the disk (`GuestFs`).
+//! the file system found there read in-process (`GuestFs`, over the [`Tree`] of backends.rs),
+//! its paths resolved by resolve.rs.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ext4_view::{Ext4, Ext4Error, Metadata};
-
+use super::backends;
 use super::detect;
 use super::error::{Contents, GuestError};
-use super::extents;
-use super::layout::{self, RawInode};
-use super::reader;
+use super::resolve;
+use super::tree::{FsError, GuestPath, Meta, Node, Tree};
 use crate::chain::{Chain, KeyRing, OpenOptions};
 use crate::disk::partition::read_table;
 use crate::disk::{BlockDevice, Disk, DiskOptions};
@@ -45,18 +44,14 @@ pub struct GuestOptions {
 /// The guest file system of an image, open for reading.
 pub struct GuestFs {
     image: PathBuf,
-    fs: Ext4,
-    /// The superblock's inode count: no sound tree has more directories (copy.rs's loop bound).
-    inodes: u64,
+    tree: Box<dyn Tree>,
     /// The bytes the file system lies in: no sound tree holds more data, nor more entries
     /// than fit in them (walk.rs's bounds).
     fs_bytes: u64,
-    /// Inode numbers and block maps, read by qcowfs itself where it can (layout.rs).
-    layout: Option<layout::Layout>,
 }
 
 impl GuestFs {
-    /// Open `image` read-only and the ext2/3/4 file system on it (see [`GuestOptions`]).
+    /// Open `image` read-only and the guest file system on it (see [`GuestOptions`]).
     pub fn open(image: &Path, keys: &KeyRing, opts: &GuestOptions) -> Result<GuestFs> {
         let chain = Chain::open(
             image,
@@ -95,16 +90,8 @@ impl GuestFs {
         GuestFs::load(image, disk, view, start, len, hint)
     }
 
-    /// The same file system read through `ext4-view` alone, as when qcowfs cannot read its
-    /// block maps itself (tests of that fallback).
-    #[cfg(test)]
-    pub(super) fn without_layout(mut self) -> Self {
-        self.layout = None;
-        self
-    }
-
-    /// The file system in `len` bytes of `disk` from `start` (`view` names them; `hint` is
-    /// added to a refusal), `image` named in errors.
+    /// The file system in `len` bytes of `disk` from `start`, of the kind its first bytes say
+    /// (`view` names the range; `hint` is added to a refusal), `image` named in errors.
     pub(super) fn load(
         image: &Path,
         disk: Arc<dyn BlockDevice>,
@@ -113,25 +100,34 @@ impl GuestFs {
         len: u64,
         hint: &'static str,
     ) -> Result<GuestFs> {
-        let mut sb = [0u8; 1024];
-        disk.read_at(start + 1024, &mut sb)?;
-        let inodes = check_superblock(&sb, len).map_err(|e| Error::new(image, e))?;
-        let layout = layout::Layout::load(disk.clone(), start, len);
-        let reader = reader::RangeReader::new(disk, start, len);
-        let fs = Ext4::load(Box::new(reader)).map_err(|source| {
-            ext4_error(image, source, |source| GuestError::Load {
-                view,
-                source,
-                hint,
-            })
+        let found = detect::detect(disk.as_ref(), start, len)?;
+        let tree = backends::load(found, disk, start, len).map_err(|e| match e {
+            FsError::Disk(e) => e,
+            FsError::Guest(g) => Error::new(image, g),
+            FsError::Ext4(source) => Error::new(image, GuestError::Load { view, source, hint }),
+            FsError::Library(message) => Error::new(
+                image,
+                GuestError::LoadFs {
+                    fs: backends::name(found),
+                    view,
+                    message,
+                    hint,
+                },
+            ),
         })?;
         Ok(GuestFs {
             image: image.to_path_buf(),
-            fs,
-            inodes,
+            tree,
             fs_bytes: len,
-            layout,
         })
+    }
+
+    /// The same file system with no entry numbers known, as when qcowfs cannot read an ext
+    /// file system's inodes itself (tests of the walk's bounds without them).
+    #[cfg(test)]
+    pub(super) fn without_layout(mut self) -> Self {
+        self.tree = Box::new(backends::NoIds(self.tree));
+        self
     }
 
     /// The image, for messages.
@@ -139,164 +135,87 @@ impl GuestFs {
         &self.image
     }
 
-    /// How many inodes the file system has.
-    pub(crate) fn inode_count(&self) -> u64 {
-        self.inodes
-    }
-
     /// How many bytes the file system lies in.
     pub(crate) fn fs_bytes(&self) -> u64 {
         self.fs_bytes
     }
 
-    pub(crate) fn ext4(&self) -> &Ext4 {
-        &self.fs
+    pub(crate) fn tree(&self) -> &dyn Tree {
+        self.tree.as_ref()
     }
 
-    pub(crate) fn layout(&self) -> Option<&layout::Layout> {
-        self.layout.as_ref()
-    }
-
-    /// Inode `number` as qcowfs reads it, if it agrees with ext4-view's `meta` for the same
-    /// entry (else None: the entry is copied without the inode's help).
-    pub(crate) fn inode(&self, number: Option<u32>, meta: &Metadata) -> Option<RawInode> {
-        let inode = self.layout.as_ref()?.inode(number?).ok()?;
-        inode.agrees(meta).then_some(inode)
-    }
-
-    /// The inode number of guest `path` (`meta`: its metadata, a final symlink followed or not
-    /// as the caller chose), found by name from the root along the path ext4-view resolves;
-    /// None for a symlink or when qcowfs cannot tell.
-    pub(crate) fn inode_of(&self, path: &ext4_view::PathBuf, meta: &Metadata) -> Option<u32> {
-        let layout = self.layout.as_ref()?;
-        // A symlink is copied as itself: no inode of it is needed.
-        if meta.is_symlink() {
-            return None;
+    /// The entry guest `path` names (absolute, checked), a final symlink followed when
+    /// `follow_last`: its resolved path and metadata.
+    pub(crate) fn resolve(&self, path: &[u8], follow_last: bool) -> Result<(GuestPath, Meta)> {
+        if !path.starts_with(b"/") {
+            return Err(Error::new(
+                &self.image,
+                GuestError::NotAbsolute(shown(path)),
+            ));
         }
-        let resolved = self.fs.canonicalize(path).ok()?;
-        let mut number = ROOT_INODE;
-        for c in resolved.components() {
-            let ext4_view::Component::Normal(name) = c else {
-                continue;
-            };
-            let dir = layout.inode(number).ok()?;
-            let entries = extents::dir_entries(layout, &dir, DIR_SCAN_LIMIT).ok()?;
-            number = entries.into_iter().find(|(n, _)| n == name.as_ref())?.1;
-        }
-        Some(number)
+        resolve::resolve(self.tree(), path, follow_last).map_err(|e| self.error(path, e))
     }
 
-    /// An error about guest `path` from ext4-view, naming the image and the path.
-    pub(crate) fn error(&self, path: &[u8], source: Ext4Error) -> Error {
-        ext4_error(&self.image, source, |source| GuestError::Ext4 {
-            path: shown(path),
-            source,
-        })
+    /// Hand each entry of folder `dir` (resolved, its metadata `meta`) but `.` and `..` to
+    /// `each`: its name, path and metadata (a final symlink not followed). A failure to read
+    /// the folder names it as `shown_as` (what the user typed, for `ls`).
+    pub(crate) fn for_each_child(
+        &self,
+        dir: &GuestPath,
+        meta: &Meta,
+        shown_as: &[u8],
+        mut each: impl FnMut(Vec<u8>, GuestPath, Meta) -> Result<()>,
+    ) -> Result<()> {
+        // Our own errors from `each` pass through the tree's callback unchanged.
+        let mut failed = None;
+        let node = Node { path: dir, meta };
+        let read = self.tree.read_dir(node, &mut |name, m| {
+            let child = dir.join(&name);
+            each(name, child, m).map_err(|e| {
+                failed = Some(e);
+                FsError::Library(String::new())
+            })
+        });
+        match (read, failed) {
+            (_, Some(e)) => Err(e),
+            (Err(e), None) => Err(self.error(shown_as, e)),
+            (Ok(()), None) => Ok(()),
+        }
+    }
+
+    /// The target of symlink `path` (as stored, never resolved).
+    pub(crate) fn read_link(&self, path: &GuestPath, meta: &Meta) -> Result<Vec<u8>> {
+        self.tree
+            .read_link(Node { path, meta })
+            .map_err(|e| self.error(path.as_bytes(), e))
+    }
+
+    /// An error from the file system about guest `path`, naming the image and the path.
+    pub(crate) fn error(&self, path: &[u8], e: FsError) -> Error {
+        match e {
+            FsError::Disk(e) => e,
+            FsError::Guest(g) => Error::new(&self.image, g),
+            FsError::Ext4(source) => Error::new(
+                &self.image,
+                GuestError::Ext4 {
+                    path: shown(path),
+                    source,
+                },
+            ),
+            FsError::Library(message) => Error::new(
+                &self.image,
+                GuestError::Library {
+                    fs: self.tree.name(),
+                    path: shown(path),
+                    message,
+                },
+            ),
+        }
     }
 
     /// An error of ours about the guest, naming the image.
     pub(crate) fn guest_error(&self, e: GuestError) -> Error {
         Error::new(&self.image, e)
-    }
-
-    /// Hand each entry of guest folder `dir` but `.` and `..` to `each`, as read: its name, path,
-    /// metadata (a final symlink not followed) and inode number when `inode` is the folder's and
-    /// qcowfs reads the same entries from it. A failure to read the folder names it as
-    /// `shown_as` (what the user typed, for `ls`).
-    pub(crate) fn for_each_child(
-        &self,
-        dir: &ext4_view::PathBuf,
-        inode: Option<&RawInode>,
-        shown_as: &[u8],
-        mut each: impl FnMut(Vec<u8>, ext4_view::PathBuf, Metadata, Option<u32>) -> Result<()>,
-    ) -> Result<()> {
-        let entries = self.fs.read_dir(dir).map_err(|e| self.error(shown_as, e))?;
-        // The same entries in the same order, with their numbers; dropped at the first that
-        // differs from ext4-view's.
-        let mut numbers = match (self.layout.as_ref(), inode) {
-            (Some(layout), Some(inode)) => extents::dir_entries(layout, inode, DIR_SCAN_LIMIT)
-                .ok()
-                .map(|v| v.into_iter()),
-            _ => None,
-        };
-        for entry in entries {
-            let entry = entry.map_err(|e| self.error(shown_as, e))?;
-            let name = entry.file_name().as_ref().to_vec();
-            let number = match numbers.as_mut().and_then(|n| n.next()) {
-                Some((n, number)) if n == name => Some(number),
-                _ => {
-                    numbers = None;
-                    None
-                }
-            };
-            if name == b"." || name == b".." {
-                continue;
-            }
-            let child = entry.path();
-            let meta = entry
-                .metadata()
-                .map_err(|e| self.error(child.as_ref(), e))?;
-            each(name, child, meta, number)?;
-        }
-        Ok(())
-    }
-}
-
-/// The root folder's inode number.
-const ROOT_INODE: u32 = 2;
-
-/// Most entries of one folder whose inode numbers qcowfs reads itself (a larger folder is
-/// copied without them).
-const DIR_SCAN_LIMIT: usize = 1 << 20;
-
-/// The most block groups accepted: 128 TiB of 4 KiB blocks (ext4-view keeps every group
-/// descriptor in memory; a hostile count would ask for gigabytes).
-const MAX_BLOCK_GROUPS: u64 = 1 << 20;
-
-/// Check the geometry an ext2/3/4 superblock (1024 bytes) claims against what ext4-view would
-/// allocate and the `len` bytes the file system has; its inode count.
-fn check_superblock(sb: &[u8; 1024], len: u64) -> std::result::Result<u64, GuestError> {
-    let u32_at = |o: usize| u64::from(u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]));
-    let inodes = u32_at(0);
-    let is_64bit = u32_at(96) & 0x80 != 0;
-    let blocks = u32_at(4) | if is_64bit { u32_at(0x150) << 32 } else { 0 };
-    let log = u32_at(24);
-    let per_group = u32_at(32);
-    let first = u32_at(20);
-    // A block size past 64 KiB or a zero group size is ext4-view's to refuse, by name.
-    if log > 6 || per_group == 0 {
-        return Ok(inodes);
-    }
-    let bytes = blocks.saturating_mul(1024 << log);
-    if bytes > len {
-        return Err(GuestError::Geometry {
-            claims: format!("{bytes} bytes"),
-            limit: format!("the {len} bytes it lies in"),
-        });
-    }
-    let groups = blocks.saturating_sub(first).div_ceil(per_group);
-    if groups > MAX_BLOCK_GROUPS {
-        return Err(GuestError::Geometry {
-            claims: format!("{groups} block groups"),
-            limit: MAX_BLOCK_GROUPS.to_string(),
-        });
-    }
-    Ok(inodes)
-}
-
-/// An ext4-view error as ours: a read error of the disk comes back as the error it was (naming
-/// the layer that failed); anything else is `wrap`ped.
-fn ext4_error(
-    image: &Path,
-    source: Ext4Error,
-    wrap: impl FnOnce(Ext4Error) -> GuestError,
-) -> Error {
-    match source {
-        Ext4Error::Io(inner) => match inner.downcast::<Error>() {
-            Ok(ours) => *ours,
-            Err(other) => Error::new(image, wrap(Ext4Error::Io(other))),
-        },
-        other => Error::new(image, wrap(other)),
     }
 }
 
@@ -409,46 +328,4 @@ fn none_found(found: String, aes: bool) -> GuestError {
         hint.push_str(AES_HINT);
     }
     GuestError::NoneSupported { found, hint }
-}
-
-/// Check that a guest path is absolute; return it as ext4-view wants it.
-pub(crate) fn guest_path(image: &Path, path: &OsStr) -> Result<ext4_view::PathBuf> {
-    let bytes = path.as_bytes();
-    if !bytes.starts_with(b"/") {
-        return Err(Error::new(image, GuestError::NotAbsolute(shown(bytes))));
-    }
-    ext4_view::PathBuf::try_from(bytes).map_err(|_| {
-        Error::new(
-            image,
-            GuestError::Ext4 {
-                path: shown(bytes),
-                source: Ext4Error::MalformedPath,
-            },
-        )
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn superblock(blocks: u32, log: u32, per_group: u32) -> [u8; 1024] {
-        let mut sb = [0u8; 1024];
-        sb[0..4].copy_from_slice(&64u32.to_le_bytes());
-        sb[4..8].copy_from_slice(&blocks.to_le_bytes());
-        sb[24..28].copy_from_slice(&log.to_le_bytes());
-        sb[32..36].copy_from_slice(&per_group.to_le_bytes());
-        sb
-    }
-
-    #[test]
-    fn a_superblock_larger_than_its_disk_or_with_too_many_groups_is_refused() {
-        assert_eq!(
-            check_superblock(&superblock(16384, 0, 8192), 16 << 20).unwrap(),
-            64
-        );
-        assert!(check_superblock(&superblock(16385, 0, 8192), 16 << 20).is_err());
-        let e = check_superblock(&superblock(u32::MAX, 0, 8), u64::MAX).unwrap_err();
-        assert!(e.to_string().contains("block groups"), "{e}");
-    }
 }

@@ -7,13 +7,12 @@ use std::ffi::OsStr;
 use std::io::{BufWriter, IsTerminal, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 
-use ext4_view::{Metadata, PathBuf as GuestPath};
-
-use super::copy::{last_name, top_metadata, KEPT_MODE};
-use super::data::{DataReader, GuestData, Range};
+use super::copy::{top_entry, KEPT_MODE};
+use super::data::{GuestData, Range};
 use super::list::CHUNK;
 use super::open::GuestFs;
 use super::sparse::sparse_header;
+use super::tree::{GuestPath, Meta};
 use super::walk::{CopyReport, Sink, Walker};
 use crate::error::{Error, Result};
 
@@ -25,18 +24,17 @@ pub fn copy_out_tar(
     out: &mut dyn Write,
     progress: bool,
 ) -> Result<CopyReport> {
-    let (p, meta) = top_metadata(gfs, path)?;
-    let name = last_name(&p).unwrap_or_else(|| b".".to_vec());
+    let (p, meta, name) = top_entry(gfs, path)?;
+    let name = name.unwrap_or_else(|| b".".to_vec());
     let mut sink = TarSink {
         builder: tar::Builder::new(BufWriter::with_capacity(1 << 20, out)),
     };
     let mut walker = Walker::new(gfs, &meta, progress && std::io::stderr().is_terminal());
-    let number = gfs.inode_of(&p, &meta);
     // The top name is checked by the walk like any other; the root's "." is the one exception.
     let result = if name == b"." {
-        root(&mut walker, &mut sink, &p, &meta, number)
+        root(&mut walker, &mut sink, &p, &meta)
     } else {
-        walker.entry(&mut sink, &Vec::new(), &name, &p, &meta, number, 0)
+        walker.entry(&mut sink, &Vec::new(), &name, &p, &meta, 0)
     };
     let report = walker.finish();
     result?;
@@ -45,48 +43,39 @@ pub fn copy_out_tar(
     Ok(report)
 }
 
-/// The root folder (inode `number`) as `.`, its entries as `./NAME`.
-fn root(
-    walker: &mut Walker,
-    sink: &mut TarSink,
-    p: &GuestPath,
-    meta: &Metadata,
-    number: Option<u32>,
-) -> Result<()> {
+/// The root folder as `.`, its entries as `./NAME`.
+fn root(walker: &mut Walker, sink: &mut TarSink, p: &GuestPath, meta: &Meta) -> Result<()> {
     let gfs = walker.gfs();
     let top = b".".to_vec();
-    let inode = walker.folder(p, meta, number)?;
+    walker.folder(p, meta)?;
     sink.append(
         &top,
         header(meta, tar::EntryType::Directory, 0),
         &mut std::io::empty(),
     )?;
-    gfs.for_each_child(
-        p,
-        inode.as_ref(),
-        p.as_ref(),
-        |name, child, child_meta, n| walker.entry(sink, &top, &name, &child, &child_meta, n, 1),
-    )
+    gfs.for_each_child(p, meta, p.as_bytes(), |name, child, child_meta| {
+        walker.entry(sink, &top, &name, &child, &child_meta, 1)
+    })
 }
 
 fn stdout_error(e: std::io::Error) -> Error {
     Error::new("<stdout>", e)
 }
 
-fn header(meta: &Metadata, kind: tar::EntryType, size: u64) -> tar::Header {
+fn header(meta: &Meta, kind: tar::EntryType, size: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
-    h.set_mode(u32::from(meta.mode()) & KEPT_MODE);
-    h.set_uid(u64::from(meta.uid()));
-    h.set_gid(u64::from(meta.gid()));
-    h.set_mtime(meta.modified().seconds().max(0) as u64);
+    h.set_mode(meta.mode & KEPT_MODE);
+    h.set_uid(u64::from(meta.uid));
+    h.set_gid(u64::from(meta.gid));
+    h.set_mtime(meta.mtime.secs.max(0) as u64);
     h.set_size(size);
     h
 }
 
 /// A guest file's data ranges, back to back, as `Read`, keeping our error to report it as is.
 struct RangesReader<'a, 'r> {
-    reader: DataReader<'r>,
+    reader: &'a mut GuestData<'r>,
     ranges: &'a [Range],
     /// The range being read, and the next byte of it.
     index: usize,
@@ -147,13 +136,7 @@ fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
 impl Sink for TarSink<'_> {
     type Dir = Vec<u8>;
 
-    fn symlink(
-        &mut self,
-        parent: &Vec<u8>,
-        name: &[u8],
-        target: &[u8],
-        meta: &Metadata,
-    ) -> Result<()> {
+    fn symlink(&mut self, parent: &Vec<u8>, name: &[u8], target: &[u8], meta: &Meta) -> Result<()> {
         let path = join(parent, name);
         let mut h = header(meta, tar::EntryType::Symlink, 0);
         self.builder
@@ -165,7 +148,7 @@ impl Sink for TarSink<'_> {
             .map_err(stdout_error)
     }
 
-    fn dir(&mut self, parent: &Vec<u8>, name: &[u8], meta: &Metadata) -> Result<Vec<u8>> {
+    fn dir(&mut self, parent: &Vec<u8>, name: &[u8], meta: &Meta) -> Result<Vec<u8>> {
         let path = join(parent, name);
         self.append(
             &path,
@@ -175,7 +158,7 @@ impl Sink for TarSink<'_> {
         Ok(path)
     }
 
-    fn dir_done(&mut self, _dir: Vec<u8>, _meta: &Metadata) -> Result<()> {
+    fn dir_done(&mut self, _dir: Vec<u8>, _meta: &Meta) -> Result<()> {
         Ok(())
     }
 
@@ -183,9 +166,9 @@ impl Sink for TarSink<'_> {
         &mut self,
         parent: &Vec<u8>,
         name: &[u8],
-        data: &GuestData,
+        data: &mut GuestData,
         ranges: &[Range],
-        meta: &Metadata,
+        meta: &Meta,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Vec<u8>> {
         let entry = join(parent, name);
@@ -205,7 +188,7 @@ impl Sink for TarSink<'_> {
         }
         let mut error = None;
         let mut reader = RangesReader {
-            reader: data.reader()?,
+            reader: data,
             ranges,
             index: 0,
             at: ranges.first().map_or(0, |r| r.offset),
@@ -224,7 +207,7 @@ impl Sink for TarSink<'_> {
         }
     }
 
-    fn link(&mut self, parent: &Vec<u8>, name: &[u8], first: &[u8], meta: &Metadata) -> Result<()> {
+    fn link(&mut self, parent: &Vec<u8>, name: &[u8], first: &[u8], meta: &Meta) -> Result<()> {
         let path = join(parent, name);
         let mut h = header(meta, tar::EntryType::Link, 0);
         self.builder

@@ -4,21 +4,19 @@
 //!
 //! A hostile image can make the tree far larger than its bytes: folders hard-linked into a
 //! DAG (2^n paths through n folders) or a loop, or many files sharing the same blocks. So each
-//! folder inode is entered once — a second name for it stops the copy with an error naming
-//! it, since ext4 never gives a folder two names and a tree copied from a damaged file system
-//! should not look whole — and a file with several names is copied once, its other names made
-//! hard links (as `cp -a` and tar do). Where qcowfs cannot read inode numbers (layout.rs), the
-//! bounds still hold: no more entries than the file system's bytes can hold (12 bytes each),
-//! no more file data than its bytes, no deeper than [`MAX_DEPTH`], no more folders than inodes.
+//! folder is entered once — a second name for it stops the copy with an error naming it, since
+//! no file system here gives a folder two names and a tree copied from a damaged one should not
+//! look whole — and a file with several names is copied once, its other names made hard links
+//! (as `cp -a` and tar do). Where entries have no known number (`Meta::id`), the bounds still
+//! hold: no more entries than the file system's bytes can hold (12 bytes each), no more file
+//! data than its bytes, no deeper than [`MAX_DEPTH`], no more folders than the tree allows.
 
 use std::collections::{HashMap, HashSet};
 
-use ext4_view::{Metadata, PathBuf as GuestPath};
-
 use super::data::{GuestData, Range};
 use super::error::GuestError;
-use super::layout::RawInode;
 use super::open::{shown, GuestFs};
+use super::tree::{GuestPath, Kind, Meta};
 use crate::error::Result;
 
 /// Deepest tree copied (a directory loop in a hostile image ends here, or at the inode count).
@@ -27,8 +25,8 @@ pub const MAX_DEPTH: usize = 256;
 /// A single file shows a progress bar from this size on (a tree always shows its spinner).
 const LARGE_FILE: u64 = 8 << 20;
 
-/// The smallest ext2/3/4 folder entry (8 bytes of header, a name padded to 4): a file system
-/// of N bytes holds at most N / 12 entries.
+/// The smallest folder entry of the file systems read here (ext2/3/4's: 8 bytes of header, a
+/// name padded to 4; the others' are larger): a file system of N bytes holds at most N / 12.
 const SMALLEST_ENTRY: u64 = 12;
 
 /// What a copy did.
@@ -50,31 +48,25 @@ pub(crate) trait Sink {
         parent: &Self::Dir,
         name: &[u8],
         target: &[u8],
-        meta: &Metadata,
+        meta: &Meta,
     ) -> Result<()>;
     /// The folder `name` in `parent`, before its entries.
-    fn dir(&mut self, parent: &Self::Dir, name: &[u8], meta: &Metadata) -> Result<Self::Dir>;
+    fn dir(&mut self, parent: &Self::Dir, name: &[u8], meta: &Meta) -> Result<Self::Dir>;
     /// After a folder's entries (modes and times go on last, so a read-only folder is filled).
-    fn dir_done(&mut self, dir: Self::Dir, meta: &Metadata) -> Result<()>;
+    fn dir_done(&mut self, dir: Self::Dir, meta: &Meta) -> Result<()>;
     /// The regular file `name` in `parent`: `data.len()` bytes, data only in `ranges` (the
     /// rest holes); `progress` is told of every chunk. Returns how a later hard link names it.
     fn file(
         &mut self,
         parent: &Self::Dir,
         name: &[u8],
-        data: &GuestData,
+        data: &mut GuestData,
         ranges: &[Range],
-        meta: &Metadata,
+        meta: &Meta,
         progress: &mut dyn FnMut(u64),
     ) -> Result<Vec<u8>>;
     /// `name` in `parent` as a hard link to the file [`Sink::file`] made and named `first`.
-    fn link(
-        &mut self,
-        parent: &Self::Dir,
-        name: &[u8],
-        first: &[u8],
-        meta: &Metadata,
-    ) -> Result<()>;
+    fn link(&mut self, parent: &Self::Dir, name: &[u8], first: &[u8], meta: &Meta) -> Result<()>;
 }
 
 /// One walk: the file system, the bounds left, what was done.
@@ -82,27 +74,27 @@ pub(crate) struct Walker<'a> {
     gfs: &'a GuestFs,
     report: CopyReport,
     bar: Option<indicatif::ProgressBar>,
-    /// Folders that may still be entered: no sound file system has more than its inodes.
+    /// Folders that may still be entered: no sound file system has more.
     dirs_left: u64,
     /// Entries that may still be made (see [`SMALLEST_ENTRY`]).
     entries_left: u64,
     /// Bytes of file data that may still be read: no more than the file system's.
     data_left: u64,
-    /// The inode numbers of the folders entered.
-    folders: HashSet<u32>,
-    /// Files with several names, by inode number: how the sink named the first copy.
-    links: HashMap<u32, Vec<u8>>,
+    /// The numbers of the folders entered.
+    folders: HashSet<u64>,
+    /// Files with several names, by number: how the sink named the first copy.
+    links: HashMap<u64, Vec<u8>>,
 }
 
 impl<'a> Walker<'a> {
     /// A walk of `gfs`, with a progress bar on stderr when `bar` and the copy is a tree or a
     /// large file (`meta`, the top).
-    pub fn new(gfs: &'a GuestFs, meta: &Metadata, bar: bool) -> Self {
+    pub fn new(gfs: &'a GuestFs, meta: &Meta, bar: bool) -> Self {
         Walker {
             gfs,
             report: CopyReport::default(),
-            bar: (bar && (meta.is_dir() || meta.len() >= LARGE_FILE)).then(|| new_bar(meta)),
-            dirs_left: gfs.inode_count().max(1),
+            bar: (bar && (meta.is_dir() || meta.len >= LARGE_FILE)).then(|| new_bar(meta)),
+            dirs_left: gfs.tree().max_dirs().max(1),
             entries_left: gfs.fs_bytes() / SMALLEST_ENTRY,
             data_left: gfs.fs_bytes(),
             folders: HashSet::new(),
@@ -110,39 +102,30 @@ impl<'a> Walker<'a> {
         }
     }
 
-    /// Folder `path` (inode `number` if known) about to be entered: its inode, when qcowfs
-    /// reads it, and an error if it was entered before under another name.
-    pub fn folder(
-        &mut self,
-        path: &GuestPath,
-        meta: &Metadata,
-        number: Option<u32>,
-    ) -> Result<Option<RawInode>> {
-        let inode = self.gfs.inode(number, meta);
-        if let Some(i) = &inode {
-            if !self.folders.insert(i.number) {
-                let e = GuestError::SecondPath(shown(path.as_ref()));
+    /// Folder `path` about to be entered: an error if it was entered before under another name.
+    pub fn folder(&mut self, path: &GuestPath, meta: &Meta) -> Result<()> {
+        if let Some(id) = meta.id {
+            if !self.folders.insert(id) {
+                let e = GuestError::SecondPath(shown(path.as_bytes()));
                 return Err(self.gfs.guest_error(e));
             }
         }
-        Ok(inode)
+        Ok(())
     }
 
-    /// Hand guest `path` (its metadata `meta`, a final symlink not followed; its inode
-    /// `number` if known) to `sink` as `name` in `parent`, and a folder's tree below it.
-    #[allow(clippy::too_many_arguments)]
+    /// Hand guest `path` (its metadata `meta`, a final symlink not followed) to `sink` as
+    /// `name` in `parent`, and a folder's tree below it.
     pub fn entry<S: Sink>(
         &mut self,
         sink: &mut S,
         parent: &S::Dir,
         name: &[u8],
         path: &GuestPath,
-        meta: &Metadata,
-        number: Option<u32>,
+        meta: &Meta,
         depth: usize,
     ) -> Result<()> {
         let gfs = self.gfs;
-        let unsafe_name = || gfs.guest_error(GuestError::UnsafeName(shown(path.as_ref())));
+        let unsafe_name = || gfs.guest_error(GuestError::UnsafeName(shown(path.as_bytes())));
         if name.is_empty()
             || name == b"."
             || name == b".."
@@ -153,48 +136,50 @@ impl<'a> Walker<'a> {
         }
         if self.entries_left == 0 {
             return Err(gfs.guest_error(GuestError::TooManyEntries {
-                path: shown(path.as_ref()),
+                path: shown(path.as_bytes()),
                 limit: gfs.fs_bytes() / SMALLEST_ENTRY,
                 fs_bytes: gfs.fs_bytes(),
             }));
         }
         self.entries_left -= 1;
-        let fs = gfs.ext4();
-        if meta.is_symlink() {
-            let target = fs
-                .read_link(path)
-                .map_err(|e| gfs.error(path.as_ref(), e))?;
-            if target.as_ref().contains(&0) {
-                return Err(unsafe_name());
+        match meta.kind {
+            Kind::Symlink => {
+                let target = gfs.read_link(path, meta)?;
+                if target.contains(&0) {
+                    return Err(unsafe_name());
+                }
+                sink.symlink(parent, name, &target, meta)?;
+                self.report.symlinks += 1;
             }
-            sink.symlink(parent, name, target.as_ref(), meta)?;
-            self.report.symlinks += 1;
-        } else if meta.is_dir() {
-            if depth >= MAX_DEPTH || self.dirs_left == 0 {
-                return Err(gfs.guest_error(GuestError::TooDeep {
-                    path: shown(path.as_ref()),
-                    max: MAX_DEPTH,
-                }));
+            Kind::Dir => {
+                if depth >= MAX_DEPTH || self.dirs_left == 0 {
+                    return Err(gfs.guest_error(GuestError::TooDeep {
+                        path: shown(path.as_bytes()),
+                        max: MAX_DEPTH,
+                    }));
+                }
+                self.dirs_left -= 1;
+                self.folder(path, meta)?;
+                let dir = sink.dir(parent, name, meta)?;
+                self.report.dirs += 1;
+                let each = |child_name: Vec<u8>, child: GuestPath, child_meta: Meta| {
+                    self.entry(sink, &dir, &child_name, &child, &child_meta, depth + 1)
+                };
+                gfs.for_each_child(path, meta, path.as_bytes(), each)?;
+                sink.dir_done(dir, meta)?;
             }
-            self.dirs_left -= 1;
-            let inode = self.folder(path, meta, number)?;
-            let dir = sink.dir(parent, name, meta)?;
-            self.report.dirs += 1;
-            let each = |child_name: Vec<u8>, child: GuestPath, child_meta: Metadata, n| {
-                self.entry(sink, &dir, &child_name, &child, &child_meta, n, depth + 1)
-            };
-            gfs.for_each_child(path, inode.as_ref(), path.as_ref(), each)?;
-            sink.dir_done(dir, meta)?;
-        } else if meta.file_type().is_regular_file() {
-            self.file(sink, parent, name, path, meta, number)?;
-            self.report.files += 1;
-        } else {
-            eprintln!(
-                "qcowfs: warning: {}: {}",
-                crate::error::escaped(gfs.image()),
-                GuestError::Special(shown(path.as_ref()))
-            );
-            self.report.skipped += 1;
+            Kind::File => {
+                self.file(sink, parent, name, path, meta)?;
+                self.report.files += 1;
+            }
+            _ => {
+                eprintln!(
+                    "qcowfs: warning: {}: {}",
+                    crate::error::escaped(gfs.image()),
+                    GuestError::Special(shown(path.as_bytes()))
+                );
+                self.report.skipped += 1;
+            }
         }
         Ok(())
     }
@@ -206,28 +191,26 @@ impl<'a> Walker<'a> {
         parent: &S::Dir,
         name: &[u8],
         path: &GuestPath,
-        meta: &Metadata,
-        number: Option<u32>,
+        meta: &Meta,
     ) -> Result<()> {
         let gfs = self.gfs;
-        let inode = gfs.inode(number, meta);
-        let linked = inode.as_ref().filter(|i| i.links > 1).map(|i| i.number);
+        let linked = meta.id.filter(|_| meta.links > 1);
         if let Some(first) = linked.and_then(|n| self.links.get(&n)) {
             return sink.link(parent, name, first, meta);
         }
-        let mut data = GuestData::new(gfs, path, meta, inode);
+        let mut data = GuestData::open(gfs, path, meta)?;
         let ranges = data.ranges()?;
         let bytes: u64 = ranges.iter().map(|r| r.len).sum();
         if bytes > self.data_left {
             return Err(gfs.guest_error(GuestError::TooMuchData {
-                path: shown(path.as_ref()),
+                path: shown(path.as_bytes()),
                 limit: gfs.fs_bytes(),
             }));
         }
         self.data_left -= bytes;
         let report = &mut self.report;
         let bar = &self.bar;
-        let first = sink.file(parent, name, &data, &ranges, meta, &mut |n| {
+        let first = sink.file(parent, name, &mut data, &ranges, meta, &mut |n| {
             report.bytes += n;
             if let Some(bar) = bar {
                 bar.inc(n);
@@ -253,7 +236,7 @@ impl<'a> Walker<'a> {
     }
 }
 
-fn new_bar(meta: &Metadata) -> indicatif::ProgressBar {
+fn new_bar(meta: &Meta) -> indicatif::ProgressBar {
     let style = |t: &str| {
         indicatif::ProgressStyle::with_template(t)
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
@@ -263,7 +246,7 @@ fn new_bar(meta: &Metadata) -> indicatif::ProgressBar {
         bar.set_style(style("{spinner} {bytes} copied ({binary_bytes_per_sec})"));
         bar
     } else {
-        let bar = indicatif::ProgressBar::new(meta.len());
+        let bar = indicatif::ProgressBar::new(meta.len);
         bar.set_style(style("{bar:40} {bytes}/{total_bytes} ({eta} left)"));
         bar
     }

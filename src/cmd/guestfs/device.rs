@@ -1,0 +1,172 @@
+//! A byte range of the decrypted disk as the device each file-system library reads through:
+//! rust-fs-core's `BlockRead` (XFS, btrfs, NTFS) and fstool's `BlockDevice` (FAT, exFAT). Both
+//! are read-only here: `ls`, `cat` and `copy-out` never write, and a library that would replay a
+//! journal by writing is refused by the device, not trusted to behave.
+//!
+//! A library turns a failed read into its own error type and loses ours, which names the layer
+//! of the chain that failed; so the device keeps the first failure, and the backend reports it
+//! in place of the library's message ([`RangeDevice::error`]).
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::{Arc, Mutex};
+
+use super::tree::FsError;
+use crate::disk::BlockDevice;
+use crate::error::Error;
+
+/// `len` bytes of a disk from `start`.
+pub(crate) struct RangeDevice {
+    disk: Arc<dyn BlockDevice>,
+    start: u64,
+    len: u64,
+    /// The first read of the disk that failed, kept for the backend to report.
+    failed: Mutex<Option<Error>>,
+}
+
+impl RangeDevice {
+    pub fn new(disk: Arc<dyn BlockDevice>, start: u64, len: u64) -> Arc<RangeDevice> {
+        Arc::new(RangeDevice {
+            disk,
+            start,
+            len,
+            failed: Mutex::new(None),
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// A library's error as ours: the disk's own read failure when one caused it (naming the
+    /// layer of the chain), else the library's message.
+    pub fn error(&self, e: impl std::fmt::Display) -> FsError {
+        match self.failed.lock().map(|mut f| f.take()) {
+            Ok(Some(disk)) => FsError::Disk(disk),
+            _ => FsError::Library(e.to_string()),
+        }
+    }
+
+    /// Read `buf.len()` bytes at `offset` of the range: false when that passes its end.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<bool, String> {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.len) {
+            return Ok(false);
+        }
+        match self.disk.read_at(self.start + offset, buf) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                let message = e.to_string();
+                if let Ok(mut f) = self.failed.lock() {
+                    f.get_or_insert(e);
+                }
+                Err(message)
+            }
+        }
+    }
+}
+
+impl fs_core::BlockRead for RangeDevice {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> fs_core::Result<()> {
+        match self.read(offset, buf) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(fs_core::Error::ShortRead {
+                offset,
+                want: buf.len(),
+                got: 0,
+            }),
+            Err(m) => Err(fs_core::Error::Io(std::io::Error::other(m))),
+        }
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.len
+    }
+}
+
+/// The range as fstool wants a device: a cursor over it (`Read + Write + Seek`), writes refused.
+pub(crate) struct Cursor {
+    device: Arc<RangeDevice>,
+    at: u64,
+}
+
+impl Cursor {
+    pub fn new(device: Arc<RangeDevice>) -> Cursor {
+        Cursor { device, at: 0 }
+    }
+
+    fn refused() -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "the guest file system is open read-only",
+        )
+    }
+}
+
+impl Read for Cursor {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (self.device.len.saturating_sub(self.at)).min(buf.len() as u64) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.device
+            .read(self.at, &mut buf[..n])
+            .map_err(std::io::Error::other)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for Cursor {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(Self::refused())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Seek for Cursor {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        let to = match pos {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::End(d) => self.device.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.at.checked_add_signed(d),
+        };
+        self.at = to.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        Ok(self.at)
+    }
+}
+
+impl fstool::block::BlockDevice for Cursor {
+    fn block_size(&self) -> u32 {
+        512
+    }
+
+    fn total_size(&self) -> u64 {
+        self.device.len
+    }
+
+    fn sync(&mut self) -> fstool::Result<()> {
+        Ok(())
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> fstool::Result<()> {
+        match self.device.read(offset, buf) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(fstool::Error::OutOfBounds {
+                offset,
+                len: buf.len() as u64,
+                size: self.device.len,
+            }),
+            Err(m) => Err(fstool::Error::Io(std::io::Error::other(m))),
+        }
+    }
+
+    fn write_at(&mut self, _: u64, _: &[u8]) -> fstool::Result<()> {
+        Err(fstool::Error::Io(Self::refused()))
+    }
+
+    fn zero_range(&mut self, _: u64, _: u64) -> fstool::Result<()> {
+        Err(fstool::Error::Io(Self::refused()))
+    }
+}
