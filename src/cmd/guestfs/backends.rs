@@ -7,6 +7,8 @@ use super::btrfs::BtrfsTree;
 use super::device::RangeDevice;
 use super::error::Contents;
 use super::ext::ExtTree;
+use super::fat::FatTree;
+use super::ntfs::NtfsTree;
 use super::tree::{FsError, FsResult, Tree};
 use super::xfs::XfsTree;
 use crate::disk::BlockDevice;
@@ -21,6 +23,10 @@ pub fn load(
     match found {
         Contents::Ext => Ok(Box::new(ExtTree::load(disk, start, len)?)),
         Contents::Xfs => Ok(Box::new(XfsTree::load(RangeDevice::new(disk, start, len))?)),
+        Contents::Ntfs => Ok(Box::new(NtfsTree::load(RangeDevice::new(
+            disk, start, len,
+        ))?)),
+        Contents::Fat => Ok(Box::new(FatTree::load(RangeDevice::new(disk, start, len))?)),
         Contents::Btrfs => Ok(Box::new(BtrfsTree::load(
             RangeDevice::new(disk, start, len),
             None,

@@ -38,6 +38,8 @@ pub enum GuestError {
         path: String,
         message: String,
     },
+    #[error("{0}: encrypted with EFS (Windows holds the key); not read")]
+    Encrypted(String),
     #[error("{0}: file not found")]
     NotFound(String),
     #[error("{0}: path is not a directory")]
@@ -107,7 +109,10 @@ pub enum Contents {
 impl Contents {
     /// Whether `ls`, `cat` and `copy-out` can read it.
     pub fn is_supported(self) -> bool {
-        matches!(self, Contents::Ext | Contents::Xfs | Contents::Btrfs)
+        matches!(
+            self,
+            Contents::Ext | Contents::Xfs | Contents::Btrfs | Contents::Ntfs | Contents::Fat
+        )
     }
 
     /// What it is, in a few words.

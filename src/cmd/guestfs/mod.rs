@@ -16,10 +16,12 @@ mod device;
 pub(crate) mod error;
 mod ext;
 mod extents;
+mod fat;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 mod layout;
 mod list;
+mod ntfs;
 mod open;
 mod reader;
 mod resolve;

@@ -88,14 +88,6 @@ impl GuestPath {
         GuestPath(p)
     }
 
-    /// The folder holding this entry (the root's is the root).
-    pub fn parent(&self) -> GuestPath {
-        match self.0.iter().rposition(|&b| b == b'/') {
-            Some(0) | None => GuestPath::root(),
-            Some(i) => GuestPath(self.0[..i].to_vec()),
-        }
-    }
-
     /// The last name; None for the root.
     pub fn last_name(&self) -> Option<&[u8]> {
         match self.0.iter().rposition(|&b| b == b'/') {
@@ -213,9 +205,6 @@ mod tests {
         let etc = root.join(b"etc");
         let fstab = etc.join(b"fstab");
         assert_eq!(fstab.as_bytes(), b"/etc/fstab");
-        assert_eq!(fstab.parent(), etc);
-        assert_eq!(etc.parent(), root);
-        assert_eq!(root.parent(), root);
         assert_eq!(fstab.last_name(), Some(&b"fstab"[..]));
         assert_eq!(root.last_name(), None);
     }
