@@ -122,10 +122,12 @@ macro_rules! guest_help_common {
     () => {
         "\
 The image is opened read-only with QEMU's reader locks (--force-share: none, for a running VM),
-and the guest's ext2/3/4 file system is read in-process: no FUSE, no root, no loop device.
-Without --partition: the whole disk if it holds an ext2/3/4 file system, else the one partition
-that does (more than one: choose with --partition N, numbered as `qcowfs mount` shows disk-partN).
-Other contents (XFS, btrfs, NTFS, LVM, LUKS, swap) are named in the refusal: mount the image with
+and the guest's file system is read in-process: no FUSE, no root, no loop device. Read here:
+ext2/3/4, XFS (v4, v5; a dirty log is replayed in memory), btrfs (the default subvolume, or
+--subvolume), NTFS (symlinks and junctions shown as links) and FAT12/16/32.
+Without --partition: the whole disk if it holds one of those, else the one partition that does
+(more than one: choose with --partition N, numbered as `qcowfs mount` shows disk-partN).
+Other contents (exFAT, LVM, LUKS, swap) are named in the refusal: mount the image with
 `qcowfs mount --read-only IMAGE MNT` and use `mount -o loop,ro MNT/disk-partN /mnt/guest`."
     };
 }
@@ -301,6 +303,10 @@ pub struct GuestArgs {
     /// Read partition N (as `qcowfs mount` numbers disk-partN: MBR 1-4, logicals from 5; GPT)
     #[arg(long, value_name = "N")]
     pub partition: Option<u32>,
+    /// Read this btrfs subvolume (its path as `btrfs subvolume list` prints it, or its id)
+    /// instead of the default one
+    #[arg(long, value_name = "PATH|ID")]
+    pub subvolume: Option<String>,
     /// The qcow2 image
     pub image: PathBuf,
     /// An absolute path in the guest file system, e.g. /var/log/syslog

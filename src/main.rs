@@ -212,6 +212,7 @@ fn guest_command(
         force_share: args.force_share,
         backing_within: within,
         partition: args.partition,
+        subvolume: args.subvolume.clone(),
     };
     f(&qcowfs::cmd::guestfs::GuestFs::open(
         &args.image,

@@ -13,12 +13,14 @@ use super::tree::{FsError, FsResult, Tree};
 use super::xfs::XfsTree;
 use crate::disk::BlockDevice;
 
-/// The file system of kind `found` in `len` bytes of `disk` from `start`, open for reading.
+/// The file system of kind `found` in `len` bytes of `disk` from `start`, open for reading
+/// (`subvolume`: of btrfs, by path or id).
 pub fn load(
     found: Contents,
     disk: Arc<dyn BlockDevice>,
     start: u64,
     len: u64,
+    subvolume: Option<&str>,
 ) -> FsResult<Box<dyn Tree>> {
     match found {
         Contents::Ext => Ok(Box::new(ExtTree::load(disk, start, len)?)),
@@ -29,7 +31,7 @@ pub fn load(
         Contents::Fat => Ok(Box::new(FatTree::load(RangeDevice::new(disk, start, len))?)),
         Contents::Btrfs => Ok(Box::new(BtrfsTree::load(
             RangeDevice::new(disk, start, len),
-            None,
+            subvolume,
         )?)),
         other => Err(FsError::Library(format!(
             "{} is not a file system qcowfs reads",

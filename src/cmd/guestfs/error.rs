@@ -40,6 +40,8 @@ pub enum GuestError {
     },
     #[error("{0}: encrypted with EFS (Windows holds the key); not read")]
     Encrypted(String),
+    #[error("--subvolume: the guest holds {0}, which has no subvolumes (btrfs has them)")]
+    NoSubvolumes(&'static str),
     #[error("{0}: file not found")]
     NotFound(String),
     #[error("{0}: path is not a directory")]

@@ -117,7 +117,13 @@ pub fn guest_bytes(data: &[u8], scratch: &Path) -> Result<()> {
 pub(crate) fn memory_fs(data: &[u8]) -> Result<GuestFs> {
     let len = data.len() as u64;
     let device: Arc<dyn BlockDevice> = Arc::new(Memory(data.to_vec()));
-    GuestFs::load(Path::new("<fuzz>"), device, "disk".into(), 0, len, "")
+    GuestFs::load(
+        Path::new("<fuzz>"),
+        device,
+        ("disk".into(), 0, len),
+        None,
+        "",
+    )
 }
 
 /// A new empty folder under `scratch`, unique to this process and call.

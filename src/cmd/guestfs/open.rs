@@ -39,6 +39,8 @@ pub struct GuestOptions {
     pub backing_within: Vec<PathBuf>,
     /// The partition to read (Linux numbering), or None to find the file system.
     pub partition: Option<u32>,
+    /// The btrfs subvolume to read (path or id), or None for the default one.
+    pub subvolume: Option<String>,
 }
 
 /// The guest file system of an image, open for reading.
@@ -87,21 +89,31 @@ impl GuestFs {
             true => AES_HINT,
             false => "",
         };
-        GuestFs::load(image, disk, view, start, len, hint)
+        GuestFs::load(
+            image,
+            disk,
+            (view, start, len),
+            opts.subvolume.as_deref(),
+            hint,
+        )
     }
 
-    /// The file system in `len` bytes of `disk` from `start`, of the kind its first bytes say
-    /// (`view` names the range; `hint` is added to a refusal), `image` named in errors.
+    /// The file system in the byte range `(view, start, len)` of `disk` (`view` names it), of
+    /// the kind its first bytes say; `subvolume` of btrfs; `hint` is added to a refusal;
+    /// `image` named in errors.
     pub(super) fn load(
         image: &Path,
         disk: Arc<dyn BlockDevice>,
-        view: String,
-        start: u64,
-        len: u64,
+        (view, start, len): (String, u64, u64),
+        subvolume: Option<&str>,
         hint: &'static str,
     ) -> Result<GuestFs> {
         let found = detect::detect(disk.as_ref(), start, len)?;
-        let tree = backends::load(found, disk, start, len).map_err(|e| match e {
+        if subvolume.is_some() && found != Contents::Btrfs {
+            let e = GuestError::NoSubvolumes(found.name());
+            return Err(Error::new(image, e));
+        }
+        let tree = backends::load(found, disk, start, len, subvolume).map_err(|e| match e {
             FsError::Disk(e) => e,
             FsError::Guest(g) => Error::new(image, g),
             FsError::Ext4(source) => Error::new(image, GuestError::Load { view, source, hint }),
