@@ -45,6 +45,17 @@ QCOWFS_DEPS=(
 	mount:mount
 	cc:gcc
 	mkfs.xfs:xfsprogs
+	xfs_io:xfsprogs
+	mkfs.btrfs:btrfs-progs
+	btrfs:btrfs-progs
+	mkntfs:ntfs-3g
+	ntfs-3g:ntfs-3g
+	setfattr:attr
+	mkfs.vfat:dosfstools
+	mcopy:mtools
+	mkfs.exfat:exfatprogs
+	diff:diffutils
+	tar:tar
 	pvcreate:lvm2
 	mkswap:util-linux
 )

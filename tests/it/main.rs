@@ -20,6 +20,7 @@ mod damaged_writes;
 mod deps;
 mod fuzz_images;
 mod guest_files;
+mod guest_kinds;
 mod host_files;
 mod host_full;
 mod host_integration;

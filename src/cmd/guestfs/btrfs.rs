@@ -153,7 +153,7 @@ fn meta_of(index: usize, i: &Inode) -> FsResult<Meta> {
         nanos: t.nsec,
     };
     let id = (i.ino < 1 << INO_BITS && index < 1 << (64 - INO_BITS))
-        .then(|| ((index as u64) << INO_BITS) | i.ino);
+        .then_some(((index as u64) << INO_BITS) | i.ino);
     Ok(Meta {
         kind,
         mode: i.permissions() & 0o7777,

@@ -49,14 +49,6 @@ impl ExtTree {
         Ok(ExtTree { fs, inodes, layout })
     }
 
-    /// The same file system read through ext4-view alone, as when qcowfs cannot read its
-    /// block maps itself (tests of that fallback).
-    #[cfg(test)]
-    pub fn without_layout(mut self) -> Self {
-        self.layout = None;
-        self
-    }
-
     fn path(node: Node) -> FsResult<ext4_view::PathBuf> {
         ext4_view::PathBuf::try_from(node.path.as_bytes())
             .map_err(|_| FsError::Ext4(Ext4Error::MalformedPath))
