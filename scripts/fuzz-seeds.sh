@@ -6,7 +6,8 @@
 # LUKS (passphrase "fuzz", as src/fuzz/mod.rs expects; LUKS with encrypt.iter-time=10), zlib and zstd
 # compressed, internal snapshots, a raw-backed overlay (the base sits beside it in DIR).
 # Also, in DIR/guest/, small ext2/3/4 file systems made with mkfs.ext4 -d (raw bytes, the
-# input of the `guest` target): folders, symlinks, a hard link, a sparse file, an htree folder.
+# input of the `guest` target): folders, symlinks, a hard link, a sparse file, an htree folder;
+# and a FAT12 and an NTFS one (XFS and btrfs have no file system under 1 MiB).
 set -euo pipefail
 DIR=${1:?usage: scripts/fuzz-seeds.sh DIR}
 mkdir -p "$DIR"
@@ -73,6 +74,13 @@ ext4-plain ext4 -O ^metadata_csum,^has_journal
 ext3 ext3
 ext2 ext2
 KINDS
+# FAT12 with the same tree (mtools: no mount), and an empty NTFS (its metafiles and root index
+# are what the reader parses first; ntfs-3g would need a mount to add files).
+rm -f guest/fat12.raw guest/ntfs.raw
+mkfs.vfat -C guest/fat12.raw 900 >/dev/null
+mcopy -s -i guest/fat12.raw "$tree/etc" "$tree/hardlink" ::/
+truncate -s 1100k guest/ntfs.raw
+mkntfs -q -F -f guest/ntfs.raw >/dev/null 2>&1
 
 for f in *.qcow2; do
     size=$(stat -c %s "$f")
