@@ -101,6 +101,21 @@ Safe to interrupt: until the last step the image still has its backing file; run
     /// Copy a file, symlink or whole folder of the guest's file system to the host
     #[command(after_help = GUEST_HELP_COPY)]
     CopyOut(CopyOutArgs),
+    /// Edit a file of the guest in place: $VISUAL/$EDITOR on a private copy, written back if changed
+    #[command(after_help = GUEST_HELP_EDIT)]
+    Edit(EditFileArgs),
+    /// Write stdin into a file of the guest (made, mode 0644, if missing), in place
+    #[command(after_help = GUEST_HELP_EDIT)]
+    Write(EditPathArgs),
+    /// Copy host files or folders into a folder of the guest, in place
+    #[command(after_help = GUEST_HELP_EDIT)]
+    CopyIn(CopyInArgs),
+    /// Remove a file, symlink or empty folder of the guest, in place
+    #[command(after_help = GUEST_HELP_EDIT)]
+    Rm(EditPathArgs),
+    /// Make a folder in the guest (mode 0755), in place
+    #[command(after_help = GUEST_HELP_EDIT)]
+    Mkdir(EditPathArgs),
     /// Check the passphrase of every encrypted layer without opening anything for writing
     #[command(after_help = "\
 Example:
@@ -131,6 +146,24 @@ Other contents (exFAT, LVM, LUKS, swap) are named in the refusal: mount the imag
 `qcowfs mount --read-only IMAGE MNT` and use `mount -o loop,ro MNT/disk-partN /mnt/guest`."
     };
 }
+
+const GUEST_HELP_EDIT: &str = "\
+Examples:
+  qcowfs edit --passphrase-file key /var/lib/nova/instances/UUID/disk /etc/fstab
+  echo 'nameserver 192.0.2.53' | qcowfs write --passphrase-file key DISK /etc/resolv.conf
+  qcowfs copy-in --passphrase-file key DISK ./authorized_keys /root/.ssh
+  qcowfs rm --passphrase-file key DISK /etc/systemd/system/multi-user.target.wants/bad.service
+
+The guest's file system is changed in place, in-process, without root: ext2/3/4 (rust-fs-ext4,
+each change a journal transaction) and XFS (rust-fs-xfs, through its log, then unmounted
+cleanly). The image is opened writable under QEMU's write lock: a running VM's disk is refused,
+and there is no --force-share for writes. The passphrase is checked before anything is written
+(a wrong one is refused; one that cannot be verified needs --unverified-key). A file system that
+was not cleanly unmounted, or records errors, is refused: boot the VM once, or repair it.
+Every write goes through the same copy-on-write and encryption as `qcowfs mount`. Guest paths are
+taken name by name; a symlink is not followed. `edit` and `write` keep the file's owner, mode,
+times other than mtime, and extended attributes; `copy-in` never replaces an existing name and
+does not follow host symlinks.";
 
 const GUEST_HELP_LS: &str = concat!(
     "Example:\n  qcowfs ls --passphrase-file key /var/lib/nova/instances/UUID/disk /var/log\n\n",
@@ -311,6 +344,55 @@ pub struct GuestArgs {
     pub image: PathBuf,
     /// An absolute path in the guest file system, e.g. /var/log/syslog
     pub guest_path: std::ffi::OsString,
+}
+
+/// The image a changing command opens, and how.
+#[derive(Debug, Args)]
+pub struct EditTarget {
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub confine: ConfineArgs,
+    /// Change partition N (as `qcowfs mount` numbers disk-partN)
+    #[arg(long, value_name = "N")]
+    pub partition: Option<u32>,
+    /// Write even when the passphrase cannot be verified (a legacy AES overlay with no data of
+    /// its own yet): new data is then encrypted with the one given
+    #[arg(long)]
+    pub unverified_key: bool,
+    /// The qcow2 image
+    pub image: PathBuf,
+}
+
+/// `write`, `rm`, `mkdir`: an image and a guest path.
+#[derive(Debug, Args)]
+pub struct EditPathArgs {
+    #[command(flatten)]
+    pub target: EditTarget,
+    /// An absolute path in the guest file system
+    pub guest_path: std::ffi::OsString,
+}
+
+/// `edit`: an image, a guest file, and the editor.
+#[derive(Debug, Args)]
+pub struct EditFileArgs {
+    #[command(flatten)]
+    pub target: EditTarget,
+    /// The editor command (default: $VISUAL, then $EDITOR, then vi); it is given the copy's path
+    #[arg(long, value_name = "COMMAND")]
+    pub editor: Option<String>,
+    /// An absolute path of a regular file in the guest
+    pub guest_path: std::ffi::OsString,
+}
+
+/// `copy-in`: an image, host sources, and the guest folder they go into.
+#[derive(Debug, Args)]
+pub struct CopyInArgs {
+    #[command(flatten)]
+    pub target: EditTarget,
+    /// Host files or folders, then the guest folder to copy them into (which must exist)
+    #[arg(num_args = 2.., required = true, value_name = "SRC... GUESTDIR")]
+    pub paths: Vec<PathBuf>,
 }
 
 /// `copy-out`: an image, a guest path, and where to put it.

@@ -117,6 +117,37 @@ fn main() {
             }
             .map(|_| ())
         }),
+        Command::Edit(args) => edit_command(&args.target, |ed| {
+            let editor = args
+                .editor
+                .clone()
+                .or_else(|| std::env::var("VISUAL").ok().filter(|v| !v.is_empty()))
+                .or_else(|| std::env::var("EDITOR").ok().filter(|v| !v.is_empty()))
+                .unwrap_or_else(|| "vi".to_string());
+            if !qcowfs::cmd::guestfs::edit::edit(ed, &args.guest_path, &editor)? {
+                eprintln!("qcowfs: unchanged; nothing written");
+            }
+            Ok(())
+        }),
+        Command::Write(args) => edit_command(&args.target, |ed| {
+            qcowfs::cmd::guestfs::edit::write(ed, &args.guest_path, &mut std::io::stdin().lock())
+                .map(|_| ())
+        }),
+        Command::Rm(args) => edit_command(&args.target, |ed| {
+            qcowfs::cmd::guestfs::edit::remove(ed, &args.guest_path)
+        }),
+        Command::Mkdir(args) => edit_command(&args.target, |ed| {
+            qcowfs::cmd::guestfs::edit::mkdir(ed, &args.guest_path)
+        }),
+        Command::CopyIn(args) => edit_command(&args.target, |ed| {
+            let (dir, sources) = args.paths.split_last().expect("clap asks for two at least");
+            let sources: Vec<&std::path::Path> = sources.iter().map(|p| p.as_path()).collect();
+            let r = qcowfs::cmd::guestfs::edit::copy_in(ed, &sources, dir.as_os_str())?;
+            if r.skipped > 0 {
+                eprintln!("qcowfs: {} entries not copied (named above)", r.skipped);
+            }
+            Ok(())
+        }),
         Command::Seal(args) => args.confine.folders().and_then(|within| {
             let keys = args.keys.sources().key_ring(&args.image, true, &within)?;
             seal(&args, &keys, within)
@@ -219,6 +250,32 @@ fn guest_command(
         &keys,
         &opts,
     )?)
+}
+
+/// Open the guest file system `target` names for changes, run `f` on it, and finish it (the
+/// library's clean unmount and the image's commit) whether `f` succeeded or not: what was
+/// committed is made consistent; `f`'s error comes first.
+fn edit_command(
+    target: &qcowfs::cli::EditTarget,
+    f: impl FnOnce(&qcowfs::cmd::guestfs::edit::GuestEditor) -> Result<()>,
+) -> Result<()> {
+    let within = target.confine.folders()?;
+    let keys = target
+        .keys
+        .sources()
+        .key_ring(&target.image, true, &within)?;
+    let opts = qcowfs::cmd::guestfs::edit::EditOptions {
+        backing_within: within,
+        partition: target.partition,
+        key_policy: qcowfs::keys::check::KeyPolicy {
+            force: false,
+            unverified_key: target.unverified_key,
+        },
+    };
+    let ed = qcowfs::cmd::guestfs::edit::GuestEditor::open(&target.image, &keys, &opts)?;
+    let done = f(&ed);
+    let finished = ed.finish();
+    done.and(finished)
 }
 
 /// `qcowfs seal`, with a progress bar on a terminal when asked.

@@ -1,7 +1,9 @@
 //! A byte range of the decrypted disk as the device each file-system library reads through:
-//! rust-fs-core's `BlockRead` (XFS, btrfs, NTFS) and fstool's `BlockDevice` (FAT, exFAT). Both
-//! are read-only here: `ls`, `cat` and `copy-out` never write, and a library that would replay a
-//! journal by writing is refused by the device, not trusted to behave.
+//! rust-fs-core's `BlockRead` (XFS, btrfs, NTFS) and fstool's `BlockDevice` (FAT). For `ls`,
+//! `cat` and `copy-out` it is read-only: a library that would replay a journal by writing is
+//! refused by the device, not trusted to behave. The editing commands make it writable
+//! ([`RangeDevice::writable`]): its writes go to the disk layer, and a library's flush (its
+//! barrier between a journal record and the blocks it describes) is a commit of the image.
 //!
 //! A library turns a failed read into its own error type and loses ours, which names the layer
 //! of the chain that failed; so the device keeps the first failure, and the backend reports it
@@ -19,7 +21,9 @@ pub(crate) struct RangeDevice {
     disk: Arc<dyn BlockDevice>,
     start: u64,
     len: u64,
-    /// The first read of the disk that failed, kept for the backend to report.
+    /// Whether writes reach the disk (the editing commands) or are refused.
+    writable: bool,
+    /// The first read or write of the disk that failed, kept for the backend to report.
     failed: Mutex<Option<Error>>,
 }
 
@@ -29,8 +33,29 @@ impl RangeDevice {
             disk,
             start,
             len,
+            writable: false,
             failed: Mutex::new(None),
         })
+    }
+
+    /// The same range, its writes reaching the disk.
+    pub fn writable(disk: Arc<dyn BlockDevice>, start: u64, len: u64) -> Arc<RangeDevice> {
+        Arc::new(RangeDevice {
+            disk,
+            start,
+            len,
+            writable: true,
+            failed: Mutex::new(None),
+        })
+    }
+
+    /// Keep the first failure of the disk, for [`RangeDevice::error`]; its message.
+    fn keep(&self, e: Error) -> String {
+        let message = e.to_string();
+        if let Ok(mut f) = self.failed.lock() {
+            f.get_or_insert(e);
+        }
+        message
     }
 
     pub fn len(&self) -> u64 {
@@ -54,14 +79,40 @@ impl RangeDevice {
         }
         match self.disk.read_at(self.start + offset, buf) {
             Ok(()) => Ok(true),
-            Err(e) => {
-                let message = e.to_string();
-                if let Ok(mut f) = self.failed.lock() {
-                    f.get_or_insert(e);
-                }
-                Err(message)
-            }
+            Err(e) => Err(self.keep(e)),
         }
+    }
+}
+
+impl fs_core::BlockDevice for RangeDevice {
+    fn write_at(&self, offset: u64, buf: &[u8]) -> fs_core::Result<()> {
+        if !self.writable {
+            return Err(fs_core::Error::ReadOnly);
+        }
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.len) {
+            return Err(fs_core::Error::OutOfBounds {
+                offset,
+                len: buf.len() as u64,
+                size: self.len,
+            });
+        }
+        self.disk
+            .write_at(self.start + offset, buf)
+            .map_err(|e| fs_core::Error::Io(std::io::Error::other(self.keep(e))))
+    }
+
+    fn flush(&self) -> fs_core::Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.disk
+            .flush()
+            .map_err(|e| fs_core::Error::Io(std::io::Error::other(self.keep(e))))
+    }
+
+    fn is_writable(&self) -> bool {
+        self.writable
     }
 }
 

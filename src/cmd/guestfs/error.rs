@@ -42,6 +42,30 @@ pub enum GuestError {
     Encrypted(String),
     #[error("--subvolume: the guest holds {0}, which has no subvolumes (btrfs has them)")]
     NoSubvolumes(&'static str),
+    #[error(
+        "{view} holds {found}, which qcowfs cannot change in place (ext2/3/4 and XFS it can); \
+         qcowfs mount IMAGE MNT, then mount -o loop MNT/{view} /mnt/guest"
+    )]
+    NotEditable { view: String, found: &'static str },
+    #[error("{view} holds {found}, which cannot be changed now: {why}")]
+    NotEditableNow {
+        view: String,
+        found: &'static str,
+        why: String,
+    },
+    #[error(
+        "the guest file system was not cleanly unmounted ({0}); refusing to change it: boot the \
+         VM once, or repair it (qcowfs mount IMAGE MNT, then e2fsck -f MNT/disk-partN)"
+    )]
+    NotClean(&'static str),
+    #[error("{0}: exists; choose a new name, or rm it first")]
+    AlreadyExists(String),
+    #[error("{0}: not a regular file; only regular files are written or edited")]
+    NotRegular(String),
+    #[error("{path}: {len} bytes, more than the {limit} qcowfs edits in memory; copy-in a new file instead")]
+    TooBigToEdit { path: String, len: u64, limit: u64 },
+    #[error("the editor failed ({0}); nothing was written")]
+    EditorFailed(String),
     #[error("{0}: file not found")]
     NotFound(String),
     #[error("{0}: path is not a directory")]

@@ -13,6 +13,7 @@ mod copy;
 mod data;
 mod detect;
 mod device;
+pub mod edit;
 pub(crate) mod error;
 mod ext;
 mod extents;

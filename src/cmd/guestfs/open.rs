@@ -232,13 +232,13 @@ impl GuestFs {
 }
 
 /// An error that does not yet name its image, or one that already names a file.
-enum Choice {
+pub(super) enum Choice {
     Guest(GuestError),
     Disk(Error),
 }
 
 impl Choice {
-    fn at_image(self, image: &Path) -> Error {
+    pub(super) fn at_image(self, image: &Path) -> Error {
         match self {
             Choice::Guest(g) => Error::new(image, g),
             Choice::Disk(e) => e,
@@ -255,7 +255,7 @@ impl From<Error> for Choice {
 /// Which byte range holds the file system: (its name as the mountpoint shows it, start, length).
 /// Partition `number` if asked; else the whole disk if it holds one; else the one partition that
 /// does. `aes`: a legacy AES layer is in the chain (a wrong passphrase reads as noise).
-fn choose(
+pub(super) fn choose(
     disk: &dyn BlockDevice,
     number: Option<u32>,
     aes: bool,
