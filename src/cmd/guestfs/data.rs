@@ -47,6 +47,13 @@ impl<'a> GuestData<'a> {
     /// The ranges that hold data, in order, at most [`MAX_RANGES`]. A file that cannot be
     /// mapped is one range; refused when that is longer than the file system.
     pub fn ranges(&mut self) -> Result<Vec<Range>> {
+        // No host file, seek or tar header holds more.
+        if self.len > i64::MAX as u64 {
+            return Err(self.gfs.guest_error(GuestError::TooLong {
+                path: shown(self.path.as_bytes()),
+                len: self.len,
+            }));
+        }
         let mapped = self
             .file
             .ranges()

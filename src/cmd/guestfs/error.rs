@@ -110,8 +110,10 @@ pub enum GuestError {
          its holes; mount the image and copy it with cp --sparse"
     )]
     Unmapped { path: String, len: u64, limit: u64 },
-    #[error("{path}: {source}")]
-    Map { path: String, source: LayoutError },
+    #[error(
+        "{path}: claims {len} bytes, more than any host file can hold (a damaged file system)"
+    )]
+    TooLong { path: String, len: u64 },
 }
 
 /// What a range of the disk holds.

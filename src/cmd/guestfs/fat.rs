@@ -103,7 +103,7 @@ impl Tree for FatTree {
 
     fn lookup(&self, dir: Node, name: &[u8]) -> FsResult<Option<Meta>> {
         let mut names = Vec::new();
-        self.list(dir, &mut |n| names.push(n))?;
+        self.list(dir, &mut |n, _, _| names.push(n))?;
         // The name as stored, else as Windows matches it (ASCII case ignored).
         let found = names
             .iter()
@@ -120,10 +120,19 @@ impl Tree for FatTree {
         dir: Node,
         each: &mut dyn FnMut(Vec<u8>, Meta) -> FsResult<()>,
     ) -> FsResult<()> {
-        let mut names = Vec::new();
-        self.list(dir, &mut |n| names.push(n))?;
-        for name in names {
-            let meta = self.meta(dir.path.join(&name).as_bytes())?;
+        let mut entries = Vec::new();
+        self.list(dir, &mut |n, kind, len| entries.push((n, kind, len)))?;
+        for (name, kind, len) in entries {
+            // A name no path can address (a '/' in it: a damaged or hostile volume) is shown
+            // with what its entry says; the copy refuses it by name.
+            let meta = match name.contains(&b'/') || name.contains(&0) {
+                true => Meta {
+                    kind,
+                    len,
+                    ..self.root()?
+                },
+                false => self.meta(dir.path.join(&name).as_bytes())?,
+            };
             each(name, meta)?;
         }
         Ok(())
@@ -149,15 +158,19 @@ impl Tree for FatTree {
 }
 
 impl FatTree {
-    /// The names in folder `dir`, `.` and `..` left out.
-    fn list(&self, dir: Node, each: &mut dyn FnMut(Vec<u8>)) -> FsResult<()> {
+    /// The names in folder `dir` with what they are and their lengths, `.` and `..` left out.
+    fn list(&self, dir: Node, each: &mut dyn FnMut(Vec<u8>, Kind, u64)) -> FsResult<()> {
         let path = as_path(dir.path.as_bytes())?;
         let mut guard = self.fs.borrow_mut();
         let (fs, dev) = &mut *guard;
         let entries = fs.list(dev, path).map_err(|e| self.device.error(e))?;
         for e in entries {
+            let kind = match e.kind {
+                EntryKind::Dir => Kind::Dir,
+                _ => Kind::File,
+            };
             if e.name != "." && e.name != ".." {
-                each(e.name.into_bytes());
+                each(e.name.into_bytes(), kind, e.size);
             }
         }
         Ok(())
