@@ -67,6 +67,15 @@ impl User {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        self.run_input(program, args, None)
+    }
+
+    /// [`User::run`] with `stdin` as the program's input (None: no input).
+    pub fn run_input<I, S>(&self, program: &Path, args: I, stdin: Option<&[u8]>) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let mut cmd = Command::new("setpriv");
         cmd.arg(format!("--reuid={}", self.uid))
             .arg(format!("--regid={}", self.gid))
@@ -77,7 +86,7 @@ impl User {
             .arg(reachable(program))
             .args(args)
             .current_dir("/");
-        run_with(&mut cmd, None, COMMAND_TIMEOUT)
+        run_with(&mut cmd, stdin, COMMAND_TIMEOUT)
     }
 
     /// Give `path` (and everything under it) to this user.
