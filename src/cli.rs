@@ -155,8 +155,8 @@ Examples:
   qcowfs rm --passphrase-file key DISK /etc/systemd/system/multi-user.target.wants/bad.service
 
 The guest's file system is changed in place, in-process, without root: ext2/3/4 (rust-fs-ext4,
-each change a journal transaction) and XFS (rust-fs-xfs, through its log, then unmounted
-cleanly). The image is opened writable under QEMU's write lock: a running VM's disk is refused,
+each change a journal transaction), XFS (rust-fs-xfs, through its log, then unmounted cleanly)
+and FAT (fstool; no journal, as any FAT). The image is opened writable under QEMU's write lock: a running VM's disk is refused,
 and there is no --force-share for writes. The passphrase is checked before anything is written
 (a wrong one is refused; one that cannot be verified needs --unverified-key). A file system that
 was not cleanly unmounted, or records errors, is refused: boot the VM once, or repair it.

@@ -134,7 +134,8 @@ impl fs_core::BlockRead for RangeDevice {
     }
 }
 
-/// The range as fstool wants a device: a cursor over it (`Read + Write + Seek`), writes refused.
+/// The range as fstool wants a device: a cursor over it (`Read + Write + Seek`), writing only
+/// when the range is writable.
 pub(crate) struct Cursor {
     device: Arc<RangeDevice>,
     at: u64,
@@ -168,11 +169,19 @@ impl Read for Cursor {
 }
 
 impl Write for Cursor {
-    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-        Err(Self::refused())
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        fs_core::BlockDevice::write_at(self.device.as_ref(), self.at, buf).map_err(
+            |e| match e {
+                fs_core::Error::ReadOnly => Self::refused(),
+                other => std::io::Error::other(other.to_string()),
+            },
+        )?;
+        self.at += buf.len() as u64;
+        Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        fs_core::BlockDevice::flush(self.device.as_ref())
+            .map_err(|e| std::io::Error::other(e.to_string()))
     }
 }
 
@@ -198,7 +207,7 @@ impl fstool::block::BlockDevice for Cursor {
     }
 
     fn sync(&mut self) -> fstool::Result<()> {
-        Ok(())
+        Write::flush(self).map_err(fstool::Error::Io)
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> fstool::Result<()> {
@@ -213,11 +222,19 @@ impl fstool::block::BlockDevice for Cursor {
         }
     }
 
-    fn write_at(&mut self, _: u64, _: &[u8]) -> fstool::Result<()> {
-        Err(fstool::Error::Io(Self::refused()))
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> fstool::Result<()> {
+        self.at = offset;
+        self.write_all(buf).map_err(fstool::Error::Io)
     }
 
-    fn zero_range(&mut self, _: u64, _: u64) -> fstool::Result<()> {
-        Err(fstool::Error::Io(Self::refused()))
+    fn zero_range(&mut self, offset: u64, len: u64) -> fstool::Result<()> {
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            fstool::block::BlockDevice::write_at(self, offset + done, &zeros[..n])?;
+            done += n as u64;
+        }
+        Ok(())
     }
 }

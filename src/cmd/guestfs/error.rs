@@ -43,7 +43,7 @@ pub enum GuestError {
     #[error("--subvolume: the guest holds {0}, which has no subvolumes (btrfs has them)")]
     NoSubvolumes(&'static str),
     #[error(
-        "{view} holds {found}, which qcowfs cannot change in place (ext2/3/4 and XFS it can); \
+        "{view} holds {found}, which qcowfs cannot change in place (ext2/3/4, XFS and FAT it can); \
          qcowfs mount IMAGE MNT, then mount -o loop MNT/{view} /mnt/guest"
     )]
     NotEditable { view: String, found: &'static str },

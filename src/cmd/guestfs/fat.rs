@@ -17,7 +17,7 @@ use super::tree::{FileData, FsError, FsResult, Kind, Meta, Node, Time, Tree};
 
 /// The largest allocation table read (16 M entries of FAT32: a 512 GiB volume of 32 KiB
 /// clusters). fstool holds it all, and a hostile boot sector could claim gigabytes.
-const MAX_FAT_BYTES: u64 = 64 << 20;
+pub(super) const MAX_FAT_BYTES: u64 = 64 << 20;
 
 /// A FAT volume, open for reading.
 pub(crate) struct FatTree {
@@ -67,7 +67,7 @@ impl FatTree {
 }
 
 /// The size of the allocation table the boot sector claims.
-fn table_bytes(device: &RangeDevice) -> FsResult<u64> {
+pub(super) fn table_bytes(device: &RangeDevice) -> FsResult<u64> {
     let mut boot = [0u8; 512];
     fs_core::BlockRead::read_at(device, 0, &mut boot).map_err(|e| device.error(e))?;
     let b = fstool::fs::fat::boot::BootSector::decode(&boot).map_err(|e| device.error(e))?;

@@ -12,6 +12,7 @@ use super::super::error::{Contents, GuestError};
 use super::super::open::{choose, shown};
 use super::super::tree::FsError;
 use super::ext::ExtEditor;
+use super::fat::FatEditor;
 use super::xfs::XfsEditor;
 use super::Editor;
 use crate::chain::{Chain, KeyRing, OpenOptions};
@@ -97,6 +98,7 @@ impl GuestEditor {
                 "ext2/3/4",
             ),
             Contents::Xfs => (Box::new(XfsEditor::open(device).map_err(refuse)?), "XFS"),
+            Contents::Fat => (Box::new(FatEditor::open(device).map_err(refuse)?), "FAT"),
             other => {
                 let e = GuestError::NotEditable {
                     view,
