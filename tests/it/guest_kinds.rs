@@ -43,6 +43,9 @@ fn source(work: &Path, links: bool) -> PathBuf {
     fs::create_dir_all(src.join("var/log")).unwrap();
     fs::create_dir_all(src.join("dir/sub")).unwrap();
     fs::write(src.join("etc/fstab"), FSTAB).unwrap();
+    let fstab = src.join("etc/fstab");
+    run_ok("chown", ["1234:5678".as_ref(), fstab.as_os_str()]);
+    run_ok("chmod", ["0640".as_ref(), fstab.as_os_str()]);
     fs::write(src.join("var/log/big"), big()).unwrap();
     fs::write(src.join("dir/sub/file"), b"deep\n").unwrap();
     if links {
@@ -231,6 +234,19 @@ fn xfs_v5_and_v4_guests_are_read_in_aes_and_luks_overlays() {
     });
     let r = Reader::new(work, encrypted(&raw, "luks"));
     assert_reads_the_tree(&r, work, &[], Links::Both);
+    // Root keeps owners and groups, as `cp -a` does (the setuid bits stay dropped).
+    let out = work.join("as-root");
+    let mut a: Vec<OsString> = vec!["copy-out".into(), "--passphrase-file".into()];
+    a.extend([
+        r.key.clone().into(),
+        r.image.clone().into(),
+        "/etc".into(),
+        out.clone().into(),
+    ]);
+    qcowfs(&a).assert_success();
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(out.join("fstab")).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1234, 5678, 0o640));
 
     // This kernel mounts no v4 XFS: mkfs.xfs fills it from a prototype file (no hard links).
     let dir = workdir();

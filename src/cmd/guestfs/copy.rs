@@ -2,9 +2,10 @@
 //! `cp -r`, or to a new name), and the host side of the walk (walk.rs): everything made relative
 //! to an open folder with `O_EXCL`, `mkdirat`, `symlinkat` and entered with `O_NOFOLLOW`, so a
 //! guest symlink is data, made as a symlink and never followed on the host, and nothing that
-//! exists is overwritten. Modes are kept less setuid/setgid, atimes and mtimes kept. A file's
-//! holes stay holes (skipped with a seek, the length set at the end), and a file with several
-//! names is copied once, its other names hard links (`linkat` below the same open folder).
+//! exists is overwritten. Modes are kept less setuid/setgid, owners kept when run as root, atimes
+//! and mtimes kept. A file's holes stay holes (skipped with a seek, the length set at the end),
+//! and a file with several names is copied once, its other names hard links (`linkat` below the
+//! same open folder).
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -22,7 +23,7 @@ use super::walk::{CopyReport, Sink, Walker};
 use crate::error::{Error, Result};
 
 /// Permission bits kept on the host: setuid and setgid are dropped (a copied-out root-owned
-/// program must not become a setuid program of whoever copied it).
+/// program must not become a setuid program on the host, whoever copied it).
 pub(crate) const KEPT_MODE: u32 = 0o1777;
 
 /// The entry guest `path` names, a final symlink followed only when the path ends in `/`:
@@ -256,8 +257,25 @@ fn timespecs(meta: &Meta) -> [libc::timespec; 2] {
     [ts(meta.atime), ts(meta.mtime)]
 }
 
-/// The guest's permission bits (less setuid/setgid) and atime/mtime on an open file or folder.
+/// Whether this process may give files away (root): then owners and groups are kept, as
+/// `cp -a` keeps them; otherwise the copy is the caller's. The setuid and setgid bits are
+/// dropped either way: a guest's setuid-root program must not become one on the host (the tar
+/// stream keeps them, for whoever extracts it to decide).
+fn as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The guest's owner (as root), permission bits less setuid/setgid, and atime/mtime on an
+/// open file or folder.
 fn set_mode_and_times(fd: &impl AsRawFd, meta: &Meta, host: &Path) -> Result<()> {
+    if as_root() {
+        // SAFETY: fd is open.
+        check(
+            unsafe { libc::fchown(fd.as_raw_fd(), meta.uid, meta.gid) },
+            host,
+        )?;
+    }
     let mode = meta.mode & KEPT_MODE;
     // SAFETY: fd is open.
     check(
@@ -272,8 +290,24 @@ fn set_mode_and_times(fd: &impl AsRawFd, meta: &Meta, host: &Path) -> Result<()>
     )
 }
 
-/// atime/mtime of the symlink `name` in `dir` itself (never of what it points to).
+/// The owner (as root) and atime/mtime of the symlink `name` in `dir` itself (never of what it
+/// points to).
 fn set_times_at(dir: &OwnedFd, name: &CString, meta: &Meta, host: &Path) -> Result<()> {
+    if as_root() {
+        // SAFETY: dir is open, name a valid C string; the link itself is changed.
+        check(
+            unsafe {
+                libc::fchownat(
+                    dir.as_raw_fd(),
+                    name.as_ptr(),
+                    meta.uid,
+                    meta.gid,
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            },
+            host,
+        )?;
+    }
     let times = timespecs(meta);
     // SAFETY: dir is open, name a valid C string, times two timespecs.
     check(

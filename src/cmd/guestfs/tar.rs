@@ -1,5 +1,5 @@
 //! `qcowfs copy-out IMAGE GUESTPATH -`: the walk (walk.rs) written to stdout as a tar stream
-//! (GNU headers: long names and targets, the guest's uid/gid, modes less setuid/setgid, mtimes).
+//! (GNU headers: long names and targets, the guest's uid/gid, whole modes, mtimes).
 //! File bytes are streamed a chunk at a time; nothing is made on the host. A file with holes is
 //! a GNU sparse entry (sparse.rs) holding only its data; a file's second name a hard link entry.
 
@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::io::{BufWriter, IsTerminal, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 
-use super::copy::{top_entry, KEPT_MODE};
+use super::copy::top_entry;
 use super::data::{GuestData, Range};
 use super::list::CHUNK;
 use super::open::GuestFs;
@@ -65,7 +65,9 @@ fn stdout_error(e: std::io::Error) -> Error {
 fn header(meta: &Meta, kind: tar::EntryType, size: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
-    h.set_mode(meta.mode & KEPT_MODE);
+    // The whole mode, as GNU tar records it: extracting, tar itself decides what a caller keeps
+    // (setuid and setgid only for root with --same-permissions).
+    h.set_mode(meta.mode & 0o7777);
     h.set_uid(u64::from(meta.uid));
     h.set_gid(u64::from(meta.gid));
     h.set_mtime(meta.mtime.secs.max(0) as u64);
