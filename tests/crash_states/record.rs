@@ -3,6 +3,7 @@
 //! interleaved with them as marks: what the crash states are built from.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use qcowfs::chain::{Chain, OpenOptions};
 use qcowfs::disk::{BlockDevice, Disk, DiskOptions};
@@ -37,7 +38,13 @@ pub struct Recording {
     pub ops: Vec<GuestOp>,
     /// The guest as qemu read it before the workload.
     pub initial_guest: Vec<u8>,
+    /// A check of the guest itself at each crash state (its raw bytes, as qemu reads them),
+    /// after the byte-level one: for a file system the workload changed.
+    pub guest_check: Option<GuestCheck>,
 }
+
+/// A crash state's guest (a raw file) judged: Err says what is wrong.
+pub type GuestCheck = fn(&Path) -> Result<(), String>;
 
 /// Drives the disk and logs guest operations as marks.
 pub struct Workload {
@@ -118,7 +125,92 @@ pub fn record(
     w.fsync();
     let ops = std::mem::take(&mut w.ops);
     drop(w);
-    finish(name, initial, image, log, ops, initial_guest)
+    finish(name, initial, image, log, ops, initial_guest, None)
+}
+
+/// The workload's disk as the disk layer's own interface, for a guest file-system library (the
+/// editing commands) to drive: its writes, discards and flushes are the guest operations.
+struct Logged(Mutex<Workload>);
+
+impl Logged {
+    fn with<T>(&self, f: impl FnOnce(&mut Workload) -> T) -> T {
+        f(&mut self.0.lock().expect("the workload's lock"))
+    }
+}
+
+impl BlockDevice for Logged {
+    fn size(&self) -> u64 {
+        self.with(|w| w.disk.size())
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> qcowfs::error::Result<()> {
+        self.with(|w| w.disk.read_at(offset, buf))
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> qcowfs::error::Result<()> {
+        self.with(|w| w.write(offset, data.to_vec()));
+        Ok(())
+    }
+    fn flush(&self) -> qcowfs::error::Result<()> {
+        self.with(|w| w.fsync());
+        Ok(())
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn allocated_bytes(&self) -> qcowfs::error::Result<u64> {
+        self.with(|w| w.disk.allocated_bytes())
+    }
+    fn seek(&self, offset: u64, want_data: bool) -> qcowfs::error::Result<Option<u64>> {
+        self.with(|w| w.disk.seek(offset, want_data))
+    }
+    fn discard(&self, offset: u64, len: u64) -> qcowfs::error::Result<()> {
+        self.with(|w| w.discard(offset, len));
+        Ok(())
+    }
+}
+
+/// As [`record`], with `body` given the disk as a device (for the editing commands), and each
+/// crash state's guest judged by `check` too.
+pub fn record_guest(
+    name: &'static str,
+    image: Image,
+    dir: &Path,
+    cache: u64,
+    check: GuestCheck,
+    body: impl FnOnce(Arc<dyn BlockDevice>),
+) -> Recording {
+    let (initial, initial_guest) = snapshot(name, &image, dir);
+    let log = WriteLog::default();
+    let chain = Chain::open(
+        &image.path,
+        &keys_of(&image),
+        OpenOptions {
+            writable: true,
+            record: Some(log.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{name}: open {}: {e}", image.path.display()));
+    let disk = Disk::new(
+        chain,
+        DiskOptions {
+            cache_size: cache,
+            read_only: false,
+        },
+    );
+    let logged = Arc::new(Logged(Mutex::new(Workload {
+        disk,
+        log: log.clone(),
+        ops: Vec::new(),
+    })));
+    body(logged.clone());
+    let Ok(logged) = Arc::try_unwrap(logged) else {
+        panic!("{name}: the workload kept the disk")
+    };
+    let mut w = logged.0.into_inner().expect("the workload's lock");
+    w.fsync();
+    let ops = std::mem::take(&mut w.ops);
+    drop(w);
+    finish(name, initial, image, log, ops, initial_guest, Some(check))
 }
 
 /// `qcowfs seal` of `image`, recorded: the guest must read the same at every crash state.
@@ -137,7 +229,7 @@ pub fn record_seal(name: &'static str, image: Image, dir: &Path) -> Recording {
         &|_, _| {},
     )
     .unwrap_or_else(|e| panic!("{name}: seal: {e}"));
-    finish(name, initial, image, log, Vec::new(), initial_guest)
+    finish(name, initial, image, log, Vec::new(), initial_guest, None)
 }
 
 fn finish(
@@ -147,6 +239,7 @@ fn finish(
     log: WriteLog,
     ops: Vec<GuestOp>,
     initial_guest: Vec<u8>,
+    guest_check: Option<GuestCheck>,
 ) -> Recording {
     let recording = Recording {
         name,
@@ -155,6 +248,7 @@ fn finish(
         events: log.events(),
         ops,
         initial_guest,
+        guest_check,
     };
     // The log must hold every change: replayed whole over the initial file it gives the file the
     // workload left (else a write went around the seam and the crash states would miss it).

@@ -254,8 +254,13 @@ fn check_image(
     }
     let raw = dir.join(format!("{}.raw", rec.name));
     image.convert_raw(&raw);
-    let actual = std::fs::read(&raw).map_err(|e| format!("read converted state: {e}"))?;
+    let actual = std::fs::read(&raw).map_err(|e| format!("read converted state: {e}"));
+    let guest = match (&actual, rec.guest_check) {
+        (Ok(_), Some(check)) => check(&raw).map_err(|e| format!("the guest: {e}")),
+        _ => Ok(()),
+    };
     let _ = std::fs::remove_file(&raw);
+    let actual = actual?;
     let want = expectation(rec, state.crash_at);
     if actual.len() != want.durable.len() {
         return Err(format!(
@@ -274,5 +279,5 @@ fn check_image(
             ));
         }
     }
-    Ok(())
+    guest
 }

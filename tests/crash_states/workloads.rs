@@ -1,22 +1,26 @@
 //! The recorded workloads: images made by qemu-img, then driven through qcowfs's write path.
 //! Each covers a way the write path changes metadata: allocation with copy-on-write from a backing
 //! file, writes in place, discard, clusters and L2 tables shared with a snapshot, compressed
-//! clusters overwritten, growth that moves the refcount table, seal, and both ciphers.
+//! clusters overwritten, growth that moves the refcount table, seal, both ciphers, and the editing
+//! commands changing an ext4 guest (whose file system is checked at every crash state too).
 
 use std::path::Path;
 
 use crate::common::{
-    compressible_bytes, convert_compressed, qcow2, random_bytes, raw_from_bytes, Rng, MIB,
+    compressible_bytes, convert_compressed, create_raw, qcow2, random_bytes, raw_from_bytes, run,
+    run_ok, Rng, MIB,
 };
-use crate::record::{record, record_seal, Recording, Workload};
+use crate::record::{record, record_guest, record_seal, Recording, Workload};
 
 pub const PASS: &str = "crash passphrase";
 
-/// A workload's name, its share of the crash states, and how to record it.
+/// A workload's name, its share of the crash states, how to record it, and whether the suite
+/// runs it (the others run when QCOWFS_CRASH_STATES_WORKLOADS names them).
 pub struct Spec {
     pub name: &'static str,
     pub weight: u64,
     pub run: fn(&Path, u64) -> Recording,
+    pub suite: bool,
 }
 
 pub const ALL: &[Spec] = &[
@@ -24,56 +28,74 @@ pub const ALL: &[Spec] = &[
         name: "random-plain",
         weight: 3,
         run: random_plain,
+        suite: true,
     },
     Spec {
         name: "random-v2-4k",
         weight: 2,
         run: random_v2_4k,
+        suite: true,
     },
     Spec {
         name: "random-aes",
         weight: 2,
         run: random_aes,
+        suite: true,
     },
     Spec {
         name: "random-luks",
         weight: 2,
         run: random_luks,
+        suite: true,
     },
     Spec {
         name: "aes-overlay-over-raw",
         weight: 3,
         run: aes_overlay,
+        suite: true,
     },
     Spec {
         name: "extended-l2-overlay",
         weight: 2,
         run: extended_l2_overlay,
+        suite: true,
     },
     Spec {
         name: "discard",
         weight: 2,
         run: discard,
+        suite: true,
     },
     Spec {
         name: "snapshot-shared",
         weight: 3,
         run: snapshot_shared,
+        suite: true,
     },
     Spec {
         name: "compressed-overwrite",
         weight: 2,
         run: compressed_overwrite,
+        suite: true,
     },
     Spec {
         name: "seal-aes-over-raw",
         weight: 2,
         run: seal_aes,
+        suite: true,
     },
     Spec {
         name: "growth-512b-1bit-refcounts",
         weight: 1,
         run: growth,
+        suite: true,
+    },
+    Spec {
+        name: "ext4-edit-luks-over-raw",
+        weight: 2,
+        run: ext4_edit,
+        // Out of the suite while it finds a defect: see `ext4_edit`.
+        suite: false,
     },
 ];
 
@@ -257,4 +279,94 @@ fn growth(dir: &Path, seed: u64) -> Recording {
         "growth: the refcount table did not move: the workload no longer covers that"
     );
     recording
+}
+
+/// `qcowfs write`, `mkdir` and `rm` on an ext4 guest in a LUKS overlay over a raw base: the
+/// journal transactions of rust-fs-ext4, its checkpoints and its clean release, through the
+/// write path. At every crash state the guest's ext4, its journal replayed as a mount replays
+/// it, must check clean.
+///
+/// Not in the suite yet, because it fails: on 2026-12-07, one state in 150 (seed 1, the state
+/// after barrier 131 with some of the writes before the next one kept) checked with "Free blocks
+/// count wrong for group #1 (7038, counted=7037)" after the journal's replay — a summary count
+/// `e2fsck -p` corrects without asking, but the journal alone should have left it right. Every
+/// state passed the qcow2-level checks, so the disk kept what was flushed; the suspicion is a
+/// metadata write of rust-fs-ext4 outside its transactions or without a barrier before the
+/// journal is marked done. Run it with QCOWFS_CRASH_STATES_WORKLOADS=ext4-edit-luks-over-raw.
+fn ext4_edit(dir: &Path, seed: u64) -> Recording {
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(tree.join("etc")).expect("source tree");
+    std::fs::create_dir_all(tree.join("var/log")).expect("source tree");
+    std::fs::write(tree.join("etc/fstab"), b"UUID=1 / ext4 defaults 0 1\n").expect("fstab");
+    std::fs::write(tree.join("var/log/old"), random_bytes(100_000, seed)).expect("old log");
+    let raw = dir.join("ext4-base.raw");
+    let base = create_raw(&raw, 16 * MIB);
+    run_ok(
+        "mke2fs",
+        [
+            "-q".as_ref(),
+            "-F".as_ref(),
+            "-t".as_ref(),
+            "ext4".as_ref(),
+            "-d".as_ref(),
+            tree.as_os_str(),
+            raw.as_os_str(),
+        ],
+    );
+    let image = qcow2(dir.join("ext4-edit.qcow2"), 16 * MIB)
+        .luks(PASS)
+        .backing(&base)
+        .create();
+    let mut rng = Rng::new(seed + 11);
+    let mut data = vec![0u8; 150_000 + rng.below(100_000) as usize];
+    rng.fill(&mut data);
+    record_guest(
+        "ext4-edit-luks-over-raw",
+        image,
+        dir,
+        CACHE,
+        ext4_clean,
+        |disk| {
+            use qcowfs::cmd::guestfs::edit;
+            let name = Path::new("ext4-edit.qcow2");
+            let ed = edit::GuestEditor::over(name, disk, None, false).expect("open the guest");
+            let fstab: &[u8] = b"UUID=1 / ext4 defaults,nofail,x-systemd.device-timeout=5 0 1\n";
+            edit::write(&ed, "/etc/fstab".as_ref(), &mut &fstab[..]).expect("replace fstab");
+            edit::mkdir(&ed, "/root".as_ref()).expect("mkdir");
+            edit::write(&ed, "/root/data".as_ref(), &mut &data[..]).expect("write data");
+            edit::remove(&ed, "/var/log/old".as_ref()).expect("rm");
+            edit::write(&ed, "/etc/hostname".as_ref(), &mut &b"edited\n"[..]).expect("hostname");
+            ed.finish().expect("finish");
+        },
+    )
+}
+
+/// A crash state's ext4: its journal replayed (as the kernel's mount would), then `e2fsck -fn`
+/// must find nothing.
+fn ext4_clean(raw: &Path) -> Result<(), String> {
+    let replay = run(
+        "e2fsck",
+        [
+            "-y".as_ref(),
+            "-E".as_ref(),
+            "journal_only".as_ref(),
+            raw.as_os_str(),
+        ],
+    );
+    if !matches!(replay.status.code(), Some(0) | Some(1)) {
+        return Err(format!(
+            "e2fsck -E journal_only: {}{}",
+            replay.stdout_str(),
+            replay.stderr
+        ));
+    }
+    let check = run("e2fsck", ["-fn".as_ref(), raw.as_os_str()]);
+    match check.status.success() {
+        true => Ok(()),
+        false => Err(format!(
+            "e2fsck -fn after the journal's replay:\n{}{}",
+            check.stdout_str(),
+            check.stderr
+        )),
+    }
 }

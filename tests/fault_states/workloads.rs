@@ -22,6 +22,7 @@ const EXTRA: &[Spec] = &[Spec {
     name: "discard-heavy",
     weight: 3,
     run: discard_heavy,
+    suite: true,
 }];
 
 /// 64 KiB clusters over data everywhere (a lost write or a lost discard shows), in rounds: a few

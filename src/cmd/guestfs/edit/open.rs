@@ -38,7 +38,7 @@ pub struct EditOptions {
 /// A guest file system open for changes.
 pub struct GuestEditor {
     image: PathBuf,
-    disk: Arc<Disk>,
+    disk: Arc<dyn BlockDevice>,
     editor: Option<Box<dyn Editor>>,
     /// The library's name, for messages.
     fs: &'static str,
@@ -68,16 +68,29 @@ impl GuestEditor {
             .layers
             .iter()
             .any(|l| l.encryption == Encryption::Aes && !l.verdict.is_verified());
-        let disk = Arc::new(Disk::new(
+        let disk: Arc<dyn BlockDevice> = Arc::new(Disk::new(
             chain,
             DiskOptions {
                 cache_size: CACHE_BYTES,
                 read_only: false,
             },
         ));
-        let shared: Arc<dyn BlockDevice> = disk.clone();
+        GuestEditor::over(image, disk, opts.partition, aes)
+    }
+
+    /// The guest file system on `disk` (the decrypted disk of `image`, opened writable and its
+    /// key checked by the caller) open for changes: `partition` chosen as [`GuestEditor::open`]
+    /// chooses it; `aes` when a legacy AES key could explain a disk that reads as noise. For
+    /// callers that hold the disk themselves (the crash-state harness records its writes).
+    pub fn over(
+        image: &Path,
+        disk: Arc<dyn BlockDevice>,
+        partition: Option<u32>,
+        aes: bool,
+    ) -> Result<GuestEditor> {
+        let shared = disk.clone();
         let (view, start, len) =
-            choose(shared.as_ref(), opts.partition, aes).map_err(|e| e.at_image(image))?;
+            choose(shared.as_ref(), partition, aes).map_err(|e| e.at_image(image))?;
         let found = detect::detect(shared.as_ref(), start, len)?;
         let device = RangeDevice::writable(shared, start, len);
         let refuse = |e: FsError| match e {
