@@ -46,6 +46,9 @@ QCOWFS_DEPS=(
 	cc:gcc
 	mkfs.xfs:xfsprogs
 	xfs_io:xfsprogs
+	xfs_repair:xfsprogs
+	fsck.vfat:dosfstools
+	getfattr:attr
 	mkfs.btrfs:btrfs-progs
 	btrfs:btrfs-progs
 	mkntfs:ntfs-3g

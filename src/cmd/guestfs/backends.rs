@@ -9,6 +9,8 @@ use super::error::Contents;
 use super::ext::ExtTree;
 use super::fat::FatTree;
 use super::ntfs::NtfsTree;
+#[cfg(test)]
+use super::tree::{FileData, Meta, Node};
 use super::tree::{FsError, FsResult, Tree};
 use super::xfs::XfsTree;
 use crate::disk::BlockDevice;
@@ -58,40 +60,36 @@ pub fn name(found: Contents) -> &'static str {
 pub(crate) struct NoIds(pub Box<dyn Tree>);
 
 #[cfg(test)]
-mod no_ids {
-    use super::super::tree::{FileData, Meta, Node};
-    use super::*;
+fn strip(mut m: Meta) -> Meta {
+    m.id = None;
+    m
+}
 
-    fn strip(mut m: Meta) -> Meta {
-        m.id = None;
-        m
+#[cfg(test)]
+impl Tree for NoIds {
+    fn name(&self) -> &'static str {
+        self.0.name()
     }
-
-    impl Tree for NoIds {
-        fn name(&self) -> &'static str {
-            self.0.name()
-        }
-        fn root(&self) -> FsResult<Meta> {
-            self.0.root().map(strip)
-        }
-        fn lookup(&self, dir: Node, name: &[u8]) -> FsResult<Option<Meta>> {
-            Ok(self.0.lookup(dir, name)?.map(strip))
-        }
-        fn read_dir(
-            &self,
-            dir: Node,
-            each: &mut dyn FnMut(Vec<u8>, Meta) -> FsResult<()>,
-        ) -> FsResult<()> {
-            self.0.read_dir(dir, &mut |n, m| each(n, strip(m)))
-        }
-        fn read_link(&self, link: Node) -> FsResult<Vec<u8>> {
-            self.0.read_link(link)
-        }
-        fn open<'a>(&'a self, file: Node) -> FsResult<Box<dyn FileData + 'a>> {
-            self.0.open(file)
-        }
-        fn max_dirs(&self) -> u64 {
-            self.0.max_dirs()
-        }
+    fn root(&self) -> FsResult<Meta> {
+        self.0.root().map(strip)
+    }
+    fn lookup(&self, dir: Node, name: &[u8]) -> FsResult<Option<Meta>> {
+        Ok(self.0.lookup(dir, name)?.map(strip))
+    }
+    fn read_dir(
+        &self,
+        dir: Node,
+        each: &mut dyn FnMut(Vec<u8>, Meta) -> FsResult<()>,
+    ) -> FsResult<()> {
+        self.0.read_dir(dir, &mut |n, m| each(n, strip(m)))
+    }
+    fn read_link(&self, link: Node) -> FsResult<Vec<u8>> {
+        self.0.read_link(link)
+    }
+    fn open<'a>(&'a self, file: Node) -> FsResult<Box<dyn FileData + 'a>> {
+        self.0.open(file)
+    }
+    fn max_dirs(&self) -> u64 {
+        self.0.max_dirs()
     }
 }

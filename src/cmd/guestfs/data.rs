@@ -6,15 +6,11 @@
 //! zeros.
 
 use super::error::GuestError;
-use super::open::{shown, GuestFs};
-use super::tree::{FileData, GuestPath, Meta, Node};
+use super::open::GuestFs;
+use super::tree::{join_close, shown, FileData, GuestPath, Meta, Node, MAX_RANGES};
 use crate::error::Result;
 
 pub(crate) use super::tree::Range;
-
-/// Most data ranges handed to a sink: a file with more (a hole every few blocks) has its
-/// smallest holes filled with zeros until it fits, so the tar header stays small.
-pub(crate) const MAX_RANGES: usize = 1 << 16;
 
 /// One regular guest file, open to be copied.
 pub(crate) struct GuestData<'a> {
@@ -90,34 +86,5 @@ impl<'a> GuestData<'a> {
         self.file
             .read_at(offset, buf)
             .map_err(|e| self.gfs.error(self.path.as_bytes(), e))
-    }
-}
-
-/// `ranges` (in order, not overlapping) with the holes of at most `fill_below` bytes between
-/// them filled.
-pub(crate) fn join_close(ranges: &[Range], fill_below: u64) -> Vec<Range> {
-    let mut out: Vec<Range> = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        match out.last_mut() {
-            Some(last) if r.offset.saturating_sub(last.offset + last.len) <= fill_below => {
-                last.len = (r.offset + r.len).max(last.offset + last.len) - last.offset;
-            }
-            _ => out.push(*r),
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn close_ranges_are_joined_across_small_holes_only() {
-        let r = |offset, len| Range { offset, len };
-        let ranges = [r(0, 10), r(12, 4), r(100, 1), r(102, 2)];
-        assert_eq!(join_close(&ranges, 2), vec![r(0, 16), r(100, 4)]);
-        assert_eq!(join_close(&ranges, 1), vec![r(0, 10), r(12, 4), r(100, 4)]);
-        assert_eq!(join_close(&ranges, 1000), vec![r(0, 104)]);
     }
 }

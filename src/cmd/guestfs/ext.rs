@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use ext4_view::{Ext4, Ext4Error, Metadata};
 
-use super::data::{join_close, MAX_RANGES};
 use super::error::{GuestError, LayoutError};
 use super::extents::{self, Extent, Extents};
 use super::layout::{Layout, RawInode};
 use super::reader;
-use super::tree::{FileData, FsError, FsResult, Kind, Meta, Node, Range, Time, Tree};
+use super::tree::{
+    join_close, FileData, FsError, FsResult, Kind, Meta, Node, Range, Time, Tree, MAX_RANGES,
+};
 use crate::disk::BlockDevice;
 use crate::error::{Error, Result};
 

@@ -7,7 +7,8 @@ use std::os::unix::ffi::OsStrExt;
 
 use super::data::GuestData;
 use super::error::GuestError;
-use super::open::{shown, GuestFs};
+use super::open::GuestFs;
+use super::tree::shown;
 use super::tree::{GuestPath, Kind, Meta};
 use crate::error::{Error, Result};
 

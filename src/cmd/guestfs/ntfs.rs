@@ -16,7 +16,7 @@ use fs_ntfs::read;
 
 use super::device::RangeDevice;
 use super::error::GuestError;
-use super::open::shown;
+use super::tree::shown;
 use super::tree::{FileData, FsError, FsResult, Kind, Meta, Node, Time, Tree};
 
 /// `FILE_ATTRIBUTE_ENCRYPTED`: the file's data is EFS ciphertext.

@@ -2,8 +2,6 @@
 //! the file system found there read in-process (`GuestFs`, over the [`Tree`] of backends.rs),
 //! its paths resolved by resolve.rs.
 
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,7 +9,7 @@ use super::backends;
 use super::detect;
 use super::error::{Contents, GuestError};
 use super::resolve;
-use super::tree::{FsError, GuestPath, Meta, Node, Tree};
+use super::tree::{shown, FsError, GuestPath, Meta, Node, Tree};
 use crate::chain::{Chain, KeyRing, OpenOptions};
 use crate::disk::partition::read_table;
 use crate::disk::{BlockDevice, Disk, DiskOptions};
@@ -24,11 +22,6 @@ const CACHE_BYTES: u64 = 16 << 20;
 
 /// Said when a chain with a legacy AES layer shows no readable file system.
 const AES_HINT: &str = "; or the passphrase is wrong (legacy AES cannot check it)";
-
-/// A guest path (bytes) as terminal-safe text.
-pub(crate) fn shown(path: &[u8]) -> String {
-    crate::error::escaped(Path::new(OsStr::from_bytes(path)))
-}
 
 /// How to open the image for reading guest files.
 #[derive(Debug, Default)]

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 
 use super::error::GuestError;
-use super::open::shown;
+use super::tree::shown;
 use super::tree::{FsResult, GuestPath, Meta, Node, Tree};
 
 /// Most symlinks followed for one path (Linux's limit).

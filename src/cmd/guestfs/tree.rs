@@ -4,10 +4,18 @@
 //! is in the terms `stat` uses. Paths are resolved here, not by the libraries, so every file
 //! system follows symlinks the same bounded way (resolve.rs).
 
+use std::ffi::OsStr;
 use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 use super::error::GuestError;
 use crate::error::Error;
+
+/// A guest path (bytes) as terminal-safe text.
+pub(crate) fn shown(path: &[u8]) -> String {
+    crate::error::escaped(Path::new(OsStr::from_bytes(path)))
+}
 
 /// What an entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +130,25 @@ pub(crate) struct Range {
     pub len: u64,
 }
 
+/// Most data ranges handed to a sink: a file with more (a hole every few blocks) has its
+/// smallest holes filled with zeros until it fits, so the tar header stays small.
+pub(crate) const MAX_RANGES: usize = 1 << 16;
+
+/// `ranges` (in order, not overlapping) with the holes of at most `fill_below` bytes between
+/// them filled.
+pub(crate) fn join_close(ranges: &[Range], fill_below: u64) -> Vec<Range> {
+    let mut out: Vec<Range> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.offset.saturating_sub(last.offset + last.len) <= fill_below => {
+                last.len = (r.offset + r.len).max(last.offset + last.len) - last.offset;
+            }
+            _ => out.push(*r),
+        }
+    }
+    out
+}
+
 /// Why a tree could not answer.
 #[derive(Debug)]
 pub enum FsError {
@@ -198,6 +225,15 @@ pub trait Tree {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn close_ranges_are_joined_across_small_holes_only() {
+        let r = |offset, len| Range { offset, len };
+        let ranges = [r(0, 10), r(12, 4), r(100, 1), r(102, 2)];
+        assert_eq!(join_close(&ranges, 2), vec![r(0, 16), r(100, 4)]);
+        assert_eq!(join_close(&ranges, 1), vec![r(0, 10), r(12, 4), r(100, 4)]);
+        assert_eq!(join_close(&ranges, 1000), vec![r(0, 104)]);
+    }
 
     #[test]
     fn paths_join_and_split_at_slashes() {

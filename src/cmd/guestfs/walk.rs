@@ -15,7 +15,8 @@ use std::collections::{HashMap, HashSet};
 
 use super::data::{GuestData, Range};
 use super::error::GuestError;
-use super::open::{shown, GuestFs};
+use super::open::GuestFs;
+use super::tree::shown;
 use super::tree::{GuestPath, Kind, Meta};
 use crate::error::Result;
 

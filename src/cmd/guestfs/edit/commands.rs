@@ -11,9 +11,10 @@ use std::path::Path;
 use std::process::Command;
 
 use super::super::error::GuestError;
-use super::super::open::shown;
+use super::super::tree::shown;
 use super::super::tree::Kind;
-use super::{split, Entry, GuestEditor};
+use super::editor::{split, Entry};
+use super::open::GuestEditor;
 use crate::error::{Error, Result};
 
 /// Most bytes `edit` holds in memory (and `write` takes in one transaction).

@@ -10,7 +10,7 @@ use fs_ext4::Filesystem;
 use super::super::device::RangeDevice;
 use super::super::error::GuestError;
 use super::super::tree::{FsError, FsResult, Kind};
-use super::{split, Editor, Entry};
+use super::editor::{split, Editor, Entry};
 
 /// `s_state` bits: cleanly unmounted, errors detected.
 const STATE_VALID: u16 = 1;

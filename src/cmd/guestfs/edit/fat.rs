@@ -17,7 +17,7 @@ use super::super::device::{Cursor, RangeDevice};
 use super::super::error::GuestError;
 use super::super::fat::{table_bytes, MAX_FAT_BYTES};
 use super::super::tree::{FsError, FsResult, Kind};
-use super::{split, Editor, Entry};
+use super::editor::{split, Editor, Entry};
 
 pub(crate) struct FatEditor {
     fs: RefCell<(Fat32, Cursor)>,

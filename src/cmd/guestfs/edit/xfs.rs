@@ -15,7 +15,7 @@ use fs_xfs::Filesystem;
 use super::super::device::RangeDevice;
 use super::super::error::GuestError;
 use super::super::tree::{FsError, FsResult, Kind};
-use super::{split, Editor, Entry};
+use super::editor::{split, Editor, Entry};
 
 pub(crate) struct XfsEditor {
     /// The writable mount; None only between a checkpoint's unmount and its mount.
