@@ -139,11 +139,40 @@ impl fs_core::BlockRead for RangeDevice {
 pub(crate) struct Cursor {
     device: Arc<RangeDevice>,
     at: u64,
+    /// Bytes the library may still read before the next [`Cursor::budget`] (None: no bound):
+    /// fstool gathers a whole folder, or a whole cluster chain, in memory, so a hostile chain
+    /// would otherwise ask for as much memory as the volume holds.
+    left: Option<u64>,
 }
 
 impl Cursor {
     pub fn new(device: Arc<RangeDevice>) -> Cursor {
-        Cursor { device, at: 0 }
+        Cursor {
+            device,
+            at: 0,
+            left: None,
+        }
+    }
+
+    /// Let the library read at most `bytes` from now on (for one call of it).
+    pub fn budget(&mut self, bytes: u64) {
+        self.left = Some(bytes);
+    }
+
+    /// Take `n` bytes from the budget, or refuse the read.
+    fn spend(&mut self, n: u64) -> std::io::Result<()> {
+        match self.left {
+            Some(left) if n > left => Err(std::io::Error::other(format!(
+                "the volume asks to read more than {} bytes for one folder or chunk \
+                 (a damaged cluster chain?)",
+                left.max(n)
+            ))),
+            Some(left) => {
+                self.left = Some(left - n);
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
     fn refused() -> std::io::Error {
@@ -160,6 +189,7 @@ impl Read for Cursor {
         if n == 0 {
             return Ok(0);
         }
+        self.spend(n as u64)?;
         self.device
             .read(self.at, &mut buf[..n])
             .map_err(std::io::Error::other)?;
@@ -211,6 +241,7 @@ impl fstool::block::BlockDevice for Cursor {
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> fstool::Result<()> {
+        self.spend(buf.len() as u64).map_err(fstool::Error::Io)?;
         match self.device.read(offset, buf) {
             Ok(true) => Ok(()),
             Ok(false) => Err(fstool::Error::OutOfBounds {
@@ -236,5 +267,69 @@ impl fstool::block::BlockDevice for Cursor {
             done += n as u64;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Result;
+
+    /// A disk of zeros that counts nothing and fails nothing.
+    struct Zeros(u64);
+
+    impl BlockDevice for Zeros {
+        fn size(&self) -> u64 {
+            self.0
+        }
+        fn read_at(&self, _: u64, buf: &mut [u8]) -> Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&self, _: u64, _: &[u8]) -> Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+        fn allocated_bytes(&self) -> Result<u64> {
+            Ok(0)
+        }
+        fn seek(&self, _: u64, _: bool) -> Result<Option<u64>> {
+            Ok(None)
+        }
+        fn discard(&self, _: u64, _: u64) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_cursor_reads_no_more_than_its_budget_until_given_another() {
+        let device = RangeDevice::new(Arc::new(Zeros(1 << 20)), 4096, 65536);
+        let mut c = Cursor::new(device);
+        let mut buf = [0u8; 4096];
+        c.budget(8192);
+        assert!(fstool::block::BlockDevice::read_at(&mut c, 0, &mut buf).is_ok());
+        assert!(c.read(&mut buf).is_ok());
+        let e = fstool::block::BlockDevice::read_at(&mut c, 0, &mut buf).unwrap_err();
+        assert!(e.to_string().contains("more than"), "{e}");
+        c.budget(4096);
+        assert!(c.read(&mut buf).is_ok());
+    }
+
+    #[test]
+    fn a_read_only_range_refuses_writes_and_reads_only_inside_itself() {
+        let device = RangeDevice::new(Arc::new(Zeros(1 << 20)), 4096, 65536);
+        assert!(fs_core::BlockDevice::write_at(device.as_ref(), 0, &[1]).is_err());
+        let mut c = Cursor::new(device.clone());
+        assert!(c.write(&[1]).is_err());
+        let mut buf = [0u8; 16];
+        assert!(fs_core::BlockRead::read_at(device.as_ref(), 65536 - 8, &mut buf).is_err());
+        let writable = RangeDevice::writable(Arc::new(Zeros(1 << 20)), 4096, 65536);
+        assert!(fs_core::BlockDevice::write_at(writable.as_ref(), 0, &[1]).is_ok());
+        assert!(fs_core::BlockDevice::write_at(writable.as_ref(), 65536, &[1]).is_err());
     }
 }

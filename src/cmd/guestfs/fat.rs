@@ -19,6 +19,16 @@ use super::tree::{FileData, FsError, FsResult, Kind, Meta, Node, Time, Tree};
 /// clusters). fstool holds it all, and a hostile boot sector could claim gigabytes.
 pub(super) const MAX_FAT_BYTES: u64 = 64 << 20;
 
+/// Bytes one call of the driver may read: a FAT folder holds at most 65,536 slots of 32 bytes
+/// (2 MiB), a path a few of them, a chunk of a file 1 MiB. Past it the call fails by name
+/// instead of gathering a hostile cluster chain in memory.
+pub(super) const CALL_BUDGET: u64 = 64 << 20;
+
+/// Folders with more entries than this are listed without each entry's time: the driver finds
+/// an entry's time by reading its whole folder again, so a time for each of N entries costs N
+/// reads of the folder (a folder of 16,384 took 32 s). Their entries show the epoch instead.
+const TIMED_ENTRIES: usize = 4096;
+
 /// A FAT volume, open for reading.
 pub(crate) struct FatTree {
     device: Arc<RangeDevice>,
@@ -36,6 +46,8 @@ impl FatTree {
             )));
         }
         let mut cursor = Cursor::new(device.clone());
+        // The table, the boot sector and the root folder.
+        cursor.budget(MAX_FAT_BYTES + (4 << 20));
         let fs = fstool::fs::fat::Fat32::open(&mut cursor).map_err(|e| device.error(e))?;
         Ok(FatTree {
             device,
@@ -48,6 +60,7 @@ impl FatTree {
         let path = as_path(path)?;
         let mut guard = self.fs.borrow_mut();
         let (fs, dev) = &mut *guard;
+        dev.budget(CALL_BUDGET);
         let a = fs.getattr(dev, path).map_err(|e| self.device.error(e))?;
         Ok(Meta {
             kind: match a.kind {
@@ -122,10 +135,12 @@ impl Tree for FatTree {
     ) -> FsResult<()> {
         let mut entries = Vec::new();
         self.list(dir, &mut |n, kind, len| entries.push((n, kind, len)))?;
+        let timed = entries.len() <= TIMED_ENTRIES;
         for (name, kind, len) in entries {
             // A name no path can address (a '/' in it: a damaged or hostile volume) is shown
             // with what its entry says; the copy refuses it by name.
-            let meta = match name.contains(&b'/') || name.contains(&0) {
+            let untimed = !timed || name.contains(&b'/') || name.contains(&0);
+            let meta = match untimed {
                 true => Meta {
                     kind,
                     len,
@@ -163,6 +178,7 @@ impl FatTree {
         let path = as_path(dir.path.as_bytes())?;
         let mut guard = self.fs.borrow_mut();
         let (fs, dev) = &mut *guard;
+        dev.budget(CALL_BUDGET);
         let entries = fs.list(dev, path).map_err(|e| self.device.error(e))?;
         for e in entries {
             let kind = match e.kind {
@@ -195,6 +211,7 @@ impl FileData for FatData<'_> {
         let device = &self.tree.device;
         let mut guard = self.tree.fs.borrow_mut();
         let (fs, dev) = &mut *guard;
+        dev.budget(CALL_BUDGET);
         let mut file = fs.open_file_ro(dev, path).map_err(|e| device.error(e))?;
         file.seek(std::io::SeekFrom::Start(offset))
             .map_err(|e| device.error(e))?;

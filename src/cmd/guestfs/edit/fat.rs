@@ -15,7 +15,7 @@ use fstool::fs::{EntryKind, FileMeta, FileSource, Filesystem, OpenFlags};
 
 use super::super::device::{Cursor, RangeDevice};
 use super::super::error::GuestError;
-use super::super::fat::{table_bytes, MAX_FAT_BYTES};
+use super::super::fat::{table_bytes, CALL_BUDGET, MAX_FAT_BYTES};
 use super::super::tree::{FsError, FsResult, Kind};
 use super::editor::{split, Editor, Entry};
 
@@ -51,6 +51,8 @@ impl FatEditor {
             return Err(GuestError::NotClean("its dirty flag is set").into());
         }
         let mut cursor = Cursor::new(device.clone());
+        // The table, the boot sector and the root folder.
+        cursor.budget(MAX_FAT_BYTES + (4 << 20));
         let fs = Fat32::open(&mut cursor).map_err(|e| device.error(e))?;
         Ok(FatEditor {
             fs: RefCell::new((fs, cursor)),
@@ -95,6 +97,7 @@ impl Editor for FatEditor {
         };
         let mut guard = self.fs.borrow_mut();
         let (fs, dev) = &mut *guard;
+        dev.budget(CALL_BUDGET);
         let entries = match fs.list(dev, as_path(parent)?) {
             Ok(e) => e,
             // A parent that is missing or not a folder: nothing has this name.
@@ -121,6 +124,7 @@ impl Editor for FatEditor {
     fn read(&self, path: &[u8], offset: u64, buf: &mut [u8]) -> FsResult<usize> {
         let mut guard = self.fs.borrow_mut();
         let (fs, dev) = &mut *guard;
+        dev.budget(CALL_BUDGET);
         let mut f = fs
             .open_file_ro(dev, as_path(path)?)
             .map_err(|e| self.err(e))?;
@@ -139,6 +143,7 @@ impl Editor for FatEditor {
     fn create(&self, path: &[u8], mode: u32) -> FsResult<()> {
         let mut guard = self.fs.borrow_mut();
         let (fs, dev) = &mut *guard;
+        dev.budget(CALL_BUDGET);
         fs.create_file(dev, as_path(path)?, FileSource::Zero(0), meta(mode))
             .map_err(|e| self.err(e))
     }
@@ -146,6 +151,7 @@ impl Editor for FatEditor {
     fn write(&self, path: &[u8], offset: u64, data: &[u8]) -> FsResult<()> {
         let mut guard = self.fs.borrow_mut();
         let (fs, dev) = &mut *guard;
+        dev.budget(CALL_BUDGET);
         let flags = OpenFlags::default();
         let mut f = fs
             .open_file_rw(dev, as_path(path)?, flags, None)
@@ -158,6 +164,7 @@ impl Editor for FatEditor {
     fn truncate(&self, path: &[u8], len: u64) -> FsResult<()> {
         let mut guard = self.fs.borrow_mut();
         let (fs, dev) = &mut *guard;
+        dev.budget(CALL_BUDGET);
         let flags = OpenFlags::default();
         let mut f = fs
             .open_file_rw(dev, as_path(path)?, flags, None)
@@ -169,6 +176,7 @@ impl Editor for FatEditor {
     fn mkdir(&self, path: &[u8], mode: u32) -> FsResult<()> {
         let mut guard = self.fs.borrow_mut();
         let (fs, dev) = &mut *guard;
+        dev.budget(CALL_BUDGET);
         fs.create_dir(dev, as_path(path)?, meta(mode))
             .map_err(|e| self.err(e))
     }
@@ -176,11 +184,13 @@ impl Editor for FatEditor {
     fn remove(&self, path: &[u8]) -> FsResult<()> {
         let mut guard = self.fs.borrow_mut();
         let (fs, dev) = &mut *guard;
+        dev.budget(CALL_BUDGET);
         Filesystem::remove(fs, dev, as_path(path)?).map_err(|e| self.err(e))
     }
 
     fn finish(self: Box<Self>) -> FsResult<()> {
         let (mut fs, mut dev) = self.fs.into_inner();
+        dev.budget(CALL_BUDGET);
         fs.flush(&mut dev).map_err(|e| self.device.error(e))?;
         fstool::block::BlockDevice::sync(&mut dev).map_err(|e| self.device.error(e))
     }
