@@ -7,7 +7,7 @@
 # compressed, internal snapshots, a raw-backed overlay (the base sits beside it in DIR).
 # Also, in DIR/guest/, small ext2/3/4 file systems made with mkfs.ext4 -d (raw bytes, the
 # input of the `guest` target): folders, symlinks, a hard link, a sparse file, an htree folder;
-# and a FAT12 and an NTFS one (XFS and btrfs have no file system under 1 MiB).
+# and FAT12, FAT16 and NTFS ones (XFS and btrfs have no file system under 4 MiB).
 set -euo pipefail
 DIR=${1:?usage: scripts/fuzz-seeds.sh DIR}
 mkdir -p "$DIR"
@@ -76,9 +76,12 @@ ext2 ext2
 KINDS
 # FAT12 with the same tree (mtools: no mount), and an empty NTFS (its metafiles and root index
 # are what the reader parses first; ntfs-3g would need a mount to add files).
-rm -f guest/fat12.raw guest/ntfs.raw
+rm -f guest/fat12.raw guest/fat16.raw guest/ntfs.raw
 mkfs.vfat -C guest/fat12.raw 900 >/dev/null
 mcopy -s -i guest/fat12.raw "$tree/etc" "$tree/hardlink" ::/
+# FAT16 needs about 2 MiB (4,085 clusters): the guest target takes inputs up to 4 MiB.
+mkfs.vfat -F 16 -s 1 -C guest/fat16.raw 4096 >/dev/null
+mcopy -s -i guest/fat16.raw "$tree/etc" "$tree/many" ::/
 truncate -s 1100k guest/ntfs.raw
 mkntfs -q -F -f guest/ntfs.raw >/dev/null 2>&1
 
@@ -89,4 +92,5 @@ for f in *.qcow2; do
         exit 1
     fi
 done
-ls -l "$DIR"/*.qcow2 | awk '{print "    " $5 "\t" $9}'
+# Already in DIR (a relative DIR would not name it from here).
+ls -l ./*.qcow2 | awk '{print "    " $5 "\t" $9}'
