@@ -131,6 +131,14 @@ impl KeyCheck {
         self.layers.iter().all(|l| l.verdict.is_verified())
     }
 
+    /// A legacy AES layer whose key is not verified: a wrong key there reads as noise, so it
+    /// may explain a disk where nothing readable is found.
+    pub fn aes_unverified(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| l.encryption == Encryption::Aes && !l.verdict.is_verified())
+    }
+
     /// For commands that only read: refuse a wrong key, before anything reads noise as data. A
     /// layer without data reads nothing, so nothing is refused for it.
     pub fn require_right(&self) -> Result<()> {

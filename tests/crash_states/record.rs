@@ -88,20 +88,13 @@ fn snapshot(name: &'static str, image: &Image, dir: &Path) -> (PathBuf, Vec<u8>)
     (initial, image.raw())
 }
 
-/// Run `body` on `image` opened read-write with a small cache (so write-back runs during the
-/// workload, not only at fsync), recording the top layer.
-pub fn record(
-    name: &'static str,
-    image: Image,
-    dir: &Path,
-    cache: u64,
-    body: impl FnOnce(&mut Workload),
-) -> Recording {
-    let (initial, initial_guest) = snapshot(name, &image, dir);
+/// `image` opened read-write with a cache of `cache` bytes, its top layer's host writes and
+/// barriers logged.
+fn open_workload(name: &str, image: &Image, cache: u64) -> Workload {
     let log = WriteLog::default();
     let chain = Chain::open(
         &image.path,
-        &keys_of(&image),
+        &keys_of(image),
         OpenOptions {
             writable: true,
             record: Some(log.clone()),
@@ -116,11 +109,25 @@ pub fn record(
             read_only: false,
         },
     );
-    let mut w = Workload {
+    Workload {
         disk,
-        log: log.clone(),
+        log,
         ops: Vec::new(),
-    };
+    }
+}
+
+/// Run `body` on `image` opened read-write with a small cache (so write-back runs during the
+/// workload, not only at fsync), recording the top layer.
+pub fn record(
+    name: &'static str,
+    image: Image,
+    dir: &Path,
+    cache: u64,
+    body: impl FnOnce(&mut Workload),
+) -> Recording {
+    let (initial, initial_guest) = snapshot(name, &image, dir);
+    let mut w = open_workload(name, &image, cache);
+    let log = w.log.clone();
     body(&mut w);
     w.fsync();
     let ops = std::mem::take(&mut w.ops);
@@ -179,29 +186,9 @@ pub fn record_guest(
     body: impl FnOnce(Arc<dyn BlockDevice>),
 ) -> Recording {
     let (initial, initial_guest) = snapshot(name, &image, dir);
-    let log = WriteLog::default();
-    let chain = Chain::open(
-        &image.path,
-        &keys_of(&image),
-        OpenOptions {
-            writable: true,
-            record: Some(log.clone()),
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{name}: open {}: {e}", image.path.display()));
-    let disk = Disk::new(
-        chain,
-        DiskOptions {
-            cache_size: cache,
-            read_only: false,
-        },
-    );
-    let logged = Arc::new(Logged(Mutex::new(Workload {
-        disk,
-        log: log.clone(),
-        ops: Vec::new(),
-    })));
+    let w = open_workload(name, &image, cache);
+    let log = w.log.clone();
+    let logged = Arc::new(Logged(Mutex::new(w)));
     body(logged.clone());
     let Ok(logged) = Arc::try_unwrap(logged) else {
         panic!("{name}: the workload kept the disk")

@@ -92,22 +92,16 @@ fn guest(work: &Path, fs_kind: Fs, format: &str) -> (Image, Image) {
         }
         Fs::Xfs => {
             run_ok("mkfs.xfs", ["-q".as_ref(), "-f".as_ref(), raw.as_os_str()]);
-            let mnt = work.join("base.mnt");
-            fs::create_dir_all(&mnt).unwrap();
-            run_ok(
-                "mount",
-                [
-                    "-o".as_ref(),
-                    "loop".as_ref(),
-                    raw.as_os_str(),
-                    mnt.as_os_str(),
-                ],
-            );
+            let mnt = LoopMount::new(&raw, "loop");
             let copied = run(
                 "cp",
-                ["-a".as_ref(), src.join(".").as_os_str(), mnt.as_os_str()],
+                [
+                    "-a".as_ref(),
+                    src.join(".").as_os_str(),
+                    mnt.path().as_os_str(),
+                ],
             );
-            run_ok("umount", [&mnt]);
+            mnt.umount(&raw);
             copied.assert_success();
         }
     }
@@ -188,26 +182,18 @@ impl Editor {
         let raw = self.work.join("view.raw");
         let _ = fs::remove_file(&raw);
         self.image.convert_raw(&raw);
-        let mnt = self.work.join("view.mnt");
-        fs::create_dir_all(&mnt).unwrap();
         if self.fs == Fs::Fat {
+            let copy = self.work.join("view.copy");
+            fs::create_dir_all(&copy).unwrap();
             run_ok(
                 "mcopy",
-                ["-s", "-n", "-i", path_str(&raw), "::*", path_str(&mnt)],
+                ["-s", "-n", "-i", path_str(&raw), "::*", path_str(&copy)],
             );
-            return f(&mnt);
+            return f(&copy);
         }
-        run_ok(
-            "mount",
-            [
-                "-o".as_ref(),
-                "loop,ro".as_ref(),
-                raw.as_os_str(),
-                mnt.as_os_str(),
-            ],
-        );
-        let out = f(&mnt);
-        run_ok("umount", [&mnt]);
+        let mnt = LoopMount::new(&raw, "loop,ro");
+        let out = f(mnt.path());
+        mnt.umount(&raw);
         out
     }
 }

@@ -68,19 +68,9 @@ fn loop_made(
     let mut args: Vec<&OsStr> = mkfs[1..].iter().map(OsStr::new).collect();
     args.push(raw.as_os_str());
     run_ok(mkfs[0], args);
-    let mnt = work.join(format!("{name}.mnt"));
-    fs::create_dir_all(&mnt).unwrap();
-    run_ok(
-        "mount",
-        [
-            "-o".as_ref(),
-            "loop".as_ref(),
-            raw.as_os_str(),
-            mnt.as_os_str(),
-        ],
-    );
-    fill(&mnt);
-    run_ok("umount", [&mnt]);
+    let mnt = LoopMount::new(&raw, "loop");
+    fill(mnt.path());
+    mnt.umount(&raw);
     raw
 }
 
@@ -320,27 +310,17 @@ fn an_xfs_log_the_kernel_left_dirty_is_read_as_the_kernel_recovers_it_without_wr
     // The kernel's own recovery, on a copy, is the oracle.
     let copy = work.join("recovered.raw");
     fs::copy(&raw, &copy).unwrap();
-    let mnt = work.join("recovered.mnt");
-    fs::create_dir_all(&mnt).unwrap();
-    run_ok(
-        "mount",
-        [
-            "-o".as_ref(),
-            "loop".as_ref(),
-            copy.as_os_str(),
-            mnt.as_os_str(),
-        ],
-    );
+    let mnt = LoopMount::new(&copy, "loop");
     let diff = run(
         "diff",
         [
             "-r".as_ref(),
             "--no-dereference".as_ref(),
-            mnt.as_os_str(),
+            mnt.path().as_os_str(),
             out.as_os_str(),
         ],
     );
-    run_ok("umount", [&mnt]);
+    mnt.umount(&copy);
     diff.assert_success();
 }
 
@@ -395,25 +375,16 @@ fn btrfs_guests_read_the_default_subvolume_a_chosen_one_and_nested_ones() {
     assert_one_line_error(&wrong, &["no subvolume @nope", "@home"], REFUSAL_LIMIT);
 
     // `btrfs subvolume set-default`, as openSUSE's snapper roots use it: the default is read.
-    let mnt = work.join("btrfs.mnt");
-    run_ok(
-        "mount",
-        [
-            "-o".as_ref(),
-            "loop".as_ref(),
-            raw.as_os_str(),
-            mnt.as_os_str(),
-        ],
-    );
+    let mnt = LoopMount::new(&raw, "loop");
     let set = run(
         "btrfs",
         [
             "subvolume".as_ref(),
             "set-default".as_ref(),
-            mnt.join("@root").as_os_str(),
+            mnt.path().join("@root").as_os_str(),
         ],
     );
-    run_ok("umount", [&mnt]);
+    mnt.umount(&raw);
     set.assert_success();
     let r = Reader::new(work, encrypted(&raw, "luks"));
     assert_eq!(r.cat(&[], "/which"), b"the default one\n");

@@ -10,6 +10,7 @@ use std::io::{Read, Seek};
 use std::path::Path;
 use std::sync::Arc;
 
+use fstool::fs::fat::Fat32;
 use fstool::fs::{EntryKind, Filesystem};
 
 use super::device::{Cursor, RangeDevice};
@@ -33,35 +34,30 @@ const TIMED_ENTRIES: usize = 4096;
 pub(crate) struct FatTree {
     device: Arc<RangeDevice>,
     /// The driver and its cursor: every call of the driver takes both mutably.
-    fs: RefCell<(Box<dyn Filesystem>, Cursor)>,
+    fs: RefCell<(Fat32, Cursor)>,
 }
 
 impl FatTree {
     pub fn load(device: Arc<RangeDevice>) -> FsResult<FatTree> {
-        let fat_bytes = table_bytes(&device)?;
-        if fat_bytes > MAX_FAT_BYTES {
-            return Err(FsError::Library(format!(
-                "its allocation table is {fat_bytes} bytes, more than the {MAX_FAT_BYTES} \
-                 qcowfs reads in-process; use qcowfs mount and mount -o loop,ro"
-            )));
-        }
-        let mut cursor = Cursor::new(device.clone());
-        // The table, the boot sector and the root folder.
-        cursor.budget(MAX_FAT_BYTES + (4 << 20));
-        let fs = fstool::fs::fat::Fat32::open(&mut cursor).map_err(|e| device.error(e))?;
+        let (fs, cursor) = open_volume(&device)?;
         Ok(FatTree {
             device,
-            fs: RefCell::new((Box::new(fs), cursor)),
+            fs: RefCell::new((fs, cursor)),
         })
+    }
+
+    /// One call of the driver, on its cursor, within [`CALL_BUDGET`].
+    fn call<T>(&self, f: impl FnOnce(&mut Fat32, &mut Cursor) -> fstool::Result<T>) -> FsResult<T> {
+        let mut guard = self.fs.borrow_mut();
+        let (fs, dev) = &mut *guard;
+        dev.budget(CALL_BUDGET);
+        f(fs, dev).map_err(|e| self.device.error(e))
     }
 
     /// The metadata of `path` (not the root).
     fn meta(&self, path: &[u8]) -> FsResult<Meta> {
         let path = as_path(path)?;
-        let mut guard = self.fs.borrow_mut();
-        let (fs, dev) = &mut *guard;
-        dev.budget(CALL_BUDGET);
-        let a = fs.getattr(dev, path).map_err(|e| self.device.error(e))?;
+        let a = self.call(|fs, dev| fs.getattr(dev, path))?;
         Ok(Meta {
             kind: match a.kind {
                 EntryKind::Dir => Kind::Dir,
@@ -79,8 +75,25 @@ impl FatTree {
     }
 }
 
+/// The driver open on `device` (and its cursor), once the table the boot sector claims is
+/// known to be no larger than [`MAX_FAT_BYTES`].
+pub(super) fn open_volume(device: &Arc<RangeDevice>) -> FsResult<(Fat32, Cursor)> {
+    let fat_bytes = table_bytes(device)?;
+    if fat_bytes > MAX_FAT_BYTES {
+        return Err(FsError::Library(format!(
+            "its allocation table is {fat_bytes} bytes, more than the {MAX_FAT_BYTES} qcowfs \
+             takes in-process; use qcowfs mount and mount -o loop"
+        )));
+    }
+    let mut cursor = Cursor::new(device.clone());
+    // The table, the boot sector and the root folder.
+    cursor.budget(MAX_FAT_BYTES + (4 << 20));
+    let fs = Fat32::open(&mut cursor).map_err(|e| device.error(e))?;
+    Ok((fs, cursor))
+}
+
 /// The size of the allocation table the boot sector claims.
-pub(super) fn table_bytes(device: &RangeDevice) -> FsResult<u64> {
+fn table_bytes(device: &RangeDevice) -> FsResult<u64> {
     let mut boot = [0u8; 512];
     fs_core::BlockRead::read_at(device, 0, &mut boot).map_err(|e| device.error(e))?;
     let b = fstool::fs::fat::boot::BootSector::decode(&boot).map_err(|e| device.error(e))?;
@@ -89,7 +102,7 @@ pub(super) fn table_bytes(device: &RangeDevice) -> FsResult<u64> {
 
 /// A guest path as the driver takes it (its names are UTF-16, so a path that is not text
 /// names nothing there).
-fn as_path(path: &[u8]) -> FsResult<&Path> {
+pub(super) fn as_path(path: &[u8]) -> FsResult<&Path> {
     std::str::from_utf8(path)
         .map(Path::new)
         .map_err(|_| FsError::Library("not a name a FAT volume can hold".into()))
@@ -176,10 +189,7 @@ impl FatTree {
     /// The names in folder `dir` with what they are and their lengths, `.` and `..` left out.
     fn list(&self, dir: Node, each: &mut dyn FnMut(Vec<u8>, Kind, u64)) -> FsResult<()> {
         let path = as_path(dir.path.as_bytes())?;
-        let mut guard = self.fs.borrow_mut();
-        let (fs, dev) = &mut *guard;
-        dev.budget(CALL_BUDGET);
-        let entries = fs.list(dev, path).map_err(|e| self.device.error(e))?;
+        let entries = self.call(|fs, dev| fs.list(dev, path))?;
         for e in entries {
             let kind = match e.kind {
                 EntryKind::Dir => Kind::Dir,
@@ -208,23 +218,30 @@ impl FileData for FatData<'_> {
             return Ok(());
         }
         let path = as_path(&self.path)?;
-        let device = &self.tree.device;
-        let mut guard = self.tree.fs.borrow_mut();
-        let (fs, dev) = &mut *guard;
-        dev.budget(CALL_BUDGET);
-        let mut file = fs.open_file_ro(dev, path).map_err(|e| device.error(e))?;
-        file.seek(std::io::SeekFrom::Start(offset))
-            .map_err(|e| device.error(e))?;
-        let mut done = 0;
-        while done < want {
-            let n = file
-                .read(&mut buf[done..want])
-                .map_err(|e| device.error(e))?;
-            if n == 0 {
-                break;
-            }
-            done += n;
-        }
+        self.tree
+            .call(|fs, dev| read_file(fs, dev, path, offset, &mut buf[..want]))?;
         Ok(())
     }
+}
+
+/// Up to `buf.len()` bytes of regular file `path` from `offset` (short only at its end): the
+/// driver's reader, opened for this call (it borrows the driver).
+pub(super) fn read_file(
+    fs: &mut Fat32,
+    dev: &mut Cursor,
+    path: &Path,
+    offset: u64,
+    buf: &mut [u8],
+) -> fstool::Result<usize> {
+    let mut file = fs.open_file_ro(dev, path)?;
+    file.seek(std::io::SeekFrom::Start(offset))?;
+    let mut done = 0;
+    while done < buf.len() {
+        let n = file.read(&mut buf[done..])?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(done)
 }

@@ -15,7 +15,6 @@ use crate::disk::partition::read_table;
 use crate::disk::{BlockDevice, Disk, DiskOptions};
 use crate::error::{Error, Result};
 use crate::keys::check::KeyCheck;
-use crate::qcow2::Encryption;
 
 /// Memory for decrypted clusters while reading guest files (ext4-view caches blocks itself).
 const CACHE_BYTES: u64 = 16 << 20;
@@ -65,10 +64,7 @@ impl GuestFs {
         let keys = KeyCheck::of(&chain)?;
         keys.require_right()?;
         // Only an unchecked legacy AES key can still explain a disk that does not read.
-        let aes = keys
-            .layers
-            .iter()
-            .any(|l| l.encryption == Encryption::Aes && !l.verdict.is_verified());
+        let aes = keys.aes_unverified();
         let disk: Arc<dyn BlockDevice> = Arc::new(Disk::new(
             chain,
             DiskOptions {

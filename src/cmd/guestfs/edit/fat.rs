@@ -6,16 +6,15 @@
 //! reader takes.
 
 use std::cell::RefCell;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::io::{Seek, SeekFrom, Write};
 use std::sync::Arc;
 
-use fstool::fs::fat::Fat32;
+use fstool::fs::fat::{Fat32, FatKind};
 use fstool::fs::{EntryKind, FileMeta, FileSource, Filesystem, OpenFlags};
 
 use super::super::device::{Cursor, RangeDevice};
 use super::super::error::GuestError;
-use super::super::fat::{table_bytes, CALL_BUDGET, MAX_FAT_BYTES};
+use super::super::fat::{as_path, open_volume, read_file, CALL_BUDGET};
 use super::super::tree::{FsError, FsResult, Kind};
 use super::editor::{split, Editor, Entry};
 
@@ -31,29 +30,17 @@ const DIRTY_FAT32: usize = 0x41;
 
 impl FatEditor {
     pub fn open(device: Arc<RangeDevice>) -> FsResult<FatEditor> {
-        let fat_bytes = table_bytes(&device)?;
-        if fat_bytes > MAX_FAT_BYTES {
-            return Err(FsError::Library(format!(
-                "its allocation table is {fat_bytes} bytes, more than the {MAX_FAT_BYTES} qcowfs \
-                 takes in-process"
-            )));
-        }
-        let mut boot = [0u8; 512];
-        fs_core::BlockRead::read_at(device.as_ref(), 0, &mut boot).map_err(|e| device.error(e))?;
-        let kind = fstool::fs::fat::boot::BootSector::decode(&boot)
-            .map_err(|e| device.error(e))?
-            .kind;
-        let at = match kind {
-            fstool::fs::fat::FatKind::Fat32 => DIRTY_FAT32,
+        let (fs, cursor) = open_volume(&device)?;
+        let at = match fs.kind() {
+            FatKind::Fat32 => DIRTY_FAT32,
             _ => DIRTY_FAT16,
         };
-        if boot[at] & 1 != 0 {
+        let mut flags = [0u8];
+        fs_core::BlockRead::read_at(device.as_ref(), at as u64, &mut flags)
+            .map_err(|e| device.error(e))?;
+        if flags[0] & 1 != 0 {
             return Err(GuestError::NotClean("its dirty flag is set").into());
         }
-        let mut cursor = Cursor::new(device.clone());
-        // The table, the boot sector and the root folder.
-        cursor.budget(MAX_FAT_BYTES + (4 << 20));
-        let fs = Fat32::open(&mut cursor).map_err(|e| device.error(e))?;
         Ok(FatEditor {
             fs: RefCell::new((fs, cursor)),
             device,
@@ -63,13 +50,14 @@ impl FatEditor {
     fn err(&self, e: impl std::fmt::Display) -> FsError {
         self.device.error(e)
     }
-}
 
-/// A guest path as the driver takes it.
-fn as_path(path: &[u8]) -> FsResult<&Path> {
-    std::str::from_utf8(path)
-        .map(Path::new)
-        .map_err(|_| FsError::Library("not a name a FAT volume can hold".into()))
+    /// One call of the driver, on its cursor, within [`CALL_BUDGET`].
+    fn call<T>(&self, f: impl FnOnce(&mut Fat32, &mut Cursor) -> fstool::Result<T>) -> FsResult<T> {
+        let mut guard = self.fs.borrow_mut();
+        let (fs, dev) = &mut *guard;
+        dev.budget(CALL_BUDGET);
+        f(fs, dev).map_err(|e| self.err(e))
+    }
 }
 
 /// Metadata for a new entry: `mode`, times now.
@@ -95,14 +83,15 @@ impl Editor for FatEditor {
                 mode: 0o755,
             }));
         };
-        let mut guard = self.fs.borrow_mut();
-        let (fs, dev) = &mut *guard;
-        dev.budget(CALL_BUDGET);
-        let entries = match fs.list(dev, as_path(parent)?) {
-            Ok(e) => e,
+        let parent = as_path(parent)?;
+        let listed = self.call(|fs, dev| match fs.list(dev, parent) {
+            Ok(e) => Ok(Some(e)),
             // A parent that is missing or not a folder: nothing has this name.
-            Err(fstool::Error::InvalidArgument(_)) => return Ok(None),
-            Err(e) => return Err(self.err(e)),
+            Err(fstool::Error::InvalidArgument(_)) => Ok(None),
+            Err(e) => Err(e),
+        })?;
+        let Some(entries) = listed else {
+            return Ok(None);
         };
         // As Windows matches names: ASCII case ignored.
         let found = entries
@@ -122,70 +111,42 @@ impl Editor for FatEditor {
     }
 
     fn read(&self, path: &[u8], offset: u64, buf: &mut [u8]) -> FsResult<usize> {
-        let mut guard = self.fs.borrow_mut();
-        let (fs, dev) = &mut *guard;
-        dev.budget(CALL_BUDGET);
-        let mut f = fs
-            .open_file_ro(dev, as_path(path)?)
-            .map_err(|e| self.err(e))?;
-        f.seek(SeekFrom::Start(offset)).map_err(|e| self.err(e))?;
-        let mut done = 0;
-        while done < buf.len() {
-            let n = f.read(&mut buf[done..]).map_err(|e| self.err(e))?;
-            if n == 0 {
-                break;
-            }
-            done += n;
-        }
-        Ok(done)
+        let path = as_path(path)?;
+        self.call(|fs, dev| read_file(fs, dev, path, offset, buf))
     }
 
     fn create(&self, path: &[u8], mode: u32) -> FsResult<()> {
-        let mut guard = self.fs.borrow_mut();
-        let (fs, dev) = &mut *guard;
-        dev.budget(CALL_BUDGET);
-        fs.create_file(dev, as_path(path)?, FileSource::Zero(0), meta(mode))
-            .map_err(|e| self.err(e))
+        let path = as_path(path)?;
+        self.call(|fs, dev| fs.create_file(dev, path, FileSource::Zero(0), meta(mode)))
     }
 
     fn write(&self, path: &[u8], offset: u64, data: &[u8]) -> FsResult<()> {
-        let mut guard = self.fs.borrow_mut();
-        let (fs, dev) = &mut *guard;
-        dev.budget(CALL_BUDGET);
-        let flags = OpenFlags::default();
-        let mut f = fs
-            .open_file_rw(dev, as_path(path)?, flags, None)
-            .map_err(|e| self.err(e))?;
-        f.seek(SeekFrom::Start(offset)).map_err(|e| self.err(e))?;
-        f.write_all(data).map_err(|e| self.err(e))?;
-        f.sync().map_err(|e| self.err(e))
+        let path = as_path(path)?;
+        self.call(|fs, dev| {
+            let mut f = fs.open_file_rw(dev, path, OpenFlags::default(), None)?;
+            f.seek(SeekFrom::Start(offset))?;
+            f.write_all(data)?;
+            f.sync()
+        })
     }
 
     fn truncate(&self, path: &[u8], len: u64) -> FsResult<()> {
-        let mut guard = self.fs.borrow_mut();
-        let (fs, dev) = &mut *guard;
-        dev.budget(CALL_BUDGET);
-        let flags = OpenFlags::default();
-        let mut f = fs
-            .open_file_rw(dev, as_path(path)?, flags, None)
-            .map_err(|e| self.err(e))?;
-        f.set_len(len).map_err(|e| self.err(e))?;
-        f.sync().map_err(|e| self.err(e))
+        let path = as_path(path)?;
+        self.call(|fs, dev| {
+            let mut f = fs.open_file_rw(dev, path, OpenFlags::default(), None)?;
+            f.set_len(len)?;
+            f.sync()
+        })
     }
 
     fn mkdir(&self, path: &[u8], mode: u32) -> FsResult<()> {
-        let mut guard = self.fs.borrow_mut();
-        let (fs, dev) = &mut *guard;
-        dev.budget(CALL_BUDGET);
-        fs.create_dir(dev, as_path(path)?, meta(mode))
-            .map_err(|e| self.err(e))
+        let path = as_path(path)?;
+        self.call(|fs, dev| fs.create_dir(dev, path, meta(mode)))
     }
 
     fn remove(&self, path: &[u8]) -> FsResult<()> {
-        let mut guard = self.fs.borrow_mut();
-        let (fs, dev) = &mut *guard;
-        dev.budget(CALL_BUDGET);
-        Filesystem::remove(fs, dev, as_path(path)?).map_err(|e| self.err(e))
+        let path = as_path(path)?;
+        self.call(|fs, dev| Filesystem::remove(fs, dev, path))
     }
 
     fn finish(self: Box<Self>) -> FsResult<()> {

@@ -20,7 +20,6 @@ use crate::chain::{Chain, KeyRing, OpenOptions};
 use crate::disk::{BlockDevice, Disk, DiskOptions};
 use crate::error::{Error, Result};
 use crate::keys::check::{KeyCheck, KeyPolicy};
-use crate::qcow2::Encryption;
 
 /// Memory for decrypted clusters while editing (the libraries cache blocks themselves).
 const CACHE_BYTES: u64 = 32 << 20;
@@ -62,13 +61,8 @@ impl GuestEditor {
             },
         )?;
         let check = KeyCheck::of(&chain)?;
-        if !opts.key_policy.force {
-            check.require_for_writing(opts.key_policy.unverified_key)?;
-        }
-        let aes = check
-            .layers
-            .iter()
-            .any(|l| l.encryption == Encryption::Aes && !l.verdict.is_verified());
+        check.enforce_for_writing(opts.key_policy)?;
+        let aes = check.aes_unverified();
         let disk: Arc<dyn BlockDevice> = Arc::new(Disk::new(
             chain,
             DiskOptions {
