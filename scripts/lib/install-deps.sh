@@ -54,6 +54,7 @@ QCOWFS_DEPS=(
 	mkntfs:ntfs-3g
 	ntfs-3g:ntfs-3g
 	setfattr:attr
+	setfacl:acl
 	mkfs.vfat:dosfstools
 	mcopy:mtools
 	mkfs.exfat:exfatprogs

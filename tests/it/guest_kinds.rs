@@ -55,59 +55,6 @@ fn source(work: &Path, links: bool) -> PathBuf {
     src
 }
 
-/// A raw file of `size` bytes, `mkfs` run on it, `fill` given it mounted with `mount -o loop`.
-fn loop_made(
-    work: &Path,
-    name: &str,
-    size: u64,
-    mkfs: &[&str],
-    fill: impl FnOnce(&Path),
-) -> PathBuf {
-    let raw = work.join(format!("{name}.raw"));
-    create_raw(&raw, size);
-    let mut args: Vec<&OsStr> = mkfs[1..].iter().map(OsStr::new).collect();
-    args.push(raw.as_os_str());
-    run_ok(mkfs[0], args);
-    let mnt = LoopMount::new(&raw, "loop");
-    fill(mnt.path());
-    mnt.umount(&raw);
-    raw
-}
-
-/// `cp -a SRC/. MNT/`.
-fn copy_tree(src: &Path, mnt: &Path) {
-    run_ok(
-        "cp",
-        ["-a".as_ref(), src.join(".").as_os_str(), mnt.as_os_str()],
-    );
-}
-
-/// `raw` as a qcow2 encrypted with `format` (`aes` or `luks`) under [`PASS`].
-fn encrypted(raw: &Path, format: &str) -> PathBuf {
-    let dest = raw.with_extension(format!("{format}.qcow2"));
-    let iter = if format == "luks" {
-        ",encrypt.iter-time=10"
-    } else {
-        ""
-    };
-    qemu_img([
-        "convert".as_ref(),
-        "-f".as_ref(),
-        "raw".as_ref(),
-        "-O".as_ref(),
-        "qcow2".as_ref(),
-        "--object".as_ref(),
-        OsStr::new(&format!("secret,id=s0,data={PASS}")),
-        "-o".as_ref(),
-        OsStr::new(&format!(
-            "encrypt.format={format},encrypt.key-secret=s0{iter}"
-        )),
-        raw.as_os_str(),
-        dest.as_os_str(),
-    ]);
-    dest
-}
-
 /// A guest image read by a user who owns it and its key, and nothing else.
 struct Reader {
     user: User,
@@ -222,7 +169,7 @@ fn xfs_v5_and_v4_guests_are_read_in_aes_and_luks_overlays() {
     let raw = loop_made(work, "xfs5", 320 * MIB, &["mkfs.xfs", "-q", "-f"], |mnt| {
         copy_tree(&src, mnt)
     });
-    let r = Reader::new(work, encrypted(&raw, "luks"));
+    let r = Reader::new(work, encrypted(&raw, "luks", PASS));
     assert_reads_the_tree(&r, work, &[], Links::Both);
     // Root keeps owners and groups, as `cp -a` does (the setuid bits stay dropped).
     let out = work.join("as-root");
@@ -268,7 +215,7 @@ fn xfs_v5_and_v4_guests_are_read_in_aes_and_luks_overlays() {
             raw.as_os_str(),
         ],
     );
-    let r = Reader::new(work, encrypted(&raw, "aes"));
+    let r = Reader::new(work, encrypted(&raw, "aes", PASS));
     assert_reads_the_tree(&r, work, &[], Links::Symbolic);
 }
 
@@ -295,7 +242,7 @@ fn an_xfs_log_the_kernel_left_dirty_is_read_as_the_kernel_recovers_it_without_wr
             shutdown.iter().map(OsStr::new).chain([mnt.as_os_str()]),
         );
     });
-    let r = Reader::new(work, encrypted(&raw, "luks"));
+    let r = Reader::new(work, encrypted(&raw, "luks", PASS));
     let before = fs::read(&r.image).unwrap();
     assert_eq!(r.cat(&[], "/late"), vec![b'a'; 8192]);
     assert_eq!(r.cat(&[], "/etc/fstab"), FSTAB);
@@ -362,7 +309,7 @@ fn btrfs_guests_read_the_default_subvolume_a_chosen_one_and_nested_ones() {
             fs::write(mnt.join("@root/which"), b"the default one\n").unwrap();
         },
     );
-    let r = Reader::new(work, encrypted(&raw, "aes"));
+    let r = Reader::new(work, encrypted(&raw, "aes", PASS));
     // The top of the file system, its nested subvolumes entered as the kernel enters them.
     assert_reads_the_tree(&r, work, &[], Links::Both);
     assert_eq!(r.cat(&[], "/@home/nested/deeper"), b"nested\n");
@@ -386,7 +333,7 @@ fn btrfs_guests_read_the_default_subvolume_a_chosen_one_and_nested_ones() {
     );
     mnt.umount(&raw);
     set.assert_success();
-    let r = Reader::new(work, encrypted(&raw, "luks"));
+    let r = Reader::new(work, encrypted(&raw, "luks", PASS));
     assert_eq!(r.cat(&[], "/which"), b"the default one\n");
     assert_eq!(r.cat(&["--subvolume", "5"], "/etc/fstab"), FSTAB);
 }
@@ -472,7 +419,7 @@ fn ntfs_guests_show_symbolic_links_and_junctions_as_links() {
         );
     }
     run_ok("umount", [&mnt]);
-    let r = Reader::new(work, encrypted(&raw, "aes"));
+    let r = Reader::new(work, encrypted(&raw, "aes", PASS));
     assert_reads_the_tree(&r, work, &[], Links::None);
     assert_eq!(names(&r.ls(&[], "/link")), ["/link -> etc/fstab"]);
     assert_eq!(r.cat(&[], "/link"), FSTAB);
@@ -513,7 +460,7 @@ fn fat32_fat16_and_fat12_guests_are_read() {
                 "::/",
             ],
         );
-        let r = Reader::new(work, encrypted(&raw, format));
+        let r = Reader::new(work, encrypted(&raw, format, PASS));
         assert_reads_the_tree(&r, work, &[], Links::None);
         assert_eq!(r.cat(&[], "/Etc/Fstab"), FSTAB, "{name}");
     }
@@ -526,7 +473,7 @@ fn exfat_and_subvolumes_of_other_file_systems_are_refused_by_name() {
     let raw = work.join("exfat.raw");
     create_raw(&raw, 32 * MIB);
     run_ok("mkfs.exfat", [&raw]);
-    let r = Reader::new(work, encrypted(&raw, "luks"));
+    let r = Reader::new(work, encrypted(&raw, "luks", PASS));
     let e = r.run("ls", &[], &[OsStr::new("/")]);
     assert_one_line_error(
         &e,
@@ -537,7 +484,7 @@ fn exfat_and_subvolumes_of_other_file_systems_are_refused_by_name() {
     let fat = work.join("fat.raw");
     create_raw(&fat, 8 * MIB);
     run_ok("mkfs.vfat", [&fat]);
-    let r = Reader::new(work, encrypted(&fat, "aes"));
+    let r = Reader::new(work, encrypted(&fat, "aes", PASS));
     let e = r.run("ls", &["--subvolume", "x"], &[OsStr::new("/")]);
     assert_one_line_error(&e, &["--subvolume", "a FAT file system"], REFUSAL_LIMIT);
 }

@@ -11,7 +11,7 @@ use fs_btrfs::inode::{FileType, Inode};
 use fs_btrfs::Filesystem;
 
 use super::device::RangeDevice;
-use super::tree::{FileData, FsError, FsResult, Kind, Meta, Node, Time, Tree};
+use super::tree::{FileData, FsError, FsResult, Kind, Meta, Node, Time, Tree, Xattr};
 
 /// Bits of an entry's number that hold its inode number; the subvolume's index sits above.
 const INO_BITS: u32 = 48;
@@ -229,6 +229,18 @@ impl Tree for BtrfsTree {
     fn max_dirs(&self) -> u64 {
         // Every folder is at least an inode item and a directory entry, over 160 bytes.
         (self.device.len() / 160).max(1)
+    }
+
+    fn xattrs(&self, entry: Node) -> FsResult<Vec<Xattr>> {
+        let (_, _, fs, ino) = self.locate(entry)?;
+        let all = fs.list_xattrs(ino).map_err(|e| self.device.error(e))?;
+        Ok(all
+            .into_iter()
+            .map(|a| Xattr {
+                name: a.name,
+                value: a.value,
+            })
+            .collect())
     }
 }
 

@@ -18,8 +18,9 @@ use super::data::{GuestData, Range};
 use super::error::GuestError;
 use super::list::CHUNK;
 use super::open::GuestFs;
-use super::tree::{GuestPath, Meta, Time};
+use super::tree::{GuestPath, Meta, Time, Xattr};
 use super::walk::{CopyReport, Sink, Walker};
+use super::xattrs::{set_on_fd, set_on_link, Unkept};
 use crate::error::{Error, Result};
 
 /// Permission bits kept on the host: setuid and setgid are dropped (a copied-out root-owned
@@ -74,9 +75,16 @@ pub fn copy_out(gfs: &GuestFs, path: &OsStr, dest: &Path, progress: bool) -> Res
     let mut sink = HostSink {
         top: &dir.fd,
         top_path: &dir.path,
+        unkept: Unkept::default(),
     };
     let result = walker.entry(&mut sink, &dir, &name, &p, &meta, 0);
     let report = walker.finish();
+    if let Some(note) = sink.unkept.note() {
+        eprintln!(
+            "qcowfs: warning: {}: {note}",
+            crate::error::escaped(&dir.path.join(OsStr::from_bytes(&name)))
+        );
+    }
     result.map(|()| report)
 }
 
@@ -96,6 +104,8 @@ pub(crate) struct HostDir {
 struct HostSink<'a> {
     top: &'a OwnedFd,
     top_path: &'a Path,
+    /// Extended attributes and ACLs the host would not take.
+    unkept: Unkept,
 }
 
 impl HostSink<'_> {
@@ -110,7 +120,14 @@ impl HostSink<'_> {
 impl Sink for HostSink<'_> {
     type Dir = HostDir;
 
-    fn symlink(&mut self, parent: &HostDir, name: &[u8], target: &[u8], meta: &Meta) -> Result<()> {
+    fn symlink(
+        &mut self,
+        parent: &HostDir,
+        name: &[u8],
+        target: &[u8],
+        meta: &Meta,
+        attrs: &[Xattr],
+    ) -> Result<()> {
         let (host, cname) = Self::prepare(parent, name);
         let ctarget = CString::new(target).unwrap_or_default();
         // SAFETY: both strings are valid C strings, parent.fd an open directory.
@@ -118,10 +135,18 @@ impl Sink for HostSink<'_> {
             unsafe { libc::symlinkat(ctarget.as_ptr(), parent.fd.as_raw_fd(), cname.as_ptr()) },
             &host,
         )?;
+        set_owner_at(&parent.fd, &cname, meta, &host)?;
+        set_on_link(&parent.fd, name, attrs, &mut self.unkept);
         set_times_at(&parent.fd, &cname, meta, &host)
     }
 
-    fn dir(&mut self, parent: &HostDir, name: &[u8], _meta: &Meta) -> Result<HostDir> {
+    fn dir(
+        &mut self,
+        parent: &HostDir,
+        name: &[u8],
+        _meta: &Meta,
+        _attrs: &[Xattr],
+    ) -> Result<HostDir> {
         let (host, cname) = Self::prepare(parent, name);
         // SAFETY: cname is a valid C string, parent.fd an open directory.
         check(
@@ -137,8 +162,8 @@ impl Sink for HostSink<'_> {
         Ok(HostDir { fd, path: host })
     }
 
-    fn dir_done(&mut self, dir: HostDir, meta: &Meta) -> Result<()> {
-        set_mode_and_times(&dir.fd, meta, &dir.path)
+    fn dir_done(&mut self, dir: HostDir, meta: &Meta, attrs: &[Xattr]) -> Result<()> {
+        set_attributes(&dir.fd, meta, attrs, &dir.path, &mut self.unkept)
     }
 
     fn file(
@@ -148,6 +173,7 @@ impl Sink for HostSink<'_> {
         data: &mut GuestData,
         ranges: &[Range],
         meta: &Meta,
+        attrs: &[Xattr],
         progress: &mut dyn FnMut(u64),
     ) -> Result<Vec<u8>> {
         let (host, cname) = Self::prepare(parent, name);
@@ -182,7 +208,7 @@ impl Sink for HostSink<'_> {
         }
         progress(data.len() - done);
         out.set_len(data.len()).map_err(|e| Error::new(&host, e))?;
-        set_mode_and_times(&out, meta, &host)?;
+        set_attributes(&out, meta, attrs, &host, &mut self.unkept)?;
         let below_top = host.strip_prefix(self.top_path).unwrap_or(&host);
         Ok(below_top.as_os_str().as_bytes().to_vec())
     }
@@ -266,9 +292,17 @@ fn as_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// The guest's owner (as root), permission bits less setuid/setgid, and atime/mtime on an
-/// open file or folder.
-fn set_mode_and_times(fd: &impl AsRawFd, meta: &Meta, host: &Path) -> Result<()> {
+/// The guest's owner (as root), extended attributes and ACLs, permission bits less
+/// setuid/setgid, and atime/mtime on an open file or folder — in that order: a change of owner
+/// clears `security.capability`, and a folder or file made read-only can still take attributes
+/// before its mode goes on.
+fn set_attributes(
+    fd: &impl AsRawFd,
+    meta: &Meta,
+    attrs: &[Xattr],
+    host: &Path,
+    unkept: &mut Unkept,
+) -> Result<()> {
     if as_root() {
         // SAFETY: fd is open.
         check(
@@ -276,6 +310,7 @@ fn set_mode_and_times(fd: &impl AsRawFd, meta: &Meta, host: &Path) -> Result<()>
             host,
         )?;
     }
+    set_on_fd(fd, attrs, unkept);
     let mode = meta.mode & KEPT_MODE;
     // SAFETY: fd is open.
     check(
@@ -290,24 +325,28 @@ fn set_mode_and_times(fd: &impl AsRawFd, meta: &Meta, host: &Path) -> Result<()>
     )
 }
 
-/// The owner (as root) and atime/mtime of the symlink `name` in `dir` itself (never of what it
-/// points to).
-fn set_times_at(dir: &OwnedFd, name: &CString, meta: &Meta, host: &Path) -> Result<()> {
-    if as_root() {
-        // SAFETY: dir is open, name a valid C string; the link itself is changed.
-        check(
-            unsafe {
-                libc::fchownat(
-                    dir.as_raw_fd(),
-                    name.as_ptr(),
-                    meta.uid,
-                    meta.gid,
-                    libc::AT_SYMLINK_NOFOLLOW,
-                )
-            },
-            host,
-        )?;
+/// The owner (as root) of the symlink `name` in `dir` itself (never of what it points to).
+fn set_owner_at(dir: &OwnedFd, name: &CString, meta: &Meta, host: &Path) -> Result<()> {
+    if !as_root() {
+        return Ok(());
     }
+    // SAFETY: dir is open, name a valid C string; the link itself is changed.
+    check(
+        unsafe {
+            libc::fchownat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                meta.uid,
+                meta.gid,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        },
+        host,
+    )
+}
+
+/// The atime and mtime of the symlink `name` in `dir` itself.
+fn set_times_at(dir: &OwnedFd, name: &CString, meta: &Meta, host: &Path) -> Result<()> {
     let times = timespecs(meta);
     // SAFETY: dir is open, name a valid C string, times two timespecs.
     check(

@@ -92,6 +92,8 @@ pub enum GuestError {
     NotAFile(String),
     #[error("{0}: not a regular file, directory or symlink; not copied")]
     Special(String),
+    #[error("{0}: extended attributes beyond the kernel's bounds (a value over 64 KiB, a name over 255 bytes, or over 1 MiB in all)")]
+    BadXattrs(String),
     #[error(
         "{0}: a second name for a folder already copied (folders have one name: a damaged or \
          hostile file system; its fsck repairs it)"

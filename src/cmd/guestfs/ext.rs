@@ -7,12 +7,14 @@ use std::sync::Arc;
 
 use ext4_view::{Ext4, Ext4Error, Metadata};
 
+use super::device::RangeDevice;
 use super::error::{GuestError, LayoutError};
+use super::ext_xattrs::ExtXattrs;
 use super::extents::{self, Extent, Extents};
 use super::layout::{Layout, RawInode};
 use super::reader;
 use super::tree::{
-    join_close, FileData, FsError, FsResult, Kind, Meta, Node, Range, Time, Tree, MAX_RANGES,
+    join_close, FileData, FsError, FsResult, Kind, Meta, Node, Range, Time, Tree, Xattr, MAX_RANGES,
 };
 use crate::disk::BlockDevice;
 use crate::error::{Error, Result};
@@ -35,6 +37,8 @@ pub(crate) struct ExtTree {
     inodes: u64,
     /// Inode numbers and block maps, read by qcowfs itself where it can.
     layout: Option<Layout>,
+    /// Extended attributes and ACLs.
+    attrs: ExtXattrs,
 }
 
 impl ExtTree {
@@ -45,9 +49,15 @@ impl ExtTree {
         disk.read_at(start + 1024, &mut sb).map_err(FsError::Disk)?;
         let inodes = check_superblock(&sb, len)?;
         let layout = Layout::load(disk.clone(), start, len);
+        let attrs = ExtXattrs::new(RangeDevice::new(disk.clone(), start, len));
         let fs =
             Ext4::load(Box::new(reader::RangeReader::new(disk, start, len))).map_err(ext4_error)?;
-        Ok(ExtTree { fs, inodes, layout })
+        Ok(ExtTree {
+            fs,
+            inodes,
+            layout,
+            attrs,
+        })
     }
 
     fn path(node: Node) -> FsResult<ext4_view::PathBuf> {
@@ -185,6 +195,20 @@ impl Tree for ExtTree {
 
     fn max_dirs(&self) -> u64 {
         self.inodes.max(1)
+    }
+
+    fn xattrs(&self, entry: Node) -> FsResult<Vec<Xattr>> {
+        let number = entry.meta.id.and_then(|n| u32::try_from(n).ok());
+        // Most entries have none, which the inode qcowfs reads itself says without opening a
+        // second reader.
+        let none = match (&self.layout, number) {
+            (Some(layout), Some(n)) => layout.inode(n).is_ok_and(|i| !i.xattrs),
+            _ => false,
+        };
+        match none {
+            true => Ok(Vec::new()),
+            false => self.attrs.read(number, entry.path.as_bytes()),
+        }
     }
 }
 

@@ -14,6 +14,11 @@ use crate::disk::BlockDevice;
 
 /// An inode's bytes that qcowfs reads (the classic 128-byte inode).
 const INODE_BYTES: usize = 128;
+/// Most bytes of a large inode read to find its in-inode attributes (the space after
+/// `i_extra_isize`; inodes are 256 bytes by default).
+const LARGE_INODE_BYTES: usize = 1024;
+/// The magic before attributes stored in the inode itself.
+const IN_INODE_XATTR_MAGIC: u32 = 0xea02_0000;
 /// Superblock `s_feature_incompat` bits.
 const INCOMPAT_META_BG: u32 = 0x10;
 const INCOMPAT_64BIT: u32 = 0x80;
@@ -67,6 +72,9 @@ pub(crate) struct RawInode {
     pub kind: MapKind,
     /// The 60 bytes of `i_block`: an extent tree's root, or 15 block pointers.
     pub block: [u8; 60],
+    /// Whether it may have extended attributes (an attribute block, or attributes in the
+    /// inode, or a large inode not wholly read): false only when it has none.
+    pub xattrs: bool,
 }
 
 impl RawInode {
@@ -84,6 +92,24 @@ impl RawInode {
             && self.gid == meta.gid()
             && self.size == meta.len()
             && i64::from(self.mtime) == meta.modified().seconds() & 0xffff_ffff
+    }
+}
+
+/// Whether the inode `b` (all its bytes, or the first [`LARGE_INODE_BYTES`]) may have extended
+/// attributes: an attribute block (`i_file_acl`), or the in-inode magic after `i_extra_isize`.
+fn may_have_xattrs(b: &[u8]) -> bool {
+    let block = u64::from(u32_at(b, 0x68)) | u64::from(u16_at(b, 0x76)) << 32;
+    if block != 0 {
+        return true;
+    }
+    if b.len() <= INODE_BYTES {
+        return false;
+    }
+    let magic_at = INODE_BYTES + usize::from(u16_at(b, INODE_BYTES));
+    match b.get(magic_at..magic_at + 4) {
+        Some(m) => u32_at(m, 0) == IN_INODE_XATTR_MAGIC,
+        // Beyond what was read: let the attribute reader look.
+        None => true,
     }
 }
 
@@ -204,9 +230,11 @@ impl Layout {
             .block_offset(table)?
             .checked_add((index % self.inodes_per_group) * self.inode_size)
             .ok_or(LayoutError::NoInode(number))?;
-        let mut b = [0u8; INODE_BYTES];
-        self.read(at, &mut b)?;
-        let flags = u32_at(&b, 0x20);
+        let mut whole = [0u8; LARGE_INODE_BYTES];
+        let read = (self.inode_size as usize).min(LARGE_INODE_BYTES);
+        self.read(at, &mut whole[..read])?;
+        let b = &whole[..INODE_BYTES];
+        let flags = u32_at(b, 0x20);
         let kind = if flags & FLAG_INLINE_DATA != 0 {
             MapKind::Inline
         } else if flags & FLAG_EXTENTS != 0 {
@@ -218,14 +246,15 @@ impl Layout {
         block.copy_from_slice(&b[0x28..0x28 + 60]);
         Ok(RawInode {
             number,
-            mode: u16_at(&b, 0x0),
-            uid: u32::from(u16_at(&b, 0x2)) | u32::from(u16_at(&b, 0x78)) << 16,
-            gid: u32::from(u16_at(&b, 0x18)) | u32::from(u16_at(&b, 0x7a)) << 16,
-            size: u64::from(u32_at(&b, 0x4)) | u64::from(u32_at(&b, 0x6c)) << 32,
-            mtime: u32_at(&b, 0x10),
-            links: u16_at(&b, 0x1a),
+            mode: u16_at(b, 0x0),
+            uid: u32::from(u16_at(b, 0x2)) | u32::from(u16_at(b, 0x78)) << 16,
+            gid: u32::from(u16_at(b, 0x18)) | u32::from(u16_at(b, 0x7a)) << 16,
+            size: u64::from(u32_at(b, 0x4)) | u64::from(u32_at(b, 0x6c)) << 32,
+            mtime: u32_at(b, 0x10),
+            links: u16_at(b, 0x1a),
             kind,
             block,
+            xattrs: may_have_xattrs(&whole[..read]),
         })
     }
 }

@@ -16,6 +16,7 @@ mod device;
 pub mod edit;
 pub(crate) mod error;
 mod ext;
+mod ext_xattrs;
 mod extents;
 mod fat;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -30,6 +31,7 @@ mod sparse;
 mod tar;
 mod tree;
 mod walk;
+mod xattrs;
 mod xfs;
 
 pub use copy::copy_out;

@@ -9,7 +9,8 @@ use super::backends;
 use super::detect;
 use super::error::{Contents, GuestError};
 use super::resolve;
-use super::tree::{shown, FsError, GuestPath, Meta, Node, Tree};
+use super::tree::{shown, FsError, GuestPath, Meta, Node, Tree, Xattr};
+use super::xattrs::within_bounds;
 use crate::chain::{Chain, KeyRing, OpenOptions};
 use crate::disk::partition::read_table;
 use crate::disk::{BlockDevice, Disk, DiskOptions};
@@ -181,6 +182,18 @@ impl GuestFs {
             (_, Some(e)) => Err(e),
             (Err(e), None) => Err(self.error(shown_as, e)),
             (Ok(()), None) => Ok(()),
+        }
+    }
+
+    /// The extended attributes and ACLs of `path` (its metadata `meta`) that a copy carries.
+    pub(crate) fn xattrs(&self, path: &GuestPath, meta: &Meta) -> Result<Vec<Xattr>> {
+        let attrs = self
+            .tree
+            .xattrs(Node { path, meta })
+            .map_err(|e| self.error(path.as_bytes(), e))?;
+        match within_bounds(&attrs) {
+            true => Ok(attrs),
+            false => Err(self.guest_error(GuestError::BadXattrs(shown(path.as_bytes())))),
         }
     }
 

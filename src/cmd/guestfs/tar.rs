@@ -12,8 +12,9 @@ use super::data::{GuestData, Range};
 use super::list::CHUNK;
 use super::open::GuestFs;
 use super::sparse::sparse_header;
-use super::tree::{GuestPath, Meta};
+use super::tree::{GuestPath, Meta, Xattr};
 use super::walk::{CopyReport, Sink, Walker};
+use super::xattrs::pax_records;
 use crate::error::{Error, Result};
 
 /// Stream guest `path` (a final symlink followed only when it ends in `/`) to `out` as a tar
@@ -48,6 +49,8 @@ fn root(walker: &mut Walker, sink: &mut TarSink, p: &GuestPath, meta: &Meta) -> 
     let gfs = walker.gfs();
     let top = b".".to_vec();
     walker.folder(p, meta)?;
+    let attrs = walker.attrs(p, meta);
+    sink.pax(&attrs)?;
     sink.append(
         &top,
         header(meta, tar::EntryType::Directory, 0),
@@ -122,6 +125,24 @@ impl TarSink<'_> {
             .append_data(&mut h, std::path::Path::new(OsStr::from_bytes(path)), data)
             .map_err(stdout_error)
     }
+
+    /// A PAX extended header carrying `attrs` for the entry appended next (none when empty).
+    fn pax(&mut self, attrs: &[Xattr]) -> Result<()> {
+        if attrs.is_empty() {
+            return Ok(());
+        }
+        let records = pax_records(attrs);
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_mode(0o644);
+        h.set_size(records.len() as u64);
+        // The name GNU tar and libarchive ignore for an extended header.
+        h.set_path("././@PaxHeader").map_err(stdout_error)?;
+        h.set_cksum();
+        self.builder
+            .append(&h, records.as_slice())
+            .map_err(stdout_error)
+    }
 }
 
 /// Folders are their path in the archive.
@@ -138,8 +159,16 @@ fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
 impl Sink for TarSink<'_> {
     type Dir = Vec<u8>;
 
-    fn symlink(&mut self, parent: &Vec<u8>, name: &[u8], target: &[u8], meta: &Meta) -> Result<()> {
+    fn symlink(
+        &mut self,
+        parent: &Vec<u8>,
+        name: &[u8],
+        target: &[u8],
+        meta: &Meta,
+        attrs: &[Xattr],
+    ) -> Result<()> {
         let path = join(parent, name);
+        self.pax(attrs)?;
         let mut h = header(meta, tar::EntryType::Symlink, 0);
         self.builder
             .append_link(
@@ -150,8 +179,15 @@ impl Sink for TarSink<'_> {
             .map_err(stdout_error)
     }
 
-    fn dir(&mut self, parent: &Vec<u8>, name: &[u8], meta: &Meta) -> Result<Vec<u8>> {
+    fn dir(
+        &mut self,
+        parent: &Vec<u8>,
+        name: &[u8],
+        meta: &Meta,
+        attrs: &[Xattr],
+    ) -> Result<Vec<u8>> {
         let path = join(parent, name);
+        self.pax(attrs)?;
         self.append(
             &path,
             header(meta, tar::EntryType::Directory, 0),
@@ -160,7 +196,7 @@ impl Sink for TarSink<'_> {
         Ok(path)
     }
 
-    fn dir_done(&mut self, _dir: Vec<u8>, _meta: &Meta) -> Result<()> {
+    fn dir_done(&mut self, _dir: Vec<u8>, _meta: &Meta, _attrs: &[Xattr]) -> Result<()> {
         Ok(())
     }
 
@@ -171,9 +207,11 @@ impl Sink for TarSink<'_> {
         data: &mut GuestData,
         ranges: &[Range],
         meta: &Meta,
+        attrs: &[Xattr],
         progress: &mut dyn FnMut(u64),
     ) -> Result<Vec<u8>> {
         let entry = join(parent, name);
+        self.pax(attrs)?;
         let len = data.len();
         let whole = match ranges {
             [] => len == 0,

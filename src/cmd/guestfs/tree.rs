@@ -115,6 +115,15 @@ impl GuestPath {
     }
 }
 
+/// One extended attribute as `getfattr -d -m -` shows it through the kernel: its full name
+/// (`user.x`, `security.capability`) and its value, a POSIX ACL in the kernel's
+/// `posix_acl_xattr` format whatever the file system stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Xattr {
+    pub name: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
 /// An entry handed to a [`Tree`]: its resolved path and its metadata (path-based libraries use
 /// the one, number-based ones the other).
 #[derive(Clone, Copy)]
@@ -220,6 +229,13 @@ pub trait Tree {
 
     /// The most folders a sound tree of this file system can have (the copy's loop bound).
     fn max_dirs(&self) -> u64;
+
+    /// The entry's extended attributes and ACLs, those a copy carries (a file system's own
+    /// stored form of an ACL, such as XFS's `trusted.SGI_ACL_FILE`, is left out as `cp -a`
+    /// leaves it out). None: the file system has none (FAT, NTFS as read here).
+    fn xattrs(&self, _entry: Node) -> FsResult<Vec<Xattr>> {
+        Ok(Vec::new())
+    }
 }
 
 #[cfg(test)]

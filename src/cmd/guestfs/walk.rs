@@ -17,7 +17,7 @@ use super::data::{GuestData, Range};
 use super::error::GuestError;
 use super::open::GuestFs;
 use super::tree::shown;
-use super::tree::{GuestPath, Kind, Meta};
+use super::tree::{GuestPath, Kind, Meta, Xattr};
 use crate::error::Result;
 
 /// Deepest tree copied (a directory loop in a hostile image ends here, or at the inode count).
@@ -38,6 +38,8 @@ pub struct CopyReport {
     pub symlinks: u64,
     pub bytes: u64,
     pub skipped: u64,
+    /// Entries whose extended attributes could not be read (each named in a warning).
+    pub xattrs_unread: u64,
 }
 
 /// Where the entries of a walk go. `Dir` is the sink's handle on a folder it made.
@@ -50,13 +52,24 @@ pub(crate) trait Sink {
         name: &[u8],
         target: &[u8],
         meta: &Meta,
+        attrs: &[Xattr],
     ) -> Result<()>;
-    /// The folder `name` in `parent`, before its entries.
-    fn dir(&mut self, parent: &Self::Dir, name: &[u8], meta: &Meta) -> Result<Self::Dir>;
-    /// After a folder's entries (modes and times go on last, so a read-only folder is filled).
-    fn dir_done(&mut self, dir: Self::Dir, meta: &Meta) -> Result<()>;
+    /// The folder `name` in `parent`, before its entries; `attrs` are its extended attributes
+    /// and ACLs, given again to [`Sink::dir_done`].
+    fn dir(
+        &mut self,
+        parent: &Self::Dir,
+        name: &[u8],
+        meta: &Meta,
+        attrs: &[Xattr],
+    ) -> Result<Self::Dir>;
+    /// After a folder's entries (modes, times and a default ACL go on last, so a read-only
+    /// folder is filled and its entries do not inherit an ACL they do not have).
+    fn dir_done(&mut self, dir: Self::Dir, meta: &Meta, attrs: &[Xattr]) -> Result<()>;
     /// The regular file `name` in `parent`: `data.len()` bytes, data only in `ranges` (the
     /// rest holes); `progress` is told of every chunk. Returns how a later hard link names it.
+    // Every fact about one file, handed over in its one call.
+    #[allow(clippy::too_many_arguments)]
     fn file(
         &mut self,
         parent: &Self::Dir,
@@ -64,6 +77,7 @@ pub(crate) trait Sink {
         data: &mut GuestData,
         ranges: &[Range],
         meta: &Meta,
+        attrs: &[Xattr],
         progress: &mut dyn FnMut(u64),
     ) -> Result<Vec<u8>>;
     /// `name` in `parent` as a hard link to the file [`Sink::file`] made and named `first`.
@@ -149,7 +163,8 @@ impl<'a> Walker<'a> {
                 if target.contains(&0) {
                     return Err(unsafe_name());
                 }
-                sink.symlink(parent, name, &target, meta)?;
+                let attrs = self.attrs(path, meta);
+                sink.symlink(parent, name, &target, meta, &attrs)?;
                 self.report.symlinks += 1;
             }
             Kind::Dir => {
@@ -161,13 +176,14 @@ impl<'a> Walker<'a> {
                 }
                 self.dirs_left -= 1;
                 self.folder(path, meta)?;
-                let dir = sink.dir(parent, name, meta)?;
+                let attrs = self.attrs(path, meta);
+                let dir = sink.dir(parent, name, meta, &attrs)?;
                 self.report.dirs += 1;
                 let each = |child_name: Vec<u8>, child: GuestPath, child_meta: Meta| {
                     self.entry(sink, &dir, &child_name, &child, &child_meta, depth + 1)
                 };
                 gfs.for_each_child(path, meta, path.as_bytes(), each)?;
-                sink.dir_done(dir, meta)?;
+                sink.dir_done(dir, meta, &attrs)?;
             }
             Kind::File => {
                 self.file(sink, parent, name, path, meta)?;
@@ -209,9 +225,10 @@ impl<'a> Walker<'a> {
             }));
         }
         self.data_left -= bytes;
+        let attrs = self.attrs(path, meta);
         let report = &mut self.report;
         let bar = &self.bar;
-        let first = sink.file(parent, name, &mut data, &ranges, meta, &mut |n| {
+        let first = sink.file(parent, name, &mut data, &ranges, meta, &attrs, &mut |n| {
             report.bytes += n;
             if let Some(bar) = bar {
                 bar.inc(n);
@@ -221,6 +238,20 @@ impl<'a> Walker<'a> {
             self.links.insert(n, first);
         }
         Ok(())
+    }
+
+    /// The extended attributes and ACLs of `path`. A list the guest cannot give (damaged) is
+    /// named in a warning and the entry copied without them, as `cp -a` copies a file whose
+    /// attributes it cannot read.
+    pub fn attrs(&mut self, path: &GuestPath, meta: &Meta) -> Vec<Xattr> {
+        match self.gfs.xattrs(path, meta) {
+            Ok(attrs) => attrs,
+            Err(e) => {
+                eprintln!("qcowfs: warning: {e}; copied without its extended attributes");
+                self.report.xattrs_unread += 1;
+                Vec::new()
+            }
+        }
     }
 
     /// The file system walked.

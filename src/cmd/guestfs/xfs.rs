@@ -9,7 +9,7 @@ use fs_xfs::inode::{FileType, Inode};
 use fs_xfs::Filesystem;
 
 use super::device::RangeDevice;
-use super::tree::{FileData, FsResult, Kind, Meta, Node, Range, Time, Tree};
+use super::tree::{FileData, FsResult, Kind, Meta, Node, Range, Time, Tree, Xattr};
 
 /// An XFS file system, open for reading.
 pub(crate) struct XfsTree {
@@ -109,6 +109,21 @@ impl Tree for XfsTree {
     fn max_dirs(&self) -> u64 {
         // Every folder is an inode, and no inode is smaller than 256 bytes.
         (self.device.len() / 256).max(1)
+    }
+
+    fn xattrs(&self, entry: Node) -> FsResult<Vec<Xattr>> {
+        let file = self.file(entry)?;
+        let all = self.fs.list_xattrs(file.inode(), file.raw());
+        let all = all.map_err(|e| self.device.error(e))?;
+        // The stored ACLs (trusted.SGI_ACL_*) come with their VFS names too: only those are kept.
+        Ok(all
+            .into_iter()
+            .filter(|a| !a.name.starts_with(b"trusted.SGI_ACL_"))
+            .map(|a| Xattr {
+                name: a.name,
+                value: a.value,
+            })
+            .collect())
     }
 }
 

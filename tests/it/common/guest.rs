@@ -1,8 +1,9 @@
 //! Guards for what the fault and host tests mount besides a plain `Mount`: a `qcowfs mount
-//! --foreground` child that can be killed -9, and a guest file system loop-mounted from a file.
+//! --foreground` child that can be killed -9, and a guest file system loop-mounted from a file
+//! (and the helpers that make a guest with its own tools and encrypt it).
 //! Dropping either never leaves a mount behind.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,7 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::fuse::{is_mounted, qcowfs_bin, require_fuse};
-use super::run::{describe_status, run, run_ok, run_with};
+use super::image::create_raw;
+use super::run::{describe_status, qemu_img, run, run_ok, run_with};
 
 /// How long a `--foreground` mount may take to appear.
 const FOREGROUND_MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -197,4 +199,56 @@ pub fn sfdisk(disk: &Path, script: &str) {
         super::run::COMMAND_TIMEOUT,
     )
     .assert_success();
+}
+/// A raw file of `size` bytes, `mkfs` run on it, `fill` given it mounted with `mount -o loop`.
+pub fn loop_made(
+    work: &Path,
+    name: &str,
+    size: u64,
+    mkfs: &[&str],
+    fill: impl FnOnce(&Path),
+) -> PathBuf {
+    let raw = work.join(format!("{name}.raw"));
+    create_raw(&raw, size);
+    let mut args: Vec<&OsStr> = mkfs[1..].iter().map(OsStr::new).collect();
+    args.push(raw.as_os_str());
+    run_ok(mkfs[0], args);
+    let mnt = LoopMount::new(&raw, "loop");
+    fill(mnt.path());
+    mnt.umount(&raw);
+    raw
+}
+
+/// `cp -a SRC/. MNT/`.
+pub fn copy_tree(src: &Path, mnt: &Path) {
+    run_ok(
+        "cp",
+        ["-a".as_ref(), src.join(".").as_os_str(), mnt.as_os_str()],
+    );
+}
+
+/// `raw` as a qcow2 encrypted with `format` (`aes` or `luks`) under `pass`.
+pub fn encrypted(raw: &Path, format: &str, pass: &str) -> PathBuf {
+    let dest = raw.with_extension(format!("{format}.qcow2"));
+    let iter = if format == "luks" {
+        ",encrypt.iter-time=10"
+    } else {
+        ""
+    };
+    qemu_img([
+        "convert".as_ref(),
+        "-f".as_ref(),
+        "raw".as_ref(),
+        "-O".as_ref(),
+        "qcow2".as_ref(),
+        "--object".as_ref(),
+        OsStr::new(&format!("secret,id=s0,data={pass}")),
+        "-o".as_ref(),
+        OsStr::new(&format!(
+            "encrypt.format={format},encrypt.key-secret=s0{iter}"
+        )),
+        raw.as_os_str(),
+        dest.as_os_str(),
+    ]);
+    dest
 }
