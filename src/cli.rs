@@ -336,6 +336,10 @@ pub struct GuestArgs {
     /// Read partition N (as `qcowfs mount` numbers disk-partN: MBR 1-4, logicals from 5; GPT)
     #[arg(long, value_name = "N")]
     pub partition: Option<u32>,
+    /// Read this LVM2 logical volume (linear, on the guest disk), named as `lvs` names it:
+    /// VG/LV
+    #[arg(long, value_name = "VG/LV")]
+    pub lv: Option<String>,
     /// Read this btrfs subvolume (its path as `btrfs subvolume list` prints it, or its id)
     /// instead of the default one
     #[arg(long, value_name = "PATH|ID")]
@@ -356,6 +360,9 @@ pub struct EditTarget {
     /// Change partition N (as `qcowfs mount` numbers disk-partN)
     #[arg(long, value_name = "N")]
     pub partition: Option<u32>,
+    /// Change this LVM2 logical volume (VG/LV, as `lvs` names it)
+    #[arg(long, value_name = "VG/LV")]
+    pub lv: Option<String>,
     /// Write even when the passphrase cannot be verified (a legacy AES overlay with no data of
     /// its own yet): new data is then encrypted with the one given
     #[arg(long)]

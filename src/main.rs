@@ -243,6 +243,7 @@ fn guest_command(
         force_share: args.force_share,
         backing_within: within,
         partition: args.partition,
+        lv: args.lv.clone(),
         subvolume: args.subvolume.clone(),
     };
     f(&qcowfs::cmd::guestfs::GuestFs::open(
@@ -267,6 +268,7 @@ fn edit_command(
     let opts = qcowfs::cmd::guestfs::edit::EditOptions {
         backing_within: within,
         partition: target.partition,
+        lv: target.lv.clone(),
         key_policy: qcowfs::keys::check::KeyPolicy {
             force: false,
             unverified_key: target.unverified_key,

@@ -333,7 +333,9 @@ fn ext4_edit(dir: &Path, seed: u64) -> Recording {
         |disk| {
             use qcowfs::cmd::guestfs::edit;
             let name = Path::new("ext4-edit.qcow2");
-            let ed = edit::GuestEditor::over(name, disk, None, false).expect("open the guest");
+            let ed =
+                edit::GuestEditor::over(name, disk, qcowfs::cmd::guestfs::Wanted::default(), false)
+                    .expect("open the guest");
             let fstab: &[u8] = b"UUID=1 / ext4 defaults,nofail,x-systemd.device-timeout=5 0 1\n";
             edit::write(&ed, "/etc/fstab".as_ref(), &mut &fstab[..]).expect("replace fstab");
             edit::mkdir(&ed, "/root".as_ref()).expect("mkdir");

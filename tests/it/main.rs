@@ -22,6 +22,7 @@ mod fuzz_images;
 mod guest_edits;
 mod guest_files;
 mod guest_kinds;
+mod guest_lvm;
 mod guest_xattrs;
 mod host_files;
 mod host_full;

@@ -13,8 +13,19 @@ pub enum GuestError {
     Unsupported { view: String, found: Contents },
     #[error("no file system qcowfs reads found ({found}); {hint}")]
     NoneSupported { found: String, hint: String },
-    #[error("{list} hold file systems qcowfs reads; choose one with --partition N")]
-    Ambiguous { list: String },
+    #[error("{list} hold file systems qcowfs reads; choose one with {choose}")]
+    Ambiguous { list: String, choose: &'static str },
+    #[error("--lv {lv}: no such logical volume ({present})")]
+    NoLv { lv: String, present: String },
+    #[error(
+        "--lv {lv}: {why}; qcowfs reads linear logical volumes of the physical volume on this disk"
+    )]
+    LvNotRead { lv: String, why: String },
+    #[error(
+        "{view} holds an LVM2 physical volume whose volume group qcowfs cannot read ({why}); {}",
+        Contents::Lvm2.suggestion(.view)
+    )]
+    LvmUnread { view: String, why: String },
     #[error("cannot read the ext2/3/4 file system on {view}: {source}{hint}")]
     Load {
         view: String,

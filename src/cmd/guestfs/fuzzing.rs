@@ -11,6 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use super::choose::{choose, Wanted};
 use super::open::GuestFs;
 use crate::disk::BlockDevice;
 use crate::error::Result;
@@ -113,17 +114,13 @@ pub fn guest_bytes(data: &[u8], scratch: &Path) -> Result<()> {
     copied.map(|_| ())
 }
 
-/// `data` as a guest file system, named `<fuzz>` in errors.
+/// The guest file system on `data` (a file system, a partitioned disk, an LVM2 volume group),
+/// chosen as the commands choose it, named `<fuzz>` in errors.
 pub(crate) fn memory_fs(data: &[u8]) -> Result<GuestFs> {
-    let len = data.len() as u64;
+    let image = Path::new("<fuzz>");
     let device: Arc<dyn BlockDevice> = Arc::new(Memory(data.to_vec()));
-    GuestFs::load(
-        Path::new("<fuzz>"),
-        device,
-        ("disk".into(), 0, len),
-        None,
-        "",
-    )
+    let volume = choose(&device, Wanted::default(), false).map_err(|e| e.at_image(image))?;
+    GuestFs::load(image, volume, None, "")
 }
 
 /// A new empty folder under `scratch`, unique to this process and call.

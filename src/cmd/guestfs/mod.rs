@@ -9,6 +9,7 @@
 
 mod backends;
 mod btrfs;
+mod choose;
 mod copy;
 mod data;
 mod detect;
@@ -23,6 +24,8 @@ mod fat;
 pub mod fuzzing;
 mod layout;
 mod list;
+mod lvm;
+mod lvm_bounds;
 mod ntfs;
 mod open;
 mod reader;
@@ -34,6 +37,7 @@ mod walk;
 mod xattrs;
 mod xfs;
 
+pub use choose::Wanted;
 pub use copy::copy_out;
 pub use error::{Contents, GuestError, LayoutError};
 pub use list::{cat, ls};

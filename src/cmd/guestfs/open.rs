@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::backends;
+use super::choose::{choose, Volume, Wanted};
 use super::detect;
 use super::error::{Contents, GuestError};
 use super::resolve;
 use super::tree::{shown, FsError, GuestPath, Meta, Node, Tree, Xattr};
 use super::xattrs::within_bounds;
 use crate::chain::{Chain, KeyRing, OpenOptions};
-use crate::disk::partition::read_table;
 use crate::disk::{BlockDevice, Disk, DiskOptions};
 use crate::error::{Error, Result};
 use crate::keys::check::KeyCheck;
@@ -21,7 +21,7 @@ use crate::keys::check::KeyCheck;
 const CACHE_BYTES: u64 = 16 << 20;
 
 /// Said when a chain with a legacy AES layer shows no readable file system.
-const AES_HINT: &str = "; or the passphrase is wrong (legacy AES cannot check it)";
+pub(super) const AES_HINT: &str = "; or the passphrase is wrong (legacy AES cannot check it)";
 
 /// How to open the image for reading guest files.
 #[derive(Debug, Default)]
@@ -32,6 +32,8 @@ pub struct GuestOptions {
     pub backing_within: Vec<PathBuf>,
     /// The partition to read (Linux numbering), or None to find the file system.
     pub partition: Option<u32>,
+    /// The LVM2 logical volume to read (`VG/LV`), or None to find the file system.
+    pub lv: Option<String>,
     /// The btrfs subvolume to read (path or id), or None for the default one.
     pub subvolume: Option<String>,
 }
@@ -73,31 +75,32 @@ impl GuestFs {
                 read_only: true,
             },
         ));
-        let (view, start, len) =
-            choose(disk.as_ref(), opts.partition, aes).map_err(|e| e.at_image(image))?;
+        let wanted = Wanted {
+            partition: opts.partition,
+            lv: opts.lv.as_deref(),
+        };
+        let volume = choose(&disk, wanted, aes).map_err(|e| e.at_image(image))?;
         let hint = match aes {
             true => AES_HINT,
             false => "",
         };
-        GuestFs::load(
-            image,
-            disk,
-            (view, start, len),
-            opts.subvolume.as_deref(),
-            hint,
-        )
+        GuestFs::load(image, volume, opts.subvolume.as_deref(), hint)
     }
 
-    /// The file system in the byte range `(view, start, len)` of `disk` (`view` names it), of
-    /// the kind its first bytes say; `subvolume` of btrfs; `hint` is added to a refusal;
-    /// `image` named in errors.
+    /// The file system in `volume`, of the kind its first bytes say; `subvolume` of btrfs;
+    /// `hint` is added to a refusal; `image` named in errors.
     pub(super) fn load(
         image: &Path,
-        disk: Arc<dyn BlockDevice>,
-        (view, start, len): (String, u64, u64),
+        volume: Volume,
         subvolume: Option<&str>,
         hint: &'static str,
     ) -> Result<GuestFs> {
+        let Volume {
+            view,
+            device: disk,
+            start,
+            len,
+        } = volume;
         let found = detect::detect(disk.as_ref(), start, len)?;
         if subvolume.is_some() && found != Contents::Btrfs {
             let e = GuestError::NoSubvolumes(found.name());
@@ -252,94 +255,4 @@ impl From<Error> for Choice {
     fn from(e: Error) -> Self {
         Choice::Disk(e)
     }
-}
-
-/// Which byte range holds the file system: (its name as the mountpoint shows it, start, length).
-/// Partition `number` if asked; else the whole disk if it holds one; else the one partition that
-/// does. `aes`: a legacy AES layer is in the chain (a wrong passphrase reads as noise).
-pub(super) fn choose(
-    disk: &dyn BlockDevice,
-    number: Option<u32>,
-    aes: bool,
-) -> std::result::Result<(String, u64, u64), Choice> {
-    let size = disk.size();
-    let table = read_table(disk);
-    if let Some(n) = number {
-        let Some(p) = table.partitions.iter().find(|p| p.number == n) else {
-            let present = match table.partitions.is_empty() {
-                true => "it has no partition table".to_string(),
-                false => format!(
-                    "it has {}",
-                    table
-                        .partitions
-                        .iter()
-                        .map(|p| p.number.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            };
-            return Err(Choice::Guest(GuestError::NoPartition {
-                number: n,
-                present,
-            }));
-        };
-        let view = format!("disk-part{n}");
-        let found = detect::detect(disk, p.start, p.len)?;
-        if !found.is_supported() {
-            return Err(Choice::Guest(GuestError::Unsupported { view, found }));
-        }
-        return Ok((view, p.start, p.len));
-    }
-    let whole = detect::detect(disk, 0, size)?;
-    if whole.is_supported() {
-        return Ok(("disk".into(), 0, size));
-    }
-    if table.partitions.is_empty() {
-        if whole == Contents::Nothing || whole == Contents::PartitionTable {
-            return Err(Choice::Guest(none_found(
-                "the disk holds no file system or partition".into(),
-                aes,
-            )));
-        }
-        return Err(Choice::Guest(GuestError::Unsupported {
-            view: "disk".into(),
-            found: whole,
-        }));
-    }
-    let mut found = Vec::new();
-    for p in &table.partitions {
-        found.push((p, detect::detect(disk, p.start, p.len)?));
-    }
-    let supported: Vec<_> = found.iter().filter(|(_, c)| c.is_supported()).collect();
-    match supported.as_slice() {
-        [(p, _)] => Ok((format!("disk-part{}", p.number), p.start, p.len)),
-        [] => {
-            let list = found
-                .iter()
-                .map(|(p, c)| format!("partition {}: {}", p.number, c.name()))
-                .collect::<Vec<_>>()
-                .join(", ");
-            Err(Choice::Guest(none_found(list, aes)))
-        }
-        many => Err(Choice::Guest(GuestError::Ambiguous {
-            list: format!(
-                "partitions {}",
-                many.iter()
-                    .map(|(p, _)| p.number.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        })),
-    }
-}
-
-/// The refusal when nothing readable was found: what was, and how to look with a mount.
-fn none_found(found: String, aes: bool) -> GuestError {
-    let mut hint = "qcowfs mount --read-only IMAGE MNT, then mount -o loop,ro MNT/disk-partN \
-                    /mnt/guest (or MNT/disk)"
-        .to_string();
-    if aes {
-        hint.push_str(AES_HINT);
-    }
-    GuestError::NoneSupported { found, hint }
 }

@@ -6,10 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::super::choose::{choose, Wanted};
 use super::super::detect;
 use super::super::device::RangeDevice;
 use super::super::error::{Contents, GuestError};
-use super::super::open::choose;
 use super::super::tree::shown;
 use super::super::tree::FsError;
 use super::editor::Editor;
@@ -31,6 +31,8 @@ pub struct EditOptions {
     pub backing_within: Vec<PathBuf>,
     /// The partition to change (Linux numbering), or None to find the file system.
     pub partition: Option<u32>,
+    /// The LVM2 logical volume to change (`VG/LV`), or None to find the file system.
+    pub lv: Option<String>,
     /// What the key check lets through (`--unverified-key`, `--force`).
     pub key_policy: KeyPolicy,
 }
@@ -70,24 +72,27 @@ impl GuestEditor {
                 read_only: false,
             },
         ));
-        GuestEditor::over(image, disk, opts.partition, aes)
+        let wanted = Wanted {
+            partition: opts.partition,
+            lv: opts.lv.as_deref(),
+        };
+        GuestEditor::over(image, disk, wanted, aes)
     }
 
     /// The guest file system on `disk` (the decrypted disk of `image`, opened writable and its
-    /// key checked by the caller) open for changes: `partition` chosen as [`GuestEditor::open`]
-    /// chooses it; `aes` when a legacy AES key could explain a disk that reads as noise. For
+    /// key checked by the caller) open for changes: the volume `wanted` chosen as
+    /// [`GuestEditor::open`] chooses it; `aes` when a legacy AES key could explain a disk that reads as noise. For
     /// callers that hold the disk themselves (the crash-state harness records its writes).
     pub fn over(
         image: &Path,
         disk: Arc<dyn BlockDevice>,
-        partition: Option<u32>,
+        wanted: Wanted,
         aes: bool,
     ) -> Result<GuestEditor> {
-        let shared = disk.clone();
-        let (view, start, len) =
-            choose(shared.as_ref(), partition, aes).map_err(|e| e.at_image(image))?;
-        let found = detect::detect(shared.as_ref(), start, len)?;
-        let device = RangeDevice::writable(shared, start, len);
+        let volume = choose(&disk, wanted, aes).map_err(|e| e.at_image(image))?;
+        let view = volume.view;
+        let found = detect::detect(volume.device.as_ref(), volume.start, volume.len)?;
+        let device = RangeDevice::writable(volume.device, volume.start, volume.len);
         let refuse = |e: FsError| match e {
             FsError::Disk(e) => e,
             FsError::Guest(g) => Error::new(image, g),

@@ -1,0 +1,310 @@
+//! LVM2 logical volumes inside a physical volume of the guest disk (RHEL, CentOS and Rocky cloud
+//! images keep their root there), read by the lamlvm crate once lvm_bounds.rs has bounded what
+//! it would trust. Each visible LV is a candidate file system like a partition: its linear
+//! segments on this PV become an [`LvDevice`], the disk seen through the LV's map, readable and
+//! (for the editing commands) writable. What lamlvm does not read, or what lies elsewhere —
+//! RAID, thin, snapshot and striped segments, extents on another PV — is named, never guessed.
+
+use std::sync::Arc;
+
+use embedded_io::{ErrorKind, ErrorType, Read, Seek, SeekFrom};
+use lamlvm::Lvm2;
+
+use super::lvm_bounds::{self, PvLayout};
+use crate::disk::BlockDevice;
+use crate::error::{Error, Result};
+
+/// One visible logical volume of a PV: its `VG/LV` name, and its map or why it is not read.
+pub(crate) struct LogicalVolume {
+    pub name: String,
+    pub map: std::result::Result<Arc<LvDevice>, String>,
+}
+
+/// The logical volumes of the PV in `len` bytes of `disk` from `start`, by name; Err: why the
+/// PV cannot be read (damaged, hostile, or a layout lamlvm does not read).
+pub(crate) fn volumes(
+    disk: &Arc<dyn BlockDevice>,
+    start: u64,
+    len: u64,
+) -> std::result::Result<Vec<LogicalVolume>, String> {
+    let layout = lvm_bounds::check(disk.as_ref(), start, len)?;
+    let reader = PvReader {
+        disk: disk.as_ref(),
+        start,
+        len,
+        at: 0,
+    };
+    let lvm = Lvm2::open(reader).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for lv in lvm.lvs() {
+        let desc = lv.raw_metadata();
+        // Sub-volumes (RAID legs, thin pools' data) are not VISIBLE: only what `lvs` lists.
+        if !desc.status.iter().any(|s| s == "VISIBLE") {
+            continue;
+        }
+        let name = format!("{}/{}", lvm.vg_name(), lv.name());
+        let map = runs(&lvm, desc, layout, len).map(|(runs, size)| {
+            Arc::new(LvDevice {
+                disk: disk.clone(),
+                start,
+                runs,
+                size,
+            })
+        });
+        out.push(LogicalVolume { name, map });
+    }
+    Ok(out)
+}
+
+/// `len` bytes of the LV from byte `lv` lie at byte `pv` of the PV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    lv: u64,
+    pv: u64,
+    len: u64,
+}
+
+/// The LV's runs in LV order, and its size; Err names a segment that is not linear on this PV.
+fn runs(
+    lvm: &Lvm2,
+    desc: &lamlvm::metadata::LVDesc,
+    layout: PvLayout,
+    pv_len: u64,
+) -> std::result::Result<(Vec<Run>, u64), String> {
+    let extent = lvm.extent_size();
+    let mut segments: Vec<_> = desc.segments.0.values().collect();
+    segments.sort_by_key(|s| s.start_extent);
+    let mut out = Vec::with_capacity(segments.len());
+    let mut next = 0u64;
+    for s in segments {
+        let linear = s.r#type == "striped" && s.stripe_count == Some(1);
+        let Some((pv, first)) = s.stripes.as_ref().filter(|_| linear) else {
+            return Err(match s.r#type.as_str() {
+                "striped" => "a striped volume (qcowfs reads linear ones)".to_string(),
+                other => format!("a {other} volume (qcowfs reads linear ones)"),
+            });
+        };
+        if pv != lvm.pv_name() {
+            return Err(
+                "its extents lie on another physical volume (a VG over several disks)".into(),
+            );
+        }
+        let bytes = |extents: u64| extents.checked_mul(extent);
+        let (lv, pv_at, len) = match (
+            bytes(s.start_extent),
+            bytes(*first).and_then(|b| b.checked_add(layout.data_start)),
+            bytes(s.extent_count),
+        ) {
+            (Some(lv), Some(pv), Some(len)) => (lv, pv, len),
+            _ => return Err("its segments overflow".into()),
+        };
+        if lv != next || len == 0 {
+            return Err("its segments leave a gap or overlap".into());
+        }
+        if pv_at.checked_add(len).is_none_or(|end| end > pv_len) {
+            return Err("its extents lie past the end of the physical volume".into());
+        }
+        out.push(Run { lv, pv: pv_at, len });
+        next = lv + len;
+    }
+    if next == 0 {
+        return Err("it has no extents".into());
+    }
+    Ok((out, next))
+}
+
+/// The PV as lamlvm reads it: `len` bytes of `disk` from `start`.
+struct PvReader<'a> {
+    disk: &'a dyn BlockDevice,
+    start: u64,
+    len: u64,
+    at: u64,
+}
+
+impl ErrorType for PvReader<'_> {
+    type Error = ErrorKind;
+}
+
+impl Read for PvReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::result::Result<usize, ErrorKind> {
+        let n = (self.len.saturating_sub(self.at)).min(buf.len() as u64) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.disk
+            .read_at(self.start + self.at, &mut buf[..n])
+            .map_err(|_| ErrorKind::Other)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for PvReader<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> std::result::Result<u64, ErrorKind> {
+        let to = match pos {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.at.checked_add_signed(d),
+        };
+        self.at = to.ok_or(ErrorKind::InvalidInput)?;
+        Ok(self.at)
+    }
+}
+
+/// A logical volume as a disk: each byte where the LV's map puts it on the PV.
+pub(crate) struct LvDevice {
+    disk: Arc<dyn BlockDevice>,
+    /// Where the PV starts on the disk.
+    start: u64,
+    runs: Vec<Run>,
+    size: u64,
+}
+
+impl LvDevice {
+    /// Each piece of [offset, offset + len) of the LV as (disk offset, bytes, offset into the
+    /// caller's buffer); Err past the LV's end.
+    fn pieces(&self, offset: u64, len: usize) -> Result<Vec<(u64, usize, usize)>> {
+        let end = offset.checked_add(len as u64).filter(|&e| e <= self.size);
+        if end.is_none() {
+            let e = std::io::Error::from_raw_os_error(libc::EINVAL);
+            return Err(Error::new("<logical volume>", e));
+        }
+        let mut out = Vec::new();
+        let mut done = 0usize;
+        while done < len {
+            let at = offset + done as u64;
+            // The runs cover [0, size) in order without gaps (checked when they were made).
+            let i = self.runs.partition_point(|r| r.lv + r.len <= at);
+            let r = self.runs[i];
+            let n = ((r.lv + r.len - at) as usize).min(len - done);
+            out.push((self.start + r.pv + (at - r.lv), n, done));
+            done += n;
+        }
+        Ok(out)
+    }
+}
+
+impl BlockDevice for LvDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        for (at, n, from) in self.pieces(offset, buf.len())? {
+            self.disk.read_at(at, &mut buf[from..from + n])?;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        for (at, n, from) in self.pieces(offset, data.len())? {
+            self.disk.write_at(at, &data[from..from + n])?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.disk.flush()
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.disk.is_read_only()
+    }
+
+    fn allocated_bytes(&self) -> Result<u64> {
+        Ok(self.size)
+    }
+
+    /// Every byte counts as data: the guest readers do not ask, and an answer that skipped
+    /// data would lose it.
+    fn seek(&self, offset: u64, want_data: bool) -> Result<Option<u64>> {
+        Ok(match (offset < self.size, want_data) {
+            (true, true) => Some(offset),
+            (true, false) => Some(self.size),
+            (false, _) => None,
+        })
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        for (at, n, _) in self.pieces(offset, len)? {
+            self.disk.discard(at, n as u64)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LvDevice, Run};
+    use crate::disk::BlockDevice;
+    use std::sync::Arc;
+
+    /// A disk of bytes that are their own offset (mod 251), in memory.
+    struct Numbered(std::sync::Mutex<Vec<u8>>);
+
+    impl BlockDevice for Numbered {
+        fn size(&self) -> u64 {
+            self.0.lock().unwrap().len() as u64
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> crate::error::Result<()> {
+            let d = self.0.lock().unwrap();
+            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, offset: u64, data: &[u8]) -> crate::error::Result<()> {
+            let mut d = self.0.lock().unwrap();
+            d[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn flush(&self) -> crate::error::Result<()> {
+            Ok(())
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+        fn allocated_bytes(&self) -> crate::error::Result<u64> {
+            Ok(0)
+        }
+        fn seek(&self, _: u64, _: bool) -> crate::error::Result<Option<u64>> {
+            Ok(None)
+        }
+        fn discard(&self, _: u64, _: u64) -> crate::error::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn reads_and_writes_follow_the_map_across_runs_and_stop_at_the_end() {
+        let bytes: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        let disk = Arc::new(Numbered(std::sync::Mutex::new(bytes.clone())));
+        // LV [0, 100) at PV 1000, [100, 300) at PV 200; the PV starts at disk byte 512.
+        let lv = LvDevice {
+            disk: disk.clone(),
+            start: 512,
+            runs: vec![
+                Run {
+                    lv: 0,
+                    pv: 1000,
+                    len: 100,
+                },
+                Run {
+                    lv: 100,
+                    pv: 200,
+                    len: 200,
+                },
+            ],
+            size: 300,
+        };
+        let mut buf = vec![0u8; 20];
+        lv.read_at(90, &mut buf).unwrap();
+        assert_eq!(&buf[..10], &bytes[1512 + 90..1512 + 100]);
+        assert_eq!(&buf[10..], &bytes[712..722]);
+        assert!(lv.read_at(290, &mut buf).is_err());
+        lv.write_at(95, &[9u8; 10]).unwrap();
+        let d = disk.0.lock().unwrap();
+        assert_eq!(&d[1512 + 95..1512 + 100], &[9u8; 5]);
+        assert_eq!(&d[712..717], &[9u8; 5]);
+        assert_eq!(d[717], bytes[717]);
+    }
+}
