@@ -84,6 +84,52 @@ mkfs.vfat -F 16 -s 1 -C guest/fat16.raw 4096 >/dev/null
 mcopy -s -i guest/fat16.raw "$tree/etc" "$tree/many" ::/
 truncate -s 1100k guest/ntfs.raw
 mkntfs -q -F -f guest/ntfs.raw >/dev/null 2>&1
+# An LVM2 physical volume (2 MiB, 64 KiB extents) whose volume group `vg` holds one linear LV
+# `lv` of 15 extents with the FAT12 seed in it: the metadata written by LVM2's own tools on a
+# loop device (this kernel has no device-mapper for lvcreate), the LV's bytes at pe_start.
+rm -f guest/lvm.raw
+truncate -s 2M guest/lvm.raw
+lvm_dev=$(losetup -f --show guest/lvm.raw)
+lvm_text=$(mktemp)
+{
+    pvcreate -q -ff -y "$lvm_dev" &&
+        vgcreate -q -s 64k vg "$lvm_dev" &&
+        vgcfgbackup -q -f "$lvm_text" vg &&
+        python3 - "$lvm_text" <<'PY' &&
+import sys
+path = sys.argv[1]
+text = open(path).read()
+lv = """
+\tlogical_volumes {
+\t\tlv {
+\t\t\tid = "seedLV-aaaa-bbbb-cccc-dddd-eeee-ffffff"
+\t\t\tstatus = ["READ", "WRITE", "VISIBLE"]
+\t\t\tflags = []
+\t\t\tsegment_count = 1
+\t\t\tsegment1 {
+\t\t\t\tstart_extent = 0
+\t\t\t\textent_count = 15
+\t\t\t\ttype = "striped"
+\t\t\t\tstripe_count = 1
+\t\t\t\tstripes = ["pv0", 0]
+\t\t\t}
+\t\t}
+\t}
+"""
+end = text.rindex("}")
+open(path, "w").write((text[:end] + lv + text[end:]).replace("seqno = 1", "seqno = 2"))
+PY
+        vgcfgrestore -q -f "$lvm_text" vg
+} >/dev/null 2>&1
+lvm_ok=$?
+pe_start=$(awk '/pe_start/ {print $3}' "$lvm_text")
+losetup -d "$lvm_dev"
+rm -f "$lvm_text"
+if [ "$lvm_ok" -ne 0 ] || [ -z "$pe_start" ]; then
+    echo "fuzz-seeds: the LVM2 seed could not be made (pvcreate, vgcreate, vgcfgrestore)" >&2
+    exit 1
+fi
+dd if=guest/fat12.raw of=guest/lvm.raw bs=512 seek="$pe_start" conv=notrunc status=none
 
 for f in *.qcow2; do
     size=$(stat -c %s "$f")

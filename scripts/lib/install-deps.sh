@@ -61,6 +61,9 @@ QCOWFS_DEPS=(
 	diff:diffutils
 	tar:tar
 	pvcreate:lvm2
+	vgcreate:lvm2
+	vgcfgbackup:lvm2
+	vgcfgrestore:lvm2
 	mkswap:util-linux
 )
 
