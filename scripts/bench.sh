@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Benchmark: qcowfs against QEMU's own FUSE export (qemu-storage-daemon --export type=fuse) on the
 # same encrypted qcow2 images, with fio. Run as root (FUSE mounts, apt-get for missing tools).
-# BENCH_PARTS ("fio guest"): "fio" is this file's fio workloads below; "guest" then runs
+# BENCH_PARTS ("fio guest files"): "fio" is this file's fio workloads below; "guest" then runs
 # scripts/bench-guest.sh (a guest's e2fsck, tar and untar on qcowfs, on QEMU's export and on a plain
-# loop-mounted raw file; its own header explains it) with the same binary, so that one run prints
-# both tables. The mounting of both sides is shared with it: scripts/lib/bench-sides.sh.
+# loop-mounted raw file; its own header explains it) and "files" scripts/bench-files.sh (the
+# in-process guest file jobs — cat, copy-out, ls, copy-in — on qcowfs, on fstool and on the guest
+# loop-mounted from a raw file) with the same binary, so that one run prints every table. The
+# mounting of both sides is shared with bench-guest.sh: scripts/lib/bench-sides.sh.
 #
 # Images (made in a temp dir, 64 KiB clusters, legacy AES "encryption=on", passphrase as the key):
 #   A  A/*.qcow2      BENCH_SIZE (1 GiB), ~40% of its 1 MiB chunks (seeded shuffle) hold random
@@ -67,12 +69,12 @@ BENCH_CACHE_SIZE=${BENCH_CACHE_SIZE:-256M}
 BENCH_OUT=${BENCH_OUT:-}
 BENCH_IMAGES=${BENCH_IMAGES:-A B}
 BENCH_WORKLOADS=${BENCH_WORKLOADS:-seqread randread randread4j seqwrite randwrite mixed readlat}
-BENCH_PARTS=${BENCH_PARTS:-fio guest}
+BENCH_PARTS=${BENCH_PARTS:-fio guest files}
 has_part() { case " $BENCH_PARTS " in *" $1 "*) return 0 ;; esac; return 1; }
 for part in $BENCH_PARTS; do
-	case "$part" in fio | guest) ;; *) die "unknown part in BENCH_PARTS: $part (fio, guest)" ;; esac
+	case "$part" in fio | guest | files) ;; *) die "unknown part in BENCH_PARTS: $part (fio, guest, files)" ;; esac
 done
-has_part fio || has_part guest || die "BENCH_PARTS names no part (fio, guest)"
+has_part fio || has_part guest || has_part files || die "BENCH_PARTS names no part (fio, guest, files)"
 # The guest part's knobs are checked now, not after the fio part.
 if has_part guest; then scripts/bench-guest.sh --check-knobs; fi
 
@@ -89,7 +91,11 @@ WRITE_B=$(to_bytes "$BENCH_WRITE_SIZE")
 [[ "$BENCH_ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive integer"
 [[ "$BENCH_RUNTIME" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNTIME must be a positive integer (seconds)"
 
-if ! has_part fio; then exec scripts/bench-guest.sh; fi
+if ! has_part fio; then
+	if has_part guest; then scripts/bench-guest.sh; fi
+	if has_part files; then scripts/bench-files.sh; fi
+	exit 0
+fi
 
 step "Checking tools"
 install_deps
@@ -353,4 +359,8 @@ fi
 if has_part guest; then
 	step "The guest job: scripts/bench-guest.sh"
 	QCOWFS_BIN=$QCOWFS scripts/bench-guest.sh || die "the guest part failed (the fio table above is complete)"
+fi
+if has_part files; then
+	step "The guest file jobs: scripts/bench-files.sh"
+	QCOWFS_BIN=$QCOWFS scripts/bench-files.sh || die "the files part failed (the tables above are complete)"
 fi

@@ -19,6 +19,8 @@ pub(crate) const CHUNK: usize = 1 << 20;
 /// name, dot files included, `.` and `..` left out), or the one entry a file or symlink is. A
 /// symlink is shown as itself unless the path ends with `/`.
 pub fn ls(gfs: &GuestFs, path: &OsStr, out: &mut dyn Write) -> Result<()> {
+    // One write per line would be a system call per entry.
+    let out = &mut std::io::BufWriter::with_capacity(CHUNK, out);
     let bytes = path.as_bytes();
     let (p, meta) = gfs.resolve(bytes, bytes.ends_with(b"/"))?;
     let mut lines = Vec::new();

@@ -28,6 +28,7 @@ mod lvm;
 mod lvm_bounds;
 mod ntfs;
 mod open;
+mod read_cache;
 mod reader;
 mod resolve;
 mod sparse;

@@ -9,6 +9,7 @@ use super::backends;
 use super::choose::{choose, Volume, Wanted};
 use super::detect;
 use super::error::{Contents, GuestError};
+use super::read_cache::ReadCache;
 use super::resolve;
 use super::tree::{shown, FsError, GuestPath, Meta, Node, Tree, Xattr};
 use super::xattrs::within_bounds;
@@ -19,6 +20,9 @@ use crate::keys::check::KeyCheck;
 
 /// Memory for decrypted clusters while reading guest files (ext4-view caches blocks itself).
 const CACHE_BYTES: u64 = 16 << 20;
+
+/// Memory for the blocks the libraries' small reads come from (read_cache.rs).
+const READ_CACHE_BYTES: u64 = 16 << 20;
 
 /// Said when a chain with a legacy AES layer shows no readable file system.
 pub(super) const AES_HINT: &str = "; or the passphrase is wrong (legacy AES cannot check it)";
@@ -75,6 +79,7 @@ impl GuestFs {
                 read_only: true,
             },
         ));
+        let disk: Arc<dyn BlockDevice> = Arc::new(ReadCache::new(disk, READ_CACHE_BYTES));
         let wanted = Wanted {
             partition: opts.partition,
             lv: opts.lv.as_deref(),
