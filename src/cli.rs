@@ -139,11 +139,12 @@ macro_rules! guest_help_common {
 The image is opened read-only with QEMU's reader locks (--force-share: none, for a running VM),
 and the guest's file system is read in-process: no FUSE, no root, no loop device. Read here:
 ext2/3/4, XFS (v4, v5; a dirty log is replayed in memory), btrfs (the default subvolume, or
---subvolume), NTFS (symlinks and junctions shown as links) and FAT12/16/32.
-Without --partition: the whole disk if it holds one of those, else the one partition that does
-(more than one: choose with --partition N, numbered as `qcowfs mount` shows disk-partN).
-Other contents (exFAT, LVM, LUKS, swap) are named in the refusal: mount the image with
-`qcowfs mount --read-only IMAGE MNT` and use `mount -o loop,ro MNT/disk-partN /mnt/guest`."
+--subvolume), NTFS (symlinks and junctions shown as links) and FAT12/16/32, on the disk, a
+partition, or a linear LVM2 logical volume. Without --partition or --lv: the whole disk if it
+holds one of those, else the one partition or logical volume that does (more than one: they are
+listed; choose with --partition N, numbered as `qcowfs mount` shows disk-partN, or --lv VG/LV).
+Other contents (exFAT, LUKS, swap, RAID or thin LVM) are named in the refusal: mount the image
+with `qcowfs mount --read-only IMAGE MNT` and use `mount -o loop,ro MNT/disk-partN /mnt/guest`."
     };
 }
 
@@ -182,10 +183,12 @@ const GUEST_HELP_COPY: &str = concat!(
     "Examples:\n  qcowfs copy-out --passphrase-file key /var/lib/nova/instances/UUID/disk /etc/fstab .\n",
     "  qcowfs copy-out --passphrase-file key /var/lib/nova/instances/UUID/disk /var/log /tmp/vm-logs\n\n",
     "DEST an existing folder: copied into it (like cp -r); else DEST is the new name. Nothing\n",
-    "existing is overwritten. Modes (without setuid/setgid), mtimes and atimes are kept; symlinks\n",
-    "are made as symlinks and never followed on the host; devices, FIFOs and sockets are skipped.\n",
-    "A progress bar shows on a terminal. DEST '-' writes a tar stream to stdout instead\n",
-    "(GNU format; the guest's uid/gid, modes less setuid/setgid, mtimes):\n",
+    "existing is overwritten. Kept as cp -a keeps them: modes (without setuid/setgid), mtimes,\n",
+    "atimes, hard links, extended attributes and ACLs, and (as root) owners; what the host refuses\n",
+    "is named once at the end. Symlinks are made as symlinks and never followed on the host;\n",
+    "devices, FIFOs and sockets are skipped. A progress bar shows on a terminal. DEST '-' writes a\n",
+    "tar stream to stdout instead (GNU format; the guest's uid/gid, whole modes, mtimes, xattrs and\n",
+    "ACLs as the PAX records GNU tar restores with --xattrs --acls):\n",
     "  qcowfs copy-out IMAGE /etc - | tar -tvf -\n\n",
     guest_help_common!()
 );
