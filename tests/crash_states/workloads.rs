@@ -2,13 +2,13 @@
 //! Each covers a way the write path changes metadata: allocation with copy-on-write from a backing
 //! file, writes in place, discard, clusters and L2 tables shared with a snapshot, compressed
 //! clusters overwritten, growth that moves the refcount table, seal, both ciphers, and the editing
-//! commands changing an ext4 guest (whose file system is checked at every crash state too).
+//! commands changing an ext4 or XFS guest (whose file system is checked at every crash state too).
 
 use std::path::Path;
 
 use crate::common::{
     compressible_bytes, convert_compressed, create_raw, qcow2, random_bytes, raw_from_bytes, run,
-    run_ok, Rng, MIB,
+    run_ok, wait_until_no_loop_device_uses, LoopMount, Rng, MIB,
 };
 use crate::record::{record, record_guest, record_seal, Recording, Workload};
 
@@ -95,6 +95,14 @@ pub const ALL: &[Spec] = &[
         weight: 2,
         run: ext4_edit,
         // Out of the suite while it finds a defect: see `ext4_edit`.
+        suite: false,
+    },
+    Spec {
+        name: "xfs-edit-aes-over-raw",
+        weight: 2,
+        run: xfs_edit,
+        // Each state is a 320 MiB guest replayed and checked by the kernel: run by
+        // scripts/crash-states.sh with QCOWFS_CRASH_STATES_WORKLOADS naming it.
         suite: false,
     },
 ];
@@ -371,6 +379,85 @@ fn ext4_clean(raw: &Path) -> Result<(), String> {
         true => Ok(()),
         false => Err(format!(
             "e2fsck -fn after the journal's replay:\n{}{}",
+            check.stdout_str(),
+            check.stderr
+        )),
+    }
+}
+
+/// The editing commands on an XFS guest (mkfs.xfs, filled by the kernel) in a legacy-AES
+/// overlay: each change is log records, then a clean unmount and a fresh mount. At every crash
+/// state the kernel replays the log (a loop mount and unmount), then `xfs_repair -n` must find
+/// nothing.
+fn xfs_edit(dir: &Path, seed: u64) -> Recording {
+    let raw = dir.join("xfs-base.raw");
+    let base = create_raw(&raw, 320 * MIB);
+    run_ok("mkfs.xfs", ["-q".as_ref(), "-f".as_ref(), raw.as_os_str()]);
+    let mnt = LoopMount::new(&raw, "loop");
+    std::fs::create_dir_all(mnt.path().join("etc")).expect("etc");
+    std::fs::write(mnt.path().join("etc/fstab"), b"UUID=1 / xfs defaults 0 0\n").expect("fstab");
+    std::fs::write(mnt.path().join("old"), random_bytes(100_000, seed)).expect("old");
+    mnt.umount(&raw);
+    let image = qcow2(dir.join("xfs-edit.qcow2"), 320 * MIB)
+        .aes(PASS)
+        .backing(&base)
+        .create();
+    let mut rng = Rng::new(seed + 13);
+    let mut data = vec![0u8; 150_000 + rng.below(100_000) as usize];
+    rng.fill(&mut data);
+    record_guest(
+        "xfs-edit-aes-over-raw",
+        image,
+        dir,
+        CACHE,
+        xfs_clean,
+        |disk| {
+            use qcowfs::cmd::guestfs::edit;
+            let name = Path::new("xfs-edit.qcow2");
+            let wanted = qcowfs::cmd::guestfs::Wanted::default();
+            // The base holds the file system: the overlay's key is checked by its first write.
+            let ed = edit::GuestEditor::over(name, disk, wanted, true).expect("open the guest");
+            let fstab: &[u8] = b"UUID=1 / xfs defaults,nofail 0 0\n";
+            edit::write(&ed, "/etc/fstab".as_ref(), &mut &fstab[..]).expect("replace fstab");
+            edit::mkdir(&ed, "/root".as_ref()).expect("mkdir");
+            edit::write(&ed, "/root/data".as_ref(), &mut &data[..]).expect("write data");
+            edit::remove(&ed, "/old".as_ref()).expect("rm");
+            ed.finish().expect("finish");
+        },
+    )
+}
+
+/// A crash state's XFS: its log replayed by the kernel (mount, unmount), then `xfs_repair -n`
+/// must find nothing.
+fn xfs_clean(raw: &Path) -> Result<(), String> {
+    let dir = tempfile::Builder::new()
+        .prefix("qcowfs-crash-xfs-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let target = dir.path().join("guest");
+    std::fs::create_dir(&target).map_err(|e| e.to_string())?;
+    let mount = run(
+        "mount",
+        [
+            "-o".as_ref(),
+            "loop".as_ref(),
+            raw.as_os_str(),
+            target.as_os_str(),
+        ],
+    );
+    if !mount.status.success() {
+        return Err(format!("the kernel does not mount it: {}", mount.stderr));
+    }
+    let umount = run("umount", [target.as_os_str()]);
+    wait_until_no_loop_device_uses(raw);
+    if !umount.status.success() {
+        return Err(format!("umount: {}", umount.stderr));
+    }
+    let check = run("xfs_repair", ["-n".as_ref(), raw.as_os_str()]);
+    match check.status.success() {
+        true => Ok(()),
+        false => Err(format!(
+            "xfs_repair -n after the log's replay:\n{}{}",
             check.stdout_str(),
             check.stderr
         )),
