@@ -56,7 +56,9 @@ impl ExtXattrs {
         )
         .map_err(err)?;
         let mut out = Vec::with_capacity(stored.len());
-        for entry in stored {
+        // `system.data` holds an inline-data file's tail: the file's bytes, not an attribute
+        // (the kernel does not list it).
+        for entry in stored.into_iter().filter(|e| e.name != "system.data") {
             let mut value = entry.value;
             if entry.value_inum != 0 {
                 // A value in its own inode: bounded before it is read (a hostile size would be
