@@ -480,7 +480,7 @@ fn a_disk_a_writer_holds_gets_an_in_use_row_and_is_audited_with_force_share() {
     // been seen gone before it locked (twice in a dozen suite runs, cause not found yet): then it
     // is started again, and its exit status and messages are reported if it never holds the lock.
     let mut gone = Vec::new();
-    let _holder = loop {
+    let mut holder = loop {
         let log = dir.path().join(format!("qemu-io-{}.log", gone.len()));
         let mut holder = Holder(
             Command::new("qemu-io")
@@ -493,10 +493,9 @@ fn a_disk_a_writer_holds_gets_an_in_use_row_and_is_audited_with_force_share() {
         );
         let start = Instant::now();
         let locked = loop {
-            if !run("qemu-img", ["info", path_str(&inst.path)])
-                .status
-                .success()
-            {
+            // Only a refusal for the lock shows the holder has it (not a failure of another kind).
+            let info = run("qemu-img", ["info", path_str(&inst.path)]);
+            if !info.status.success() && info.stderr.contains("lock") {
                 break true;
             }
             if let Ok(Some(status)) = holder.0.try_wait() {
@@ -518,6 +517,13 @@ fn a_disk_a_writer_holds_gets_an_in_use_row_and_is_audited_with_force_share() {
         assert!(gone.len() < 3, "{gone:#?}");
     };
     let r = audit(&[&nova.instances]);
+    if let Ok(Some(status)) = holder.0.try_wait() {
+        let said = fs::read_to_string(dir.path().join(format!("qemu-io-{}.log", gone.len())));
+        panic!(
+            "qemu-io, holding the image's lock, exited ({status}) while the audit ran: {}",
+            said.unwrap_or_default()
+        );
+    }
     assert_eq!(r.status.code(), Some(1), "{}{}", r.stdout_str(), r.stderr);
     let text = r.stdout_str();
     let words = row(&text, path_str(&inst.path)).join(" ");

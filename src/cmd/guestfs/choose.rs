@@ -3,14 +3,39 @@
 //! `--partition N` and `--lv VG/LV` choose; without them the one readable file system is taken,
 //! and several are listed for the user to choose from.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use super::detect;
 use super::error::{Contents, GuestError};
 use super::lvm;
-use super::open::{Choice, AES_HINT};
 use crate::disk::partition::read_table;
 use crate::disk::BlockDevice;
+use crate::error::Error;
+
+/// Said when a chain with a legacy AES layer shows no readable file system.
+pub(super) const AES_HINT: &str = "; or the passphrase is wrong (legacy AES cannot check it)";
+
+/// An error that does not yet name its image, or one that already names a file.
+pub(super) enum Choice {
+    Guest(GuestError),
+    Disk(Error),
+}
+
+impl Choice {
+    pub(super) fn at_image(self, image: &Path) -> Error {
+        match self {
+            Choice::Guest(g) => Error::new(image, g),
+            Choice::Disk(e) => e,
+        }
+    }
+}
+
+impl From<Error> for Choice {
+    fn from(e: Error) -> Self {
+        Choice::Disk(e)
+    }
+}
 
 /// The file system's place: `len` bytes of `device` from `start`, `view` naming it in messages
 /// as the mountpoint does (`disk`, `disk-part2`) or as LVM does (`VG/LV`).

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::backends;
-use super::choose::{choose, Volume, Wanted};
+use super::choose::{choose, Volume, Wanted, AES_HINT};
 use super::detect;
 use super::error::{Contents, GuestError};
 use super::read_cache::ReadCache;
@@ -23,9 +23,6 @@ const CACHE_BYTES: u64 = 16 << 20;
 
 /// Memory for the blocks the libraries' small reads come from (read_cache.rs).
 const READ_CACHE_BYTES: u64 = 16 << 20;
-
-/// Said when a chain with a legacy AES layer shows no readable file system.
-pub(super) const AES_HINT: &str = "; or the passphrase is wrong (legacy AES cannot check it)";
 
 /// How to open the image for reading guest files.
 #[derive(Debug, Default)]
@@ -238,26 +235,5 @@ impl GuestFs {
     /// An error of ours about the guest, naming the image.
     pub(crate) fn guest_error(&self, e: GuestError) -> Error {
         Error::new(&self.image, e)
-    }
-}
-
-/// An error that does not yet name its image, or one that already names a file.
-pub(super) enum Choice {
-    Guest(GuestError),
-    Disk(Error),
-}
-
-impl Choice {
-    pub(super) fn at_image(self, image: &Path) -> Error {
-        match self {
-            Choice::Guest(g) => Error::new(image, g),
-            Choice::Disk(e) => e,
-        }
-    }
-}
-
-impl From<Error> for Choice {
-    fn from(e: Error) -> Self {
-        Choice::Disk(e)
     }
 }
