@@ -314,6 +314,16 @@ fn lvm_logical_volumes_are_listed_read_and_changed_by_a_user() {
         repair.stdout_str(),
         repair.stderr
     );
+    // Nothing outside root's extents changed: /boot, the label, the metadata, swap.
+    let after = fs::read(work.join("view.raw")).unwrap();
+    let before = fs::read(&base.path).unwrap();
+    let backup = fs::read_to_string(work.join("vg.backup")).unwrap();
+    let data = (PV_START * 512 + pe_start(&backup) * 512) as usize;
+    let root_end = data + (ROOT_EXTENTS * EXTENT) as usize;
+    assert!(
+        after[..data] == before[..data] && after[root_end..] == before[root_end..],
+        "the write through rhel/root changed bytes outside its extents"
+    );
     let mnt = LoopMount::new(&root, "loop,ro");
     let read = fs::read(mnt.path().join("etc/motd"));
     let fstab = fs::read(mnt.path().join("etc/fstab"));

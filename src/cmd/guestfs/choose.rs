@@ -44,6 +44,9 @@ pub(crate) struct Volume {
     pub device: Arc<dyn BlockDevice>,
     pub start: u64,
     pub len: u64,
+    /// Why changing it would be wrong (a logical volume whose volume group holds snapshots),
+    /// when it would.
+    pub read_only: Option<String>,
 }
 
 /// What the user chose: a partition (Linux numbering), a logical volume (`VG/LV`).
@@ -89,6 +92,7 @@ pub(crate) fn choose(
         device: disk.clone(),
         start,
         len,
+        read_only: None,
     };
     // The places to look: the partition asked for; else the whole disk when it holds a file
     // system or a PV; else every partition.
@@ -140,6 +144,7 @@ pub(crate) fn choose(
             // A PV that cannot be read, where it was the only place or an LV was asked for.
             (Err(why), Some(_), _) | (Err(why), None, true) => {
                 let view = volume.view;
+                let why = why.to_string();
                 return Err(Choice::Guest(GuestError::LvmUnread { view, why }));
             }
             (Err(why), None, false) => {
@@ -164,6 +169,7 @@ pub(crate) fn choose(
                             device,
                             start: 0,
                             len,
+                            read_only: lv.read_only.map(|e| e.to_string()),
                         },
                         found: Ok(found),
                     }
@@ -171,7 +177,7 @@ pub(crate) fn choose(
                 Err(why) => Candidate {
                     label: format!("LV {}", lv.name),
                     volume: at(lv.name, 0, 0),
-                    found: Err(why),
+                    found: Err(why.to_string()),
                 },
             };
             candidates.push(candidate);

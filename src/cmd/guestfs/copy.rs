@@ -80,7 +80,7 @@ pub fn copy_out(gfs: &GuestFs, path: &OsStr, dest: &Path, progress: bool) -> Res
     };
     let result = walker.entry(&mut sink, &dir, &name, &p, &meta, 0);
     let report = walker.finish();
-    if let Some(note) = sink.unkept.note() {
+    for note in sink.unkept.notes() {
         eprintln!(
             "qcowfs: warning: {}: {note}",
             crate::error::escaped(&dir.path.join(OsStr::from_bytes(&name)))

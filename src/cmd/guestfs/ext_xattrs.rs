@@ -10,7 +10,7 @@ use fs_ext4::fs::Filesystem;
 use fs_ext4::xattr;
 
 use super::device::RangeDevice;
-use super::tree::{FsError, FsResult, Xattr};
+use super::tree::{shown, FsError, FsResult, Xattr};
 use super::xattrs::{vfs_acl, AclEntry, MAX_VALUE};
 
 /// ext2/3/4 attributes, read on demand.
@@ -47,6 +47,9 @@ impl ExtXattrs {
             None => fs.lookup_path_bytes(path).map_err(err)?,
         };
         let (inode, raw) = fs.read_inode_verified(ino).map_err(err)?;
+        // The names alone first: the library checks the attribute block's checksum there (and
+        // not in `read_all`, which reads the values without resolving EA inodes).
+        xattr::list_names(fs, &inode, &raw).map_err(err)?;
         let stored = xattr::read_all(
             fs.dev.as_ref(),
             &inode,
@@ -66,7 +69,8 @@ impl ExtXattrs {
                 if entry.value_size as usize > MAX_VALUE {
                     return Err(self.device.error(format!(
                         "inode {ino}: attribute {} claims {} bytes",
-                        entry.name, entry.value_size
+                        shown(entry.name.as_bytes()),
+                        entry.value_size
                     )));
                 }
                 value = fs_ext4::ea_inode::read_value_inode(fs, entry.value_inum, entry.value_size)

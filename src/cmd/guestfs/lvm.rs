@@ -8,16 +8,39 @@
 use std::sync::Arc;
 
 use embedded_io::{ErrorKind, ErrorType, Read, Seek, SeekFrom};
+use lamlvm::metadata::LVDesc;
 use lamlvm::Lvm2;
 
-use super::lvm_bounds::{self, PvLayout};
+use super::lvm_bounds::{self, PvError, PvLayout};
+use super::tree::shown;
 use crate::disk::BlockDevice;
 use crate::error::{Error, Result};
 
-/// One visible logical volume of a PV: its `VG/LV` name, and its map or why it is not read.
+/// The longest of lamlvm's messages kept (a parse error can quote the metadata at length).
+const MESSAGE_LIMIT: usize = 120;
+
+/// One visible logical volume of a PV: its `VG/LV` name (terminal-safe), its map or why it is
+/// not read, and whether it may be changed.
 pub(crate) struct LogicalVolume {
     pub name: String,
-    pub map: std::result::Result<Arc<LvDevice>, String>,
+    pub map: std::result::Result<Arc<LvDevice>, LvError>,
+    /// Why writing it would be wrong, when it would.
+    pub read_only: Option<LvError>,
+}
+
+/// Why a logical volume is not read, or not changed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum LvError {
+    #[error("a {0} volume")]
+    Kind(String),
+    #[error("its extents lie on another physical volume (a VG over several disks)")]
+    OtherPv,
+    #[error("its segments are damaged ({0})")]
+    Segments(&'static str),
+    #[error("it is not writable in its volume group (status without WRITE)")]
+    NotWritable,
+    #[error("its volume group holds snapshots, which writing an origin would corrupt")]
+    Snapshots,
 }
 
 /// The logical volumes of the PV in `len` bytes of `disk` from `start`, by name; Err: why the
@@ -26,7 +49,7 @@ pub(crate) fn volumes(
     disk: &Arc<dyn BlockDevice>,
     start: u64,
     len: u64,
-) -> std::result::Result<Vec<LogicalVolume>, String> {
+) -> std::result::Result<Vec<LogicalVolume>, PvError> {
     let layout = lvm_bounds::check(disk.as_ref(), start, len)?;
     let reader = PvReader {
         disk: disk.as_ref(),
@@ -34,7 +57,17 @@ pub(crate) fn volumes(
         len,
         at: 0,
     };
-    let lvm = Lvm2::open(reader).map_err(|e| e.to_string())?;
+    let lvm = Lvm2::open(reader).map_err(|e| {
+        let m: String = e.to_string().chars().take(MESSAGE_LIMIT).collect();
+        PvError::Metadata(shown(m.as_bytes()))
+    })?;
+    // Old-style snapshots keep their copy-on-write in a segment of their own: writing the
+    // origin without it would change what the snapshot shows.
+    let snapshots = lvm.lvs().any(|lv| {
+        let desc = lv.raw_metadata();
+        desc.segments.0.values().any(|s| s.r#type == "snapshot")
+    });
+    let extent = lvm.extent_size();
     let mut out = Vec::new();
     for lv in lvm.lvs() {
         let desc = lv.raw_metadata();
@@ -42,8 +75,8 @@ pub(crate) fn volumes(
         if !desc.status.iter().any(|s| s == "VISIBLE") {
             continue;
         }
-        let name = format!("{}/{}", lvm.vg_name(), lv.name());
-        let map = runs(&lvm, desc, layout, len).map(|(runs, size)| {
+        let name = shown(format!("{}/{}", lvm.vg_name(), lv.name()).as_bytes());
+        let map = runs(desc, lvm.pv_name(), extent, &layout, len).map(|(runs, size)| {
             Arc::new(LvDevice {
                 disk: disk.clone(),
                 start,
@@ -51,7 +84,16 @@ pub(crate) fn volumes(
                 size,
             })
         });
-        out.push(LogicalVolume { name, map });
+        let read_only = match (desc.status.iter().any(|s| s == "WRITE"), snapshots) {
+            (false, _) => Some(LvError::NotWritable),
+            (true, true) => Some(LvError::Snapshots),
+            (true, false) => None,
+        };
+        out.push(LogicalVolume {
+            name,
+            map,
+            read_only,
+        });
     }
     Ok(out)
 }
@@ -64,14 +106,20 @@ struct Run {
     len: u64,
 }
 
-/// The LV's runs in LV order, and its size; Err names a segment that is not linear on this PV.
+/// The runs of the LV `desc` in LV order, and its size: every segment linear on the PV named
+/// `pv_name` (extents of `extent` bytes), inside its data area and clear of its label and
+/// metadata areas; Err names what is not.
 fn runs(
-    lvm: &Lvm2,
-    desc: &lamlvm::metadata::LVDesc,
-    layout: PvLayout,
+    desc: &LVDesc,
+    pv_name: &str,
+    extent: u64,
+    layout: &PvLayout,
     pv_len: u64,
-) -> std::result::Result<(Vec<Run>, u64), String> {
-    let extent = lvm.extent_size();
+) -> std::result::Result<(Vec<Run>, u64), LvError> {
+    // lamlvm keeps segments by name: a duplicate or unreadable one would be missing.
+    if desc.segments.0.len() != desc.segment_count {
+        return Err(LvError::Segments("fewer segments than it declares"));
+    }
     let mut segments: Vec<_> = desc.segments.0.values().collect();
     segments.sort_by_key(|s| s.start_extent);
     let mut out = Vec::with_capacity(segments.len());
@@ -79,39 +127,48 @@ fn runs(
     for s in segments {
         let linear = s.r#type == "striped" && s.stripe_count == Some(1);
         let Some((pv, first)) = s.stripes.as_ref().filter(|_| linear) else {
-            return Err(match s.r#type.as_str() {
-                "striped" => "a striped volume (qcowfs reads linear ones)".to_string(),
-                other => format!("a {other} volume (qcowfs reads linear ones)"),
-            });
+            return Err(LvError::Kind(match s.r#type.as_str() {
+                "striped" => "striped".to_string(),
+                other => shown(other.as_bytes()),
+            }));
         };
-        if pv != lvm.pv_name() {
-            return Err(
-                "its extents lie on another physical volume (a VG over several disks)".into(),
-            );
+        if pv != pv_name {
+            return Err(LvError::OtherPv);
         }
         let bytes = |extents: u64| extents.checked_mul(extent);
-        let (lv, pv_at, len) = match (
-            bytes(s.start_extent),
-            bytes(*first).and_then(|b| b.checked_add(layout.data_start)),
-            bytes(s.extent_count),
-        ) {
-            (Some(lv), Some(pv), Some(len)) => (lv, pv, len),
-            _ => return Err("its segments overflow".into()),
+        let pv_at = bytes(*first).and_then(|b| b.checked_add(layout.data_start));
+        let (Some(lv), Some(pv_at), Some(len)) =
+            (bytes(s.start_extent), pv_at, bytes(s.extent_count))
+        else {
+            return Err(LvError::Segments("they overflow"));
         };
         if lv != next || len == 0 {
-            return Err("its segments leave a gap or overlap".into());
+            return Err(LvError::Segments("they leave a gap or overlap"));
         }
-        if pv_at.checked_add(len).is_none_or(|end| end > pv_len) {
-            return Err("its extents lie past the end of the physical volume".into());
+        let Some(end) = pv_at.checked_add(len).filter(|&e| e <= pv_len) else {
+            return Err(LvError::Segments(
+                "they lie past the end of the physical volume",
+            ));
+        };
+        let clear = |(o, n): &(u64, u64)| end <= *o || pv_at >= o.saturating_add(*n);
+        if pv_at < LABEL_BYTES || !layout.metadata.iter().all(clear) {
+            return Err(LvError::Segments(
+                "they overlap the volume's label or metadata",
+            ));
         }
         out.push(Run { lv, pv: pv_at, len });
-        next = lv + len;
+        next = lv
+            .checked_add(len)
+            .ok_or(LvError::Segments("they overflow"))?;
     }
     if next == 0 {
-        return Err("it has no extents".into());
+        return Err(LvError::Segments("it has no extents"));
     }
     Ok((out, next))
 }
+
+/// The first four sectors, where the label may lie.
+const LABEL_BYTES: u64 = 2048;
 
 /// The PV as lamlvm reads it: `len` bytes of `disk` from `start`.
 struct PvReader<'a> {

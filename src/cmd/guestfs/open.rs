@@ -102,6 +102,7 @@ impl GuestFs {
             device: disk,
             start,
             len,
+            ..
         } = volume;
         let found = detect::detect(disk.as_ref(), start, len)?;
         if subvolume.is_some() && found != Contents::Btrfs {

@@ -17,7 +17,14 @@ use crate::error::Result;
 /// for than 4 KiB.
 const BLOCK: u64 = 64 << 10;
 
-/// A disk whose small reads are served from the blocks it keeps.
+fn read_only() -> crate::error::Error {
+    crate::error::Error::new(
+        "<guest reader>",
+        std::io::Error::from_raw_os_error(libc::EROFS),
+    )
+}
+
+/// A disk, read-only, whose small reads are served from the blocks it keeps.
 pub(crate) struct ReadCache {
     disk: Arc<dyn BlockDevice>,
     blocks: Mutex<LruCache<u64, Arc<[u8]>>>,
@@ -53,15 +60,6 @@ impl ReadCache {
         }
         Ok(bytes)
     }
-
-    fn forget(&self, offset: u64, len: u64) {
-        if let Ok(mut c) = self.blocks.lock() {
-            let last = offset.saturating_add(len.max(1) - 1) / BLOCK;
-            for index in offset / BLOCK..=last {
-                c.pop(&index);
-            }
-        }
-    }
 }
 
 impl BlockDevice for ReadCache {
@@ -89,9 +87,9 @@ impl BlockDevice for ReadCache {
         Ok(())
     }
 
-    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.forget(offset, data.len() as u64);
-        self.disk.write_at(offset, data)
+    /// The readers never write: a write would leave kept blocks stale.
+    fn write_at(&self, _offset: u64, _data: &[u8]) -> Result<()> {
+        Err(read_only())
     }
 
     fn flush(&self) -> Result<()> {
@@ -99,7 +97,7 @@ impl BlockDevice for ReadCache {
     }
 
     fn is_read_only(&self) -> bool {
-        self.disk.is_read_only()
+        true
     }
 
     fn allocated_bytes(&self) -> Result<u64> {
@@ -110,9 +108,8 @@ impl BlockDevice for ReadCache {
         self.disk.seek(offset, want_data)
     }
 
-    fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.forget(offset, len);
-        self.disk.discard(offset, len)
+    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(read_only())
     }
 }
 
@@ -166,7 +163,7 @@ mod tests {
     }
 
     #[test]
-    fn small_reads_come_from_kept_blocks_and_writes_are_seen() {
+    fn small_reads_come_from_kept_blocks_and_nothing_is_written() {
         let len = 3 * BLOCK as usize + 100;
         let bytes: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
         let disk = Arc::new(Counted {
@@ -189,10 +186,9 @@ mod tests {
         cache.read_at(len as u64 - 50, &mut tail).unwrap();
         assert_eq!(tail, bytes[len - 50..]);
         assert!(cache.read_at(len as u64 - 10, &mut tail).is_err());
-        // A write replaces what was kept; a large read goes straight through.
-        cache.write_at(BLOCK, &[7u8; 4]).unwrap();
-        cache.read_at(BLOCK - 100, &mut buf).unwrap();
-        assert_eq!(&buf[100..104], &[7u8; 4]);
+        // Nothing is written through it; a large read goes straight through.
+        assert!(cache.write_at(BLOCK, &[7u8; 4]).is_err());
+        assert!(cache.discard(0, BLOCK).is_err());
         let before = disk.reads.load(Ordering::Relaxed);
         let mut big = vec![0u8; BLOCK as usize];
         cache.read_at(0, &mut big).unwrap();

@@ -176,13 +176,16 @@ impl<'a> Walker<'a> {
                 }
                 self.dirs_left -= 1;
                 self.folder(path, meta)?;
+                // Read again for `dir_done` rather than held through the whole subtree.
                 let attrs = self.attrs(path, meta);
                 let dir = sink.dir(parent, name, meta, &attrs)?;
+                drop(attrs);
                 self.report.dirs += 1;
                 let each = |child_name: Vec<u8>, child: GuestPath, child_meta: Meta| {
                     self.entry(sink, &dir, &child_name, &child, &child_meta, depth + 1)
                 };
                 gfs.for_each_child(path, meta, path.as_bytes(), each)?;
+                let attrs = self.attrs(path, meta);
                 sink.dir_done(dir, meta, &attrs)?;
             }
             Kind::File => {

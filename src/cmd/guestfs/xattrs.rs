@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use super::tree::Xattr;
+use super::tree::{shown, Xattr};
 
 /// The largest value the kernel accepts (`XATTR_SIZE_MAX`): a longer one is a damaged entry.
 pub(crate) const MAX_VALUE: usize = 65536;
@@ -26,6 +26,11 @@ const ACL_XATTR_VERSION: u32 = 2;
 
 /// An entry's id where its tag has none.
 const ACL_UNDEFINED_ID: u32 = u32::MAX;
+
+/// File capabilities: never set on a host copy, as setuid and setgid are dropped there (a
+/// guest's privileged program must not become one on the host, whoever copied it); the tar
+/// stream carries them, for whoever extracts it to decide.
+const CAPABILITY: &[u8] = b"security.capability";
 
 const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
 const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
@@ -120,8 +125,15 @@ pub(crate) fn pax_records(attrs: &[Xattr]) -> Vec<u8> {
         match (acl, acl.and_then(|_| acl_text(&a.value))) {
             (Some(key), Some(text)) => pax_record(&mut out, key, text.as_bytes()),
             _ => {
+                // GNU tar's encoding of the name in the keyword: '%' and '=' as %25 and %3D.
                 let mut key = b"SCHILY.xattr.".to_vec();
-                key.extend_from_slice(&a.name);
+                for &c in &a.name {
+                    match c {
+                        b'%' => key.extend_from_slice(b"%25"),
+                        b'=' => key.extend_from_slice(b"%3D"),
+                        c => key.push(c),
+                    }
+                }
                 pax_record(&mut out, &key, &a.value);
             }
         }
@@ -135,6 +147,8 @@ pub(crate) struct Unkept {
     pub count: u64,
     pub names: BTreeSet<String>,
     pub reason: Option<std::io::Error>,
+    /// File capabilities left off on purpose (see [`CAPABILITY`]).
+    pub capabilities: u64,
 }
 
 /// Names listed in the closing note: enough to say what was lost.
@@ -144,14 +158,26 @@ impl Unkept {
     fn add(&mut self, name: &[u8], e: std::io::Error) {
         self.count += 1;
         if self.names.len() < NAMES_SHOWN {
-            self.names
-                .insert(String::from_utf8_lossy(name).into_owned());
+            self.names.insert(shown(name));
         }
         self.reason.get_or_insert(e);
     }
 
-    /// The closing note, when anything was not kept.
-    pub fn note(&self) -> Option<String> {
+    /// The closing notes: file capabilities left off, attributes the host refused.
+    pub fn notes(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.capabilities > 0 {
+            out.push(format!(
+                "the file capabilities (security.capability) of {} files were not set on the \
+                 copy, as setuid bits are not: a tar stream (DEST -) carries them",
+                self.capabilities
+            ));
+        }
+        out.extend(self.refused());
+        out
+    }
+
+    fn refused(&self) -> Option<String> {
         let reason = self.reason.as_ref()?;
         let names: Vec<&str> = self.names.iter().map(String::as_str).collect();
         let hint = match reason.raw_os_error() {
@@ -170,6 +196,10 @@ impl Unkept {
 /// Set `attrs` on the open file or folder `fd`; what the host refuses goes to `unkept`.
 pub(crate) fn set_on_fd(fd: &impl AsRawFd, attrs: &[Xattr], unkept: &mut Unkept) {
     for a in attrs {
+        if a.name == CAPABILITY {
+            unkept.capabilities += 1;
+            continue;
+        }
         let Ok(name) = CString::new(a.name.clone()) else {
             continue;
         };
@@ -273,6 +303,12 @@ mod tests {
             assert_eq!(len.parse::<usize>().unwrap(), line.len() + 1, "{line}");
         }
         assert!(text.contains(" SCHILY.xattr.user.k=v\n"), "{text}");
+        let odd = [Xattr {
+            name: b"user.a=b%c".to_vec(),
+            value: b"v".to_vec(),
+        }];
+        let r = String::from_utf8(pax_records(&odd)).unwrap();
+        assert!(r.ends_with(" SCHILY.xattr.user.a%3Db%25c=v\n"), "{r}");
         assert!(text.contains(" SCHILY.acl.access=user::rwx,group::r-x,other::r--\n"));
         // A record whose length crosses a power of ten counts its extra digit.
         let long = [Xattr {

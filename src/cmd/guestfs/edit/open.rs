@@ -91,6 +91,14 @@ impl GuestEditor {
     ) -> Result<GuestEditor> {
         let volume = choose(&disk, wanted, aes).map_err(|e| e.at_image(image))?;
         let view = volume.view;
+        if let Some(why) = volume.read_only {
+            let e = GuestError::NotEditableNow {
+                view,
+                found: "a logical volume",
+                why,
+            };
+            return Err(Error::new(image, e));
+        }
         let found = detect::detect(volume.device.as_ref(), volume.start, volume.len)?;
         let device = RangeDevice::writable(volume.device, volume.start, volume.len);
         let refuse = |e: FsError| match e {
