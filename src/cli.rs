@@ -184,11 +184,12 @@ const GUEST_HELP_COPY: &str = concat!(
     "  qcowfs copy-out --passphrase-file key /var/lib/nova/instances/UUID/disk /var/log /tmp/vm-logs\n\n",
     "DEST an existing folder: copied into it (like cp -r); else DEST is the new name. Nothing\n",
     "existing is overwritten. Kept as cp -a keeps them: modes (without setuid/setgid), mtimes,\n",
-    "atimes, hard links, extended attributes and ACLs, and (as root) owners; what the host refuses\n",
-    "is named once at the end. Symlinks are made as symlinks and never followed on the host;\n",
-    "devices, FIFOs and sockets are skipped. A progress bar shows on a terminal. DEST '-' writes a\n",
-    "tar stream to stdout instead (GNU format; the guest's uid/gid, whole modes, mtimes, xattrs and\n",
-    "ACLs as the PAX records GNU tar restores with --xattrs --acls):\n",
+    "atimes, hard links, extended attributes and ACLs (without file capabilities), and (as root)\n",
+    "owners; what the host refuses is named once at the end. Symlinks are made as symlinks and\n",
+    "never followed on the host; devices, FIFOs and sockets are skipped. A progress bar shows on\n",
+    "a terminal. DEST '-' writes a tar stream to stdout instead (GNU format; the guest's uid/gid,\n",
+    "whole modes, mtimes, xattrs, capabilities and ACLs as the PAX records GNU tar restores with\n",
+    "--xattrs --acls):\n",
     "  qcowfs copy-out IMAGE /etc - | tar -tvf -\n\n",
     guest_help_common!()
 );
