@@ -6,8 +6,8 @@
 # With a nightly toolchain (cargo-fuzz is installed with `cargo install cargo-fuzz` when missing):
 # every cargo-fuzz target, `image` (bytes as an image), `fields` (named field edits of seed images),
 # `write` (a write through bytes as an image must be refused or change exactly its bytes: the
-# input's last 8 bytes place it) and `guest` (bytes as an ext2/3/4 file system through ls, cat and
-# copy-out), one after the other,
+# input's last 8 bytes place it) and `guest` (bytes as a guest disk — any file system qcowfs reads,
+# a partition table, an LVM2 volume group — through ls, cat and copy-out), one after the other,
 # one job each, from the seeds of scripts/fuzz-seeds.sh (made in fuzz/seeds/ when missing) plus the
 # regression cases of tests/fuzz_corpus/ (tests/fuzz_corpus/guest/ for `guest`). Corpora grow in fuzz/corpus/TARGET, crashes land in fuzz/artifacts/TARGET, the
 # libFuzzer log (final stats at its end) in fuzz/logs/TARGET.log.
