@@ -103,6 +103,8 @@ pub enum GuestError {
     NotAFile(String),
     #[error("{0}: not a regular file, directory or symlink; not copied")]
     Special(String),
+    #[error("{path}: a symbolic link of {len} bytes, longer than any kernel makes (a damaged file system)")]
+    LinkTooLong { path: String, len: u64 },
     #[error("{0}: extended attributes beyond the kernel's bounds (a value over 64 KiB, a name over 255 bytes, or over 1 MiB in all)")]
     BadXattrs(String),
     #[error(

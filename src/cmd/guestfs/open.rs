@@ -205,8 +205,7 @@ impl GuestFs {
 
     /// The target of symlink `path` (as stored, never resolved).
     pub(crate) fn read_link(&self, path: &GuestPath, meta: &Meta) -> Result<Vec<u8>> {
-        self.tree
-            .read_link(Node { path, meta })
+        resolve::link_target(self.tree(), Node { path, meta })
             .map_err(|e| self.error(path.as_bytes(), e))
     }
 

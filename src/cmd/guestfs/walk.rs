@@ -298,6 +298,31 @@ mod tests {
         assert!(out.status.success(), "{program} {args:?}: {out:?}");
     }
 
+    /// A symlink whose inode claims 2 GiB (found by fuzzing: ext4-view allocated it whole)
+    /// is refused by its length before any library reads it.
+    #[test]
+    fn a_symlink_claiming_gigabytes_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::os::unix::fs::symlink("target", src.join("link")).unwrap();
+        let raw = dir.path().join("fs.raw");
+        let (src_s, raw_s) = (src.to_str().unwrap(), raw.to_str().unwrap());
+        run(
+            "mke2fs",
+            &["-q", "-F", "-t", "ext4", "-d", src_s, raw_s, "4M"],
+        );
+        run("debugfs", &["-w", "-R", "sif /link size 2147483648", raw_s]);
+        let gfs = memory_fs(&std::fs::read(&raw).unwrap()).unwrap();
+        let mut out = Vec::new();
+        let e = super::super::tar::copy_out_tar(&gfs, "/".as_ref(), &mut out, false).unwrap_err();
+        let message = e.to_string();
+        assert!(
+            message.contains("/link: a symbolic link of 2147483648 bytes"),
+            "{message}"
+        );
+    }
+
     /// Without inode numbers (as when qcowfs cannot read the layout or it disagrees with
     /// ext4-view), a folder DAG still ends: at the file system's bytes of file data.
     #[test]
