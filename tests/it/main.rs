@@ -19,6 +19,7 @@ mod coverage;
 mod damaged_writes;
 mod deps;
 mod fuzz_images;
+mod guest_copy_safety;
 mod guest_edits;
 mod guest_files;
 mod guest_kinds;

@@ -5,7 +5,9 @@
 //! exists is overwritten. Modes are kept less setuid/setgid, owners kept when run as root, atimes
 //! and mtimes kept. A file's holes stay holes (skipped with a seek, the length set at the end),
 //! and a file with several names is copied once, its other names hard links (`linkat` below the
-//! same open folder).
+//! same open folder). A file is written under a hidden temporary name and renamed into place
+//! without replacing anything, so an interrupted copy never leaves a partial file under its
+//! final name.
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -180,9 +182,15 @@ impl Sink for HostSink<'_> {
         progress: &mut dyn FnMut(u64),
     ) -> Result<Vec<u8>> {
         let (host, cname) = Self::prepare(parent, name);
+        // Written under a temporary name and renamed into place (never over anything), so an
+        // interrupted copy leaves no partial file under the final name.
+        if exists_at(&parent.fd, &cname) {
+            return Err(exists(&host));
+        }
+        let temp = temp_name(name);
         let fd = open_at(
             &parent.fd,
-            &cname,
+            &temp,
             libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
             &host,
         )?;
@@ -190,31 +198,14 @@ impl Sink for HostSink<'_> {
         // One buffer for the whole copy: a fresh 1 MiB for each of 60,000 files was an mmap,
         // page faults and an munmap each.
         self.buf.resize(CHUNK, 0);
-        let buf = &mut self.buf;
-        let mut done = 0u64;
-        for r in ranges {
-            progress(r.offset - done);
-            let mut at = r.offset;
-            out.seek(SeekFrom::Start(at))
-                .map_err(|e| Error::new(&host, e))?;
-            while at < r.offset + r.len {
-                let n = (r.offset + r.len - at).min(CHUNK as u64) as usize;
-                data.read_at(at, &mut buf[..n])?;
-                // Runs of zeros inside the data become holes too.
-                if buf[..n].iter().all(|&b| b == 0) {
-                    out.seek(SeekFrom::Current(n as i64))
-                        .map_err(|e| Error::new(&host, e))?;
-                } else {
-                    out.write_all(&buf[..n]).map_err(|e| Error::new(&host, e))?;
-                }
-                at += n as u64;
-                progress(n as u64);
-            }
-            done = at;
+        let written = fill(&mut out, data, ranges, &mut self.buf, progress, &host)
+            .and_then(|()| set_attributes(&out, meta, attrs, &host, &mut self.unkept))
+            .and_then(|()| publish(&parent.fd, &temp, &cname, &host));
+        if written.is_err() {
+            // SAFETY: parent.fd is open, temp a valid C string; the name this copy made.
+            unsafe { libc::unlinkat(parent.fd.as_raw_fd(), temp.as_ptr(), 0) };
         }
-        progress(data.len() - done);
-        out.set_len(data.len()).map_err(|e| Error::new(&host, e))?;
-        set_attributes(&out, meta, attrs, &host, &mut self.unkept)?;
+        written?;
         let below_top = host.strip_prefix(self.top_path).unwrap_or(&host);
         Ok(below_top.as_os_str().as_bytes().to_vec())
     }
@@ -237,6 +228,94 @@ impl Sink for HostSink<'_> {
             &host,
         )
     }
+}
+
+/// Write the file's data ranges into `out` (holes, and runs of zeros inside the data, left as
+/// holes; its length set at the end), a chunk of `buf` at a time.
+fn fill(
+    out: &mut File,
+    data: &mut GuestData,
+    ranges: &[Range],
+    buf: &mut [u8],
+    progress: &mut dyn FnMut(u64),
+    host: &Path,
+) -> Result<()> {
+    let io = |e| Error::new(host, e);
+    let mut done = 0u64;
+    for r in ranges {
+        progress(r.offset - done);
+        let mut at = r.offset;
+        out.seek(SeekFrom::Start(at)).map_err(io)?;
+        while at < r.offset + r.len {
+            let n = (r.offset + r.len - at).min(buf.len() as u64) as usize;
+            data.read_at(at, &mut buf[..n])?;
+            if buf[..n].iter().all(|&b| b == 0) {
+                out.seek(SeekFrom::Current(n as i64)).map_err(io)?;
+            } else {
+                out.write_all(&buf[..n]).map_err(io)?;
+            }
+            at += n as u64;
+            progress(n as u64);
+        }
+        done = at;
+    }
+    progress(data.len() - done);
+    out.set_len(data.len()).map_err(io)
+}
+
+/// The name a file is written under before it is renamed to `name`: hidden, marked as ours,
+/// unique in this process (and short enough for any file system's 255 bytes).
+fn temp_name(name: &[u8]) -> CString {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tag = format!(".qcowfs-part-{}-{n}", std::process::id());
+    let mut temp = b".".to_vec();
+    if name.len() + tag.len() < 250 {
+        temp.extend_from_slice(name);
+    }
+    temp.extend_from_slice(tag.as_bytes());
+    CString::new(temp).unwrap_or_default()
+}
+
+/// Whether `name` exists in `dir` (a symlink not followed).
+fn exists_at(dir: &OwnedFd, name: &CString) -> bool {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: dir is open, name a valid C string, st room for one stat.
+    unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        ) == 0
+    }
+}
+
+/// Rename `temp` to `name` in `dir`, never over an existing `name` (RENAME_NOREPLACE; where
+/// the file system has no such rename, a hard link then the temporary name's removal).
+fn publish(dir: &OwnedFd, temp: &CString, name: &CString, host: &Path) -> Result<()> {
+    let fd = dir.as_raw_fd();
+    // SAFETY: fd is an open directory, both names valid C strings.
+    let rc =
+        unsafe { libc::renameat2(fd, temp.as_ptr(), fd, name.as_ptr(), libc::RENAME_NOREPLACE) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EINVAL) => {}
+        Some(libc::EEXIST) => return Err(exists(host)),
+        _ => return Err(Error::new(host, e)),
+    }
+    // SAFETY: as above; flags 0 never follow a symlink.
+    check(
+        unsafe { libc::linkat(fd, temp.as_ptr(), fd, name.as_ptr(), 0) },
+        host,
+    )?;
+    // SAFETY: as above.
+    unsafe { libc::unlinkat(fd, temp.as_ptr(), 0) };
+    Ok(())
 }
 
 /// `rc` of a libc call as a result naming `host`.
