@@ -176,8 +176,37 @@ impl KeySources {
             ring.per_layer
                 .push((canon, read_passphrase(Path::new(file))?));
         }
+        // Each key given for a layer must name one: a mistyped path would otherwise leave that
+        // layer to the default passphrase (or the prompt) without a word.
+        let layers = match ring.per_layer.is_empty() && ring.default.is_some() {
+            true => Vec::new(),
+            false => chain_layers(image, &ring, within)?,
+        };
+        for (given, _) in &ring.per_layer {
+            if !layers.iter().any(|(path, _)| path == given) {
+                let names: Vec<String> = layers
+                    .iter()
+                    .map(|(p, _)| crate::error::escaped(p))
+                    .collect();
+                return Err(Error::new(
+                    given,
+                    Problem::Usage(format!(
+                        "--layer-passphrase-file names no layer of {}'s chain ({})",
+                        crate::error::escaped(image),
+                        names.join(", ")
+                    )),
+                ));
+            }
+        }
         if ring.default.is_none() {
-            let missing = encrypted_layers_without_keys(image, &ring, within)?;
+            let missing: Vec<&PathBuf> = layers
+                .iter()
+                .filter(|(path, encryption)| {
+                    *encryption != Encryption::None
+                        && !ring.per_layer.iter().any(|(p, _)| p == path)
+                })
+                .map(|(path, _)| path)
+                .collect();
             if let Some(first) = missing.first() {
                 if !prompt || !std::io::stdin().is_terminal() {
                     return Err(Error::new(first, CryptoError::NoPassphrase));
@@ -194,12 +223,13 @@ impl KeySources {
     }
 }
 
-/// Encrypted layers of the chain that the ring has no key for.
-fn encrypted_layers_without_keys(
+/// The layers of `image`'s chain, top first: each one's canonical path and encryption (read
+/// without keys).
+fn chain_layers(
     image: &Path,
     ring: &KeyRing,
     within: &[PathBuf],
-) -> Result<Vec<PathBuf>> {
+) -> Result<Vec<(PathBuf, Encryption)>> {
     let opts = OpenOptions {
         writable: false,
         force_share: true,
@@ -213,15 +243,10 @@ fn encrypted_layers_without_keys(
     Ok(chain
         .layers()
         .iter()
-        .filter(|l| l.encryption() != Encryption::None)
-        .filter(|l| {
-            let canon = std::fs::canonicalize(l.path()).ok();
-            !ring
-                .per_layer
-                .iter()
-                .any(|(p, _)| Some(p) == canon.as_ref())
+        .map(|l| {
+            let path = std::fs::canonicalize(l.path()).unwrap_or_else(|_| l.path().to_path_buf());
+            (path, l.encryption())
         })
-        .map(|l| l.path().to_path_buf())
         .collect())
 }
 

@@ -201,3 +201,31 @@ fn info_shows_luks_parameters_without_a_passphrase() {
         "no key material in info"
     );
 }
+
+#[test]
+fn a_layer_passphrase_naming_no_layer_of_the_chain_is_refused() {
+    let dir = workdir();
+    let base = qcow2(dir.path().join("base.qcow2"), SIZE)
+        .aes("aes base pass")
+        .create();
+    let overlay = luks_image(dir.path(), "overlay.qcow2", "", Some(&base));
+    let base_key = passphrase_file(dir.path(), "base.key", "aes base pass");
+    // The key file named as the layer: a slip of the hand that must not pass unnoticed.
+    let mut opts = key_opts(dir.path());
+    opts.push("--layer-passphrase-file".into());
+    opts.push(format!("{}={}", base_key.display(), base_key.display()).into());
+    let mut a: Vec<OsString> = vec!["ls".into()];
+    a.extend(opts);
+    a.extend([overlay.path.clone().into(), "/".into()]);
+    let r = qcowfs(&a);
+    assert_one_line_error(
+        &r,
+        &[
+            "base.key",
+            "--layer-passphrase-file names no layer of",
+            "overlay.qcow2",
+            "base.qcow2",
+        ],
+        std::time::Duration::from_secs(30),
+    );
+}
