@@ -57,9 +57,27 @@ pub struct Wanted<'a> {
 }
 
 /// One place a file system may be, as listed when none or several are readable.
+/// Where a candidate lies, as the listings name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Place {
+    Disk,
+    Partition(u32),
+    /// A logical volume, by its (terminal-safe) `VG/LV` name.
+    Lv(String),
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::Disk => f.write_str("the disk"),
+            Place::Partition(n) => write!(f, "partition {n}"),
+            Place::Lv(name) => write!(f, "LV {name}"),
+        }
+    }
+}
+
 struct Candidate {
-    /// "partition 2", "LV vg/root", "the disk".
-    label: String,
+    place: Place,
     volume: Volume,
     /// What it holds, or why a logical volume is not read.
     found: Result<Contents, String>,
@@ -70,10 +88,18 @@ impl Candidate {
         matches!(self.found, Ok(c) if c.is_supported())
     }
 
+    /// The `VG/LV` name of a logical volume.
+    fn lv_name(&self) -> Option<&str> {
+        match &self.place {
+            Place::Lv(name) => Some(name),
+            _ => None,
+        }
+    }
+
     fn described(&self) -> String {
         match &self.found {
-            Ok(c) => format!("{}: {}", self.label, c.name()),
-            Err(why) => format!("{}: not read ({why})", self.label),
+            Ok(c) => format!("{}: {}", self.place, c.name()),
+            Err(why) => format!("{}: not read ({why})", self.place),
         }
     }
 }
@@ -112,27 +138,27 @@ pub(crate) fn choose(
             }));
         };
         places.push((
-            format!("partition {n}"),
+            Place::Partition(n),
             at(format!("disk-part{n}"), p.start, p.len),
         ));
     } else {
         let whole = detect::detect(disk.as_ref(), 0, size)?;
         if whole.is_supported() || whole == Contents::Lvm2 || table.partitions.is_empty() {
-            places.push(("the disk".to_string(), at("disk".into(), 0, size)));
+            places.push((Place::Disk, at("disk".into(), 0, size)));
         } else {
             for p in &table.partitions {
                 let view = format!("disk-part{}", p.number);
-                places.push((format!("partition {}", p.number), at(view, p.start, p.len)));
+                places.push((Place::Partition(p.number), at(view, p.start, p.len)));
             }
         }
     }
     let single = places.len() == 1;
     let mut candidates = Vec::new();
-    for (label, volume) in places {
+    for (place, volume) in places {
         let found = detect::detect(volume.device.as_ref(), volume.start, volume.len)?;
         if found != Contents::Lvm2 {
             candidates.push(Candidate {
-                label,
+                place,
                 volume,
                 found: Ok(found),
             });
@@ -149,7 +175,7 @@ pub(crate) fn choose(
             }
             (Err(why), None, false) => {
                 candidates.push(Candidate {
-                    label,
+                    place,
                     volume,
                     found: Err(format!("an LVM2 physical volume: {why}")),
                 });
@@ -163,7 +189,7 @@ pub(crate) fn choose(
                     let device: Arc<dyn BlockDevice> = dev;
                     let found = detect::detect(device.as_ref(), 0, len)?;
                     Candidate {
-                        label: format!("LV {}", lv.name),
+                        place: Place::Lv(lv.name.clone()),
                         volume: Volume {
                             view: lv.name,
                             device,
@@ -175,7 +201,7 @@ pub(crate) fn choose(
                     }
                 }
                 Err(why) => Candidate {
-                    label: format!("LV {}", lv.name),
+                    place: Place::Lv(lv.name.clone()),
                     volume: at(lv.name, 0, 0),
                     found: Err(why.to_string()),
                 },
@@ -191,7 +217,7 @@ pub(crate) fn choose(
         1 => {}
         0 => {
             return Err(Choice::Guest(match candidates.as_slice() {
-                [only] if only.label == "the disk" || wanted.partition.is_some() => {
+                [only] if only.place == Place::Disk || wanted.partition.is_some() => {
                     match only.found {
                         Ok(Contents::Nothing | Contents::PartitionTable)
                             if wanted.partition.is_none() =>
@@ -215,23 +241,28 @@ pub(crate) fn choose(
             }));
         }
         _ => {
-            let lvs = readable.iter().any(|c| c.label.starts_with("LV "));
-            let parts = readable.iter().any(|c| c.label.starts_with("partition "));
+            let lvs = readable.iter().any(|c| matches!(c.place, Place::Lv(_)));
+            let parts = readable
+                .iter()
+                .any(|c| matches!(c.place, Place::Partition(_)));
             let choose = match (parts && wanted.partition.is_none(), lvs) {
                 (true, true) => "--partition N or --lv VG/LV",
                 (false, true) => "--lv VG/LV",
                 _ => "--partition N",
             };
-            let labels = readable.iter().map(|c| c.label.as_str());
             let list = match lvs {
                 false => format!(
                     "partitions {}",
-                    labels
-                        .filter_map(|l| l.strip_prefix("partition "))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    numbers(readable.iter().filter_map(|c| match c.place {
+                        Place::Partition(n) => Some(n),
+                        _ => None,
+                    }))
                 ),
-                true => labels.collect::<Vec<_>>().join(", "),
+                true => readable
+                    .iter()
+                    .map(|c| c.place.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             };
             return Err(Choice::Guest(GuestError::Ambiguous { list, choose }));
         }
@@ -242,18 +273,12 @@ pub(crate) fn choose(
 
 /// The logical volume `lv` among `candidates`, or why it is not there or not read.
 fn chosen_lv(candidates: Vec<Candidate>, lv: &str) -> std::result::Result<Volume, Choice> {
-    let names: Vec<&str> = candidates
-        .iter()
-        .filter_map(|c| c.label.strip_prefix("LV "))
-        .collect();
+    let names: Vec<&str> = candidates.iter().filter_map(|c| c.lv_name()).collect();
     let present = match names.is_empty() {
         true => "the disk has no LVM2 volume group".to_string(),
         false => format!("the disk has {}", names.join(", ")),
     };
-    let Some(c) = candidates
-        .into_iter()
-        .find(|c| c.label.strip_prefix("LV ") == Some(lv))
-    else {
+    let Some(c) = candidates.into_iter().find(|c| c.lv_name() == Some(lv)) else {
         let lv = lv.to_string();
         return Err(Choice::Guest(GuestError::NoLv { lv, present }));
     };
