@@ -5,6 +5,8 @@
 
 mod cache;
 mod flush;
+#[cfg(test)]
+pub(crate) mod memory;
 pub(crate) mod partition;
 pub(crate) mod views;
 

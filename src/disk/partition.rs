@@ -231,41 +231,7 @@ fn read_gpt(disk: &dyn BlockDevice, sources: &mut Vec<(u64, u64)>) -> Vec<Partit
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Result;
-    use parking_lot::Mutex;
-
-    /// An in-memory disk.
-    struct Mem(Mutex<Vec<u8>>);
-
-    impl BlockDevice for Mem {
-        fn size(&self) -> u64 {
-            self.0.lock().len() as u64
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-            let d = self.0.lock();
-            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
-            Ok(())
-        }
-        fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-            self.0.lock()[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-            Ok(())
-        }
-        fn flush(&self) -> Result<()> {
-            Ok(())
-        }
-        fn is_read_only(&self) -> bool {
-            false
-        }
-        fn allocated_bytes(&self) -> Result<u64> {
-            Ok(self.size())
-        }
-        fn seek(&self, offset: u64, _data: bool) -> Result<Option<u64>> {
-            Ok(Some(offset))
-        }
-        fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
-            Ok(())
-        }
-    }
+    use crate::disk::memory::MemoryDisk;
 
     fn entry(kind: u8, lba: u32, sectors: u32) -> [u8; 16] {
         let mut e = [0u8; 16];
@@ -275,7 +241,7 @@ mod tests {
         e
     }
 
-    fn put_table(disk: &Mem, lba: u64, entries: &[[u8; 16]]) {
+    fn put_table(disk: &MemoryDisk, lba: u64, entries: &[[u8; 16]]) {
         let mut sector = [0u8; 512];
         for (i, e) in entries.iter().enumerate() {
             sector[446 + i * 16..462 + i * 16].copy_from_slice(e);
@@ -287,7 +253,7 @@ mod tests {
 
     #[test]
     fn numbers_mbr_primaries_by_slot_and_logicals_from_five() {
-        let disk = Mem(Mutex::new(vec![0u8; 8 << 20]));
+        let disk = MemoryDisk::new(vec![0u8; 8 << 20]);
         // slot 1: primary at 2048 (1000 sectors); slot 2: extended at 4096 (8000 sectors)
         put_table(
             &disk,
@@ -326,7 +292,7 @@ mod tests {
 
     #[test]
     fn every_ebr_of_the_chain_is_a_table_source_and_touched_by_writes() {
-        let disk = Mem(Mutex::new(vec![0u8; 8 << 20]));
+        let disk = MemoryDisk::new(vec![0u8; 8 << 20]);
         put_table(&disk, 0, &[entry(0x05, 4096, 8000)]);
         put_table(
             &disk,
@@ -361,7 +327,7 @@ mod tests {
     #[test]
     fn gpt_headers_and_both_entry_arrays_are_table_sources() {
         let size: u64 = 4 << 20;
-        let disk = Mem(Mutex::new(vec![0u8; size as usize]));
+        let disk = MemoryDisk::new(vec![0u8; size as usize]);
         put_table(&disk, 0, &[entry(0xee, 1, 8191)]);
         let last = size / 512 - 1;
         let header = |entries_lba: u64, alternate: u64| {
@@ -392,7 +358,7 @@ mod tests {
 
     #[test]
     fn an_ebr_offset_that_overflows_ends_the_chain() {
-        let disk = Mem(Mutex::new(vec![0u8; 8 << 20]));
+        let disk = MemoryDisk::new(vec![0u8; 8 << 20]);
         put_table(&disk, 0, &[entry(0x05, 4096, 8000)]);
         put_table(
             &disk,
@@ -404,13 +370,13 @@ mod tests {
 
     #[test]
     fn no_signature_means_no_partitions() {
-        let disk = Mem(Mutex::new(vec![0u8; 1 << 20]));
+        let disk = MemoryDisk::new(vec![0u8; 1 << 20]);
         assert!(read_table(&disk).partitions.is_empty());
     }
 
     #[test]
     fn a_looping_ebr_chain_ends() {
-        let disk = Mem(Mutex::new(vec![0u8; 8 << 20]));
+        let disk = MemoryDisk::new(vec![0u8; 8 << 20]);
         put_table(&disk, 0, &[entry(0x05, 2048, 8000)]);
         put_table(&disk, 2048, &[entry(0x83, 63, 10), entry(0x05, 0, 100)]);
         assert_eq!(read_table(&disk).partitions.len(), 1);
@@ -418,14 +384,14 @@ mod tests {
 
     #[test]
     fn partitions_past_the_disk_end_are_ignored() {
-        let disk = Mem(Mutex::new(vec![0u8; 1 << 20]));
+        let disk = MemoryDisk::new(vec![0u8; 1 << 20]);
         put_table(&disk, 0, &[entry(0x83, 2048, 1 << 30)]);
         assert!(read_table(&disk).partitions.is_empty());
     }
 
     #[test]
     fn reads_gpt_entries_by_slot() {
-        let disk = Mem(Mutex::new(vec![0u8; 4 << 20]));
+        let disk = MemoryDisk::new(vec![0u8; 4 << 20]);
         put_table(&disk, 0, &[entry(0xee, 1, 8191)]);
         let mut hdr = [0u8; 512];
         hdr[..8].copy_from_slice(b"EFI PART");

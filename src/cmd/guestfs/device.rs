@@ -273,42 +273,11 @@ impl fstool::block::BlockDevice for Cursor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Result;
-
-    /// A disk of zeros that counts nothing and fails nothing.
-    struct Zeros(u64);
-
-    impl BlockDevice for Zeros {
-        fn size(&self) -> u64 {
-            self.0
-        }
-        fn read_at(&self, _: u64, buf: &mut [u8]) -> Result<()> {
-            buf.fill(0);
-            Ok(())
-        }
-        fn write_at(&self, _: u64, _: &[u8]) -> Result<()> {
-            Ok(())
-        }
-        fn flush(&self) -> Result<()> {
-            Ok(())
-        }
-        fn is_read_only(&self) -> bool {
-            false
-        }
-        fn allocated_bytes(&self) -> Result<u64> {
-            Ok(0)
-        }
-        fn seek(&self, _: u64, _: bool) -> Result<Option<u64>> {
-            Ok(None)
-        }
-        fn discard(&self, _: u64, _: u64) -> Result<()> {
-            Ok(())
-        }
-    }
+    use crate::disk::memory::MemoryDisk;
 
     #[test]
     fn a_cursor_reads_no_more_than_its_budget_until_given_another() {
-        let device = RangeDevice::new(Arc::new(Zeros(1 << 20)), 4096, 65536);
+        let device = RangeDevice::new(Arc::new(MemoryDisk::new(vec![0; 1 << 20])), 4096, 65536);
         let mut c = Cursor::new(device);
         let mut buf = [0u8; 4096];
         c.budget(8192);
@@ -322,13 +291,14 @@ mod tests {
 
     #[test]
     fn a_read_only_range_refuses_writes_and_reads_only_inside_itself() {
-        let device = RangeDevice::new(Arc::new(Zeros(1 << 20)), 4096, 65536);
+        let device = RangeDevice::new(Arc::new(MemoryDisk::new(vec![0; 1 << 20])), 4096, 65536);
         assert!(fs_core::BlockDevice::write_at(device.as_ref(), 0, &[1]).is_err());
         let mut c = Cursor::new(device.clone());
         assert!(c.write(&[1]).is_err());
         let mut buf = [0u8; 16];
         assert!(fs_core::BlockRead::read_at(device.as_ref(), 65536 - 8, &mut buf).is_err());
-        let writable = RangeDevice::writable(Arc::new(Zeros(1 << 20)), 4096, 65536);
+        let writable =
+            RangeDevice::writable(Arc::new(MemoryDisk::new(vec![0; 1 << 20])), 4096, 65536);
         assert!(fs_core::BlockDevice::write_at(writable.as_ref(), 0, &[1]).is_ok());
         assert!(fs_core::BlockDevice::write_at(writable.as_ref(), 65536, &[1]).is_err());
     }

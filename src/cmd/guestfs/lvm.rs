@@ -294,47 +294,14 @@ impl BlockDevice for LvDevice {
 #[cfg(test)]
 mod tests {
     use super::{LvDevice, Run};
+    use crate::disk::memory::MemoryDisk;
     use crate::disk::BlockDevice;
     use std::sync::Arc;
-
-    /// A disk of bytes that are their own offset (mod 251), in memory.
-    struct Numbered(std::sync::Mutex<Vec<u8>>);
-
-    impl BlockDevice for Numbered {
-        fn size(&self) -> u64 {
-            self.0.lock().unwrap().len() as u64
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> crate::error::Result<()> {
-            let d = self.0.lock().unwrap();
-            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
-            Ok(())
-        }
-        fn write_at(&self, offset: u64, data: &[u8]) -> crate::error::Result<()> {
-            let mut d = self.0.lock().unwrap();
-            d[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-            Ok(())
-        }
-        fn flush(&self) -> crate::error::Result<()> {
-            Ok(())
-        }
-        fn is_read_only(&self) -> bool {
-            false
-        }
-        fn allocated_bytes(&self) -> crate::error::Result<u64> {
-            Ok(0)
-        }
-        fn seek(&self, _: u64, _: bool) -> crate::error::Result<Option<u64>> {
-            Ok(None)
-        }
-        fn discard(&self, _: u64, _: u64) -> crate::error::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn reads_and_writes_follow_the_map_across_runs_and_stop_at_the_end() {
         let bytes: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
-        let disk = Arc::new(Numbered(std::sync::Mutex::new(bytes.clone())));
+        let disk = Arc::new(MemoryDisk::new(bytes.clone()));
         // LV [0, 100) at PV 1000, [100, 300) at PV 200; the PV starts at disk byte 512.
         let lv = LvDevice {
             disk: disk.clone(),
@@ -359,7 +326,7 @@ mod tests {
         assert_eq!(&buf[10..], &bytes[712..722]);
         assert!(lv.read_at(290, &mut buf).is_err());
         lv.write_at(95, &[9u8; 10]).unwrap();
-        let d = disk.0.lock().unwrap();
+        let d = disk.bytes();
         assert_eq!(&d[1512 + 95..1512 + 100], &[9u8; 5]);
         assert_eq!(&d[712..717], &[9u8; 5]);
         assert_eq!(d[717], bytes[717]);

@@ -116,71 +116,22 @@ impl BlockDevice for ReadCache {
 #[cfg(test)]
 mod tests {
     use super::{ReadCache, BLOCK};
+    use crate::disk::memory::MemoryDisk;
     use crate::disk::BlockDevice;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::{Arc, Mutex};
-
-    /// Bytes in memory, counting the reads that reach them.
-    struct Counted {
-        bytes: Mutex<Vec<u8>>,
-        reads: AtomicU64,
-    }
-
-    impl BlockDevice for Counted {
-        fn size(&self) -> u64 {
-            self.bytes.lock().unwrap().len() as u64
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> crate::error::Result<()> {
-            self.reads.fetch_add(1, Ordering::Relaxed);
-            let b = self.bytes.lock().unwrap();
-            if offset as usize + buf.len() > b.len() {
-                let e = std::io::Error::from_raw_os_error(libc::EINVAL);
-                return Err(crate::error::Error::new("<memory>", e));
-            }
-            buf.copy_from_slice(&b[offset as usize..offset as usize + buf.len()]);
-            Ok(())
-        }
-        fn write_at(&self, offset: u64, data: &[u8]) -> crate::error::Result<()> {
-            let mut b = self.bytes.lock().unwrap();
-            b[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-            Ok(())
-        }
-        fn flush(&self) -> crate::error::Result<()> {
-            Ok(())
-        }
-        fn is_read_only(&self) -> bool {
-            false
-        }
-        fn allocated_bytes(&self) -> crate::error::Result<u64> {
-            Ok(0)
-        }
-        fn seek(&self, _: u64, _: bool) -> crate::error::Result<Option<u64>> {
-            Ok(None)
-        }
-        fn discard(&self, _: u64, _: u64) -> crate::error::Result<()> {
-            Ok(())
-        }
-    }
+    use std::sync::Arc;
 
     #[test]
     fn small_reads_come_from_kept_blocks_and_nothing_is_written() {
         let len = 3 * BLOCK as usize + 100;
         let bytes: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
-        let disk = Arc::new(Counted {
-            bytes: Mutex::new(bytes.clone()),
-            reads: AtomicU64::new(0),
-        });
+        let disk = Arc::new(MemoryDisk::new(bytes.clone()));
         let cache = ReadCache::new(disk.clone(), 2 * BLOCK);
         let mut buf = vec![0u8; 256];
         for _ in 0..10 {
             cache.read_at(BLOCK - 100, &mut buf).unwrap();
             assert_eq!(buf, bytes[BLOCK as usize - 100..BLOCK as usize + 156]);
         }
-        assert_eq!(
-            disk.reads.load(Ordering::Relaxed),
-            2,
-            "two blocks, each read once"
-        );
+        assert_eq!(disk.reads(), 2, "two blocks, each read once");
         // The short last block, and a read past the end refused by the disk itself.
         let mut tail = vec![0u8; 50];
         cache.read_at(len as u64 - 50, &mut tail).unwrap();
@@ -189,9 +140,9 @@ mod tests {
         // Nothing is written through it; a large read goes straight through.
         assert!(cache.write_at(BLOCK, &[7u8; 4]).is_err());
         assert!(cache.discard(0, BLOCK).is_err());
-        let before = disk.reads.load(Ordering::Relaxed);
+        let before = disk.reads();
         let mut big = vec![0u8; BLOCK as usize];
         cache.read_at(0, &mut big).unwrap();
-        assert_eq!(disk.reads.load(Ordering::Relaxed), before + 1);
+        assert_eq!(disk.reads(), before + 1);
     }
 }

@@ -55,43 +55,12 @@ impl ext4_view::Ext4Read for RangeReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Result;
+    use crate::disk::memory::MemoryDisk;
     use ext4_view::Ext4Read;
-
-    struct Bytes(Vec<u8>);
-
-    impl BlockDevice for Bytes {
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-            let o = offset as usize;
-            buf.copy_from_slice(&self.0[o..o + buf.len()]);
-            Ok(())
-        }
-        fn write_at(&self, _: u64, _: &[u8]) -> Result<()> {
-            unreachable!()
-        }
-        fn flush(&self) -> Result<()> {
-            Ok(())
-        }
-        fn is_read_only(&self) -> bool {
-            true
-        }
-        fn allocated_bytes(&self) -> Result<u64> {
-            Ok(0)
-        }
-        fn seek(&self, _: u64, _: bool) -> Result<Option<u64>> {
-            Ok(None)
-        }
-        fn discard(&self, _: u64, _: u64) -> Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn reads_are_shifted_by_the_start_and_never_leave_the_range() {
-        let dev = Arc::new(Bytes((0..=255u8).collect()));
+        let dev = Arc::new(MemoryDisk::new((0..=255u8).collect()));
         let mut r = RangeReader::new(dev, 16, 32);
         let mut buf = [0u8; 4];
         r.read(2, &mut buf).unwrap();
