@@ -7,8 +7,8 @@
 use std::path::Path;
 
 use crate::common::{
-    compressible_bytes, convert_compressed, create_raw, qcow2, random_bytes, raw_from_bytes, run,
-    run_ok, wait_until_no_loop_device_uses, LoopMount, Rng, MIB,
+    compressible_bytes, convert_compressed, create_raw, mkfs_ext4_from, qcow2, random_bytes,
+    raw_from_bytes, run, run_ok, wait_until_no_loop_device_uses, LoopMount, Rng, MIB,
 };
 use crate::record::{record, record_guest, record_seal, Recording, Workload};
 
@@ -313,18 +313,7 @@ fn ext4_edit(dir: &Path, seed: u64) -> Recording {
     std::fs::write(tree.join("var/log/old"), random_bytes(100_000, seed)).expect("old log");
     let raw = dir.join("ext4-base.raw");
     let base = create_raw(&raw, 16 * MIB);
-    run_ok(
-        "mke2fs",
-        [
-            "-q".as_ref(),
-            "-F".as_ref(),
-            "-t".as_ref(),
-            "ext4".as_ref(),
-            "-d".as_ref(),
-            tree.as_os_str(),
-            raw.as_os_str(),
-        ],
-    );
+    mkfs_ext4_from(&tree, &raw, None);
     let image = qcow2(dir.join("ext4-edit.qcow2"), 16 * MIB)
         .luks(PASS)
         .backing(&base)

@@ -39,19 +39,7 @@ fn a_copy_killed_mid_file_leaves_no_partial_file_under_the_final_name() {
     fs::write(src.join("big"), &big).unwrap();
     drop(big);
     let raw = work.join("guest.raw");
-    run_ok(
-        "mke2fs",
-        [
-            "-q".as_ref(),
-            "-F".as_ref(),
-            "-t".as_ref(),
-            "ext4".as_ref(),
-            "-d".as_ref(),
-            src.as_os_str(),
-            raw.as_os_str(),
-            "512M".as_ref(),
-        ],
-    );
+    mkfs_ext4_from(&src, &raw, Some("512M"));
     let image = encrypted(&raw, "aes", PASS);
     let key = passphrase_file(work, "key", PASS);
     let out = work.join("out");

@@ -68,18 +68,7 @@ fn guest(work: &Path, fs_kind: Fs, format: &str) -> (Image, Image) {
     let base = create_raw(&raw, size);
     match fs_kind {
         Fs::Ext4 => {
-            run_ok(
-                "mke2fs",
-                [
-                    "-q".as_ref(),
-                    "-F".as_ref(),
-                    "-t".as_ref(),
-                    "ext4".as_ref(),
-                    "-d".as_ref(),
-                    src.as_os_str(),
-                    raw.as_os_str(),
-                ],
-            );
+            mkfs_ext4_from(&src, &raw, None);
         }
         Fs::Fat => {
             run_ok("mkfs.vfat", ["-F", "32", path_str(&raw)]);

@@ -252,3 +252,15 @@ pub fn encrypted(raw: &Path, format: &str, pass: &str) -> PathBuf {
     ]);
     dest
 }
+
+/// `mke2fs -q -F -t ext4 -d TREE RAW [SIZE]`: an ext4 file system holding `tree`, in `raw` (made
+/// `size` long, e.g. "512M", or as long as the file already is).
+pub fn mkfs_ext4_from(tree: &Path, raw: &Path, size: Option<&str>) {
+    let mut args: Vec<&OsStr> = ["-q", "-F", "-t", "ext4", "-d"]
+        .iter()
+        .map(OsStr::new)
+        .collect();
+    args.extend([tree.as_os_str(), raw.as_os_str()]);
+    args.extend(size.map(OsStr::new));
+    run_ok("mke2fs", args);
+}
