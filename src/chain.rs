@@ -10,7 +10,7 @@ use zeroize::Zeroizing;
 
 use crate::crypto::luks::KeySlot;
 use crate::crypto::{CryptoError, LuksHeader, QcowAes, SectorCipher};
-use crate::error::{Context, Error, Result};
+use crate::error::{escaped, Context, Error, Result, Role};
 use crate::io::{HostFile, ImageLock, LockMode};
 use crate::qcow2::{ClusterSource, Encryption, FormatError, Header, Qcow2Image};
 
@@ -27,7 +27,8 @@ pub struct KeyRing {
 }
 
 impl KeyRing {
-    fn for_layer(&self, path: &Path) -> Option<&[u8]> {
+    /// The passphrase for the layer at `path`: its own, else the default.
+    pub fn for_layer(&self, path: &Path) -> Option<&[u8]> {
         let canon = std::fs::canonicalize(path).ok();
         self.per_layer
             .iter()
@@ -117,7 +118,14 @@ impl Chain {
         let mut seen = HashSet::new();
         let mut top = None;
         let mut next: Option<(PathBuf, Option<String>)> = Some((image.to_path_buf(), None));
+        let mut parent: Option<PathBuf> = None;
         while let Some((path, format)) = next.take() {
+            // A backing file's error names the file that names it: "backing file B of D: missing".
+            let role = match &parent {
+                None => Role::Plain,
+                Some(of) => Role::BackingFile { of: of.clone() },
+            };
+            let named = |e: Error| e.as_role(role.clone());
             if layers.len() == MAX_DEPTH {
                 return Err(Error::new(image, FormatError::ChainTooDeep(MAX_DEPTH)));
             }
@@ -126,11 +134,14 @@ impl Chain {
             // be swapped for a link in between.
             let confined = match layers.is_empty() {
                 true => None,
-                false => confine(&path, &opts.backing_within)?,
+                false => confine(&path, &opts.backing_within).map_err(named)?,
             };
             let mut file = match confined {
-                Some((dir, rel)) => HostFile::open_beneath(&dir, &rel, &path)?,
-                None => HostFile::open(&path, writable)?,
+                Some((dir, rel)) => HostFile::open_beneath(&dir, &rel, &path).map_err(named)?,
+                None if layers.is_empty() => {
+                    HostFile::open(&path, writable).map_err(|e| image_hint(e, &path, writable))?
+                }
+                None => HostFile::open(&path, writable).map_err(named)?,
             };
             let os = file.os_file().ok_or_else(|| {
                 Error::new(&path, std::io::Error::from(std::io::ErrorKind::Unsupported))
@@ -147,7 +158,7 @@ impl Chain {
                 };
                 locks.push(
                     ImageLock::acquire(os, mode)
-                        .map_err(|m| Error::new(&path, crate::Problem::Locked(m)))?,
+                        .map_err(|m| named(Error::new(&path, crate::Problem::Locked(m))))?,
                 );
             }
             let is_top = layers.is_empty();
@@ -157,7 +168,8 @@ impl Chain {
             if let (true, Some(plan)) = (is_top, &opts.faults) {
                 file = file.with_faults(plan.clone());
             }
-            let (layer, rejected) = open_layer(file, format.as_deref(), keys, &opts)?;
+            let (layer, rejected) =
+                open_layer(file, format.as_deref(), keys, &opts).map_err(named)?;
             if rejected {
                 rejected_keys.push(layers.len());
             }
@@ -179,6 +191,7 @@ impl Chain {
             }
             log::debug!("opened {} ({})", path.display(), layer.format());
             layers.push(layer);
+            parent = Some(path);
         }
         let sizes = layers
             .iter()
@@ -358,12 +371,51 @@ fn confine(path: &Path, within: &[PathBuf]) -> Result<Option<(PathBuf, PathBuf)>
     let allowed: Vec<String> = within.iter().map(|d| crate::error::escaped(d)).collect();
     Err(Error::new(
         path,
-        crate::Problem::Usage(format!(
+        crate::Problem::Refused(format!(
             "the backing file resolves to {}, outside every --backing-within folder ({}): refused",
             crate::error::escaped(&resolved),
             allowed.join(", ")
         )),
     ))
+}
+
+/// The image's open error with what to do about it: a folder given for an image (a nova instance
+/// folder, or the instances folder) names the disk inside it; a file this user may not write names
+/// `--read-only`.
+fn image_hint(e: Error, path: &Path, writable: bool) -> Error {
+    match e.os_error() {
+        Some(libc::EISDIR) => {
+            let disk = path.join("disk");
+            let hint = if disk.is_file() {
+                format!("an instance folder? its disk is {}", escaped(&disk))
+            } else if has_instance_disks(path) {
+                format!(
+                    "an instances folder? name one disk, {}/UUID/disk (qcowfs audit {} lists them)",
+                    escaped(path),
+                    escaped(path)
+                )
+            } else {
+                "a folder, not an image".to_string()
+            };
+            e.hint(hint)
+        }
+        Some(libc::EACCES | libc::EPERM | libc::EROFS) if writable => {
+            e.hint("to read it only: --read-only")
+        }
+        _ => e,
+    }
+}
+
+/// Whether some `DIR/*/disk` exists (a nova instances folder), looking at a bounded number of
+/// entries.
+fn has_instance_disks(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries
+        .take(10_000)
+        .flatten()
+        .any(|entry| entry.path().join("disk").is_file())
 }
 
 /// Whether `layer_path` (symlinks followed) lies outside the tree of the image `image`: the folder

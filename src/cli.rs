@@ -13,7 +13,7 @@ pub mod mount_helper;
 
 /// Exit status: success.
 pub const EXIT_OK: i32 = 0;
-/// Exit status: the operation failed (the message says why).
+/// Exit status: the operation failed for a reason none of the others names.
 pub const EXIT_FAILURE: i32 = 1;
 /// Exit status: the command line was wrong.
 pub const EXIT_USAGE: i32 = 2;
@@ -22,30 +22,89 @@ pub const EXIT_WRONG_KEY: i32 = 3;
 /// Exit status: a passphrase cannot be verified (legacy AES, no data yet) and the command would
 /// write with it, or `check-key` could not verify every layer.
 pub const EXIT_UNVERIFIED_KEY: i32 = 4;
+/// Exit status: the image is in use (a VM, qemu-img, another qcowfs) or the mount is busy.
+pub const EXIT_IN_USE: i32 = 5;
+/// Exit status: a file is missing or may not be opened as asked.
+pub const EXIT_NOT_FOUND: i32 = 6;
+/// Exit status: the image (or the guest's file system) is damaged.
+pub const EXIT_DAMAGED: i32 = 7;
+/// Exit status: reading or writing the host failed (an I/O error, a full disk).
+pub const EXIT_IO: i32 = 8;
 
 /// The exit status for an error.
 pub fn exit_status(e: &Error) -> i32 {
+    use crate::error::Failure;
     match e.failure() {
-        crate::error::Failure::Other => EXIT_FAILURE,
-        crate::error::Failure::WrongKey => EXIT_WRONG_KEY,
-        crate::error::Failure::UnverifiedKey => EXIT_UNVERIFIED_KEY,
+        Failure::Other => EXIT_FAILURE,
+        Failure::Usage => EXIT_USAGE,
+        Failure::WrongKey => EXIT_WRONG_KEY,
+        Failure::UnverifiedKey => EXIT_UNVERIFIED_KEY,
+        Failure::InUse => EXIT_IN_USE,
+        Failure::NotFound => EXIT_NOT_FOUND,
+        Failure::Damaged => EXIT_DAMAGED,
+        Failure::Io => EXIT_IO,
     }
 }
 
-const AFTER_HELP: &str = "\
-Exit status: 0 success, 1 failure (one line on stderr names the file and the problem), 2 bad usage,
-3 a wrong passphrase, 4 a passphrase that cannot be verified (legacy AES without data) for a
-command that would write with it (see check-key).
-Logs: -v (repeat for more) or RUST_LOG=debug; a daemonized mount logs to syslog (or --log-file).
+/// Every exit status and what it means: `--help`, the manual pages and the README say the same.
+pub const EXIT_STATUSES: [(i32, &str); 9] = [
+    (EXIT_OK, "success"),
+    (
+        EXIT_FAILURE,
+        "a failure of another kind (an unsupported image, a refused request)",
+    ),
+    (
+        EXIT_USAGE,
+        "bad usage: a wrong option or value, no passphrase for an encrypted image",
+    ),
+    (
+        EXIT_WRONG_KEY,
+        "a passphrase is wrong (LUKS: no key slot opens; legacy AES: data decrypts to noise)",
+    ),
+    (
+        EXIT_UNVERIFIED_KEY,
+        "a passphrase cannot be verified (legacy AES, no data yet) for a command that writes",
+    ),
+    (
+        EXIT_IN_USE,
+        "the image is in use (a VM, qemu-img, another qcowfs) or the mount is busy",
+    ),
+    (
+        EXIT_NOT_FOUND,
+        "a file is missing, or may not be opened as asked (permissions, a read-only file)",
+    ),
+    (
+        EXIT_DAMAGED,
+        "the image or the guest's file system is damaged (qcowfs check IMAGE tells more)",
+    ),
+    (
+        EXIT_IO,
+        "reading or writing the host failed (an I/O error, a full disk)",
+    ),
+];
+
+/// The end of `qcowfs --help`.
+fn after_help() -> String {
+    let mut text = String::from(
+        "Exit status (on failure one line on stderr names the file and the problem):\n",
+    );
+    for (code, meaning) in EXIT_STATUSES {
+        text.push_str(&format!("  {code}  {meaning}\n"));
+    }
+    text.push_str(
+        "Logs: -v (repeat for more) or RUST_LOG=debug; a daemonized mount logs to syslog (or --log-file).
 mount(8) and /etc/fstab: mount -t fuse.qcowfs IMAGE MOUNTPOINT -o ro,passphrase_file=FILE
-(see qcowfs-mount(1)).";
+(see qcowfs-mount(1)).",
+    );
+    text
+}
 
 #[derive(Debug, Parser)]
 #[command(
     name = "qcowfs",
     version,
     about = "Mount (encrypted) qcow2 disk images and their backing chains as a plain file, without booting the VM",
-    after_help = AFTER_HELP
+    after_help = after_help()
 )]
 pub struct Cli {
     /// More log output (-v info, -vv debug, -vvv trace)
@@ -127,6 +186,18 @@ clusters of the layer decrypt to (data or noise), and a layer with no data yet c
 Exit status: 0 every layer verified, 3 a passphrase is wrong, 4 one cannot be verified,
 1 another failure (the image cannot be read). Takes QEMU's reader locks (-U: none).")]
     CheckKey(CheckKeyArgs),
+    /// Check (and repair) the image's metadata with qemu-img check, its passphrases passed safely
+    #[command(after_help = "\
+Examples:
+  qcowfs check --passphrase-file key /var/lib/nova/instances/UUID/disk
+  qcowfs check -r all --passphrase-file key /var/lib/nova/instances/UUID/disk
+
+qemu-img check needs --object secret and --image-opts for every encrypted layer; this runs it so,
+each passphrase in an anonymous memory file only qemu-img inherits (never on a command line),
+after checking the passphrases (a wrong one is refused). qemu-img's report is printed as it is.
+Exit status: 0 no errors (leaked clusters are harmless: -r leaks reclaims them), 7 corruptions
+found (-r all repairs them; the VM must be off), 1 qemu-img could not complete the check.")]
+    Check(CheckArgs),
     /// Write the manual pages or shell completions (used by scripts/install.sh)
     #[command(subcommand, hide = true)]
     Generate(generate::Target),
@@ -214,6 +285,9 @@ pub struct KeyArgs {
     /// The passphrase for one layer of the chain, the file PATH; may be repeated
     #[arg(long, value_name = "PATH=FILE")]
     pub layer_passphrase_file: Vec<String>,
+    /// How many times the terminal prompt asks again when the passphrase typed is wrong
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub tries: u32,
 }
 
 impl KeyArgs {
@@ -224,6 +298,7 @@ impl KeyArgs {
             passphrase_base64_file: self.passphrase_base64_file.clone(),
             libvirt_secret: self.libvirt_secret.clone(),
             layer_passphrase_files: self.layer_passphrase_file.clone(),
+            tries: self.tries,
         }
     }
 }
@@ -452,6 +527,26 @@ pub struct SealArgs {
     #[command(flatten)]
     pub confine: ConfineArgs,
     /// The image to make self-contained
+    pub image: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Repair: leaks (reclaim leaked clusters) or all (also fix corruptions; may lose data
+    /// whose metadata is damaged)
+    #[arg(short = 'r', long, value_name = "leaks|all", value_parser = ["leaks", "all"])]
+    pub repair: Option<String>,
+    /// qemu-img's JSON report instead of text
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub confine: ConfineArgs,
+    /// Take no locks, so a running VM's image can be checked (not with --repair)
+    #[arg(short = 'U', long, conflicts_with = "repair")]
+    pub force_share: bool,
+    /// The image to check
     pub image: PathBuf,
 }
 

@@ -97,6 +97,7 @@ fn main() {
             })
         }),
         Command::CheckKey(args) => check_key(&args),
+        Command::Check(args) => check(&args),
         Command::Generate(target) => generate::run(&target),
         Command::Ls(args) => guest_command(&args, |g| {
             qcowfs::cmd::guestfs::ls(g, &args.guest_path, &mut std::io::stdout().lock())
@@ -229,6 +230,24 @@ fn absolute_log_file(path: &Path) -> Result<PathBuf> {
     let abs = std::path::absolute(path).map_err(|e| Error::new(path, e))?;
     filelog::open(&abs).map_err(|e| Error::new(&abs, e))?;
     Ok(abs)
+}
+
+/// `qcowfs check`: qemu-img check with the keys; corruptions found exit 7 (a damaged image).
+fn check(args: &qcowfs::cli::CheckArgs) -> Result<()> {
+    use qcowfs::cmd::check::{CheckOptions, Verdict};
+    let within = args.confine.folders()?;
+    let keys = args.keys.sources().key_ring(&args.image, true, &within)?;
+    let opts = CheckOptions {
+        image: args.image.clone(),
+        repair: args.repair.clone(),
+        json: args.json,
+        force_share: args.force_share,
+        backing_within: within,
+    };
+    match qcowfs::cmd::check::run(&opts, &keys)? {
+        Verdict::Clean { .. } => Ok(()),
+        Verdict::Corrupt => std::process::exit(qcowfs::cli::EXIT_DAMAGED),
+    }
 }
 
 /// Open the guest file system `args` name (the passphrase prompted for on a terminal when none is

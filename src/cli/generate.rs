@@ -140,20 +140,12 @@ fn mount_helper_section() -> Vec<Roff> {
 /// EXIT STATUS, ENVIRONMENT, FILES and SEE ALSO, the same on every page.
 fn common_sections() -> Roff {
     let mut roff = Roff::new();
-    roff.control("SH", ["EXIT STATUS"])
-        .control("TP", [])
-        .text([bold("0")])
-        .text([roman("Success.")])
-        .control("TP", [])
-        .text([bold("1")])
-        .text([roman(
-            "Failure: one line on standard error names the file and the problem.",
-        )])
-        .control("TP", [])
-        .text([bold("2")])
-        .text([roman(
-            "Bad usage: unknown option, missing argument, conflicting options.",
-        )]);
+    roff.control("SH", ["EXIT STATUS"]);
+    for (code, meaning) in super::EXIT_STATUSES {
+        roff.control("TP", [])
+            .text([bold(code.to_string())])
+            .text([roman(meaning)]);
+    }
     roff.control("SH", ["ENVIRONMENT"])
         .control("TP", [])
         .text([bold("RUST_LOG")])

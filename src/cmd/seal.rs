@@ -91,7 +91,7 @@ pub fn seal(
     if !top.snapshots().is_empty() {
         return Err(Error::new(
             image,
-            Problem::Usage(format!(
+            Problem::Refused(format!(
                 "the image has {} internal snapshot(s) that may read from the backing file; delete them first (qemu-img snapshot -d)",
                 top.snapshots().len()
             )),
@@ -135,7 +135,7 @@ pub fn seal(
     {
         return Err(Error::new(
             image,
-            Problem::Usage(
+            Problem::Refused(
                 "some clusters still come from the backing file; nothing was changed in the header"
                     .into(),
             ),
@@ -230,7 +230,7 @@ fn verify_copy(
     let still_below = |_: u64, _: &mut [u8]| -> Result<()> {
         Err(Error::new(
             path,
-            Problem::Usage(
+            Problem::Refused(
                 "a copied cluster still reads from the backing file; nothing was changed in the header"
                     .into(),
             ),
@@ -264,7 +264,7 @@ fn verify_copy(
             if ours[a..b] != theirs[a..b] {
                 return Err(Error::new(
                     path,
-                    Problem::Usage(format!(
+                    Problem::Refused(format!(
                         "verification failed: guest bytes at {:#x} differ from the backing file after \
                          copying; nothing was changed in the header",
                         guest + a as u64
@@ -294,10 +294,13 @@ fn check_room(image: &Path, need: u64) -> Result<()> {
     if free < need {
         return Err(Error::new(
             dir,
-            Problem::Usage(format!(
-                "not enough free space to seal: {} needed, {} free",
-                crate::cmd::size::human(need),
-                crate::cmd::size::human(free)
+            Problem::Io(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!(
+                    "not enough free space to seal: {} needed, {} free",
+                    crate::cmd::size::human(need),
+                    crate::cmd::size::human(free)
+                ),
             )),
         ));
     }

@@ -119,7 +119,7 @@ impl HostFile {
         if fd < 0 {
             let err = io::Error::last_os_error();
             let problem = match err.raw_os_error() {
-                Some(libc::ELOOP) | Some(libc::EXDEV) => crate::Problem::Usage(format!(
+                Some(libc::ELOOP) | Some(libc::EXDEV) => crate::Problem::Refused(format!(
                     "changed while it was opened: a symbolic link or a path leading outside {} \
                      appeared; refused",
                     crate::error::escaped(dir)

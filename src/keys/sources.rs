@@ -10,7 +10,7 @@ use zeroize::Zeroizing;
 
 use crate::chain::{Chain, KeyRing, OpenOptions};
 use crate::crypto::CryptoError;
-use crate::error::{Error, Problem, Result};
+use crate::error::{Error, Problem, Result, Role};
 use crate::qcow2::Encryption;
 
 /// Room reserved for a key file's contents before reading it.
@@ -32,6 +32,8 @@ pub struct KeySources {
     pub libvirt_secret: Option<String>,
     /// `PATH=FILE`: the passphrase file for one layer of the chain.
     pub layer_passphrase_files: Vec<String>,
+    /// How many passphrases the terminal prompt takes before a wrong one is final (0 is 1).
+    pub tries: u32,
 }
 
 /// Read a passphrase file ('-' is stdin); one trailing newline is dropped.
@@ -52,9 +54,10 @@ fn read_all(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
             .read_to_end(&mut data)
             .map_err(|e| Error::new("<stdin>", e))?;
     } else {
-        let mut f = std::fs::File::open(path).map_err(|e| Error::new(path, e))?;
+        let key_file = |e| Error::new(path, e).as_role(Role::PassphraseFile);
+        let mut f = std::fs::File::open(path).map_err(key_file)?;
         warn_if_others_can_read(path, &f);
-        f.read_to_end(&mut data).map_err(|e| Error::new(path, e))?;
+        f.read_to_end(&mut data).map_err(key_file)?;
     }
     Ok(data)
 }
@@ -91,16 +94,19 @@ pub fn read_base64_passphrase(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
             .collect(),
     );
     if compact.is_empty() {
-        return Err(Error::new(
-            path,
-            Problem::Usage("the base64 passphrase file is empty".into()),
-        ));
+        return Err(
+            Error::new(path, Problem::Usage("empty (base64 text expected)".into()))
+                .as_role(Role::PassphraseFile),
+        );
     }
     // Sized up front: a Vec that grew would leave copies of the key behind in freed memory.
     let mut key = Zeroizing::new(vec![0u8; compact.len().div_ceil(4) * 3]);
     let n = base64::engine::general_purpose::STANDARD_PAD_INDIFFERENT
         .decode_slice(&compact[..], &mut key[..])
-        .map_err(|e| Error::new(path, Problem::Usage(format!("not base64: {e}"))))?;
+        .map_err(|_| {
+            let why = "not base64 (a plain passphrase? use --passphrase-file)";
+            Error::new(path, Problem::Usage(why.into())).as_role(Role::PassphraseFile)
+        })?;
     key.truncate(n);
     Ok(key)
 }
@@ -123,19 +129,15 @@ pub fn read_libvirt_secret(uuid: &str) -> Result<Zeroizing<Vec<u8>>> {
         Err(e) => {
             let why = match e.kind() {
                 std::io::ErrorKind::NotFound => {
-                    "it is not in libvirt's secret store on this host (ephemeral secrets never are)"
-                        .to_string()
+                    "the secret is not in libvirt's secret store on this host (ephemeral secrets \
+                     never are)"
                 }
                 std::io::ErrorKind::PermissionDenied => {
-                    "permission denied (libvirt's secret store is readable by root only)"
-                        .to_string()
+                    "libvirt's secret store is readable by root only"
                 }
-                _ => e.to_string(),
+                _ => "libvirt's secret store cannot be read",
             };
-            Err(Error::new(
-                &path,
-                Problem::Usage(format!("cannot read the libvirt secret: {why}")),
-            ))
+            Err(Error::new(&path, e).hint(why))
         }
     }
 }
@@ -171,8 +173,11 @@ impl KeySources {
                 ));
             };
             let layer_path = PathBuf::from(layer);
-            let canon =
-                std::fs::canonicalize(&layer_path).map_err(|e| Error::new(&layer_path, e))?;
+            let canon = std::fs::canonicalize(&layer_path).map_err(|e| {
+                let why = crate::error::io_text(&e);
+                let why = format!("the layer named by --layer-passphrase-file: {why}");
+                Error::new(&layer_path, Problem::Usage(why))
+            })?;
             ring.per_layer
                 .push((canon, read_passphrase(Path::new(file))?));
         }
@@ -211,15 +216,44 @@ impl KeySources {
                 if !prompt || !std::io::stdin().is_terminal() {
                     return Err(Error::new(first, CryptoError::NoPassphrase));
                 }
-                let answer = rpassword::prompt_password(format!(
-                    "Passphrase for {}: ",
-                    crate::error::escaped(image)
-                ))
-                .map_err(|e| Error::new(image, e))?;
-                ring.default = Some(Zeroizing::new(answer.into_bytes()));
+                self.prompt(image, &mut ring, within)?;
             }
         }
         Ok(ring)
+    }
+}
+
+impl KeySources {
+    /// Ask on the terminal for the passphrase of `image`'s chain until one is not found wrong, at
+    /// most `tries` times, as cryptsetup does: a mistyped passphrase costs a retype, not a
+    /// rerun. A passphrase that cannot be judged (legacy AES without data) is taken; the command
+    /// judges it again as it needs.
+    fn prompt(&self, image: &Path, ring: &mut KeyRing, within: &[PathBuf]) -> Result<()> {
+        let tries = self.tries.max(1);
+        for attempt in 1..=tries {
+            let answer = rpassword::prompt_password(format!(
+                "Passphrase for {}: ",
+                crate::error::escaped(image)
+            ))
+            .map_err(|e| Error::new(image, e))?;
+            ring.default = Some(Zeroizing::new(answer.into_bytes()));
+            let opts = OpenOptions {
+                writable: false,
+                force_share: true,
+                without_keys: false,
+                keep_rejected_keys: true,
+                backing_within: within.to_vec(),
+                record: None,
+                faults: None,
+            };
+            let chain = Chain::open(image, ring, opts)?;
+            match crate::keys::check::KeyCheck::of(&chain)?.require_right() {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt == tries => return Err(e),
+                Err(e) => eprintln!("qcowfs: {e}; try again ({} left)", tries - attempt),
+            }
+        }
+        Ok(())
     }
 }
 

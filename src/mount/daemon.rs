@@ -100,7 +100,7 @@ pub fn mount(req: MountRequest) -> Result<()> {
                 Some(_) => Ok(()),
                 None if answer.trim().is_empty() => Err(Error::new(
                     &req.image,
-                    Problem::Usage("the mount daemon exited before the mount was ready".into()),
+                    Problem::Refused("the mount daemon exited before the mount was ready".into()),
                 )),
                 None => {
                     let (tag, message) = answer.trim().split_once('\t').unwrap_or(("", &answer));
@@ -394,10 +394,7 @@ fn check_fuse_device() -> Result<()> {
                 }
                 _ => "FUSE mounts need it",
             };
-            Err(Error::new(
-                DEV,
-                Problem::Usage(format!("cannot open it ({e}): {fix}")),
-            ))
+            Err(Error::new(DEV, e).hint(fix))
         }
     }
 }
@@ -405,7 +402,7 @@ fn check_fuse_device() -> Result<()> {
 fn io_uring_refused(req: &MountRequest, why: &str) -> Error {
     Error::new(
         &req.mountpoint,
-        Problem::Usage(format!(
+        Problem::Refused(format!(
             "--io-uring on: {why} (--io-uring off or auto uses /dev/fuse)"
         )),
     )

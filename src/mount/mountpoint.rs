@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::mount_table::{top_mount_at, MountEntry};
 use super::registry::Record;
-use crate::error::{Error, Problem, Result};
+use crate::error::{Error, Problem, Result, Role};
 
 /// Whether an error is what the kernel answers on a FUSE mount whose daemon is gone.
 pub fn is_dead_connection(e: &io::Error) -> bool {
@@ -72,11 +72,16 @@ pub fn probe(canon: &Path) -> io::Result<()> {
 /// qcowfs mount (stacking a second one would hide the first, and `umount` could not tell their
 /// daemons apart by the folder), or a folder with files in it unless `nonempty`.
 pub fn check_before_mount(mountpoint: &Path, nonempty: bool) -> Result<()> {
-    let refuse = |why: String| Err(Error::new(mountpoint, Problem::Usage(why)));
+    check_mountpoint(mountpoint, nonempty).map_err(|e| e.as_role(Role::Mountpoint))
+}
+
+fn check_mountpoint(mountpoint: &Path, nonempty: bool) -> Result<()> {
+    let refuse = |problem: Problem| Err(Error::new(mountpoint, problem));
     let dead = |e: &io::Error| {
-        refuse(format!(
-            "a FUSE mount whose daemon has died is here ({e}): qcowfs umount it first"
-        ))
+        refuse(Problem::Busy(format!(
+            "a FUSE mount whose daemon has died is here ({}): qcowfs umount it first",
+            crate::error::io_text(e)
+        )))
     };
     let canon = canonical(mountpoint)?;
     let entry = top_mount_at(&canon).map_err(|e| Error::new("/proc/self/mountinfo", e))?;
@@ -89,10 +94,10 @@ pub fn check_before_mount(mountpoint: &Path, nonempty: bool) -> Result<()> {
             }
         }
         if is_qcowfs(&canon, &entry) {
-            return refuse(format!(
+            return refuse(Problem::Busy(format!(
                 "{} is already mounted here: qcowfs umount it first",
                 crate::error::escaped(&entry.source)
-            ));
+            )));
         }
     }
     let meta = match std::fs::metadata(mountpoint) {
@@ -101,7 +106,9 @@ pub fn check_before_mount(mountpoint: &Path, nonempty: bool) -> Result<()> {
         Err(e) => return Err(Error::new(mountpoint, e)),
     };
     if !meta.is_dir() {
-        return refuse("the mountpoint is not a directory".into());
+        return refuse(Problem::Usage(
+            "not a folder (a mountpoint is an empty folder)".into(),
+        ));
     }
     let mut entries = match std::fs::read_dir(mountpoint) {
         Ok(entries) => entries,
@@ -109,11 +116,11 @@ pub fn check_before_mount(mountpoint: &Path, nonempty: bool) -> Result<()> {
         Err(e) => return Err(Error::new(mountpoint, e)),
     };
     if entries.next().is_some() && !nonempty {
-        return refuse(
+        return refuse(Problem::Usage(
             "the folder is not empty (its files would be hidden while mounted): use an empty \
              folder, or --nonempty to mount over them"
                 .into(),
-        );
+        ));
     }
     Ok(())
 }

@@ -61,9 +61,9 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
         file.sync_all().map_err(|e| {
             Error::new(
                 &disk,
-                Problem::Usage(format!(
+                Problem::Io(std::io::Error::other(format!(
                     "writing the image failed, nothing was unmounted: {e}"
-                )),
+                ))),
             )
         })?;
     }
@@ -72,7 +72,7 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
     let Some(pid) = pid else {
         return Err(Error::new(
             mountpoint,
-            Problem::Usage(
+            Problem::Refused(
                 "unmounted, but its daemon could not be found to wait for (it left no record): \
                  the image may still be being written"
                     .into(),
@@ -82,7 +82,7 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
     if !record.wait_unlocked(pid, EXIT_WAIT) {
         return Err(Error::new(
             mountpoint,
-            Problem::Usage("the daemon did not finish writing in time".into()),
+            Problem::Refused("the daemon did not finish writing in time".into()),
         ));
     }
     wait_for_exit(pid, &canon)?;
@@ -110,7 +110,7 @@ fn detach_dead(
     detach_lazily(canon).map_err(|e| {
         Error::new(
             mountpoint,
-            Problem::Usage(format!(
+            Problem::Refused(format!(
                 "its daemon has died ({why}) and detaching the mount failed: {e}"
             )),
         )
@@ -118,7 +118,7 @@ fn detach_dead(
     record.forget();
     Err(Error::new(
         mountpoint,
-        Problem::Usage(format!(
+        Problem::Refused(format!(
             "its daemon had died ({why}): the mount is detached, but writes the daemon had not \
              yet flushed are lost; check {} with qemu-img check",
             crate::error::escaped(&entry.source)
@@ -171,7 +171,7 @@ fn unmount(mountpoint: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     };
     if err.raw_os_error() == Some(libc::EBUSY) {
-        return Err(Error::new(mountpoint, Problem::Usage("the mount is busy: unmount the guest file system (umount /mnt/guest) and close files on it first".into())));
+        return Err(Error::new(mountpoint, Problem::Busy("the mount is busy: unmount the guest file system (umount /mnt/guest) and close files on it first".into())));
     }
     // Not root: the setuid helper unmounts FUSE file systems for their owner.
     let status = std::process::Command::new("fusermount3")
@@ -182,11 +182,11 @@ fn unmount(mountpoint: &Path) -> Result<()> {
         Ok(s) if s.success() => Ok(()),
         Ok(_) => Err(Error::new(
             mountpoint,
-            Problem::Usage(format!("cannot unmount: {err}")),
+            Problem::Refused(format!("cannot unmount: {err}")),
         )),
         Err(e) => Err(Error::new(
             mountpoint,
-            Problem::Usage(format!(
+            Problem::Refused(format!(
                 "cannot unmount ({err}) and fusermount3 failed: {e}"
             )),
         )),
@@ -246,7 +246,7 @@ fn wait_for_exit(pid: u32, mountpoint: &Path) -> Result<()> {
         if start.elapsed() > EXIT_WAIT {
             return Err(Error::new(
                 mountpoint,
-                Problem::Usage(format!("the daemon (pid {pid}) did not exit")),
+                Problem::Refused(format!("the daemon (pid {pid}) did not exit")),
             ));
         }
         std::thread::sleep(Duration::from_millis(10));

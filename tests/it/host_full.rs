@@ -95,11 +95,11 @@ fn a_full_host_file_system_fails_fsync_keeps_the_daemon_serving_and_recovers_onc
     ) {
         panic!("{e}");
     }
-    // umount refuses to lose the data: exit 1, still mounted, daemon alive.
+    // umount refuses to lose the data: exit 8 (a host I/O error), still mounted, daemon alive.
     let um = qcowfs(["umount".as_ref(), mount.mountpoint().as_os_str()]);
     assert_eq!(
         um.status.code(),
-        Some(1),
+        Some(8),
         "qcowfs umount while the host file system is full: {}\n{}",
         describe_status(um.status),
         um.stderr

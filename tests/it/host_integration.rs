@@ -302,7 +302,7 @@ fn a_missing_libvirt_secret_is_a_one_line_error_naming_the_file() {
         &[secret_file.to_str().unwrap()],
         Duration::from_secs(10),
     );
-    assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
+    assert_eq!(r.status.code(), Some(6), "missing secret: {}", r.stderr);
     assert!(!is_mounted(mount.path()), "mounted without a key");
     let r = qcowfs_env(
         &[

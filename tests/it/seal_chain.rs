@@ -241,7 +241,11 @@ fn sealing_an_image_mounted_read_write_fails_with_a_lock_error() {
     let sha = sha256_of(&top.path);
     let r = seal(&top.path, dir.path(), &[]);
     assert_one_line_error(&r, &["disk"], Duration::from_secs(10));
-    assert_eq!(r.status.code(), Some(1), "exit status of a refused seal");
+    assert_eq!(
+        r.status.code(),
+        Some(5),
+        "exit status of a seal refused: in use"
+    );
     assert!(
         r.stderr.contains("in use"),
         "the error says the image is in use: {}",
@@ -346,7 +350,11 @@ fn sealing_refuses_when_the_host_file_system_lacks_room_and_changes_nothing() {
     let sha = sha256_of(&top.path);
     let r = seal(&top.path, dir.path(), &[]);
     assert_one_line_error(&r, &["disk", "small"], Duration::from_secs(10));
-    assert_eq!(r.status.code(), Some(1));
+    assert_eq!(
+        r.status.code(),
+        Some(8),
+        "not enough space: a host I/O failure"
+    );
     assert!(
         r.stderr.contains("space"),
         "the error says there is not enough space: {}",

@@ -155,7 +155,7 @@ fn a_non_root_mount_without_access_to_dev_fuse_fails_in_one_line_naming_it() {
         mountpoint: mnt.clone(),
     };
     assert_one_line_error(&r, &["/dev/fuse"], Duration::from_secs(10));
-    assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
+    assert_eq!(r.status.code(), Some(6), "not permitted: {}", r.stderr);
     assert!(
         r.stderr.contains("ermission denied") && r.stderr.contains("0666"),
         "the line gives the OS error and the fix: {}",
