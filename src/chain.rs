@@ -176,7 +176,8 @@ impl Chain {
             // The image the user names must be qcow2; only backing files may be raw.
             if is_top {
                 let Layer::Qcow2(q) = &layer else {
-                    return Err(Error::new(&path, FormatError::BadMagic));
+                    return Err(Error::new(&path, FormatError::BadMagic)
+                        .hint("a raw disk needs no qcowfs (mount -o loop)"));
                 };
                 top = Some(q.clone());
             }

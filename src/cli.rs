@@ -383,7 +383,7 @@ pub struct MountArgs {
     /// live qcowfs mount
     #[arg(long)]
     pub nonempty: bool,
-    /// The qcow2 (or raw) image to mount
+    /// The qcow2 image to mount (a raw disk image needs no qcowfs: mount -o loop)
     pub image: PathBuf,
     /// An existing empty directory
     pub mountpoint: PathBuf,

@@ -70,8 +70,7 @@ fn warn_if_others_can_read(path: &Path, f: &std::fs::File) {
     let mode = meta.permissions().mode() & 0o7777;
     if meta.is_file() && mode & 0o044 != 0 {
         eprintln!(
-            "qcowfs: warning: {}: the passphrase file is readable by {} (mode {mode:04o}); \
-             chmod 600 it",
+            "qcowfs: warning: passphrase file {}: readable by {} (mode {mode:04o}); chmod 600 it",
             crate::error::escaped(path),
             if mode & 0o004 != 0 {
                 "everyone"

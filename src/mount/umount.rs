@@ -120,7 +120,7 @@ fn detach_dead(
         mountpoint,
         Problem::Refused(format!(
             "its daemon had died ({why}): the mount is detached, but writes the daemon had not \
-             yet flushed are lost; check {} with qemu-img check",
+             yet flushed are lost; check {} with qcowfs check",
             crate::error::escaped(&entry.source)
         )),
     ))

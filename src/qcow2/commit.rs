@@ -419,7 +419,7 @@ impl Qcow2Image {
             log::error!(
                 "{e}: a barrier (fsync) failed; writes to this image are refused from now on, \
                  since data the kernel reported as written may be lost: unmount, then check \
-                 the image with qemu-img check"
+                 the image with qcowfs check"
             );
         }
     }
@@ -442,7 +442,7 @@ impl Qcow2Image {
             if !self.poisoned.swap(true, Ordering::AcqRel) {
                 log::error!(
                     "{e}: re-reading the metadata after a failed write failed; writes to this \
-                     image are refused from now on: unmount, then check it with qemu-img check"
+                     image are refused from now on: unmount, then check it with qcowfs check"
                 );
             }
         }

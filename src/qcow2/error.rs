@@ -17,9 +17,9 @@ pub enum FormatError {
     RefcountOrder(u32),
     #[error("unknown incompatible feature bits {0:#x}; a newer QEMU made this image")]
     UnknownIncompatible(u64),
-    #[error("the image is marked corrupt; repair it with 'qemu-img check -r all'")]
+    #[error("the image is marked corrupt; repair it with qcowfs check -r all (qemu-img check, given the passphrase)")]
     CorruptBit,
-    #[error("the image has the dirty bit set (lazy refcounts); repair it with 'qemu-img check -r all' before writing")]
+    #[error("the image has the dirty bit set (lazy refcounts); repair it with qcowfs check -r all (qemu-img check, given the passphrase) before writing")]
     DirtyBit,
     #[error("images with an external data file are not supported")]
     ExternalDataFile,
@@ -66,13 +66,13 @@ pub enum FormatError {
     Decompress(u64),
     #[error(
         "the {what} at offset {offset:#x} has refcount 0: the refcounts are damaged and writing \
-         could overwrite data still in use (repair with qemu-img check -r all)"
+         could overwrite data still in use (repair with qcowfs check -r all)"
     )]
     Uncounted { what: &'static str, offset: u64 },
     #[error(
         "the data cluster at offset {host:#x} (guest offset {guest:#x}) has refcount {refcount} but \
          is named {named} time(s) or marked unshared wrongly: the refcounts are damaged and writing \
-         could overwrite data still in use (repair with qemu-img check -r all)"
+         could overwrite data still in use (repair with qcowfs check -r all)"
     )]
     Undercounted {
         guest: u64,

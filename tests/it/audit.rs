@@ -364,7 +364,7 @@ fn a_garbage_disk_gets_its_own_error_row_and_exit_status_1_while_the_others_are_
     let bad = row(&text, path_str(&garbage));
     assert_eq!(
         bad[1..].join(" "),
-        "error: not a qcow2 image (bad magic)",
+        "error: not a qcow2 image (bad magic); a raw disk needs no qcowfs (mount -o loop)",
         "{text}"
     );
     let ok = row(&text, path_str(&good.path));
@@ -396,7 +396,10 @@ fn a_garbage_disk_gets_its_own_error_row_and_exit_status_1_while_the_others_are_
     assert_eq!(objects(&all, "disk").len(), 2, "{all:#?}");
     let o = object_for(&all, "disk", path_str(&garbage));
     assert_eq!(o["audited"], false, "{o:#}");
-    assert_eq!(o["error"], "not a qcow2 image (bad magic)", "{o:#}");
+    assert_eq!(
+        o["error"], "not a qcow2 image (bad magic); a raw disk needs no qcowfs (mount -o loop)",
+        "{o:#}"
+    );
     let o = object_for(&all, "disk", path_str(&good.path));
     assert_eq!(o["data_bytes"].as_u64(), Some(want.data()), "{o:#}");
     let o = object_for(&all, "base", &canonical(&base.path));
