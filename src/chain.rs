@@ -123,7 +123,9 @@ impl Chain {
             // A backing file's error names the file that names it: "backing file B of D: missing".
             let role = match &parent {
                 None => Role::Plain,
-                Some(of) => Role::BackingFile { of: of.clone() },
+                Some(of) => Role::BackingFile {
+                    of: Box::new(of.clone()),
+                },
             };
             let named = |e: Error| e.as_role(role.clone());
             if layers.len() == MAX_DEPTH {

@@ -194,7 +194,7 @@ pub enum Role {
     PassphraseFile,
     /// A backing file, and the image (or backing file) that names it.
     BackingFile {
-        of: PathBuf,
+        of: Box<PathBuf>,
     },
     Mountpoint,
     LogFile,
