@@ -65,6 +65,9 @@ QCOWFS_DEPS=(
 	vgcfgbackup:lvm2
 	vgcfgrestore:lvm2
 	mkswap:util-linux
+	strip:binutils
+	dpkg-deb:dpkg
+	dpkg-shlibdeps:dpkg-dev
 )
 
 _qcowfs_apt_updated=0
