@@ -66,7 +66,9 @@ QCOWFS_DEPS=(
 	vgcfgrestore:lvm2
 	mkswap:util-linux
 	strip:binutils
+	readelf:binutils
 	dpkg-deb:dpkg
+	dpkg-query:dpkg
 	dpkg-shlibdeps:dpkg-dev
 )
 
