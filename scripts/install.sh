@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs qcowfs, as root:
-#   PREFIX/bin/qcowfs                        the binary (release build)
+#   PREFIX/bin/qcowfs                        the binary (release build), stripped of the debug info
+#                                            the release profile keeps for profiling
 #   $SBINDIR/mount.fuse.qcowfs -> it         the mount(8) helper: mount -t fuse.qcowfs, fstab
 #   PREFIX/share/man/man1/qcowfs*.1          manual pages, generated from the CLI definitions
 #   bash, zsh and fish completions           under PREFIX/share
@@ -39,6 +40,7 @@ else
 	BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/qcowfs"
 fi
 [ -x "$BIN" ] || die "no executable qcowfs at $BIN"
+command -v strip >/dev/null 2>&1 || die "strip not found (Debian package binutils): it strips the installed binary"
 
 bindir="$DESTDIR$PREFIX/bin"
 sbindir="$DESTDIR$SBINDIR"
@@ -49,8 +51,13 @@ fishdir="$DESTDIR$PREFIX/share/fish/vendor_completions.d"
 
 step "Installing the binary"
 install -d -m 0755 "$bindir" "$sbindir" "$mandir" "$bashdir" "$zshdir" "$fishdir"
-install -m 0755 "$BIN" "$bindir/qcowfs"
-note "$bindir/qcowfs"
+# Stripped as distributions ship binaries: most of a release build is debug info, which stays with
+# the build for profiling. The stripped copy is made first, so the installed file never has it.
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+strip --strip-all -o "$tmp/qcowfs" "$BIN"
+install -m 0755 "$tmp/qcowfs" "$bindir/qcowfs"
+note "$bindir/qcowfs ($(du -h "$bindir/qcowfs" | cut -f1), stripped)"
 
 step "Installing the mount(8) helper"
 # The link's target is the installed path (without DESTDIR): what the running system will see.
@@ -58,8 +65,6 @@ ln -sfn "$PREFIX/bin/qcowfs" "$sbindir/mount.fuse.qcowfs"
 note "$sbindir/mount.fuse.qcowfs -> $PREFIX/bin/qcowfs"
 
 step "Installing manual pages and completions"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
 "$bindir/qcowfs" generate man "$tmp"
 for page in "$tmp"/*.1; do
 	install -m 0644 "$page" "$mandir/"

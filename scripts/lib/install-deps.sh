@@ -65,6 +65,11 @@ QCOWFS_DEPS=(
 	vgcfgbackup:lvm2
 	vgcfgrestore:lvm2
 	mkswap:util-linux
+	strip:binutils
+	readelf:binutils
+	dpkg-deb:dpkg
+	dpkg-query:dpkg
+	dpkg-shlibdeps:dpkg-dev
 )
 
 _qcowfs_apt_updated=0

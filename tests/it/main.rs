@@ -37,6 +37,7 @@ mod layers;
 mod luks;
 mod memory;
 mod mount_states;
+mod package;
 mod partition_files;
 mod read_matrix;
 mod seal;
