@@ -18,6 +18,7 @@ mod concurrent_flush;
 mod coverage;
 mod damaged_writes;
 mod deps;
+mod fleet;
 mod fuzz_images;
 mod guest_copy_safety;
 mod guest_edits;
