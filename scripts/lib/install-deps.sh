@@ -113,6 +113,15 @@ install_deps() {
 			command -v "$cmd" >/dev/null 2>&1 || die "still missing after installing: $cmd"
 		done
 	fi
+	# tests/it/fleet.rs installs ansible-core into a venv: Debian ships `python3 -m venv`'s
+	# ensurepip apart, in python3-venv.
+	if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+		note "missing: python3's venv module (package: python3-venv)"
+		[ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1 ||
+			die "python3 -m venv does not work. Run as root to install it, or: sudo apt-get install python3-venv"
+		_apt_install python3-venv
+		python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || die "still missing after installing: python3-venv"
+	fi
 	command -v cargo >/dev/null 2>&1 ||
 		die "cargo not found: install a Rust toolchain (https://rustup.rs), then rerun"
 }

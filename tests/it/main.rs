@@ -19,6 +19,7 @@ mod coverage;
 mod damaged_writes;
 mod deps;
 mod exit_status;
+mod fleet;
 mod fuzz_images;
 mod guest_copy_safety;
 mod guest_edits;
