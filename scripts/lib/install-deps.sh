@@ -65,6 +65,7 @@ QCOWFS_DEPS=(
 	vgcfgbackup:lvm2
 	vgcfgrestore:lvm2
 	mkswap:util-linux
+	fallocate:util-linux
 )
 
 _qcowfs_apt_updated=0
