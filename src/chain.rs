@@ -331,12 +331,18 @@ impl Chain {
     }
 }
 
-/// Data or hole in a raw file, as the host file system knows it (SEEK_DATA / SEEK_HOLE).
+/// Data or hole in a raw file, as the host file system knows it: its extent map, where unwritten
+/// (reserved, never written) extents are holes (`io::extents`), else SEEK_DATA / SEEK_HOLE.
 fn raw_data_extent(f: &HostFile, at: u64, len: u64) -> Result<(bool, u64)> {
     use std::os::unix::io::AsRawFd;
     let Some(os) = f.os_file() else {
         return Ok((true, len));
     };
+    match crate::io::extents::run_at(os, at, len) {
+        Ok(Some(run)) => return Ok(run),
+        Ok(None) => {}
+        Err(e) => log::debug!("{}: cannot read the extent map: {e}", f.path().display()),
+    }
     let fd = os.as_raw_fd();
     // SAFETY: fd is a valid descriptor for the duration of the call.
     let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };

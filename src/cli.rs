@@ -496,15 +496,14 @@ pub struct AuditArgs {
     /// each base image ("kind": "base"), every one with the host name ("host")
     #[arg(long)]
     pub json: bool,
-    /// Take no locks, so the disks of running instances are audited too (their numbers may be
-    /// changing while they are read). Without it, QEMU's shared reader locks are taken and a disk
-    /// a VM writes gets a row saying it is in use
+    /// Take no locks: the default (kept for older scripts). A running VM's disk is audited and
+    /// marked in use; its numbers may be changing while they are read
     #[arg(short = 'U', long)]
     pub force_share: bool,
     #[command(flatten)]
     pub confine: ConfineArgs,
-    /// Nova instance folders (each DIR/UUID/disk is audited; DIR/_base is not an instance) or
-    /// qcow2 image files
+    /// Folders to search (nova instance folders, storage pools: every qcow2 down to DIR/*/*, and
+    /// nova's DIR/*/disk*; DIR/_base is not searched) or qcow2 image files
     #[arg(value_name = "DIR|IMAGE", default_value = crate::cmd::audit::NOVA_INSTANCES)]
     pub paths: Vec<PathBuf>,
 }

@@ -70,6 +70,7 @@ QCOWFS_DEPS=(
 	dpkg-deb:dpkg
 	dpkg-query:dpkg
 	dpkg-shlibdeps:dpkg-dev
+	fallocate:util-linux
 )
 
 _qcowfs_apt_updated=0

@@ -9,6 +9,7 @@ use zeroize::Zeroizing;
 use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
 use crate::cmd::size::human;
 use crate::error::{Error, Result};
+use crate::io::extents;
 use crate::keys::check::KeyCheck;
 use crate::qcow2::{Compression, Encryption, Header};
 
@@ -73,13 +74,19 @@ fn esc(v: &Value) -> String {
     crate::error::escaped(std::path::Path::new(v.as_str().unwrap_or("")))
 }
 
-fn encryption_name(e: Encryption) -> &'static str {
+/// The name of an encryption in every output of `info` and `audit`, text and JSON: QEMU's own
+/// (`encrypt.format=aes|luks`). What "aes" is, `info` says on a line of its own.
+pub(crate) fn encryption_name(e: Encryption) -> &'static str {
     match e {
         Encryption::None => "none",
-        Encryption::Aes => "aes (legacy AES-128-CBC)",
+        Encryption::Aes => "aes",
         Encryption::Luks => "luks",
     }
 }
+
+/// What `info` says of a legacy AES layer, beside its name.
+const AES_DETAIL: &str =
+    "legacy AES-128-CBC (the passphrase is the key; no key check in the format)";
 
 fn layer_json(layer: &Layer) -> Result<Value> {
     let path = layer.path();
@@ -114,14 +121,23 @@ fn layer_json(layer: &Layer) -> Result<Value> {
 }
 
 /// The bytes of data a layer's file holds: a qcow2 layer's data clusters (mapped, not counting
-/// metadata), a raw file's allocated blocks (`st_blocks`, as `qemu-img info` shows "disk size").
-/// None for a raw layer without a host file (in memory, in unit tests).
+/// metadata), a raw file's written extents (`io::extents`: space reserved by fallocate or mkfs
+/// but never written reads as zeros and is not counted), or where the file system has no extent
+/// map its allocated blocks (`st_blocks`, as `qemu-img info` shows "disk size"). None for a raw
+/// layer without a host file (in memory, in unit tests).
 pub(crate) fn allocated_bytes(layer: &Layer) -> Result<Option<u64>> {
     match layer {
         Layer::Qcow2(q) => q.allocated_bytes().map(Some),
         Layer::Raw(f) => match f.os_file() {
             Some(os) => {
                 let meta = os.metadata().map_err(|e| Error::new(layer.path(), e))?;
+                if meta.is_file() {
+                    match extents::written_bytes(os, meta.len()) {
+                        Ok(Some(bytes)) => return Ok(Some(bytes)),
+                        Ok(None) => {}
+                        Err(e) => return Err(Error::new(layer.path(), e)),
+                    }
+                }
                 Ok(Some(meta.blocks().saturating_mul(512)))
             }
             None => Ok(None),
@@ -293,6 +309,9 @@ fn print_text(r: &Value) {
         }
         if let Some(key) = l.get("key") {
             println!("     key: {}", key["detail"].as_str().unwrap_or(""));
+        }
+        if l["encryption"] == "aes" {
+            println!("     AES: {AES_DETAIL}");
         }
         if let Some(luks) = l.get("luks") {
             println!(

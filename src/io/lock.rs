@@ -66,6 +66,14 @@ impl ImageLock {
     }
 }
 
+/// Whether another process holds the image open for writing (a running VM, `qemu-img commit`, a
+/// read-write qcowfs mount): QEMU's lock probe, an exclusive lock on the write-permission byte
+/// asked with `F_OFD_GETLK`. Takes no lock, so it never disturbs the writer; a writer that takes
+/// no locks (QEMU's `locking=off`) is not seen.
+pub fn held_for_writing(file: &File) -> io::Result<bool> {
+    conflicts(file, PERM_BASE + PERM_WRITE)
+}
+
 fn perm_name(perm: i64) -> &'static str {
     match perm {
         PERM_CONSISTENT_READ => "consistent reads",

@@ -1,6 +1,7 @@
 //! Host-side I/O: positional reads and writes on image files (through the `HostIo` seam, which a
 //! recorder or a fault injector can wrap for tests), and QEMU-compatible image locks.
 
+pub mod extents;
 pub mod fault;
 mod file;
 pub mod host;
@@ -9,4 +10,4 @@ mod lock;
 pub use fault::{Fault, FaultPlan};
 pub use file::HostFile;
 pub use host::{HostEvent, HostIo, MemFile, WriteLog};
-pub use lock::{ImageLock, LockMode};
+pub use lock::{held_for_writing, ImageLock, LockMode};

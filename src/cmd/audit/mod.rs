@@ -1,12 +1,15 @@
-//! `qcowfs audit`: every instance disk of an OpenStack nova host (`DIR/UUID/disk`), its
-//! encryption, its backing chain and the share of its guest data that is not encrypted; then
-//! every base image (any layer below a disk) with the instances relying on it and the plaintext
-//! it holds. Read-only, no passphrase; QEMU's shared reader locks unless `--force-share`.
+//! `qcowfs audit`: every instance disk of a host (nova's `DIR/UUID/disk` and its `disk.local`,
+//! `disk.swap`, `disk.eph*`; every qcow2 of a CloudStack KVM pool), its encryption, its backing
+//! chain and the share of its guest data that is not encrypted; then every base image (any layer
+//! below a disk) with the instances relying on it and the plaintext it holds. Read-only, no
+//! passphrase, no locks: a running VM's disk is audited and marked in use.
 //!
-//! `scan` finds the disks and measures each one with `info`'s coverage computation; `report`
-//! prints the two tables and the summary, or JSON Lines. One bad disk is a row saying why, never
-//! the end of the audit; the exit status is 1 when any disk could not be audited.
+//! `discover` finds the disks; `scan` measures each one with `info`'s coverage computation and
+//! QEMU's lock probe; `report` prints the two tables and the summary, or JSON Lines. One bad disk
+//! is a row saying why, never the end of the audit; the exit status is 1 when any disk could not
+//! be audited (a disk in use is audited).
 
+mod discover;
 mod report;
 mod scan;
 
@@ -21,55 +24,68 @@ pub const NOVA_INSTANCES: &str = "/var/lib/nova/instances";
 
 /// The end of `qcowfs audit --help`.
 pub const AFTER_HELP: &str = "\
-Finds DIR/*/disk in each DIR (one level down, as nova lays out /var/lib/nova/instances; DIR/_base
-is not an instance, and links inside DIR are not followed), and audits any image file named
-directly. For each disk: the encryption of its top layer (none, aes, luks), its backing chain, its
-guest data and the share of it that is not encrypted. For each base image (any layer below a
-disk, by canonical path): how many instances rely on it, how many of those are encrypted, and the
-plaintext it holds (the data of an unencrypted base: allocated bytes of a raw file, data clusters
-of a qcow2 image). The last line sums it up:
+In each DIR, finds every qcow2 image (by its magic) down to DIR/*/*, and nova's instance disks
+whatever they hold: DIR/*/disk, disk.local, disk.swap, disk.eph0... (as nova lays out
+/var/lib/nova/instances; DIR/_base is not searched, links inside DIR are not followed). So a
+CloudStack KVM primary storage pool (UUID-named volumes and templates in one folder) is audited
+as it is. An image that another disk leans on (a template, an older snapshot) is a base, not a
+disk. Raw files are not disks: a raw base is found through the disk that names it. An image
+file named directly is audited as it is.
+
+For each disk: the encryption of its top layer (none, aes, luks), its guest data and the share
+of it that is not encrypted, whether it is in use, and its backing chain. For each base image
+(any layer below a disk, by canonical path): how many instances rely on it, how many of those
+are encrypted, and the plaintext it holds (the data of an unencrypted base: written extents of
+a raw file, space reserved but never written not counted; data clusters of a qcow2 image). The
+last line sums it up:
   N of M encrypted instances keep X% of their guest data in plaintext bases
 (X over those N instances together).
 
 Example:
   qcowfs audit
   qcowfs audit --json /var/lib/nova/instances > $(hostname).jsonl
+  qcowfs audit /mnt/<pool-uuid>
 
---json prints JSON Lines: one object per line, first one per disk (\"kind\": \"disk\": path, encryption,
-chain, data_bytes, unencrypted_bytes, unencrypted_share, plaintext_base_bytes; or \"error\"), then one
-per base (\"kind\": \"base\": path, instances, encrypted_instances, plaintext_bytes, ...); each names
-the \"host\", so the files of many hosts can simply be concatenated.
+--json prints JSON Lines: one object per line, first one per disk (\"kind\": \"disk\": path,
+in_use, encryption, chain, data_bytes, unencrypted_bytes, unencrypted_share,
+plaintext_base_bytes; or \"error\"), then one per base (\"kind\": \"base\": path, instances,
+encrypted_instances, plaintext_bytes, ...); each names the \"host\", so the files of many hosts
+can simply be concatenated.
 
-No passphrase is needed. Disks are opened read-only with QEMU's shared reader locks, so a disk a
-running VM writes gets a row saying it is in use (--force-share reads it without locks).
-A disk that cannot be audited (not an image, unreadable, in use) gets a row saying why and the
-others are still audited; the exit status is then 1 (0 when every disk was audited).";
+No passphrase is needed, and no lock is taken: only metadata is read, as `qemu-img info -U`
+does, so --force-share (-U) is the default. A disk a running VM holds for writing (QEMU's lock
+probe) is audited and marked in use (IN USE yes, \"in_use\": true): its numbers are read as
+they are and may be changing. A disk that cannot be audited (not an image, unreadable, its base
+gone) gets a row saying why and the others are still audited; the exit status is then 1 (0 when
+every disk was audited, in use or not).";
 
 /// What `qcowfs audit` is asked to do.
 #[derive(Debug, Default)]
 pub struct AuditOptions {
     /// JSON Lines instead of tables.
     pub json: bool,
-    /// Take no locks (disks of running instances are read too).
+    /// `-U`: accepted for scripts written before it became the default; the audit never takes
+    /// locks.
     pub force_share: bool,
     /// Backing files must lie in these folders (canonical).
     pub backing_within: Vec<PathBuf>,
-    /// Nova instance folders or image files.
+    /// Folders to search (nova instance folders, storage pools) or image files.
     pub paths: Vec<PathBuf>,
 }
 
-/// `qcowfs audit [--json] [--force-share] [DIR|IMAGE...]`.
+/// `qcowfs audit [--json] [DIR|IMAGE...]`.
 pub fn run(args: &AuditOptions) -> Result<()> {
     let opts = OpenOptions {
         writable: false,
-        force_share: args.force_share,
+        // Metadata only, like `qemu-img info -U`: a writer's disk is read and marked in use.
+        force_share: true,
         without_keys: true,
         keep_rejected_keys: false,
         backing_within: args.backing_within.clone(),
         record: None,
         faults: None,
     };
-    let found = scan::discover(&args.paths);
+    let found = discover::discover(&args.paths);
     for problem in &found.problems {
         eprintln!("qcowfs: {problem}");
     }

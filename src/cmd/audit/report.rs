@@ -1,25 +1,17 @@
 //! How an audit is shown: two aligned tables (disks, then bases) and a one-line summary, or
 //! JSON Lines (one object per disk, then per base, each naming the host). Paths in the tables
-//! have control characters escaped; JSON carries them as JSON strings.
+//! have control characters escaped; JSON carries them as JSON strings. Names and numbers are
+//! `info`'s (`encryption_name`, `human`, `percent`, the same JSON field names).
 
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
 use super::scan::{Audit, BaseRow, DiskAudit, DiskRow};
-use crate::cmd::info::{percent, share};
+use crate::cmd::info::{encryption_name, percent, share};
 use crate::cmd::size::human;
 use crate::error::escaped;
 use crate::qcow2::Encryption;
-
-/// The short name of an encryption, as both outputs show it.
-fn encryption_name(e: Encryption) -> &'static str {
-    match e {
-        Encryption::None => "none",
-        Encryption::Aes => "aes",
-        Encryption::Luks => "luks",
-    }
-}
 
 /// Text for a table cell: one line, nothing a terminal would act on.
 fn cell(text: &str) -> String {
@@ -90,6 +82,15 @@ fn cell_path(p: &Path) -> String {
     escaped(p)
 }
 
+/// The IN USE cell: "yes" when a writer holds the disk, "?" when that cannot be told.
+fn in_use_cell(in_use: Option<bool>) -> &'static str {
+    match in_use {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "?",
+    }
+}
+
 fn disk_row(row: &DiskRow) -> Vec<String> {
     let path = cell_path(&row.path);
     match &row.result {
@@ -98,11 +99,22 @@ fn disk_row(row: &DiskRow) -> Vec<String> {
             encryption_name(d.encryption()).to_string(),
             human(d.coverage.data_bytes),
             percent(d.coverage.unencrypted_share()),
+            in_use_cell(row.in_use).to_string(),
             chain_cell(d),
         ],
-        Err(why) => vec![path, format!("error: {}", cell(why))],
+        Err(why) => {
+            let held = match row.in_use {
+                Some(true) => " (in use: a running VM holds it for writing)",
+                _ => "",
+            };
+            vec![path, format!("error: {}{held}", cell(why))]
+        }
     }
 }
+
+/// Said under the disks table when some disk is in use.
+const IN_USE_NOTE: &str = "in use: a running VM (or another writer) holds the disk; it was read \
+                           without locks and its numbers may be changing";
 
 fn base_row(base: &BaseRow) -> Vec<String> {
     vec![
@@ -163,10 +175,21 @@ pub(super) fn text(audit: &Audit, host: &str, searched: &[PathBuf]) -> String {
     } else {
         let rows: Vec<Vec<String>> = audit.disks.iter().map(disk_row).collect();
         out.push_str(&table(
-            &["DISK", "ENCRYPTION", "GUEST DATA", "UNENCRYPTED", "CHAIN"],
-            &[false, false, true, true, false],
+            &[
+                "DISK",
+                "ENCRYPTION",
+                "GUEST DATA",
+                "UNENCRYPTED",
+                "IN USE",
+                "CHAIN",
+            ],
+            &[false, false, true, true, false, false],
             &rows,
         ));
+        if audit.disks.iter().any(|d| d.in_use == Some(true)) {
+            out.push_str(IN_USE_NOTE);
+            out.push('\n');
+        }
     }
     out.push('\n');
     if audit.bases.is_empty() {
@@ -202,6 +225,7 @@ fn disk_json(row: &DiskRow, host: &str) -> Value {
         "host": host,
         "path": path_json(&row.path),
         "audited": row.result.is_ok(),
+        "in_use": row.in_use,
     });
     match &row.result {
         Ok(d) => {
@@ -293,6 +317,7 @@ mod tests {
         let unencrypted = from_base + if top == Encryption::None { own } else { 0 };
         DiskRow {
             path: PathBuf::from(path),
+            in_use: Some(false),
             result: Ok(DiskAudit {
                 virtual_size: 1 << 20,
                 coverage: Coverage {
@@ -315,6 +340,7 @@ mod tests {
                 disk("/i/d/disk", Encryption::None, 10, 90),
                 DiskRow {
                     path: PathBuf::from("/i/e/disk"),
+                    in_use: None,
                     result: Err("not a qcow2 image (bad magic)".into()),
                 },
             ],
@@ -362,6 +388,7 @@ mod tests {
                 disk("/i/a/disk", Encryption::Aes, 100, 300),
                 DiskRow {
                     path: PathBuf::from("/i/e/disk"),
+                    in_use: None,
                     result: Err("bad\nmagic".into()),
                 },
             ],
@@ -376,5 +403,32 @@ mod tests {
         assert!(objects.iter().all(|o| o["host"] == "node-1"));
         assert_eq!(objects[0]["plaintext_base_bytes"], 300);
         assert_eq!(objects[1]["audited"], false);
+    }
+
+    #[test]
+    fn a_disk_in_use_is_marked_in_its_row_and_its_json_and_is_no_failure() {
+        let mut held = disk("/i/a/disk", Encryption::Luks, 100, 300);
+        held.in_use = Some(true);
+        let audit = Audit {
+            disks: vec![held, disk("/i/b/disk", Encryption::Luks, 100, 0)],
+            bases: vec![],
+        };
+        assert_eq!(audit.failed(), 0);
+        let text = text(&audit, "node-1", &[]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].contains("IN USE  CHAIN"), "{text}");
+        assert!(
+            lines[2].contains(" 75%  yes     qcow2 <- /i/_base/b"),
+            "{text}"
+        );
+        assert!(lines[3].contains(" 0%  no      qcow2"), "{text}");
+        assert_eq!(lines[4], IN_USE_NOTE, "{text}");
+        let out = json_lines(&audit, "node-1");
+        let objects: Vec<Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(objects[0]["in_use"], true);
+        assert_eq!(objects[1]["in_use"], false);
     }
 }

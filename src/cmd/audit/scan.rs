@@ -1,116 +1,27 @@
-//! Finding a host's instance disks and measuring each one: nova's `DIR/*/disk` (one level down,
-//! `_base` skipped, links inside DIR not followed) and image files named directly; per disk its
-//! chain and encryption coverage (`info`'s computation), per base image the instances on it.
+//! Measuring each disk found: its chain and encryption coverage (`info`'s computation), whether
+//! a running VM holds it, and per base image the instances on it. A found image that another
+//! disk leans on (a CloudStack template, an older external snapshot) is a base, not a disk.
+//!
+//! Disks are opened without locks, as `qemu-img info -U` does: only metadata is read, and a
+//! running VM's disk is what an audit is for. QEMU's lock probe then tells whether a writer holds
+//! it ("in use": its numbers are read as they are, and may be changing).
 //!
 //! Disks are opened one at a time and closed before the next, so time and memory are those of
 //! one `qcowfs info` per disk: the coverage walk maps extents and holds O(layers), whatever the
 //! virtual size. A base is measured once, with the first disk that reaches it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
-use std::io::ErrorKind;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
+use super::discover::Candidate;
 use crate::chain::{Chain, KeyRing, OpenOptions};
 use crate::cmd::info::{allocated_bytes, Coverage};
-use crate::error::{Error, Problem, Result};
+use crate::error::{Error, Result};
+use crate::io::held_for_writing;
 use crate::qcow2::Encryption;
-
-/// Nova's folder of base images beside the instance folders; never an instance itself.
-const BASE_FOLDER: &str = "_base";
-/// The name of an instance's root disk in its folder.
-const DISK_NAME: &str = "disk";
-
-const LINKED_DISK: &str = "is a symbolic link; audit does not follow links inside an instance \
-                           folder (name the image as an argument to audit it)";
-const LINKED_FOLDER: &str = "lies in a linked instance folder; audit does not follow links \
-                             inside DIR (name the image as an argument to audit it)";
-
-/// A disk to audit, or one found but refused before opening it (with the reason).
-#[derive(Debug)]
-pub(crate) struct Candidate {
-    pub path: PathBuf,
-    pub refused: Option<String>,
-}
-
-/// What discovery found: the disks in order, and paths that could not be searched at all.
-#[derive(Debug, Default)]
-pub(crate) struct Found {
-    pub disks: Vec<Candidate>,
-    pub problems: Vec<Error>,
-    /// Disks already listed, by canonical path (a disk named twice is audited once).
-    seen: HashSet<PathBuf>,
-}
-
-impl Found {
-    fn add(&mut self, path: PathBuf, refused: Option<String>) {
-        // A refused link is known by its own name: following it to dedupe would be following it.
-        let key = match refused {
-            Some(_) => path.clone(),
-            None => fs::canonicalize(&path).unwrap_or_else(|_| path.clone()),
-        };
-        if self.seen.insert(key) {
-            self.disks.push(Candidate { path, refused });
-        }
-    }
-}
-
-/// The disks named by `paths`: a folder is searched for `*/disk`, anything else is a disk.
-pub(crate) fn discover(paths: &[PathBuf]) -> Found {
-    let mut found = Found::default();
-    for path in paths {
-        // The paths the user names are followed (/var/lib/nova/instances is often a link).
-        match fs::metadata(path) {
-            Err(e) => found.problems.push(Error::new(path, e)),
-            Ok(meta) if meta.is_dir() => search_folder(path, &mut found),
-            Ok(_) => found.add(path.clone(), None),
-        }
-    }
-    found
-}
-
-/// `dir/*/disk`, in name order; `_base` skipped; entries without a `disk` ignored.
-fn search_folder(dir: &Path, found: &mut Found) {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) => return found.problems.push(Error::new(dir, e)),
-    };
-    let mut listed = Vec::new();
-    for entry in entries {
-        match entry {
-            Ok(entry) => listed.push(entry),
-            Err(e) => found.problems.push(Error::new(dir, e)),
-        }
-    }
-    listed.sort_by_key(|e| e.file_name());
-    for entry in listed {
-        if entry.file_name() == BASE_FOLDER {
-            continue;
-        }
-        let disk = entry.path().join(DISK_NAME);
-        let kind = match entry.file_type() {
-            Ok(kind) => kind,
-            Err(e) => {
-                found.problems.push(Error::new(entry.path(), e));
-                continue;
-            }
-        };
-        if kind.is_dir() {
-            match fs::symlink_metadata(&disk) {
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => found.add(disk, Some(e.to_string())),
-                Ok(meta) if meta.file_type().is_symlink() => {
-                    found.add(disk, Some(LINKED_DISK.to_string()))
-                }
-                Ok(_) => found.add(disk, None),
-            }
-        } else if kind.is_symlink() && fs::symlink_metadata(&disk).is_ok() {
-            // Not followed, but not silently passed over either when it leads to a disk.
-            found.add(disk, Some(LINKED_FOLDER.to_string()));
-        }
-    }
-}
 
 /// One layer of an audited disk's chain.
 #[derive(Debug, Clone)]
@@ -163,6 +74,8 @@ impl DiskAudit {
 #[derive(Debug)]
 pub(crate) struct DiskRow {
     pub path: PathBuf,
+    /// Held open for writing by another process (a running VM); None when that cannot be told.
+    pub in_use: Option<bool>,
     pub result: std::result::Result<DiskAudit, String>,
 }
 
@@ -207,21 +120,45 @@ impl Audit {
     }
 }
 
-/// Audit every candidate, one at a time.
+/// The data each base's file holds, by canonical path, measured once.
+type Measured = HashMap<PathBuf, Option<u64>>;
+
+/// Audit every candidate, one at a time; then drop the disks other disks lean on (they are
+/// bases) and gather the bases.
 pub(crate) fn audit(candidates: Vec<Candidate>, opts: &OpenOptions) -> Audit {
-    let mut bases: BTreeMap<PathBuf, BaseRow> = BTreeMap::new();
+    let mut measured = Measured::new();
     let mut disks = Vec::new();
     for Candidate { path, refused } in candidates {
-        let result = match refused {
-            Some(why) => Err(why),
-            None => audit_guarded(&path, opts, &|base| {
-                bases.get(base).is_some_and(|b| b.allocated.is_some())
-            }),
+        let (in_use, result) = match refused {
+            Some(why) => (None, Err(why)),
+            None => (in_use(&path), audit_guarded(&path, opts, &mut measured)),
         };
-        if let Ok(disk) = &result {
-            add_bases(&mut bases, &path, disk);
+        disks.push(DiskRow {
+            path,
+            in_use,
+            result,
+        });
+    }
+    let leaned_on: HashSet<&Path> = disks
+        .iter()
+        .filter_map(|d| d.result.as_ref().ok())
+        .flat_map(|d| d.layers.iter().skip(1).map(|l| l.canonical.as_path()))
+        .collect();
+    let is_base: Vec<bool> = disks
+        .iter()
+        .map(|d| {
+            d.result
+                .as_ref()
+                .is_ok_and(|a| leaned_on.contains(a.layers[0].canonical.as_path()))
+        })
+        .collect();
+    let mut is_base = is_base.into_iter();
+    disks.retain(|_| !is_base.next().unwrap_or(false));
+    let mut bases: BTreeMap<PathBuf, BaseRow> = BTreeMap::new();
+    for disk in &disks {
+        if let Ok(audit) = &disk.result {
+            add_bases(&mut bases, &disk.path, audit);
         }
-        disks.push(DiskRow { path, result });
     }
     Audit {
         disks,
@@ -229,12 +166,31 @@ pub(crate) fn audit(candidates: Vec<Candidate>, opts: &OpenOptions) -> Audit {
     }
 }
 
+/// Whether another process holds the image at `path` open for writing (QEMU's lock probe). The
+/// file is opened apart from the audit's own open, without blocking, and only if it is a regular
+/// file or a block device (as `HostFile` requires).
+fn in_use(path: &Path) -> Option<bool> {
+    let image = |meta: fs::Metadata| meta.is_file() || meta.file_type().is_block_device();
+    if !image(fs::metadata(path).ok()?) {
+        return None;
+    }
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !image(file.metadata().ok()?) {
+        return None;
+    }
+    held_for_writing(&file).ok()
+}
+
 /// `audit_disk`, with its error as the row's one line. A panic (a bug: none is expected) is
 /// caught and becomes that disk's row, so one disk cannot end the audit of the others.
 fn audit_guarded(
     path: &Path,
     opts: &OpenOptions,
-    measured: &dyn Fn(&Path) -> bool,
+    measured: &mut Measured,
 ) -> std::result::Result<DiskAudit, String> {
     match catch_unwind(AssertUnwindSafe(|| audit_disk(path, opts, measured))) {
         Ok(Ok(disk)) => Ok(disk),
@@ -250,22 +206,23 @@ fn audit_guarded(
     }
 }
 
-/// Open the disk's chain read-only without keys, measure its coverage, and the data of each base
-/// that `measured` does not know yet.
-fn audit_disk(
-    path: &Path,
-    opts: &OpenOptions,
-    measured: &dyn Fn(&Path) -> bool,
-) -> Result<DiskAudit> {
+/// Open the disk's chain read-only without keys or locks, measure its coverage, and the data of
+/// each base that `measured` does not know yet.
+fn audit_disk(path: &Path, opts: &OpenOptions, measured: &mut Measured) -> Result<DiskAudit> {
     let chain = Chain::open(path, &KeyRing::default(), opts.clone())?;
     let coverage = Coverage::of(&chain)?;
     let mut layers = Vec::with_capacity(chain.layers().len());
     for (depth, (layer, &provided)) in chain.layers().iter().zip(&coverage.provided).enumerate() {
         let canonical =
             fs::canonicalize(layer.path()).unwrap_or_else(|_| layer.path().to_path_buf());
-        let allocated = match depth > 0 && !measured(&canonical) {
-            true => allocated_bytes(layer)?,
-            false => None,
+        let allocated = match (depth, measured.get(&canonical)) {
+            (0, _) => None,
+            (_, Some(&known)) => known,
+            (_, None) => {
+                let bytes = allocated_bytes(layer)?;
+                measured.insert(canonical.clone(), bytes);
+                bytes
+            }
         };
         layers.push(LayerRow {
             path: layer.path().to_path_buf(),
@@ -306,19 +263,14 @@ fn add_bases(bases: &mut BTreeMap<PathBuf, BaseRow>, path: &Path, disk: &DiskAud
     }
 }
 
-/// One line for a disk's row: the problem (the row names the disk; another file is named), with
-/// the way round a lock.
+/// One line for a disk's row: the problem (the row names the disk; another file is named).
 fn row_error(disk: &Path, e: &Error) -> String {
     let text = if e.path == disk || e.path.as_os_str().is_empty() {
         e.problem.to_string()
     } else {
         e.to_string()
     };
-    let text = text.replace(['\n', '\r'], " ");
-    match e.problem {
-        Problem::Locked(_) => format!("{text} (--force-share audits it without locks)"),
-        _ => text,
-    }
+    text.replace(['\n', '\r'], " ")
 }
 
 #[cfg(test)]
@@ -393,42 +345,5 @@ mod tests {
             provided: 0,
         };
         assert_eq!(base.plaintext_bytes(), 0);
-    }
-
-    #[test]
-    fn discovery_skips_base_and_folders_without_a_disk_and_names_a_linked_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        for sub in ["_base", "b-inst", "a-inst", "locks", "linked"] {
-            fs::create_dir(root.join(sub)).unwrap();
-        }
-        fs::write(root.join("_base/disk"), b"not an instance").unwrap();
-        fs::write(root.join("a-inst/disk"), b"x").unwrap();
-        fs::write(root.join("b-inst/disk"), b"y").unwrap();
-        fs::write(root.join("compute_nodes"), b"host").unwrap();
-        std::os::unix::fs::symlink(root.join("a-inst/disk"), root.join("linked/disk")).unwrap();
-        std::os::unix::fs::symlink(root.join("b-inst"), root.join("z-link")).unwrap();
-        let found = discover(&[root.to_path_buf(), root.join("a-inst/disk")]);
-        let names: Vec<(String, bool)> = found
-            .disks
-            .iter()
-            .map(|c| {
-                let rel = c.path.strip_prefix(root).unwrap().display().to_string();
-                (rel, c.refused.is_some())
-            })
-            .collect();
-        assert_eq!(
-            names,
-            [
-                ("a-inst/disk".to_string(), false),
-                ("b-inst/disk".to_string(), false),
-                ("linked/disk".to_string(), true),
-                ("z-link/disk".to_string(), true),
-            ]
-        );
-        assert!(found.problems.is_empty(), "{:?}", found.problems);
-        let missing = discover(&[root.join("nowhere")]);
-        assert!(missing.disks.is_empty());
-        assert_eq!(missing.problems.len(), 1);
     }
 }
