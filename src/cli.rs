@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::keys::sources::KeySources;
 pub use crate::keys::sources::{LIBVIRT_SECRETS_DIR, LIBVIRT_SECRETS_DIR_ENV};
 
+pub mod domain_args;
 pub mod generate;
 pub mod mount_helper;
 
@@ -285,6 +286,10 @@ pub struct KeyArgs {
     /// The passphrase for one layer of the chain, the file PATH; may be repeated
     #[arg(long, value_name = "PATH=FILE")]
     pub layer_passphrase_file: Vec<String>,
+    /// Instead of IMAGE: the first disk of libvirt domain NAME, with its libvirt secret (as
+    /// virt-cat -d); a running domain's disk is read without locks and never written
+    #[arg(short = 'd', long = "domain", value_name = "NAME")]
+    pub domain: Option<String>,
     /// How many times the terminal prompt asks again when the passphrase typed is wrong
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub tries: u32,
@@ -502,6 +507,9 @@ pub struct AuditArgs {
     pub force_share: bool,
     #[command(flatten)]
     pub confine: ConfineArgs,
+    /// Audit every disk of libvirt domain NAME (given instead of DIR|IMAGE)
+    #[arg(short = 'd', long = "domain", value_name = "NAME")]
+    pub domain: Option<String>,
     /// Folders to search (nova instance folders, storage pools: every qcow2 down to DIR/*/*, and
     /// nova's DIR/*/disk*; DIR/_base is not searched) or qcow2 image files
     #[arg(value_name = "DIR|IMAGE", default_value = crate::cmd::audit::NOVA_INSTANCES)]

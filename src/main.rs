@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 
+use qcowfs::cli::domain_args;
 use qcowfs::cli::mount_helper::{self, Invocation};
 use qcowfs::cli::{
     exit_status, generate, Cli, Command, EXIT_OK, EXIT_UNVERIFIED_KEY, EXIT_USAGE, EXIT_WRONG_KEY,
@@ -33,7 +34,10 @@ fn main() {
     let argv: Vec<OsString> = std::env::args_os().collect();
     let cli = match argv.first() {
         Some(argv0) if mount_helper::is_helper(argv0) => parse_helper(&argv[1..]),
-        _ => Cli::parse(),
+        _ => match domain_args::rewrite(argv) {
+            Ok(argv) => Cli::parse_from(argv),
+            Err(e) => fail(&e),
+        },
     };
     let log_level = std::env::var("RUST_LOG")
         .ok()

@@ -69,7 +69,7 @@ fn confines_backing_files_to_the_given_folders_after_following_symlinks() {
     for refused in [outside.join("secret"), inside.join("link")] {
         let err = confine(&refused, &within).unwrap_err();
         assert!(
-            matches!(&err.problem, crate::Problem::Usage(m) if m.contains("outside every --backing-within folder")),
+            matches!(&err.problem, crate::Problem::Refused(m) if m.contains("outside every --backing-within folder")),
             "{err}"
         );
         assert_eq!(err.path, refused);

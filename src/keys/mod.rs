@@ -4,6 +4,7 @@
 //! applies the keys it is handed.
 
 pub mod check;
+pub mod domain;
 pub mod sources;
 
 pub use check::{KeyCheck, KeyPolicy, LayerKey, Verdict};

@@ -18,6 +18,7 @@ mod concurrent_flush;
 mod coverage;
 mod damaged_writes;
 mod deps;
+mod domain;
 mod exit_status;
 mod fleet;
 mod fuzz_images;
