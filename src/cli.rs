@@ -154,7 +154,7 @@ Safe to interrupt: until the last step the image still has its backing file; run
     Seal(SealArgs),
     /// List a folder of the guest's file system (or one file), read straight from the image
     #[command(after_help = GUEST_HELP_LS)]
-    Ls(GuestArgs),
+    Ls(LsArgs),
     /// Write a file of the guest's file system to stdout, read straight from the image
     #[command(after_help = GUEST_HELP_CAT)]
     Cat(GuestArgs),
@@ -240,7 +240,10 @@ does not follow host symlinks.";
 
 const GUEST_HELP_LS: &str = concat!(
     "Example:\n  qcowfs ls --passphrase-file key /var/lib/nova/instances/UUID/disk /var/log\n\n",
-    "One line per entry: mode, uid, gid, size, mtime (UTC), name, and `-> target` for a symlink.\n",
+    "One line per entry: mode, uid, gid, size, mtime (UTC), name, and `-> target` for a symlink;\n",
+    "-R lists the folders below too (each under a PATH: line, as ls -lR); --json prints one\n",
+    "object per entry and line instead, names that are not UTF-8 or hold control characters\n",
+    "escaped as \\xNN in both.\n",
     "A file or symlink lists itself; a trailing / follows a final symlink (inside the guest).\n\n",
     guest_help_common!()
 );
@@ -432,6 +435,20 @@ pub struct GuestArgs {
     pub image: PathBuf,
     /// An absolute path in the guest file system, e.g. /var/log/syslog
     pub guest_path: std::ffi::OsString,
+}
+
+/// `ls`: an image, a guest path, and how to list it.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// One JSON object per entry and line (path, name, kind, mode, uid, gid, size, links, mtime,
+    /// mtime_utc, target)
+    #[arg(long)]
+    pub json: bool,
+    /// The folders below too, as ls -lR lists them
+    #[arg(short = 'R', long)]
+    pub recursive: bool,
+    #[command(flatten)]
+    pub guest: GuestArgs,
 }
 
 /// The image a changing command opens, and how.

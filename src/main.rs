@@ -103,8 +103,17 @@ fn main() {
         Command::CheckKey(args) => check_key(&args),
         Command::Check(args) => check(&args),
         Command::Generate(target) => generate::run(&target),
-        Command::Ls(args) => guest_command(&args, |g| {
-            qcowfs::cmd::guestfs::ls(g, &args.guest_path, &mut std::io::stdout().lock())
+        Command::Ls(args) => guest_command(&args.guest, |g| {
+            let opts = qcowfs::cmd::guestfs::LsOptions {
+                json: args.json,
+                recursive: args.recursive,
+            };
+            qcowfs::cmd::guestfs::ls(
+                g,
+                &args.guest.guest_path,
+                opts,
+                &mut std::io::stdout().lock(),
+            )
         }),
         Command::Cat(args) => guest_command(&args, |g| {
             qcowfs::cmd::guestfs::cat(g, &args.guest_path, &mut std::io::stdout().lock())

@@ -60,6 +60,7 @@ QCOWFS_DEPS=(
 	mkfs.exfat:exfatprogs
 	diff:diffutils
 	tar:tar
+	base64:coreutils
 	pvcreate:lvm2
 	vgcreate:lvm2
 	vgcfgbackup:lvm2

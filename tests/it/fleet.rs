@@ -326,7 +326,8 @@ fn the_playbook_merges_every_compute_hosts_audit_and_its_limits_fail_the_host_ov
         "{all:#}"
     );
     assert_eq!(
-        unaudited[0]["error"], "not a qcow2 image (bad magic)",
+        unaudited[0]["error"],
+        "not a qcow2 image (bad magic); a raw disk needs no qcowfs (mount -o loop)",
         "{all:#}"
     );
     // Each host's JSON Lines are kept, as `qcowfs audit --json` printed them.

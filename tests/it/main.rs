@@ -26,6 +26,7 @@ mod guest_copy_safety;
 mod guest_edits;
 mod guest_files;
 mod guest_kinds;
+mod guest_listing;
 mod guest_lvm;
 mod guest_xattrs;
 mod host_files;

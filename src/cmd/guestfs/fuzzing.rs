@@ -91,7 +91,15 @@ impl Write for Bounded {
 pub fn guest_bytes(data: &[u8], scratch: &Path) -> Result<()> {
     let gfs = memory_fs(data)?;
     let root = OsStr::new("/");
-    let listed = super::list::ls(&gfs, root, &mut Bounded::default());
+    let listed = super::list::ls(
+        &gfs,
+        root,
+        super::list::LsOptions {
+            json: true,
+            recursive: true,
+        },
+        &mut Bounded::default(),
+    );
     let mut files = Vec::new();
     if let Ok((top, meta)) = gfs.resolve(b"/", false) {
         let _ = gfs.for_each_child(&top, &meta, b"/", |_, child, meta| {

@@ -1,6 +1,8 @@
 //! `qcowfs ls` and `qcowfs cat`: one line per directory entry (mode, owner, size, mtime, name,
-//! a symlink's target), and a guest file's bytes streamed to stdout in bounded chunks.
+//! a symlink's target; or one JSON object), folders below with `-R`, and a guest file's bytes
+//! streamed to stdout in bounded chunks.
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -10,51 +12,215 @@ use super::error::GuestError;
 use super::open::GuestFs;
 use super::tree::shown;
 use super::tree::{GuestPath, Kind, Meta};
+use super::walk::MAX_DEPTH;
 use crate::error::{Error, Result};
 
 /// Bytes gathered from the guest file before each write to stdout.
 pub(crate) const CHUNK: usize = 1 << 20;
 
-/// Write `ls -l`-style lines for guest `path` to `out`: the entries of a directory (sorted by
-/// name, dot files included, `.` and `..` left out), or the one entry a file or symlink is. A
-/// symlink is shown as itself unless the path ends with `/`.
-pub fn ls(gfs: &GuestFs, path: &OsStr, out: &mut dyn Write) -> Result<()> {
+/// How `ls` prints.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LsOptions {
+    /// One JSON object per entry and line instead of `ls -l` text.
+    pub json: bool,
+    /// Every folder below too, as `ls -lR` lists them (each folder once, at most
+    /// [`MAX_DEPTH`] deep).
+    pub recursive: bool,
+}
+
+/// An entry to print: its name (or path) as given, its metadata, a symlink's target.
+type Line = (Vec<u8>, GuestPath, Meta, Option<Vec<u8>>);
+
+/// Write `ls -l`-style lines (or JSON Lines) for guest `path` to `out`: the entries of a
+/// directory (sorted by name, dot files included, `.` and `..` left out), or the one entry a file
+/// or symlink is. A symlink is shown as itself unless the path ends with `/`.
+pub fn ls(gfs: &GuestFs, path: &OsStr, opts: LsOptions, out: &mut dyn Write) -> Result<()> {
     // One write per line would be a system call per entry.
     let out = &mut std::io::BufWriter::with_capacity(CHUNK, out);
     let bytes = path.as_bytes();
     let (p, meta) = gfs.resolve(bytes, bytes.ends_with(b"/"))?;
-    let mut lines = Vec::new();
-    if meta.is_dir() {
-        gfs.for_each_child(&p, &meta, bytes, |name, child, meta| {
+    if !meta.is_dir() {
+        let target = link_target(gfs, &p, &meta)?;
+        let line = (bytes.to_vec(), p, meta, target);
+        if write_line(out, opts, None, &line)? {
+            flush_stdout(out)?;
+        }
+        return Ok(());
+    }
+    let mut listing = Listing {
+        gfs,
+        opts,
+        folders: HashSet::new(),
+        entries_left: gfs.fs_bytes() / 12,
+    };
+    let shown_dir = match bytes.len() > 1 && bytes.ends_with(b"/") {
+        true => &bytes[..bytes.len() - 1],
+        false => bytes,
+    };
+    if listing.folder(shown_dir, &p, &meta, 0, out)? {
+        flush_stdout(out)?;
+    }
+    Ok(())
+}
+
+/// One `ls` of a folder (and, with `recursive`, those below it).
+struct Listing<'a> {
+    gfs: &'a GuestFs,
+    opts: LsOptions,
+    /// Numbers of the folders listed: a folder met again (a loop in a damaged or hostile file
+    /// system) is named and not listed twice, as GNU ls does.
+    folders: HashSet<u64>,
+    /// Entries that may still be listed: no more than the file system's bytes can hold.
+    entries_left: u64,
+}
+
+impl Listing<'_> {
+    /// List folder `dir` (shown as `shown`); false when the reader went away.
+    fn folder(
+        &mut self,
+        shown_dir: &[u8],
+        dir: &GuestPath,
+        meta: &Meta,
+        depth: usize,
+        out: &mut dyn Write,
+    ) -> Result<bool> {
+        let gfs = self.gfs;
+        let mut lines: Vec<Line> = Vec::new();
+        let mut left = self.entries_left;
+        gfs.for_each_child(dir, meta, shown_dir, |name, child, meta| {
+            if left == 0 {
+                return Err(gfs.guest_error(GuestError::TooManyEntries {
+                    path: shown(shown_dir),
+                    limit: gfs.fs_bytes() / 12,
+                    fs_bytes: gfs.fs_bytes(),
+                }));
+            }
+            left -= 1;
             let target = link_target(gfs, &child, &meta)?;
-            lines.push((name, meta, target));
+            lines.push((name, child, meta, target));
             Ok(())
         })?;
+        self.entries_left = left;
         lines.sort_by(|a, b| a.0.cmp(&b.0));
-    } else {
-        let target = link_target(gfs, &p, &meta)?;
-        lines.push((bytes.to_vec(), meta, target));
-    }
-    for (name, meta, target) in &lines {
-        let mut line = format!(
-            "{} {:>6} {:>6} {:>12} {} {}",
-            mode_string(meta),
-            meta.uid,
-            meta.gid,
-            meta.len,
-            utc_time(meta.mtime.secs),
-            shown(name)
-        );
-        if let Some(t) = target {
-            line.push_str(" -> ");
-            line.push_str(&shown(t));
+        let recursive = self.opts.recursive;
+        if recursive && !self.opts.json {
+            let head = format!(
+                "{}{}:\n",
+                if depth > 0 { "\n" } else { "" },
+                shown(shown_dir)
+            );
+            if !write_stdout(out, head.as_bytes())? {
+                return Ok(false);
+            }
         }
-        line.push('\n');
-        if !write_stdout(out, line.as_bytes())? {
-            return Ok(());
+        for line in &lines {
+            if !write_line(out, self.opts, Some(shown_dir), line)? {
+                return Ok(false);
+            }
         }
+        if !recursive {
+            return Ok(true);
+        }
+        for (name, child, meta, _) in lines.into_iter().filter(|l| l.2.is_dir()) {
+            let mut path = shown_dir.to_vec();
+            if !path.ends_with(b"/") {
+                path.push(b'/');
+            }
+            path.extend_from_slice(&name);
+            if depth + 1 >= MAX_DEPTH {
+                return Err(gfs.guest_error(GuestError::TooDeep {
+                    path: shown(&path),
+                    max: MAX_DEPTH,
+                }));
+            }
+            if let Some(id) = meta.id {
+                if !self.folders.insert(id) {
+                    eprintln!(
+                        "qcowfs: warning: {}: {}: not listing a folder already listed (a \
+                         damaged file system; its fsck repairs it)",
+                        crate::error::escaped(gfs.image()),
+                        shown(&path)
+                    );
+                    continue;
+                }
+            }
+            if !self.folder(&path, &child, &meta, depth + 1, out)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
-    flush_stdout(out)
+}
+
+/// Print one entry, `ls -l` style or as a JSON object (`parent` given: the entry's path is
+/// PARENT/NAME); false when the reader went away.
+fn write_line(
+    out: &mut dyn Write,
+    opts: LsOptions,
+    parent: Option<&[u8]>,
+    line: &Line,
+) -> Result<bool> {
+    let (name, _, meta, target) = line;
+    let text = match opts.json {
+        true => {
+            let path = match parent {
+                Some(dir) if dir.ends_with(b"/") => [dir, name.as_slice()].concat(),
+                Some(dir) => [dir, b"/", name.as_slice()].concat(),
+                None => name.clone(),
+            };
+            let name = path
+                .rsplit(|&b| b == b'/')
+                .find(|n| !n.is_empty())
+                .unwrap_or(&path);
+            let mut o = serde_json::json!({
+                "path": shown(&path),
+                "name": shown(name),
+                "kind": kind_name(meta.kind),
+                "mode": format!("{:04o}", meta.mode),
+                "uid": meta.uid,
+                "gid": meta.gid,
+                "size": meta.len,
+                "links": meta.links,
+                "mtime": meta.mtime.secs,
+                "mtime_utc": format!("{}Z", utc_time(meta.mtime.secs).replace(' ', "T")),
+            });
+            if let Some(t) = target {
+                o["target"] = serde_json::Value::String(shown(t));
+            }
+            format!("{o}\n")
+        }
+        false => {
+            let mut text = format!(
+                "{} {:>6} {:>6} {:>12} {} {}",
+                mode_string(meta),
+                meta.uid,
+                meta.gid,
+                meta.len,
+                utc_time(meta.mtime.secs),
+                shown(name)
+            );
+            if let Some(t) = target {
+                text.push_str(" -> ");
+                text.push_str(&shown(t));
+            }
+            text.push('\n');
+            text
+        }
+    };
+    write_stdout(out, text.as_bytes())
+}
+
+/// The word JSON gives a kind of entry (as `find -printf %y` spells them out).
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::File => "file",
+        Kind::Dir => "dir",
+        Kind::Symlink => "symlink",
+        Kind::CharDevice => "char-device",
+        Kind::BlockDevice => "block-device",
+        Kind::Fifo => "fifo",
+        Kind::Socket => "socket",
+    }
 }
 
 /// The target of a symlink (as stored, never resolved), None for anything else.

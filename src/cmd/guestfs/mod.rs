@@ -41,7 +41,7 @@ mod xfs;
 pub use choose::Wanted;
 pub use copy::copy_out;
 pub use error::{Contents, GuestError, LayoutError};
-pub use list::{cat, ls};
+pub use list::{cat, ls, LsOptions};
 pub use open::{GuestFs, GuestOptions};
 pub use tar::copy_out_tar;
 pub use walk::CopyReport;
