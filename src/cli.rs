@@ -31,6 +31,8 @@ pub const EXIT_NOT_FOUND: i32 = 6;
 pub const EXIT_DAMAGED: i32 = 7;
 /// Exit status: reading or writing the host failed (an I/O error, a full disk).
 pub const EXIT_IO: i32 = 8;
+/// Exit status: stopped by Ctrl-C where it could stop cleanly (128 + SIGINT, as shells say).
+pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// The exit status for an error.
 pub fn exit_status(e: &Error) -> i32 {
@@ -44,11 +46,12 @@ pub fn exit_status(e: &Error) -> i32 {
         Failure::NotFound => EXIT_NOT_FOUND,
         Failure::Damaged => EXIT_DAMAGED,
         Failure::Io => EXIT_IO,
+        Failure::Interrupted => EXIT_INTERRUPTED,
     }
 }
 
 /// Every exit status and what it means: `--help`, the manual pages and the README say the same.
-pub const EXIT_STATUSES: [(i32, &str); 9] = [
+pub const EXIT_STATUSES: [(i32, &str); 10] = [
     (EXIT_OK, "success"),
     (
         EXIT_FAILURE,
@@ -81,6 +84,10 @@ pub const EXIT_STATUSES: [(i32, &str); 9] = [
     (
         EXIT_IO,
         "reading or writing the host failed (an I/O error, a full disk)",
+    ),
+    (
+        EXIT_INTERRUPTED,
+        "interrupted (Ctrl-C) where it could stop cleanly: seal, run again to finish",
     ),
 ];
 
@@ -146,11 +153,13 @@ layer's key and made durable on fsync, after a few idle seconds, and at umount."
     /// Copy all data from the backing files into IMAGE (encrypted with its key) and drop the backing file
     #[command(after_help = "\
 Example (make a nova instance disk self-contained, its raw base's plaintext copied in encrypted):
-  qcowfs seal --progress --passphrase-file key /var/lib/nova/instances/UUID/disk
+  qcowfs seal --passphrase-file key /var/lib/nova/instances/UUID/disk
 
 Needs free space for the copied data and takes the image's write lock (the VM must be off).
 Clusters that read as all zeros are left unallocated (they read as zeros without the backing file).
-Safe to interrupt: until the last step the image still has its backing file; run it again.")]
+Safe to interrupt: until the last step the image still has its backing file. Ctrl-C stops it
+cleanly (what was copied made durable, exit status 130) and says so; run it again to finish.
+A progress bar shows on a terminal (--no-progress: none).")]
     Seal(SealArgs),
     /// List a folder of the guest's file system (or one file), read straight from the image
     #[command(after_help = GUEST_HELP_LS)]
@@ -535,8 +544,11 @@ pub struct AuditArgs {
 
 #[derive(Debug, Args)]
 pub struct SealArgs {
-    /// Show a progress bar (on a terminal)
-    #[arg(long)]
+    /// Show no progress bar (one shows on a terminal by default)
+    #[arg(long, conflicts_with = "progress")]
+    pub no_progress: bool,
+    /// Show a progress bar on a terminal (the default; kept for older scripts)
+    #[arg(long, hide = true)]
     pub progress: bool,
     /// Seal even when the passphrase of the image cannot be verified (a legacy AES overlay with
     /// no data of its own yet): everything copied up is then encrypted with the one given

@@ -44,6 +44,9 @@ pub enum Problem {
     /// disks it could not read have rows saying why).
     #[error("{0}")]
     Incomplete(String),
+    /// The command was stopped (Ctrl-C) at a point where it could stop cleanly.
+    #[error("{0}")]
+    Interrupted(String),
     /// A problem and what to do about it, for a problem whose own words cannot say it (a host
     /// error): "Permission denied; to read it only: --read-only".
     #[error("{problem}; {hint}")]
@@ -69,10 +72,12 @@ pub enum Failure {
     Damaged,
     /// Reading or writing the host failed (EIO, a full disk).
     Io,
+    /// Stopped by Ctrl-C (SIGINT or SIGTERM) where it could stop cleanly.
+    Interrupted,
 }
 
 /// Every kind with the word the mount daemon sends it as (see `mount::daemon`).
-const TAGS: [(Failure, &str); 8] = [
+const TAGS: [(Failure, &str); 9] = [
     (Failure::Other, "error"),
     (Failure::Usage, "usage"),
     (Failure::WrongKey, "wrong-key"),
@@ -81,6 +86,7 @@ const TAGS: [(Failure, &str); 8] = [
     (Failure::NotFound, "not-found"),
     (Failure::Damaged, "damaged"),
     (Failure::Io, "io"),
+    (Failure::Interrupted, "interrupted"),
 ];
 
 impl Failure {
@@ -107,6 +113,7 @@ impl Failure {
             Problem::Usage(_) => Failure::Usage,
             Problem::Relayed(_, failure) => *failure,
             Problem::Refused(_) | Problem::Incomplete(_) => Failure::Other,
+            Problem::Interrupted(_) => Failure::Interrupted,
             Problem::Hinted { problem, .. } => Failure::of(problem),
         }
     }
@@ -272,6 +279,7 @@ impl Error {
             Problem::Locked(_) | Problem::Busy(_) => libc::EBUSY,
             Problem::Usage(_) | Problem::Refused(_) | Problem::Relayed(..) => libc::EINVAL,
             Problem::Incomplete(_) => libc::EIO,
+            Problem::Interrupted(_) => libc::EINTR,
             Problem::Hinted { .. } => match self.os_error() {
                 Some(code) => code,
                 None => libc::EIO,

@@ -319,7 +319,14 @@ fn seal(
     within: Vec<PathBuf>,
 ) -> Result<(), Error> {
     use std::io::IsTerminal;
-    let bar = (args.progress && std::io::stderr().is_terminal()).then(|| {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Ctrl-C (or a TERM) asks the seal to stop at the next cluster, cleanly, and say so.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())
+            .map_err(|e| Error::new("signal handler", e))?;
+    }
+    let bar = (!args.no_progress && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
             indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} ({eta} left)")
@@ -340,7 +347,12 @@ fn seal(
             bar.set_length(total);
             bar.set_position(done);
         }
-    })?;
+        !stop.load(Ordering::Relaxed)
+    });
+    if let (Err(_), Some(bar)) = (&report, &bar) {
+        bar.abandon();
+    }
+    let report = report?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }

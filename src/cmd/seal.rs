@@ -58,7 +58,8 @@ pub struct SealReport {
 }
 
 /// Seal `image`. `progress` is called with (work done, work total): copying, then reading every
-/// copied cluster back to verify it, each counts as half. `open` gives `backing_within` and
+/// copied cluster back to verify it, each counts as half; when it returns false (Ctrl-C) the seal
+/// stops there, what it copied made durable and the backing file kept, as an error saying so. `open` gives `backing_within` and
 /// `record`; the image is always opened for writing, with locks and keys.
 /// Every key of the chain is checked first (`keycheck`): what is copied up is read with the
 /// backing layers' keys and written with the image's, so a wrong one would leave an image that
@@ -69,7 +70,7 @@ pub fn seal(
     keys: &KeyRing,
     open: OpenOptions,
     policy: KeyPolicy,
-    progress: &dyn Fn(u64, u64),
+    progress: &dyn Fn(u64, u64) -> bool,
 ) -> Result<SealReport> {
     let chain = Chain::open(
         image,
@@ -123,7 +124,10 @@ pub fn seal(
         }
         skipped.push(zeros);
         done += cs;
-        progress(done, 2 * total);
+        if !progress(done, 2 * total) {
+            disk.flush()?;
+            return Err(interrupted(image));
+        }
     }
     disk.flush()?;
     let zero_clusters = skipped.iter().filter(|&&s| s).count() as u64;
@@ -224,7 +228,7 @@ fn verify_copy(
     plan: &Plan,
     skipped: &[bool],
     cs: u64,
-    progress: &dyn Fn(u64, u64),
+    progress: &dyn Fn(u64, u64) -> bool,
 ) -> Result<()> {
     let path = top.path();
     let still_below = |_: u64, _: &mut [u8]| -> Result<()> {
@@ -272,9 +276,23 @@ fn verify_copy(
                 ));
             }
         }
-        progress(total + (i as u64 + 1) * cs, 2 * total);
+        if !progress(total + (i as u64 + 1) * cs, 2 * total) {
+            return Err(interrupted(path));
+        }
     }
     Ok(())
+}
+
+/// The error of a seal stopped on request: nothing lost, nothing half done.
+fn interrupted(image: &Path) -> Error {
+    Error::new(
+        image,
+        Problem::Interrupted(
+            "seal interrupted: what was copied is in the image, which still has its backing \
+             file and reads as before; run qcowfs seal again to finish"
+                .into(),
+        ),
+    )
 }
 /// Is there room for `need` more bytes where the image lives?
 fn check_room(image: &Path, need: u64) -> Result<()> {

@@ -475,3 +475,73 @@ fn a_seal_that_commits_in_several_batches_logs_nothing_but_its_summary() {
     );
     assert_check_clean(&top);
 }
+
+/// Ctrl-C in the middle of a seal: it stops at the next cluster with exit status 130 and a line
+/// saying so; the image still has its backing file, `qemu-img check` is clean and the guest
+/// reads as before; a second seal finishes the job.
+#[test]
+fn an_interrupted_seal_says_so_and_leaves_an_image_that_reads_as_before() {
+    let dir = workdir();
+    let (top_path, base_path) = nova_paths(dir.path());
+    // Large enough that the seal is still copying when the signal comes (it is sent as soon as
+    // the image starts to grow); a slower (busy) machine only widens the window.
+    let base_size = 512 * MIB;
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(&base_path).expect("create base");
+        let chunk = vec![0x5au8; (64 * MIB) as usize];
+        for _ in 0..base_size / (64 * MIB) {
+            f.write_all(&chunk).expect("write base");
+        }
+    }
+    let base = Image::plain(&base_path, Format::Raw, base_size);
+    let top = qcow2(&top_path, base_size)
+        .aes(PASS)
+        .backing(&base)
+        .create();
+    top.write_random(0, 64 * KIB as usize, 9);
+    let recorded = dir.path().join("chain.raw");
+    top.convert_raw(&recorded);
+    let start_len = fs::metadata(&top.path).expect("top").len();
+    let mut args: Vec<OsString> = vec!["seal".into(), "--no-progress".into()];
+    args.extend(passphrase_opts(dir.path(), PASS));
+    args.push(top.path.clone().into());
+    let mut child = std::process::Command::new(qcowfs_bin())
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run qcowfs seal");
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            panic!("the seal finished before it could be interrupted");
+        }
+        if fs::metadata(&top.path).expect("top").len() > start_len + 4 * MIB {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().expect("wait for seal");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("seal interrupted") && stderr.contains("run qcowfs seal again"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let info = top.qemu_info();
+    assert!(info.get("backing-filename").is_some(), "{info:#}");
+    assert_check_clean(&top);
+    let r = qemu_compare_with_raw(&top, &recorded);
+    assert!(
+        r.status.success(),
+        "the interrupted image reads differently: {}",
+        r.stdout_str()
+    );
+    let again = seal(&top.path, dir.path(), &["--no-progress"]);
+    again.assert_success();
+    assert_sealed(&top, &recorded, base_size, dir.path());
+}
