@@ -42,6 +42,7 @@ mod memory;
 mod mount_states;
 mod package;
 mod partition_files;
+mod prompt;
 mod qemu_check;
 mod read_matrix;
 mod seal;
