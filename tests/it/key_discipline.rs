@@ -224,3 +224,31 @@ fn info_reads_a_passphrase_from_stdin_once() {
         r.stdout_str()
     );
 }
+
+/// A read-only mount writes nothing, so a key that cannot be verified (an overlay without data)
+/// gets no warning about new data encrypted with it.
+#[test]
+fn a_read_only_mount_of_an_overlay_without_data_says_nothing_about_new_data() {
+    require_fuse();
+    let dir = workdir();
+    let fresh = nova_disk(dir.path(), false);
+    let right = key(dir.path(), RIGHT);
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let r = qcowfs([
+        "mount".as_ref(),
+        "--read-only".as_ref(),
+        "--passphrase-file".as_ref(),
+        right.as_os_str(),
+        fresh.path.as_os_str(),
+        mnt.as_os_str(),
+    ]);
+    let um = qcowfs(["umount".as_ref(), mnt.as_os_str()]);
+    r.assert_success();
+    um.assert_success();
+    assert!(
+        r.stderr.is_empty(),
+        "a read-only mount warned: {}",
+        r.stderr
+    );
+}
