@@ -140,8 +140,9 @@ layer's key and made durable on fsync, after a few idle seconds, and at umount."
     #[command(after_help = "\
 Example:
   qcowfs list
-  IMAGE                                 MOUNTPOINT  PID   MODE        DIRTY    STATE
-  /var/lib/nova/instances/UUID/disk     /mnt/vm     4242  read-write  3.0 MiB  running
+  IMAGE                              MOUNTPOINT  PID   MODE        DIRTY    STATE
+  /var/lib/nova/instances/UUID/disk  /mnt/vm     4242  read-write  3.0 MiB  running
+  /srv/images/base.qcow2             /mnt/base   4310  read-only   0 B      running
 
 DIRTY is what was written to the mount but is not yet in the image (each daemon publishes it at
 most once a second). STATE: running; daemon dead (the mount answers nothing: unwritten data is

@@ -549,6 +549,31 @@ mod tests {
     }
 
     #[test]
+    fn dirty_bytes_are_replaced_whole_and_go_with_the_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("qcowfs");
+        let mut record = Record::in_dir(dir.clone(), Path::new("/mnt/x"), None);
+        record.name = format!("{}-{}", record.name, std::process::id());
+        record.pid_file = dir.join(record.pid_name());
+        let _held = record
+            .write_pid(std::process::id(), Path::new("/mnt/x"))
+            .unwrap();
+        let dirty = dir.join(record.dirty_name());
+        record.write_dirty(4096);
+        record.write_dirty(65536);
+        assert_eq!(std::fs::read_to_string(&dirty).unwrap(), "65536\n");
+        assert_eq!(std::fs::metadata(&dirty).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            2,
+            "no temporary left"
+        );
+        record.write_status("");
+        assert!(!dirty.exists());
+        assert!(!record.pid_file.exists());
+    }
+
+    #[test]
     fn a_folder_of_ours_open_to_others_is_closed_and_anothers_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("qcowfs");
