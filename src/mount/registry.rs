@@ -429,7 +429,8 @@ pub struct Recorded {
     pub mountpoint: PathBuf,
     /// The image (the mount's source), when recorded.
     pub source: Option<PathBuf>,
-    /// Whether `pid` is a live qcowfs daemon of ours.
+    /// Whether `pid` is a live qcowfs daemon of ours holding the record's lock (a stale record's
+    /// pid may name a newer daemon by now).
     pub alive: bool,
     /// The daemon's last published dirty bytes.
     pub dirty: Option<u64>,
@@ -445,10 +446,14 @@ pub fn recorded() -> Vec<Recorded> {
     let Ok(entries) = std::fs::read_dir(&path) else {
         return Vec::new();
     };
+    let held = flocks_held();
     let mut out = Vec::new();
     for entry in entries.flatten() {
         let file = entry.file_name();
         let Some(name) = file.to_str().and_then(|n| n.strip_suffix(".pid")) else {
+            continue;
+        };
+        let Ok(meta) = entry.metadata() else {
             continue;
         };
         let Some(text) = dir.read(&format!("{name}.pid")) else {
@@ -474,15 +479,35 @@ pub fn recorded() -> Vec<Recorded> {
             pid,
             mountpoint,
             source,
-            alive: is_our_daemon(pid),
+            alive: is_our_daemon(pid)
+                && held.as_ref().is_none_or(|h| h.contains(&(pid, meta.ino()))),
             dirty,
-            modified: entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .unwrap_or(std::time::UNIX_EPOCH),
+            modified: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
         });
     }
     out
+}
+
+/// The (pid, inode) of every flock held on this host, from /proc/locks (None when unreadable):
+/// whether a daemon holds its record is read there, without taking the lock.
+fn flocks_held() -> Option<std::collections::HashSet<(u32, u64)>> {
+    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    Some(parse_flocks(&text))
+}
+
+/// `1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF`; blocked requests (`->`) hold nothing.
+fn parse_flocks(text: &str) -> std::collections::HashSet<(u32, u64)> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(1) != Some(&"FLOCK") {
+                return None;
+            }
+            let pid = fields.get(4)?.parse().ok()?;
+            let inode = fields.get(5)?.rsplit(':').next()?.parse().ok()?;
+            Some((pid, inode))
+        })
+        .collect()
 }
 
 /// The record name (without `.pid`) starting with `prefix` then a pid whose pid file changed
@@ -546,6 +571,19 @@ mod tests {
         let status = dir.join(record.status_name());
         assert_eq!(std::fs::metadata(&status).unwrap().mode() & 0o777, 0o600);
         assert_eq!(record.take_status().as_deref(), Some("all written"));
+    }
+
+    #[test]
+    fn held_flocks_are_read_from_proc_locks_and_waiting_ones_are_not() {
+        let text = "\
+1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF
+1: -> FLOCK  ADVISORY  WRITE 999 00:1a:5678 0 EOF
+2: OFDLCK ADVISORY  READ -1 fe:00:10053897 203 203
+3: POSIX  ADVISORY  WRITE 77 fe:00:42 0 EOF
+";
+        let held = parse_flocks(text);
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert!(held.contains(&(1234, 5678)));
     }
 
     #[test]
