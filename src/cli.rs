@@ -144,6 +144,23 @@ layer's key and made durable on fsync, after a few idle seconds, and at umount."
         /// Where the image is mounted
         mountpoint: PathBuf,
     },
+    /// List the live qcowfs mounts: image, mount point, daemon pid, mode, unwritten bytes, state
+    #[command(after_help = "\
+Example:
+  qcowfs list
+  IMAGE                              MOUNTPOINT  PID   MODE        DIRTY    STATE
+  /var/lib/nova/instances/UUID/disk  /mnt/vm     4242  read-write  3.0 MiB  running
+  /srv/images/base.qcow2             /mnt/base   4310  read-only   0 B      running
+
+DIRTY is what was written to the mount but is not yet in the image (each daemon publishes it at
+most once a second). STATE: running; daemon dead (the mount answers nothing: unwritten data is
+lost; qcowfs umount detaches it); no mount here (a live daemon whose mount this mount table lacks:
+unmounted and still writing, or mounted in another mount namespace); no record (a qcowfs mount
+that no record of this user's names). Root sees every user's mounts, with pid and DIRTY for
+root's own; another user sees only the mounts they made. --json prints one JSON array of objects
+with image, mountpoint, pid, mode (\"read-write\", \"read-only\"), dirty_bytes, state and uid
+(null where unknown).")]
+    List(ListArgs),
     /// Describe an image: format, sizes, encryption, backing chain, snapshots, features
     #[command(after_help = "Example:\n  qcowfs info --json /var/lib/nova/instances/UUID/disk")]
     Info(InfoArgs),
@@ -404,6 +421,13 @@ pub struct MountArgs {
     pub image: PathBuf,
     /// An existing empty directory
     pub mountpoint: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print one JSON array instead of a table
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

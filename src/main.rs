@@ -91,6 +91,10 @@ fn main() {
             })
         }),
         Command::Umount { mountpoint } => umount(&mountpoint),
+        Command::List(a) => qcowfs::mount::list::run(
+            &qcowfs::mount::list::ListOptions { json: a.json },
+            &mut std::io::stdout().lock(),
+        ),
         Command::Info(args) => info(args),
         Command::Audit(args) => args.confine.folders().and_then(|backing_within| {
             qcowfs::cmd::audit::run(&qcowfs::cmd::audit::AuditOptions {

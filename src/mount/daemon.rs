@@ -12,8 +12,10 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::devfuse::DevFuse;
+use super::devfuse::{serve_without_fuser_unmount, DevFuse};
 use super::fs::QcowFs;
+use super::log_target::LIFECYCLE;
+use super::mount_table::top_mount_at;
 use super::registry::Record;
 use super::uring::{self, Mode};
 use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
@@ -26,6 +28,9 @@ use crate::keys::{KeyCheck, KeyPolicy};
 const IDLE_FLUSH: Duration = Duration::from_secs(2);
 /// FUSE worker threads: more than cores, so a request waiting on I/O does not stall the rest.
 const FUSE_THREADS: usize = 4;
+/// How often, at most, the daemon publishes its dirty bytes for `qcowfs list` (a change to zero,
+/// after a flush, is published at once).
+const DIRTY_PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
 /// Everything a mount needs.
 pub struct MountRequest {
@@ -54,9 +59,13 @@ pub struct MountRequest {
 }
 
 /// Mount and, unless in the foreground, return once the daemon reports the mount live.
-pub fn mount(req: MountRequest) -> Result<()> {
+pub fn mount(mut req: MountRequest) -> Result<()> {
     if req.foreground {
         return serve(req, None);
+    }
+    let mut log_note = None;
+    if req.log_file.is_none() {
+        (req.log_file, log_note) = super::filelog::instead_of_syslog();
     }
     let mut fds = [0; 2];
     // SAFETY: fds is a valid array of two ints.
@@ -97,7 +106,12 @@ pub fn mount(req: MountRequest) -> Result<()> {
                 eprintln!("qcowfs: {warning}");
             }
             match answer.strip_prefix("ok") {
-                Some(_) => Ok(()),
+                Some(_) => {
+                    if let Some(note) = log_note {
+                        eprintln!("qcowfs: {note}");
+                    }
+                    Ok(())
+                }
                 None if answer.trim().is_empty() => Err(Error::new(
                     &req.image,
                     Problem::Refused("the mount daemon exited before the mount was ready".into()),
@@ -142,9 +156,16 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
         life: _life,
         warnings,
         transport,
+        mounted,
+        mountpoint,
     } = session;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flusher = spawn_idle_flusher(disk.clone(), stop.clone());
+    let flusher = {
+        let record = record.clone();
+        spawn_idle_flusher(disk.clone(), stop.clone(), move |dirty| {
+            record.write_dirty(dirty)
+        })
+    };
     if let Ok(mut signals) =
         signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
     {
@@ -183,16 +204,22 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
         detach_stdio();
     }
     log::info!(
-        "{} mounted on {} (requests on {transport})",
-        req.image.display(),
-        req.mountpoint.display()
+        target: LIFECYCLE,
+        "{} mounted on {} (pid {}, {}, requests on {transport})",
+        std::fs::canonicalize(&req.image)
+            .unwrap_or_else(|_| req.image.clone())
+            .display(),
+        mountpoint.display(),
+        std::process::id(),
+        if req.read_only { "read-only" } else { "read-write" }
     );
     // The kernel ends the session with ENODEV or ECONNABORTED once the file system is unmounted:
     // that is the normal end, not an error.
-    let run = session.run().or_else(|e| match e.raw_os_error() {
+    let run = serve_without_fuser_unmount(session).or_else(|e| match e.raw_os_error() {
         Some(libc::ENODEV) | Some(libc::ECONNABORTED) => Ok(()),
         _ => Err(e),
     });
+    leave_no_mount_behind(&mountpoint, mounted);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let final_error = outcome.lock().take();
     // Close the image (its last user is the flusher thread) before telling umount we are done.
@@ -209,8 +236,12 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
             Err(e)
         }
         (Ok(()), None) => {
+            log::info!(
+                target: LIFECYCLE,
+                "{} unmounted: all writes are in the image",
+                mountpoint.display()
+            );
             record.write_status("");
-            log::info!("{} unmounted, everything written", req.mountpoint.display());
             Ok(())
         }
     }
@@ -228,6 +259,10 @@ struct Prepared {
     warnings: Vec<String>,
     /// Which transport serves the requests, for the log.
     transport: String,
+    /// The device numbers of the FUSE mount, as the mount table shows them after mounting.
+    mounted: Option<(u32, u32)>,
+    /// The mount point, canonical (resolved before mounting).
+    mountpoint: PathBuf,
 }
 
 fn prepare(req: &MountRequest) -> Result<Prepared> {
@@ -356,6 +391,11 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
         }
         _ => {}
     }
+    let mounted = top_mount_at(&mountpoint)
+        .ok()
+        .flatten()
+        .filter(|e| e.is_fuse())
+        .map(|e| e.dev);
     let record = Record::for_mountpoint(&mountpoint);
     let life = match record.write_pid(std::process::id(), &mountpoint) {
         Ok(file) => Some(file),
@@ -376,7 +416,30 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
         life,
         warnings,
         transport,
+        mounted,
+        mountpoint,
     })
+}
+
+/// After the session: the kernel has unmounted when the session ended by an unmount; when it
+/// ended otherwise (an error), the mount is still on top at `mountpoint` with nobody serving it,
+/// and is detached (lazily). Only the mount of device `dev` is touched: whatever lies under it,
+/// or was mounted there since, is not ours.
+fn leave_no_mount_behind(mountpoint: &std::path::Path, dev: Option<(u32, u32)>) {
+    let top = top_mount_at(mountpoint).ok().flatten();
+    if dev.is_none() || top.map(|e| e.dev) != dev {
+        return;
+    }
+    match super::umount::detach_lazily(mountpoint) {
+        Ok(()) => log::warn!(
+            "the session ended with {} still mounted: detached it",
+            mountpoint.display()
+        ),
+        Err(e) => log::error!(
+            "the session ended with {} still mounted and detaching it failed: {e}",
+            mountpoint.display()
+        ),
+    }
 }
 
 /// Mounting opens `/dev/fuse` as the calling user (fusermount3 does so too, with its own rights
@@ -458,13 +521,23 @@ fn snapshot_views(disk: &Disk) -> Vec<(String, String, Arc<dyn BlockDevice>)> {
 fn spawn_idle_flusher(
     disk: Arc<Disk>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    publish_dirty: impl Fn(u64) + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         // After a failure (say the host disk is full) wait longer before trying again.
         let mut retry_at: Option<std::time::Instant> = None;
+        let mut published: Option<(u64, std::time::Instant)> = None;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             // Woken at once when writers pile up dirty data, so a write-back overlaps their work.
             disk.wait_for_dirty_data(Duration::from_millis(100));
+            let dirty = disk.dirty_bytes();
+            let due = published.is_none_or(|(was, at)| {
+                was != dirty && (dirty == 0 || at.elapsed() >= DIRTY_PUBLISH_EVERY)
+            });
+            if due {
+                publish_dirty(dirty);
+                published = Some((dirty, std::time::Instant::now()));
+            }
             if retry_at.is_some_and(|t| std::time::Instant::now() < t) {
                 continue;
             }

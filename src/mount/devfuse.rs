@@ -49,6 +49,25 @@ impl DevFuse {
     }
 }
 
+/// Serve `session` until it ends, without fuser's unmount at its end. fuser unmounts the mount
+/// point's path once the session is over whatever the kernel did: after a clean unmount that
+/// second `umount(2)` fails with EINVAL (logged as a warning), or unmounts whatever is now on top
+/// at that folder (the file system a qcowfs mount was stacked over, a newer mount). The kernel
+/// has unmounted already when the session ends by an unmount; the daemon itself detaches what
+/// is left when it ends otherwise (`daemon`).
+pub fn serve_without_fuser_unmount(session: fuser::Session<DevFuse>) -> std::io::Result<()> {
+    // `spawn` moves the mount handle out of the session into the background handle, whose
+    // drop would unmount: it is never dropped.
+    let background = std::mem::ManuallyDrop::new(session.spawn()?);
+    // SAFETY: `guard` is read out once and `background` is never used nor dropped after: its
+    // other fields (the mount handle, a channel sender: a /dev/fuse descriptor the kernel has
+    // disconnected) are leaked on purpose until the daemon exits, moments later.
+    let guard = unsafe { std::ptr::read(&background.guard) };
+    guard
+        .join()
+        .map_err(|_| std::io::Error::other("the FUSE session thread panicked"))?
+}
+
 fn reply_empty(reply: ReplyEmpty, r: Result<(), Errno>) {
     match r {
         Ok(()) => reply.ok(),

@@ -4,10 +4,12 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
+
+use super::log_target;
 
 /// New log files are private to the mounting user: they name images and mount points.
 const LOG_FILE_MODE: u32 = 0o600;
@@ -19,7 +21,7 @@ struct FileLog {
 
 impl log::Log for FileLog {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= self.level
+        log_target::wanted(metadata, self.level)
     }
 
     fn log(&self, record: &log::Record) {
@@ -61,9 +63,72 @@ pub fn init(path: &Path, level: log::LevelFilter) -> std::io::Result<()> {
     }))
     .is_ok()
     {
-        log::set_max_level(level);
+        log::set_max_level(log_target::max_level(level));
     }
     Ok(())
+}
+
+/// Where a daemon logs when no syslog listens: `$XDG_STATE_HOME/qcowfs/qcowfs.log` when that is
+/// set (the XDG folder for logs, any user), else `/var/log/qcowfs.log` for root, else
+/// `~/.local/state/qcowfs/qcowfs.log`. One file for every mount of the user, kept across reboots
+/// like syslog's (the runtime folder is a tmpfs); each line names the daemon's pid.
+pub fn fallback_path() -> Option<PathBuf> {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let dir = match (state, root) {
+        (Some(state), _) => state.join("qcowfs"),
+        (None, true) => return Some(PathBuf::from("/var/log/qcowfs.log")),
+        (None, false) => PathBuf::from(std::env::var_os("HOME")?).join(".local/state/qcowfs"),
+    };
+    Some(dir.join("qcowfs.log"))
+}
+
+/// The log file for a daemonized mount that names none: none while a syslog daemon listens at
+/// /dev/log, else [`fallback_path`] (its folder made, mode 0700). Also the line to say on the
+/// terminal once the mount is up (not before: a failed mount's stderr is its one error line).
+pub fn instead_of_syslog() -> (Option<PathBuf>, Option<String>) {
+    let socket = super::syslog::socket();
+    if super::syslog::listening(&socket) {
+        return (None, None);
+    }
+    let Some(path) = fallback_path() else {
+        let note = format!(
+            "warning: no syslog at {} and no HOME for a log file: the daemon's messages are lost \
+             (use --log-file)",
+            socket.display()
+        );
+        return (None, Some(note));
+    };
+    let opened = match path.parent() {
+        Some(dir) if !dir.exists() => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir),
+        _ => Ok(()),
+    }
+    .and_then(|()| open(&path));
+    match opened {
+        Ok(_) => {
+            let note = format!(
+                "logging to {} (no syslog at {})",
+                path.display(),
+                socket.display()
+            );
+            (Some(path), Some(note))
+        }
+        Err(e) => {
+            let note = format!(
+                "warning: no syslog at {} and {}: {e}: the daemon's messages are lost (use \
+                 --log-file)",
+                socket.display(),
+                path.display()
+            );
+            (None, Some(note))
+        }
+    }
 }
 
 /// The daemon's logger: `log_file` when given (falling back to syslog, with the reason logged,

@@ -7,6 +7,8 @@ mod devfuse;
 pub mod filelog;
 pub(crate) mod fs;
 mod inodes;
+pub mod list;
+mod log_target;
 mod mount_table;
 mod mountpoint;
 mod partitions;

@@ -14,6 +14,12 @@ pub struct MountEntry {
     pub fstype: String,
     /// The mount source: for qcowfs the canonical image path.
     pub source: PathBuf,
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+    /// Mounted read-only (the mount's own options).
+    pub read_only: bool,
+    /// FUSE's `user_id=`: the user who mounted it.
+    pub user_id: Option<u32>,
 }
 
 impl MountEntry {
@@ -28,23 +34,42 @@ pub fn top_mount_at(path: &Path) -> io::Result<Option<MountEntry>> {
     Ok(parse_top(&info, path))
 }
 
+/// Every mount of this mount namespace, in mount order.
+pub fn all_mounts() -> io::Result<Vec<MountEntry>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info.lines().filter_map(parse_line).collect())
+}
+
 /// Later lines of mountinfo are mounts made later: the last one at `path` is on top.
 fn parse_top(info: &str, path: &Path) -> Option<MountEntry> {
-    info.lines().rev().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let fields: Vec<&str> = left.split(' ').collect();
-        if unescape(fields.get(4)?) != path {
-            return None;
-        }
-        let (major, minor) = fields.get(2)?.split_once(':')?;
-        let mut right = right.split(' ');
-        let fstype = right.next()?.to_string();
-        let source = unescape(right.next().unwrap_or(""));
-        Some(MountEntry {
-            dev: (major.parse().ok()?, minor.parse().ok()?),
-            fstype,
-            source,
-        })
+    info.lines()
+        .rev()
+        .filter_map(parse_line)
+        .find(|e| e.mountpoint == path)
+}
+
+/// `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS`.
+fn parse_line(line: &str) -> Option<MountEntry> {
+    let (left, right) = line.split_once(" - ")?;
+    let fields: Vec<&str> = left.split(' ').collect();
+    let mountpoint = unescape(fields.get(4)?);
+    let read_only = fields.get(5)?.split(',').any(|o| o == "ro");
+    let (major, minor) = fields.get(2)?.split_once(':')?;
+    let mut right = right.split(' ');
+    let fstype = right.next()?.to_string();
+    let source = unescape(right.next().unwrap_or(""));
+    let user_id = right
+        .next()
+        .unwrap_or("")
+        .split(',')
+        .find_map(|o| o.strip_prefix("user_id=")?.parse().ok());
+    Some(MountEntry {
+        dev: (major.parse().ok()?, minor.parse().ok()?),
+        fstype,
+        source,
+        mountpoint,
+        read_only,
+        user_id,
     })
 }
 
@@ -90,6 +115,8 @@ mod tests {
         assert_eq!(top.dev, (0, 42));
         assert_eq!(top.fstype, "fuse.qcowfs");
         assert_eq!(top.source, PathBuf::from("/tmp/b c.qcow2"));
+        assert_eq!(top.user_id, Some(0));
+        assert!(!top.read_only);
         assert!(top.is_fuse());
         let tmpfs = parse_top(info, Path::new("/tmp/other")).unwrap();
         assert!(!tmpfs.is_fuse());

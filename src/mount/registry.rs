@@ -126,6 +126,16 @@ impl RuntimeDir {
         }
     }
 
+    /// `renameat` within the folder (replacing `to`).
+    fn rename(&self, from: &str, to: &str) {
+        let (Ok(from), Ok(to)) = (CString::new(from), CString::new(to)) else {
+            return;
+        };
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: a valid directory descriptor and C strings.
+        unsafe { libc::renameat(fd, from.as_ptr(), fd, to.as_ptr()) };
+    }
+
     fn read(&self, name: &str) -> Option<String> {
         let mut file = self
             .open_file(name, libc::O_RDONLY | libc::O_NONBLOCK)
@@ -250,6 +260,29 @@ impl Record {
         format!("{}.status", self.name)
     }
 
+    fn dirty_name(&self) -> String {
+        format!("{}.dirty", self.name)
+    }
+
+    /// Publish the bytes written to the mount but not yet stored in the image (`NAME.dirty`, for
+    /// `qcowfs list`): written beside and renamed over, so a reader sees a whole number.
+    pub fn write_dirty(&self, bytes: u64) {
+        let Ok(dir) = RuntimeDir::open(&self.dir, false) else {
+            return;
+        };
+        let tmp = format!("{}.tmp", self.dirty_name());
+        dir.remove(&tmp);
+        let Ok(mut file) = dir.open_file(&tmp, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL)
+        else {
+            return;
+        };
+        if file.write_all(format!("{bytes}\n").as_bytes()).is_ok() {
+            dir.rename(&tmp, &self.dirty_name());
+        } else {
+            dir.remove(&tmp);
+        }
+    }
+
     /// Write the record and hold its lock; the lock is released when the returned file is dropped.
     /// A record another live daemon holds is left alone (its lock is tried before anything is
     /// changed); a stale one is replaced by a new file.
@@ -270,6 +303,7 @@ impl Record {
         }
         dir.remove(&self.pid_name());
         dir.remove(&self.status_name());
+        dir.remove(&self.dirty_name());
         let mut file = dir.open_file(
             &self.pid_name(),
             libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
@@ -356,6 +390,7 @@ impl Record {
         if still_ours {
             dir.remove(&self.pid_name());
             dir.remove(&self.status_name());
+            dir.remove(&self.dirty_name());
         }
     }
 
@@ -372,6 +407,7 @@ impl Record {
             let _ = file.write_all(status.as_bytes());
         }
         if self.recorded_pid(&dir) == Some(std::process::id()) {
+            dir.remove(&self.dirty_name());
             dir.remove(&self.pid_name());
         }
     }
@@ -382,6 +418,96 @@ impl Record {
         dir.remove(&self.status_name());
         Some(status)
     }
+}
+
+/// One record of the runtime folder, as `qcowfs list` reads it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// The FUSE mount's device numbers (none for a record named by the folder's hash).
+    pub dev: Option<(u32, u32)>,
+    pub pid: u32,
+    pub mountpoint: PathBuf,
+    /// The image (the mount's source), when recorded.
+    pub source: Option<PathBuf>,
+    /// Whether `pid` is a live qcowfs daemon of ours holding the record's lock (a stale record's
+    /// pid may name a newer daemon by now).
+    pub alive: bool,
+    /// The daemon's last published dirty bytes.
+    pub dirty: Option<u64>,
+    pub modified: std::time::SystemTime,
+}
+
+/// Every record in this user's runtime folder (none when the folder is missing or not private).
+pub fn recorded() -> Vec<Recorded> {
+    let path = runtime_dir();
+    let Ok(dir) = RuntimeDir::open(&path, false) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(&path) else {
+        return Vec::new();
+    };
+    let held = flocks_held();
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(name) = file.to_str().and_then(|n| n.strip_suffix(".pid")) else {
+            continue;
+        };
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        let Some(text) = dir.read(&format!("{name}.pid")) else {
+            continue;
+        };
+        let mut lines = text.lines();
+        let Some(pid) = lines.next().and_then(|p| p.trim().parse::<u32>().ok()) else {
+            continue;
+        };
+        let Some(mountpoint) = lines.next().map(PathBuf::from) else {
+            continue;
+        };
+        let source = lines.next().map(PathBuf::from);
+        let dev = name.strip_prefix("dev-").and_then(|rest| {
+            let mut parts = rest.split('-');
+            Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+        });
+        let dirty = dir
+            .read(&format!("{name}.dirty"))
+            .and_then(|t| t.trim().parse().ok());
+        out.push(Recorded {
+            dev,
+            pid,
+            mountpoint,
+            source,
+            alive: is_our_daemon(pid)
+                && held.as_ref().is_none_or(|h| h.contains(&(pid, meta.ino()))),
+            dirty,
+            modified: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+        });
+    }
+    out
+}
+
+/// The (pid, inode) of every flock held on this host, from /proc/locks (None when unreadable):
+/// whether a daemon holds its record is read there, without taking the lock.
+fn flocks_held() -> Option<std::collections::HashSet<(u32, u64)>> {
+    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    Some(parse_flocks(&text))
+}
+
+/// `1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF`; blocked requests (`->`) hold nothing.
+fn parse_flocks(text: &str) -> std::collections::HashSet<(u32, u64)> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(1) != Some(&"FLOCK") {
+                return None;
+            }
+            let pid = fields.get(4)?.parse().ok()?;
+            let inode = fields.get(5)?.rsplit(':').next()?.parse().ok()?;
+            Some((pid, inode))
+        })
+        .collect()
 }
 
 /// The record name (without `.pid`) starting with `prefix` then a pid whose pid file changed
@@ -445,6 +571,44 @@ mod tests {
         let status = dir.join(record.status_name());
         assert_eq!(std::fs::metadata(&status).unwrap().mode() & 0o777, 0o600);
         assert_eq!(record.take_status().as_deref(), Some("all written"));
+    }
+
+    #[test]
+    fn held_flocks_are_read_from_proc_locks_and_waiting_ones_are_not() {
+        let text = "\
+1: FLOCK  ADVISORY  WRITE 1234 00:1a:5678 0 EOF
+1: -> FLOCK  ADVISORY  WRITE 999 00:1a:5678 0 EOF
+2: OFDLCK ADVISORY  READ -1 fe:00:10053897 203 203
+3: POSIX  ADVISORY  WRITE 77 fe:00:42 0 EOF
+";
+        let held = parse_flocks(text);
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert!(held.contains(&(1234, 5678)));
+    }
+
+    #[test]
+    fn dirty_bytes_are_replaced_whole_and_go_with_the_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("qcowfs");
+        let mut record = Record::in_dir(dir.clone(), Path::new("/mnt/x"), None);
+        record.name = format!("{}-{}", record.name, std::process::id());
+        record.pid_file = dir.join(record.pid_name());
+        let _held = record
+            .write_pid(std::process::id(), Path::new("/mnt/x"))
+            .unwrap();
+        let dirty = dir.join(record.dirty_name());
+        record.write_dirty(4096);
+        record.write_dirty(65536);
+        assert_eq!(std::fs::read_to_string(&dirty).unwrap(), "65536\n");
+        assert_eq!(std::fs::metadata(&dirty).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            2,
+            "no temporary left"
+        );
+        record.write_status("");
+        assert!(!dirty.exists());
+        assert!(!record.pid_file.exists());
     }
 
     #[test]

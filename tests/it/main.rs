@@ -37,6 +37,7 @@ mod io_uring;
 mod key_discipline;
 mod kill_9;
 mod layers;
+mod list;
 mod luks;
 mod memory;
 mod mount_states;

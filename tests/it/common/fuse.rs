@@ -32,11 +32,26 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    qcowfs_with_env(args, stdin, cwd, &[])
+}
+
+/// `qcowfs ARGS` with stdin bytes, a working directory and extra environment variables.
+pub fn qcowfs_with_env<I, S>(
+    args: I,
+    stdin: Option<&[u8]>,
+    cwd: &Path,
+    env: &[(&str, &OsStr)],
+) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
     run_with(
         Command::new(qcowfs_bin())
             .args(args)
             .current_dir(cwd)
-            .env("RUST_BACKTRACE", "0"),
+            .env("RUST_BACKTRACE", "0")
+            .envs(env.iter().copied()),
         stdin,
         COMMAND_TIMEOUT,
     )
@@ -148,6 +163,18 @@ impl Mount {
         stdin: Option<&[u8]>,
         cwd: &Path,
     ) -> Result<Mount, Run> {
+        Self::try_new_with_env(image, options, stdin, cwd, &[]).map(|(m, _)| m)
+    }
+
+    /// Like [`Mount::try_new`] with extra environment variables for the mount command (and its
+    /// daemon); also returns what the mount command printed.
+    pub fn try_new_with_env<S: AsRef<OsStr>>(
+        image: &Path,
+        options: &[S],
+        stdin: Option<&[u8]>,
+        cwd: &Path,
+        env: &[(&str, &OsStr)],
+    ) -> Result<(Mount, Run), Run> {
         require_fuse();
         let dir = tempfile::Builder::new()
             .prefix("qcowfs-mnt-")
@@ -159,7 +186,7 @@ impl Mount {
         args.extend(options.iter().map(|o| o.as_ref().to_os_string()));
         args.push(image.into());
         args.push(mountpoint.clone().into());
-        let r = qcowfs_with(&args, stdin, cwd);
+        let r = qcowfs_with_env(&args, stdin, cwd, env);
         let mounted = is_mounted(&mountpoint);
         let dev = fs::metadata(&mountpoint).map(|m| m.dev()).unwrap_or(0);
         let daemon = if mounted {
@@ -194,7 +221,7 @@ impl Mount {
                 r.stderr
             );
         }
-        Ok(guard)
+        Ok((guard, r))
     }
 
     pub fn mountpoint(&self) -> &Path {
