@@ -28,6 +28,7 @@ QCOWFS_DEPS=(
 	partx:util-linux
 	fstrim:util-linux
 	mountpoint:util-linux
+	findmnt:util-linux
 	umount:mount
 	man:man-db
 	mandb:man-db

@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 
 use super::devfuse::{serve_without_fuser_unmount, DevFuse};
 use super::fs::QcowFs;
+use super::kernel_mount::{self, KernelMount};
 use super::log_target::LIFECYCLE;
 use super::mount_table::top_mount_at;
 use super::registry::Record;
@@ -344,14 +345,13 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
             }
         });
     }
+    let source = std::fs::canonicalize(&req.image)
+        .unwrap_or_else(|_| req.image.clone())
+        .display()
+        .to_string();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
-        fuser::MountOption::FSName(
-            std::fs::canonicalize(&req.image)
-                .unwrap_or_else(|_| req.image.clone())
-                .display()
-                .to_string(),
-        ),
+        fuser::MountOption::FSName(source.clone()),
         fuser::MountOption::Subtype("qcowfs".into()),
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoDev,
@@ -368,8 +368,27 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
     config.n_threads = Some(FUSE_THREADS);
     config.clone_fd = true;
     let notifier_slot = fs.notifier_slot();
-    let session = fuser::Session::new(glue, &req.mountpoint, &config)
-        .map_err(|e| Error::new(&req.mountpoint, e))?;
+    // As root the mount is made here, as `fuse.qcowfs` (see kernel_mount); it is then ours to
+    // undo when the session cannot start.
+    let own = kernel_mount::mount(&KernelMount {
+        mountpoint: &mountpoint,
+        source: &source,
+        read_only: req.read_only,
+        allow_other: req.allow_other,
+    })
+    .map_err(|e| Error::new(&req.mountpoint, e).as_role(crate::error::Role::Mountpoint))?;
+    let self_mounted = own.is_some();
+    let undo = |e: Error| {
+        if self_mounted {
+            let _ = detach(&mountpoint);
+        }
+        e
+    };
+    let session = match own {
+        Some(fd) => fuser::Session::from_fd(glue, fd, config.acl, config.clone()),
+        None => fuser::Session::new(glue, &req.mountpoint, &config),
+    }
+    .map_err(|e| undo(Error::new(&req.mountpoint, e)))?;
     let _ = notifier_slot.set(session.notifier());
     let mut transport = "/dev/fuse".to_string();
     match (queues, accepted) {
@@ -380,14 +399,14 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
                     transport = format!("io_uring, {} queues", r.queues);
                     *running.lock() = Some(r);
                 }
-                // Dropping the session unmounts.
-                Err(e) if req.io_uring == Mode::On => return Err(io_uring_refused(req, &e)),
+                // Dropping the session unmounts a mount fuser made; ours is undone here.
+                Err(e) if req.io_uring == Mode::On => return Err(undo(io_uring_refused(req, &e))),
                 Err(e) => log::warn!("{e}; requests on /dev/fuse"),
             }
         }
         (Some(_), _) if req.io_uring == Mode::On => {
             let e = "the kernel did not offer FUSE over io_uring in INIT".to_string();
-            return Err(io_uring_refused(req, &e));
+            return Err(undo(io_uring_refused(req, &e)));
         }
         _ => {}
     }

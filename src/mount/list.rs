@@ -83,7 +83,7 @@ fn join(mounts: &[MountEntry], mut records: Vec<Recorded>, euid: u32) -> Vec<Lis
             .max_by_key(|(_, r)| (r.alive, r.modified))
             .map(|(i, _)| i);
         let Some(i) = best else {
-            // Root's mounts are plain "fuse": without a record, only the type tells qcowfs.
+            // Mounts of older qcowfs as root are plain "fuse": without a record, only the type tells.
             if m.fstype == "fuse.qcowfs" {
                 rows.push(Listed {
                     image: m.source.clone(),

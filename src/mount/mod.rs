@@ -7,6 +7,7 @@ mod devfuse;
 pub mod filelog;
 pub(crate) mod fs;
 mod inodes;
+mod kernel_mount;
 pub mod list;
 mod log_target;
 mod mount_table;

@@ -37,7 +37,7 @@ pub fn canonical(path: &Path) -> Result<PathBuf> {
 }
 
 /// Whether the FUSE mount `entry` is one of qcowfs: its type says so (non-root mounts), or a
-/// qcowfs daemon recorded itself for its device (root's mounts are plain "fuse").
+/// qcowfs daemon recorded itself for its device (mounts made as root by older versions are plain "fuse").
 pub fn is_qcowfs(canon: &Path, entry: &MountEntry) -> bool {
     entry.is_fuse()
         && (entry.fstype == "fuse.qcowfs" || Record::for_mount(canon, Some(entry)).was_recorded())

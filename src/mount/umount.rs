@@ -39,7 +39,7 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
         canon.display(),
         record.pid_file.display()
     );
-    // As root the kernel records the type as plain "fuse"; our record tells it is ours.
+    // Older versions mounted as plain "fuse" as root; our record tells it is ours.
     if pid.is_none() && !is_qcowfs(&canon, &entry) {
         return Err(Error::new(
             mountpoint,

@@ -246,9 +246,11 @@ fn a_read_only_mount_of_an_overlay_without_data_says_nothing_about_new_data() {
     let um = qcowfs(["umount".as_ref(), mnt.as_os_str()]);
     r.assert_success();
     um.assert_success();
-    assert!(
-        r.stderr.is_empty(),
-        "a read-only mount warned: {}",
-        r.stderr
-    );
+    // Without syslog the mount names its log file; nothing else may be said.
+    let said: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| !l.starts_with("qcowfs: logging to "))
+        .collect();
+    assert!(said.is_empty(), "a read-only mount warned: {}", r.stderr);
 }

@@ -70,6 +70,17 @@ fn lists_both_mounts_with_mode_pid_and_dirty_bytes_until_unmounted() {
     let ro_img = qcow2(dir.path().join("ro.qcow2"), 16 * MIB).create();
     let rw = Mount::new(&rw_img.path, &[] as &[&str]);
     let ro = Mount::new(&ro_img.path, &["--read-only"]);
+    // The kernel lists both as fuse.qcowfs, as findmnt -t and umount -a -t select them.
+    let r = run_ok("findmnt", ["-n", "-t", "fuse.qcowfs", "-o", "TARGET"]);
+    for m in [rw.mountpoint(), ro.mountpoint()] {
+        let want = canonical(m);
+        assert!(
+            r.stdout_str().lines().any(|l| Path::new(l.trim()) == want),
+            "findmnt -t fuse.qcowfs does not list {}:\n{}",
+            want.display(),
+            r.stdout_str()
+        );
+    }
 
     // A writer that keeps writing (never idle long enough for the background flush) and never
     // syncs: the daemon holds dirty data as long as it runs.
