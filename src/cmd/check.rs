@@ -1,4 +1,5 @@
-//! `qcowfs check`: `qemu-img check` on an encrypted image, with its keys handed over safely.
+//! `qcowfs check`: `qemu-img check` on an encrypted image, with its keys handed over safely and
+//! its layers handed over as the files qcowfs opened.
 //!
 //! QEMU's own repair hint, `qemu-img check -r all IMAGE`, fails on every encrypted image: QEMU
 //! needs `--object secret,...` and `--image-opts` with each encrypted layer's key named, and the
@@ -11,7 +12,7 @@
 use std::ffi::CString;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
@@ -44,45 +45,64 @@ pub enum Verdict {
 /// Run `qemu-img check` on `opts.image` with `keys`; qemu-img's report goes to this process's
 /// stdout and stderr as it prints it.
 pub fn run(opts: &CheckOptions, keys: &KeyRing) -> Result<Verdict> {
-    let chain = Chain::open(
-        &opts.image,
-        keys,
-        OpenOptions {
-            writable: false,
-            force_share: true,
-            without_keys: false,
-            keep_rejected_keys: true,
-            backing_within: opts.backing_within.clone(),
-            ..Default::default()
-        },
-    )?;
-    KeyCheck::of(&chain)?.require_right()?;
+    let open = |force_share: bool, without_keys: bool| {
+        Chain::open(
+            &opts.image,
+            keys,
+            OpenOptions {
+                writable: false,
+                force_share,
+                without_keys,
+                keep_rejected_keys: !without_keys,
+                backing_within: opts.backing_within.clone(),
+                ..Default::default()
+            },
+        )
+    };
+    // With QEMU's reader locks (unless -U): an image a VM holds is in use, said as qcowfs says it.
+    KeyCheck::of(&open(opts.force_share, false)?)?.require_right()?;
+    // qemu-img is handed the very files qcowfs opened (and confined), layer by layer, by
+    // descriptor: left to itself it would find the backing chain again by name, protocol
+    // prefixes (nbd:, json:) and all. Opened without locks, so that qemu-img takes its own.
+    let chain = open(true, true)?;
     let mut secrets = Vec::new();
+    let mut files = Vec::new();
     let mut objects = Vec::new();
-    let mut image_opts = format!("driver=qcow2,file.filename={}", opt_value(&opts.image)?);
+    let mut image_opts = Vec::new();
     let mut prefix = String::new();
     for layer in chain.layers() {
-        if let Layer::Qcow2(q) = layer {
-            if q.encryption() != Encryption::None {
-                let Some(key) = keys.for_layer(q.path()) else {
-                    return Err(Error::new(
-                        q.path(),
-                        crate::crypto::CryptoError::NoPassphrase,
-                    ));
-                };
-                let id = format!("qcowfs-key{}", secrets.len());
-                let fd = secret_file(key).map_err(|e| Error::new("memfd", e))?;
-                objects.push(format!(
-                    "secret,id={id},file=/proc/self/fd/{}",
-                    fd.as_raw_fd()
+        let (driver, file, encryption) = match layer {
+            Layer::Qcow2(q) => ("qcow2", q.file(), q.encryption()),
+            Layer::Raw(f) => ("raw", f, Encryption::None),
+        };
+        let fd = inherited(file).map_err(|e| Error::new(layer.path(), e))?;
+        image_opts.push(format!("{prefix}driver={driver}"));
+        image_opts.push(format!("{prefix}file.driver=file"));
+        image_opts.push(format!(
+            "{prefix}file.filename=/proc/self/fd/{}",
+            fd.as_raw_fd()
+        ));
+        files.push(fd);
+        if encryption != Encryption::None {
+            let Some(key) = keys.for_layer(layer.path()) else {
+                return Err(Error::new(
+                    layer.path(),
+                    crate::crypto::CryptoError::NoPassphrase,
                 ));
-                image_opts.push_str(&format!(",{prefix}encrypt.key-secret={id}"));
-                secrets.push(fd);
-            }
+            };
+            let id = format!("qcowfs-key{}", secrets.len());
+            let fd = secret_file(key).map_err(|e| Error::new("memfd", e))?;
+            objects.push(format!(
+                "secret,id={id},file=/proc/self/fd/{}",
+                fd.as_raw_fd()
+            ));
+            image_opts.push(format!("{prefix}encrypt.key-secret={id}"));
+            secrets.push(fd);
         }
         prefix.push_str("backing.");
     }
     drop(chain);
+    let image_opts = image_opts.join(",");
     let mut cmd = Command::new("qemu-img");
     cmd.arg("check");
     for object in &objects {
@@ -105,7 +125,7 @@ pub fn run(opts: &CheckOptions, keys: &KeyRing) -> Result<Verdict> {
             _ => err,
         }
     })?;
-    drop(secrets);
+    drop((secrets, files));
     match status.code() {
         Some(0) => Ok(Verdict::Clean { leaks: false }),
         Some(3) => Ok(Verdict::Clean { leaks: true }),
@@ -123,16 +143,19 @@ pub fn run(opts: &CheckOptions, keys: &KeyRing) -> Result<Verdict> {
     }
 }
 
-/// A path as a value of QEMU's `key=value,...` options: a comma is doubled. Paths that QEMU's
-/// option parser cannot take whole (not UTF-8) are refused by name.
-fn opt_value(path: &Path) -> Result<String> {
-    let Some(text) = path.to_str() else {
-        return Err(Error::new(
-            path,
-            Problem::Refused("qemu-img cannot be given a path that is not UTF-8".into()),
-        ));
-    };
-    Ok(text.replace(',', ",,"))
+/// A descriptor of `file` that a child inherits (dup(2) leaves close-on-exec off): qemu-img
+/// opens the layer as /proc/self/fd/N.
+fn inherited(file: &crate::io::HostFile) -> std::io::Result<OwnedFd> {
+    let os = file
+        .os_file()
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::Unsupported))?;
+    // SAFETY: dup of a valid descriptor; the new one is owned by the OwnedFd.
+    let fd = unsafe { libc::dup(os.as_raw_fd()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: dup returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// An anonymous memory file holding `key`, inherited by the child (no close-on-exec) and by no
@@ -154,14 +177,6 @@ fn secret_file(key: &[u8]) -> std::io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::ffi::OsStrExt;
-
-    #[test]
-    fn commas_in_paths_are_doubled_for_qemu() {
-        assert_eq!(opt_value(Path::new("/a,b/c")).unwrap(), "/a,,b/c");
-        let odd = Path::new(std::ffi::OsStr::from_bytes(b"/a\xff"));
-        assert!(opt_value(odd).is_err());
-    }
 
     #[test]
     fn the_secret_file_holds_exactly_the_key() {

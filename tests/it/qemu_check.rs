@@ -151,3 +151,34 @@ fn check_finds_and_repairs_an_encrypted_image_with_its_key_kept_off_the_command_
         assert!(r.stdout.is_empty(), "qemu-img ran: {}", r.stdout_str());
     }
 }
+
+/// qemu-img is handed the layers qcowfs opened, by descriptor: a backing name that QEMU would read
+/// as a network address (`nbd:...`) is the file of that name beside the image, as qcowfs reads it,
+/// and qemu-img connects nowhere.
+#[test]
+fn check_hands_qemu_img_the_files_qcowfs_opened_not_names_it_would_resolve_again() {
+    let dir = workdir();
+    let decoy = dir.path().join("nbd:127.0.0.1:9");
+    let made = qcow2(dir.path().join("base.qcow2"), 16 * MIB).create();
+    made.write_pattern(0, MIB, 0x33);
+    fs::rename(&made.path, &decoy).unwrap();
+    run_ok(
+        "qemu-img",
+        [
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "nbd:127.0.0.1:9",
+            "-F",
+            "qcow2",
+            dir.path().join("top.qcow2").to_str().unwrap(),
+            "16M",
+        ],
+    );
+    let r = qcowfs(["check", dir.path().join("top.qcow2").to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(0), "{}{}", r.stdout_str(), r.stderr);
+    assert!(!r.stderr.contains("connect"), "{}", r.stderr);
+}
