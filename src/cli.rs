@@ -317,7 +317,7 @@ pub struct KeyArgs {
     pub layer_passphrase_file: Vec<String>,
     /// Instead of IMAGE: the first disk of libvirt domain NAME, with its libvirt secret (as
     /// virt-cat -d); a running domain's disk is read without locks and never written
-    #[arg(short = 'd', long = "domain", value_name = "NAME")]
+    #[arg(short = 'd', long = "domain", value_name = "NAME", value_parser = domain_left_over)]
     pub domain: Option<String>,
     /// How many times the terminal prompt asks again when the passphrase typed is wrong
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -557,8 +557,8 @@ pub struct AuditArgs {
     pub force_share: bool,
     #[command(flatten)]
     pub confine: ConfineArgs,
-    /// Audit every disk of libvirt domain NAME (given instead of DIR|IMAGE)
-    #[arg(short = 'd', long = "domain", value_name = "NAME")]
+    /// Audit every qcow2 disk of libvirt domain NAME (given instead of DIR|IMAGE)
+    #[arg(short = 'd', long = "domain", value_name = "NAME", value_parser = domain_left_over)]
     pub domain: Option<String>,
     /// Folders to search (nova instance folders, storage pools: every qcow2 down to DIR/*/*, and
     /// nova's DIR/*/disk*; DIR/_base is not searched) or qcow2 image files
@@ -624,6 +624,12 @@ pub struct CheckKeyArgs {
     pub force_share: bool,
     /// The image whose chain to check
     pub image: PathBuf,
+}
+
+/// `-d NAME` is resolved before clap parses (`domain_args`); one that reaches clap was given where
+/// that could not see it: inside a group of flags (`-Ud NAME`).
+fn domain_left_over(_: &str) -> std::result::Result<String, String> {
+    Err("give -d NAME on its own, not in a group of flags such as -Ud".into())
 }
 
 /// A libvirt secret UUID: 32 hex digits, dashes allowed between them (libvirt's own spellings),

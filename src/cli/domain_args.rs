@@ -59,7 +59,7 @@ fn rewrite_with(
     if !COMMANDS.contains(&command.as_str()) {
         return Ok(argv);
     }
-    let (rest, name) = take_domain(&argv[at + 1..])?;
+    let (rest, name) = take_domain(&command, &argv[at + 1..])?;
     let Some(name) = name else {
         return Ok(argv);
     };
@@ -69,7 +69,10 @@ fn rewrite_with(
     let writes = match command.as_str() {
         "edit" | "write" | "copy-in" | "rm" | "mkdir" | "seal" => true,
         "mount" => !read_only,
-        "check" => has(&["-r", "--repair"]),
+        "check" => rest.iter().any(|a| {
+            let a = a.to_string_lossy();
+            a.starts_with("-r") || a.starts_with("--repair")
+        }),
         _ => false,
     };
     if domain.running && writes {
@@ -82,10 +85,28 @@ fn rewrite_with(
         ));
     }
     let mut out: Vec<OsString> = argv[..=at].to_vec();
+    // libvirt opens a disk with the format its XML declares and never probes it; qcowfs would
+    // read the file's own header, which the guest of a raw disk writes. So only qcow2 disks.
     let disks: Vec<_> = match command.as_str() {
-        "audit" => domain.disks.iter().collect(),
+        "audit" => domain
+            .disks
+            .iter()
+            .filter(|d| d.format == "qcow2")
+            .collect(),
         _ => domain.disks.iter().take(1).collect(),
     };
+    let refused = match disks.first() {
+        None => Some(format!("libvirt domain {name} has no qcow2 disk")),
+        Some(d) if d.format != "qcow2" => Some(format!(
+            "disk {} of libvirt domain {name} is {}, and qcowfs reads qcow2 images (a raw disk \
+             needs no qcowfs: mount -o loop,ro)",
+            d.target, d.format
+        )),
+        Some(_) => None,
+    };
+    if let Some(why) = refused {
+        return Err(Error::new(&name, Problem::Refused(why)));
+    }
     out.extend(disks.iter().map(|d| d.image.clone().into_os_string()));
     if let Some(uuid) = disks.first().and_then(|d| d.secret.as_ref()) {
         if command != "audit" && !has(PASSPHRASE_OPTIONS) {
@@ -106,14 +127,41 @@ fn rewrite_with(
     Ok(out)
 }
 
-/// `args` without `-d NAME` / `--domain NAME` / `--domain=NAME` / `-dNAME` (before a `--`), and
-/// the name.
-fn take_domain(args: &[OsString]) -> Result<(Vec<OsString>, Option<String>)> {
+/// Options whose value is the next argument (which is then never taken for `-d`).
+const TAKE_VALUES: &[&str] = &[
+    "--passphrase-file",
+    "--passphrase-base64-file",
+    "--libvirt-secret",
+    "--layer-passphrase-file",
+    "--backing-within",
+    "--cache-size",
+    "--metadata-cache",
+    "--log-file",
+    "--io-uring",
+    "--partition",
+    "--lv",
+    "--subvolume",
+    "--editor",
+    "--tries",
+    "--repair",
+];
+
+/// `args` of `command` without `-d NAME` / `--domain NAME` / `--domain=NAME` / `-dNAME` (before a
+/// `--`, and never an option's value), and the name. A `-d` inside a group of flags (`-Ud`) is
+/// left to clap, which refuses it.
+fn take_domain(command: &str, args: &[OsString]) -> Result<(Vec<OsString>, Option<String>)> {
     let mut rest = Vec::new();
     let mut name = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let text = arg.to_string_lossy();
+        let takes_value =
+            TAKE_VALUES.contains(&text.as_ref()) || (command == "check" && text == "-r");
+        if takes_value {
+            rest.push(arg.clone());
+            rest.extend(it.next().cloned());
+            continue;
+        }
         let value = if text == "--" {
             rest.push(arg.clone());
             rest.extend(it.by_ref().cloned());
@@ -168,11 +216,13 @@ mod tests {
                         image: PathBuf::from("/i/disk"),
                         target: "vda".into(),
                         secret: Some("3f8f9a5e-6d7c-4e11-9a9b-2f1c0d7e8a41".into()),
+                        format: "qcow2".into(),
                     },
                     DomainDisk {
                         image: PathBuf::from("/i/disk.eph0"),
                         target: "vdb".into(),
                         secret: None,
+                        format: "qcow2".into(),
                     },
                 ],
                 running,
@@ -232,5 +282,10 @@ mod tests {
         assert_eq!(joined(out), "qcowfs ls /img /etc -- -d x");
         let out = rewrite_with(args("qcowfs umount -d /mnt"), &vm(false)).unwrap();
         assert_eq!(joined(out), "qcowfs umount -d /mnt");
+        // An option's value is never the domain option.
+        let line = "qcowfs info --passphrase-file -d /img";
+        assert_eq!(joined(rewrite_with(args(line), &vm(false)).unwrap()), line);
+        let line = "qcowfs check -r -d /img";
+        assert_eq!(joined(rewrite_with(args(line), &vm(false)).unwrap()), line);
     }
 }

@@ -31,6 +31,10 @@ pub struct DomainDisk {
     pub target: String,
     /// The libvirt secret holding its passphrase, if it is encrypted.
     pub secret: Option<String>,
+    /// The format libvirt opens it with (`<driver type='qcow2'/>`): libvirt never probes it, and
+    /// neither may qcowfs, or a raw disk whose guest wrote a qcow2 header would name its own
+    /// backing file on the host.
+    pub format: String,
 }
 
 /// What `-d DOMAIN` names.
@@ -48,9 +52,11 @@ fn dir_from_env(var: &str, default: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(default))
 }
 
-/// A domain name as libvirt allows it in a file name: no '/', no leading '.', not empty.
+/// A domain name as libvirt allows it in a file name: no '/', no leading '.' or '-' (an option
+/// to virsh), not empty.
 fn check_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.contains('/') || name.starts_with('.') || name.len() > 255 {
+    let bad_start = name.starts_with('.') || name.starts_with('-');
+    if name.is_empty() || name.contains('/') || bad_start || name.len() > 255 {
         return Err(Error::new(
             name,
             Problem::Usage("not a libvirt domain name".into()),
@@ -64,14 +70,20 @@ pub fn find(name: &str) -> Result<Domain> {
     check_name(name)?;
     let ask_virsh = std::env::var_os(LIBVIRT_QEMU_DIR_ENV).is_none();
     let virsh = |args: &[&str]| if ask_virsh { virsh(args) } else { None };
-    let (xml, from) = match virsh(&["dumpxml", name]) {
+    let (xml, from) = match virsh(&["dumpxml", "--domain", name]) {
         Some(Ok(xml)) => (xml, PathBuf::from("virsh dumpxml")),
-        Some(Err(why)) => {
+        Some(Err(why)) if why.contains("failed to get domain") => {
             return Err(Error::new(
                 name,
                 Problem::Io(std::io::Error::from_raw_os_error(libc::ENOENT)),
             )
-            .hint(format!("virsh dumpxml: {why}")))
+            .hint(format!("no libvirt domain {name} (virsh: {why})")))
+        }
+        Some(Err(why)) => {
+            return Err(Error::new(
+                name,
+                Problem::Refused(format!("virsh dumpxml failed: {why}")),
+            ))
         }
         None => {
             let path =
@@ -85,7 +97,7 @@ pub fn find(name: &str) -> Result<Domain> {
         }
     };
     let disks = disks(&xml).map_err(|why| Error::new(&from, Problem::Refused(why)))?;
-    let running = match virsh(&["domstate", name]) {
+    let running = match virsh(&["domstate", "--domain", name]) {
         Some(Ok(state)) => !matches!(state.trim(), "shut off" | "crashed"),
         _ => pid_file_alive(
             &dir_from_env(LIBVIRT_RUN_DIR_ENV, LIBVIRT_RUN_DIR).join(format!("{name}.pid")),
@@ -100,7 +112,8 @@ pub fn find(name: &str) -> Result<Domain> {
 
 /// `virsh ARGS`'s output; `None` when virsh is not installed.
 fn virsh(args: &[&str]) -> Option<std::result::Result<String, String>> {
-    let out = match Command::new("virsh").args(args).output() {
+    // In the C locale: its state words are parsed.
+    let out = match Command::new("virsh").args(args).env("LC_ALL", "C").output() {
         Ok(out) => out,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => return Some(Err(e.to_string())),
@@ -120,11 +133,16 @@ fn virsh(args: &[&str]) -> Option<std::result::Result<String, String>> {
 
 fn read_bounded(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     std::fs::File::open(path)?
         .take(MAX_XML)
-        .read_to_string(&mut text)?;
-    Ok(text)
+        .read_to_end(&mut bytes)?;
+    String::from_utf8(bytes).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not UTF-8: not a domain XML",
+        )
+    })
 }
 
 /// Whether the pid file names a live process (libvirt removes it when the domain stops; a stale
@@ -161,17 +179,30 @@ pub fn disks(xml: &str) -> std::result::Result<Vec<DomainDisk>, String> {
         if disk.attribute("device").unwrap_or("disk") != "disk" {
             continue;
         }
-        let Some(source) = disk.children().find(|n| n.has_tag_name("source")) else {
-            continue;
-        };
-        let Some(file) = source.attribute("file").or(source.attribute("dev")) else {
-            continue;
-        };
         let target = disk
             .children()
             .find(|n| n.has_tag_name("target"))
             .and_then(|t| t.attribute("dev"))
             .unwrap_or("")
+            .to_string();
+        // A disk qcowfs cannot open is named, never skipped: "the first disk" must not quietly
+        // become the second.
+        let file = disk
+            .children()
+            .find(|n| n.has_tag_name("source"))
+            .and_then(|s| s.attribute("file").or(s.attribute("dev")));
+        let Some(file) = file.filter(|f| f.starts_with('/')) else {
+            return Err(format!(
+                "disk {target} is not an image file named by an absolute path (type '{}')",
+                disk.attribute("type").unwrap_or("?")
+            ));
+        };
+        // libvirt's default driver type is raw.
+        let format = disk
+            .children()
+            .find(|n| n.has_tag_name("driver"))
+            .and_then(|d| d.attribute("type"))
+            .unwrap_or("raw")
             .to_string();
         // libvirt puts <encryption> in <disk> (older) or in <source> (since 5.x).
         let secret = disk
@@ -185,6 +216,7 @@ pub fn disks(xml: &str) -> std::result::Result<Vec<DomainDisk>, String> {
             image: PathBuf::from(file),
             target,
             secret,
+            format,
         });
     }
     if out.is_empty() {
@@ -243,6 +275,7 @@ OVERWRITTEN AND LOST. Changes to this xml configuration should be made using:
             d[0].secret.as_deref(),
             Some("3f8f9a5e-6d7c-4e11-9a9b-2f1c0d7e8a41")
         );
+        assert_eq!(d[0].format, "qcow2");
         assert_eq!(d[1].target, "vdb");
         assert_eq!(
             d[1].secret.as_deref(),
@@ -252,11 +285,17 @@ OVERWRITTEN AND LOST. Changes to this xml configuration should be made using:
 
     #[test]
     fn names_that_are_paths_and_xml_without_disks_are_refused() {
-        for bad in ["", "../x", "a/b", ".hidden"] {
+        for bad in ["", "../x", "a/b", ".hidden", "--help"] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
         assert!(disks("<domain><devices/></domain>").is_err());
         assert!(disks("<network/>").is_err());
         assert!(disks("<domain").is_err());
+        let network = "<domain><devices><disk type='network' device='disk'><source \
+                       protocol='rbd' name='pool/vol'/><target dev='vda'/></disk></devices></domain>";
+        assert!(disks(network).unwrap_err().contains("vda"));
+        let relative = "<domain><devices><disk type='file' device='disk'><source \
+                        file='disk'/><target dev='vda'/></disk></devices></domain>";
+        assert!(disks(relative).is_err());
     }
 }

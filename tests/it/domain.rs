@@ -157,3 +157,44 @@ fn an_unknown_domain_is_one_line_and_not_found() {
     let r = host.qcowfs(&["ls", "-d", "../../etc/passwd", "/"], None);
     assert_eq!(r.status.code(), Some(2), "{}", r.stderr);
 }
+
+/// libvirt opens a disk with the format its XML declares and never probes it: a raw disk whose
+/// guest wrote a qcow2 header (naming a host file as its backing file) is refused, not read as
+/// qcow2; a `-d` inside a group of flags is a usage error, not ignored.
+#[test]
+fn a_raw_disk_is_refused_whatever_its_guest_wrote_and_d_must_stand_alone() {
+    let host = Host::new();
+    let raw = host.root().join("nova/6c3f/disk.raw");
+    qemu_img([
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "/etc/hostname",
+        "-F",
+        "raw",
+        raw.to_str().unwrap(),
+        "16M",
+    ]);
+    let xml = domain_xml(&raw).replace("type='qcow2'", "type='raw'");
+    fs::write(
+        host.root().join("qemu/rawvm.xml"),
+        xml.replace(NAME, "rawvm"),
+    )
+    .unwrap();
+    for args in [&["info", "-d", "rawvm"][..], &["seal", "-d", "rawvm"]] {
+        let r = host.qcowfs(args, None);
+        assert_one_line_error(&r, &["rawvm"], Duration::from_secs(60));
+        assert_eq!(r.status.code(), Some(1), "{}", r.stderr);
+        assert!(
+            r.stderr.contains("vda") && r.stderr.contains("is raw"),
+            "{}",
+            r.stderr
+        );
+    }
+    let r = host.qcowfs(&["check-key", "-Ud", NAME, "nova/6c3f/disk"], None);
+    assert_eq!(r.status.code(), Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("-d NAME on its own"), "{}", r.stderr);
+}
