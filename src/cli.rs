@@ -268,8 +268,9 @@ const GUEST_HELP_LS: &str = concat!(
     "Example:\n  qcowfs ls --passphrase-file key /var/lib/nova/instances/UUID/disk /var/log\n\n",
     "One line per entry: mode, uid, gid, size, mtime (UTC), name, and `-> target` for a symlink;\n",
     "-R lists the folders below too (each under a PATH: line, as ls -lR); --json prints one\n",
-    "object per entry and line instead, names that are not UTF-8 or hold control characters\n",
-    "escaped as \\xNN in both.\n",
+    "object per entry and line instead. Text escapes control characters and bytes that are not\n",
+    "UTF-8 as \\xNN; JSON gives names exactly (JSON's own escapes), and a name that is not UTF-8\n",
+    "also as path_base64 (target_base64).\n",
     "A file or symlink lists itself; a trailing / follows a final symlink (inside the guest).\n\n",
     guest_help_common!()
 );
@@ -474,7 +475,8 @@ pub struct GuestArgs {
 #[derive(Debug, Args)]
 pub struct LsArgs {
     /// One JSON object per entry and line (path, name, kind, mode, uid, gid, size, links, mtime,
-    /// mtime_utc, target)
+    /// mtime_utc, target; names as they are, and path_base64 / target_base64 beside a name that
+    /// is not UTF-8)
     #[arg(long)]
     pub json: bool,
     /// The folders below too, as ls -lR lists them

@@ -176,7 +176,6 @@ impl Failure {
             | LinkTooLong { .. }
             | BadXattrs(_)
             | SecondPath(_)
-            | TooDeep { .. }
             | TooManyEntries { .. }
             | TooMuchData { .. }
             | TooLong { .. } => Failure::Damaged,

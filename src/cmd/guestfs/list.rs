@@ -50,7 +50,8 @@ pub fn ls(gfs: &GuestFs, path: &OsStr, opts: LsOptions, out: &mut dyn Write) -> 
     let mut listing = Listing {
         gfs,
         opts,
-        folders: HashSet::new(),
+        folders: meta.id.into_iter().collect(),
+        dirs_left: gfs.tree().max_dirs().max(1),
         entries_left: gfs.fs_bytes() / 12,
     };
     let shown_dir = match bytes.len() > 1 && bytes.ends_with(b"/") {
@@ -70,6 +71,9 @@ struct Listing<'a> {
     /// Numbers of the folders listed: a folder met again (a loop in a damaged or hostile file
     /// system) is named and not listed twice, as GNU ls does.
     folders: HashSet<u64>,
+    /// Folders that may still be listed: no sound file system has more (where entries have no
+    /// number, as on FAT, this and the depth bound a loop).
+    dirs_left: u64,
     /// Entries that may still be listed: no more than the file system's bytes can hold.
     entries_left: u64,
 }
@@ -121,13 +125,15 @@ impl Listing<'_> {
         if !recursive {
             return Ok(true);
         }
-        for (name, child, meta, _) in lines.into_iter().filter(|l| l.2.is_dir()) {
+        // Only the folders are kept while the ones below are listed.
+        let folders: Vec<Line> = lines.into_iter().filter(|l| l.2.is_dir()).collect();
+        for (name, child, meta, _) in folders {
             let mut path = shown_dir.to_vec();
             if !path.ends_with(b"/") {
                 path.push(b'/');
             }
             path.extend_from_slice(&name);
-            if depth + 1 >= MAX_DEPTH {
+            if depth + 1 >= MAX_DEPTH || self.dirs_left == 0 {
                 return Err(gfs.guest_error(GuestError::TooDeep {
                     path: shown(&path),
                     max: MAX_DEPTH,
@@ -144,6 +150,7 @@ impl Listing<'_> {
                     continue;
                 }
             }
+            self.dirs_left -= 1;
             if !self.folder(&path, &child, &meta, depth + 1, out)? {
                 return Ok(false);
             }
@@ -173,8 +180,8 @@ fn write_line(
                 .find(|n| !n.is_empty())
                 .unwrap_or(&path);
             let mut o = serde_json::json!({
-                "path": shown(&path),
-                "name": shown(name),
+                "path": json_text(&path),
+                "name": json_text(name),
                 "kind": kind_name(meta.kind),
                 "mode": format!("{:04o}", meta.mode),
                 "uid": meta.uid,
@@ -185,7 +192,18 @@ fn write_line(
                 "mtime_utc": format!("{}Z", utc_time(meta.mtime.secs).replace(' ', "T")),
             });
             if let Some(t) = target {
-                o["target"] = serde_json::Value::String(shown(t));
+                o["target"] = serde_json::Value::String(json_text(t));
+            }
+            // A name that is not UTF-8 has no exact JSON string: its bytes go beside the text.
+            for (key, bytes) in [
+                ("path_base64", Some(&path)),
+                ("target_base64", target.as_ref()),
+            ] {
+                if let Some(b) = bytes.filter(|b| std::str::from_utf8(b).is_err()) {
+                    use base64::Engine;
+                    let text = base64::engine::general_purpose::STANDARD.encode(b);
+                    o[key] = serde_json::Value::String(text);
+                }
             }
             format!("{o}\n")
         }
@@ -208,6 +226,16 @@ fn write_line(
         }
     };
     write_stdout(out, text.as_bytes())
+}
+
+/// A guest name as a JSON string: as it is when it is UTF-8 (JSON escapes what needs it, so two
+/// names never print alike), else escaped as the text output shows it (and its bytes given in
+/// base64 beside it).
+fn json_text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_string(),
+        Err(_) => shown(bytes),
+    }
 }
 
 /// The word JSON gives a kind of entry (as `find -printf %y` spells them out).
