@@ -324,10 +324,13 @@ fn seal(
 ) -> Result<(), Error> {
     use std::io::IsTerminal;
     use std::sync::atomic::{AtomicBool, Ordering};
-    // Ctrl-C (or a TERM) asks the seal to stop at the next cluster, cleanly, and say so.
+    // Ctrl-C (or a TERM) asks the seal to stop at the next cluster, cleanly, and say so; a
+    // second one, while it cannot stop yet (a key's PBKDF2, a hung write), ends it at once, which
+    // is as safe as a kill: until the last step the image keeps its backing file.
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     for signal in [libc::SIGINT, libc::SIGTERM] {
-        signal_hook::flag::register(signal, stop.clone())
+        signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())
+            .and_then(|_| signal_hook::flag::register(signal, stop.clone()))
             .map_err(|e| Error::new("signal handler", e))?;
     }
     let bar = (!args.no_progress && std::io::stderr().is_terminal()).then(|| {
