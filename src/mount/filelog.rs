@@ -54,6 +54,29 @@ pub fn open(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Open a log file qcowfs chose itself (not one the user named): only in a folder of this user's
+/// own (or root's) that nobody else may write, and never through a symbolic link, so that
+/// another user who planted the folder or a link in it cannot aim the log at a file of ours.
+fn open_in_own_folder(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let meta = std::fs::symlink_metadata(dir)?;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if !meta.is_dir() || (meta.uid() != uid && meta.uid() != 0) || meta.mode() & 0o022 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "the folder is not this user's own, or others may write in it",
+        ));
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(LOG_FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
 /// Routes `log` to `path`.
 pub fn init(path: &Path, level: log::LevelFilter) -> std::io::Result<()> {
     let file = open(path)?;
@@ -68,67 +91,70 @@ pub fn init(path: &Path, level: log::LevelFilter) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Where a daemon logs when no syslog listens: `$XDG_STATE_HOME/qcowfs/qcowfs.log` when that is
-/// set (the XDG folder for logs, any user), else `/var/log/qcowfs.log` for root, else
-/// `~/.local/state/qcowfs/qcowfs.log`. One file for every mount of the user, kept across reboots
-/// like syslog's (the runtime folder is a tmpfs); each line names the daemon's pid.
-pub fn fallback_path() -> Option<PathBuf> {
-    let state = std::env::var_os("XDG_STATE_HOME")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from);
+/// Where a daemon may log when no syslog listens, best first: `$XDG_STATE_HOME/qcowfs/qcowfs.log`
+/// when that is set (the XDG folder for logs, any user), `/var/log/qcowfs.log` for root,
+/// `~/.local/state/qcowfs/qcowfs.log` in a home of the user's own, and last the runtime folder of
+/// the mount records. One file for every mount of the user, kept across reboots like syslog's
+/// where it can be (the runtime folder is a tmpfs); each line names the daemon's pid.
+pub fn fallback_paths() -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let dir = match (state, root) {
-        (Some(state), _) => state.join("qcowfs"),
-        (None, true) => return Some(PathBuf::from("/var/log/qcowfs.log")),
-        (None, false) => PathBuf::from(std::env::var_os("HOME")?).join(".local/state/qcowfs"),
-    };
-    Some(dir.join("qcowfs.log"))
+    let uid = unsafe { libc::geteuid() };
+    let mut paths = Vec::new();
+    if let Some(state) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        paths.push(PathBuf::from(state).join("qcowfs/qcowfs.log"));
+    }
+    if uid == 0 {
+        paths.push(PathBuf::from("/var/log/qcowfs.log"));
+    }
+    // Only a home of this user's own (a HOME inherited through su or setpriv is someone else's).
+    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        if std::fs::metadata(&home).is_ok_and(|m| m.uid() == uid) {
+            paths.push(PathBuf::from(home).join(".local/state/qcowfs/qcowfs.log"));
+        }
+    }
+    // Last, the runtime folder of the mount records (a tmpfs: gone at reboot, but there).
+    paths.push(super::registry::runtime_dir().join("qcowfs.log"));
+    paths
 }
 
 /// The log file for a daemonized mount that names none: none while a syslog daemon listens at
-/// /dev/log, else [`fallback_path`] (its folder made, mode 0700). Also the line to say on the
+/// /dev/log, else the first of [`fallback_paths`] that opens (its folder made, mode 0700). Also the line to say on the
 /// terminal once the mount is up (not before: a failed mount's stderr is its one error line).
 pub fn instead_of_syslog() -> (Option<PathBuf>, Option<String>) {
     let socket = super::syslog::socket();
     if super::syslog::listening(&socket) {
         return (None, None);
     }
-    let Some(path) = fallback_path() else {
-        let note = format!(
-            "warning: no syslog at {} and no HOME for a log file: the daemon's messages are lost \
-             (use --log-file)",
-            socket.display()
-        );
-        return (None, Some(note));
-    };
-    let opened = match path.parent() {
-        Some(dir) if !dir.exists() => std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir),
-        _ => Ok(()),
-    }
-    .and_then(|()| open(&path));
-    match opened {
-        Ok(_) => {
-            let note = format!(
-                "logging to {} (no syslog at {})",
-                path.display(),
-                socket.display()
-            );
-            (Some(path), Some(note))
+    let mut failed = Vec::new();
+    for path in fallback_paths() {
+        let opened = match path.parent() {
+            Some(dir) if !dir.exists() => std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir),
+            _ => Ok(()),
         }
-        Err(e) => {
-            let note = format!(
-                "warning: no syslog at {} and {}: {e}: the daemon's messages are lost (use \
-                 --log-file)",
-                socket.display(),
-                path.display()
-            );
-            (None, Some(note))
+        .and_then(|()| open_in_own_folder(&path));
+        match opened {
+            Ok(_) => {
+                let note = format!(
+                    "logging to {} (no syslog at {})",
+                    path.display(),
+                    socket.display()
+                );
+                return (Some(path), Some(note));
+            }
+            Err(e) => failed.push(format!("{}: {}", path.display(), crate::error::io_text(&e))),
         }
     }
+    let note = format!(
+        "warning: no syslog at {} and no log file ({}): the daemon's messages are lost (use \
+         --log-file)",
+        socket.display(),
+        failed.join("; ")
+    );
+    (None, Some(note))
 }
 
 /// The daemon's logger: `log_file` when given (falling back to syslog, with the reason logged,

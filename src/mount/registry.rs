@@ -22,7 +22,7 @@ use super::mount_table::{top_mount_at, MountEntry};
 
 /// The per-user runtime folder for qcowfs records: `/run/qcowfs` for root, else
 /// `$XDG_RUNTIME_DIR/qcowfs`, else `/run/user/UID/qcowfs`, else `/tmp/qcowfs-UID`.
-fn runtime_dir() -> PathBuf {
+pub(super) fn runtime_dir() -> PathBuf {
     let uid = euid();
     if uid == 0 {
         return PathBuf::from("/run/qcowfs");
