@@ -40,8 +40,13 @@ use crate::error::{Error, Problem, Result};
 use crate::keys::check::{KeyCheck, KeyPolicy};
 use crate::qcow2::{ClusterSource, Qcow2Image};
 
-/// Memory for the copy; dirty data is flushed whenever a quarter of it is used.
-const CACHE: u64 = 256 << 20;
+/// Memory for the copy; dirty data is stored whenever a quarter of it is used. With the metadata
+/// budget below, a seal peaks near 45 MiB whatever the image size (a 256 MiB cache made it 268
+/// MiB for a 10% faster copy of 1 GiB; qemu-img convert of the same chain takes longer still).
+const CACHE: u64 = 32 << 20;
+/// Memory for the chain's metadata (L2 tables, refcount blocks), all layers together: a seal
+/// walks the disk once, so a few tables at a time serve it.
+const METADATA: u64 = 8 << 20;
 /// Room kept free beyond the data: new L2 tables and refcount blocks.
 const METADATA_SLACK: u64 = 64 << 20;
 
@@ -84,6 +89,13 @@ pub fn seal(
         },
     )?;
     KeyCheck::of(&chain)?.enforce_for_writing(policy)?;
+    crate::qcow2::share_metadata_budget(
+        chain.layers().iter().filter_map(|l| match l {
+            crate::chain::Layer::Qcow2(q) => Some(&**q),
+            crate::chain::Layer::Raw(_) => None,
+        }),
+        METADATA,
+    );
     if chain.layers().len() == 1 {
         return Ok(SealReport::default());
     }
