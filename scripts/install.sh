@@ -29,17 +29,8 @@ if [ "$(id -u)" -ne 0 ] && [ -z "$DESTDIR" ]; then
 	die "run as root (it installs into $PREFIX and $SBINDIR), or set DESTDIR to stage the files"
 fi
 
-if [ -n "${QCOWFS_BIN:-}" ]; then
-	step "Using the qcowfs binary given by QCOWFS_BIN (no build)"
-	BIN=$QCOWFS_BIN
-else
-	step "Building qcowfs (release)"
-	command -v cargo >/dev/null 2>&1 ||
-		die "cargo not found; build as a user (cargo build --release) and pass QCOWFS_BIN=target/release/qcowfs"
-	(cd "$REPO" && cargo build --release --locked --bin qcowfs)
-	BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/qcowfs"
-fi
-[ -x "$BIN" ] || die "no executable qcowfs at $BIN"
+resolve_qcowfs
+BIN=$QCOWFS
 command -v strip >/dev/null 2>&1 || die "strip not found (Debian package binutils): it strips the installed binary"
 
 bindir="$DESTDIR$PREFIX/bin"

@@ -38,17 +38,8 @@ MAINTAINER=${DEB_MAINTAINER:-The qcowfs developers <qcowfs@example.invalid>}
 OUTDIR=${DEB_OUTDIR:-${CARGO_TARGET_DIR:-$REPO/target}/debian}
 NAME="qcowfs_${VERSION}-${REVISION}_${ARCH}"
 
-if [ -n "${QCOWFS_BIN:-}" ]; then
-	step "Using the qcowfs binary given by QCOWFS_BIN (no build)"
-	BIN=$QCOWFS_BIN
-else
-	step "Building qcowfs (release)"
-	command -v cargo >/dev/null 2>&1 ||
-		die "cargo not found; build as a user (cargo build --release) and pass QCOWFS_BIN=target/release/qcowfs"
-	(cd "$REPO" && cargo build --release --locked --bin qcowfs)
-	BIN="${CARGO_TARGET_DIR:-$REPO/target}/release/qcowfs"
-fi
-[ -x "$BIN" ] || die "no executable qcowfs at $BIN"
+resolve_qcowfs
+BIN=$QCOWFS
 # A binary of another version (a stale QCOWFS_BIN) would be packaged under the wrong version.
 got=$("$BIN" --version)
 [ "$got" = "qcowfs $VERSION" ] || die "$BIN says \"$got\"; Cargo.toml says qcowfs $VERSION"

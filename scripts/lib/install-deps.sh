@@ -158,9 +158,11 @@ resolve_qcowfs() {
 		QCOWFS=$QCOWFS_BIN
 	else
 		step "Building qcowfs (release)"
-		cargo build --release --bin qcowfs
+		command -v cargo >/dev/null 2>&1 ||
+			die "cargo not found; build as a user (cargo build --release) and pass QCOWFS_BIN=target/release/qcowfs"
+		(cd "$REPO" && cargo build --release --locked --bin qcowfs)
 		QCOWFS="${CARGO_TARGET_DIR:-$REPO/target}/release/qcowfs"
 	fi
-	[ -x "$QCOWFS" ] || die "no binary at $QCOWFS"
+	[ -x "$QCOWFS" ] || die "no executable qcowfs at $QCOWFS"
 	note "$QCOWFS"
 }
