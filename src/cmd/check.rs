@@ -36,8 +36,9 @@ pub struct CheckOptions {
 /// What qemu-img found, by its exit status (qemu-img(1), "check").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// No errors (0), or only leaked clusters (3): harmless, space a repair reclaims.
-    Clean { leaks: bool },
+    /// No errors (0), or only leaked clusters (3): harmless, space a repair reclaims (qemu-img's
+    /// report, printed as it is, counts them).
+    Clean,
     /// Corruptions were found (2).
     Corrupt,
 }
@@ -127,8 +128,7 @@ pub fn run(opts: &CheckOptions, keys: &KeyRing) -> Result<Verdict> {
     })?;
     drop((secrets, files));
     match status.code() {
-        Some(0) => Ok(Verdict::Clean { leaks: false }),
-        Some(3) => Ok(Verdict::Clean { leaks: true }),
+        Some(0 | 3) => Ok(Verdict::Clean),
         Some(2) => Ok(Verdict::Corrupt),
         code => Err(Error::new(
             &opts.image,

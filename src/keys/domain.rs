@@ -179,18 +179,13 @@ pub fn disks(xml: &str) -> std::result::Result<Vec<DomainDisk>, String> {
         if disk.attribute("device").unwrap_or("disk") != "disk" {
             continue;
         }
-        let target = disk
-            .children()
-            .find(|n| n.has_tag_name("target"))
-            .and_then(|t| t.attribute("dev"))
+        let target = child_attribute(disk, "target", "dev")
             .unwrap_or("")
             .to_string();
         // A disk qcowfs cannot open is named, never skipped: "the first disk" must not quietly
         // become the second.
-        let file = disk
-            .children()
-            .find(|n| n.has_tag_name("source"))
-            .and_then(|s| s.attribute("file").or(s.attribute("dev")));
+        let file =
+            child_attribute(disk, "source", "file").or(child_attribute(disk, "source", "dev"));
         let Some(file) = file.filter(|f| f.starts_with('/')) else {
             return Err(format!(
                 "disk {target} is not an image file named by an absolute path (type '{}')",
@@ -198,10 +193,7 @@ pub fn disks(xml: &str) -> std::result::Result<Vec<DomainDisk>, String> {
             ));
         };
         // libvirt's default driver type is raw.
-        let format = disk
-            .children()
-            .find(|n| n.has_tag_name("driver"))
-            .and_then(|d| d.attribute("type"))
+        let format = child_attribute(disk, "driver", "type")
             .unwrap_or("raw")
             .to_string();
         // libvirt puts <encryption> in <disk> (older) or in <source> (since 5.x).
@@ -223,6 +215,13 @@ pub fn disks(xml: &str) -> std::result::Result<Vec<DomainDisk>, String> {
         return Err("the domain has no disk with an image file".into());
     }
     Ok(out)
+}
+
+/// Attribute `name` of the first child element `<tag>` of `node`.
+fn child_attribute<'a>(node: roxmltree::Node<'a, '_>, tag: &str, name: &str) -> Option<&'a str> {
+    node.children()
+        .find(|n| n.has_tag_name(tag))
+        .and_then(|n| n.attribute(name))
 }
 
 #[cfg(test)]

@@ -220,9 +220,7 @@ impl KeySources {
         }
         Ok(ring)
     }
-}
 
-impl KeySources {
     /// Ask on the terminal for the passphrase of `image`'s chain until one is not found wrong, at
     /// most `tries` times, as cryptsetup does: a mistyped passphrase costs a retype, not a
     /// rerun. A passphrase that cannot be judged (legacy AES without data) is taken; the command

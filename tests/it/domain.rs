@@ -165,19 +165,11 @@ fn an_unknown_domain_is_one_line_and_not_found() {
 fn a_raw_disk_is_refused_whatever_its_guest_wrote_and_d_must_stand_alone() {
     let host = Host::new();
     let raw = host.root().join("nova/6c3f/disk.raw");
-    qemu_img([
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "/etc/hostname",
-        "-F",
-        "raw",
-        raw.to_str().unwrap(),
-        "16M",
-    ]);
+    // The guest's header names a host file as its backing file.
+    let host_file = Image::plain("/etc/hostname", Format::Raw, 16 * MIB);
+    qcow2(&raw, 16 * MIB)
+        .backing_named(&host_file, "/etc/hostname")
+        .create();
     let xml = domain_xml(&raw).replace("type='qcow2'", "type='raw'");
     fs::write(
         host.root().join("qemu/rawvm.xml"),
