@@ -62,6 +62,7 @@ QCOWFS_DEPS=(
 	diff:diffutils
 	tar:tar
 	base64:coreutils
+	mkfifo:coreutils
 	pvcreate:lvm2
 	vgcreate:lvm2
 	vgcfgbackup:lvm2
@@ -69,6 +70,7 @@ QCOWFS_DEPS=(
 	mkswap:util-linux
 	strip:binutils
 	readelf:binutils
+	dpkg:dpkg
 	dpkg-deb:dpkg
 	dpkg-query:dpkg
 	dpkg-shlibdeps:dpkg-dev
