@@ -8,28 +8,39 @@
 # loop-mounted from a raw file) with the same binary, so that one run prints every table. The
 # mounting of both sides is shared with bench-guest.sh: scripts/lib/bench-sides.sh.
 #
-# Images (made in a temp dir, 64 KiB clusters, legacy AES "encryption=on", passphrase as the key):
-#   A  A/*.qcow2      BENCH_SIZE (1 GiB), ~40% of its 1 MiB chunks (seeded shuffle) hold random
-#                     text: a sparse raw file filled by python, then `qemu-img convert` to qcow2+AES.
-#                     (Random text, 6 bits per byte, not uniform noise: qcowfs refuses a legacy-AES
-#                     image whose sampled clusters all decrypt to noise, its wrong-passphrase check.)
-#   B  B/*.qcow2      AES overlay over B/base.raw, a raw BENCH_SIZE ext4 (mkfs.ext4 -d, ~30% of the
+# Images (made in a temp dir, 64 KiB clusters, the passphrase as the key). The AES ones use QEMU's
+# legacy "encryption=on" (nova's); the LUKS ones qemu-img's default LUKS (aes-256-xts-plain64) with a
+# short key derivation (iter-time 100 ms: every run mounts afresh, and PBKDF2 is not measured).
+#   A   A/*.qcow2     BENCH_SIZE (1 GiB), ~40% of its 1 MiB chunks (seeded shuffle) hold random
+#                     text: a sparse raw file filled by python (kept: the raw floor's file), then
+#                     `qemu-img convert` to qcow2+AES. (Random text, 6 bits per byte, not uniform
+#                     noise: qcowfs refuses a legacy-AES image whose sampled clusters all decrypt to
+#                     noise, its wrong-passphrase check.)
+#   B   B/*.qcow2     AES overlay over B/base.raw, a raw BENCH_SIZE ext4 (mkfs.ext4 -d, ~30% of the
 #                     size in files of random data); ~10% of the overlay's 1 MiB chunks (seeded
 #                     shuffle) written by one qemu-io run from a few 1 MiB random-text pattern files.
+#                     Its raw floor's file is the chain converted to raw.
+#   LA  LA/*.qcow2    A's guest bytes as a LUKS qcow2 (qemu-img convert of A's raw file)
+#   LB  LB/*.qcow2    LUKS overlay over the same B/base.raw, written by the same qemu-io commands
 # Each side gets its own copy of each image (cp --sparse=always): both take QEMU's image locks.
 #
-# For each image, each workload and each of BENCH_ROUNDS rounds both sides run once, alternating
-# which goes first. One run of one side: (write workloads only: a fresh copy of the pristine image,
-# outside the timed part), `sync`, the image (and base) read with cat so that it is warm in the host
-# page cache, a fresh mount (the FUSE side starts cold), the fio job on the disk file, VmHWM of the
-# daemon from /proc/PID/status, unmount (qcowfs umount / SIGTERM to qemu-storage-daemon, waited for).
-#   qcowfs: qcowfs mount --passphrase-file F --cache-size BENCH_CACHE_SIZE [BENCH_QCOWFS_OPTS] IMG DIR
-#           -> DIR/disk
-#   QEMU:   qemu-storage-daemon --daemonize --object secret,... --blockdev file --blockdev qcow2
-#           (encrypt.format=aes) --export type=fuse,mountpoint=FILE,writable=on  -> FILE
-#           (its defaults otherwise: cache.direct=off, i.e. it also goes through the page cache)
-# Workloads (fio, ioengine=psync, direct=1 on both sides; the QEMU export and qcowfs both accept
-# O_DIRECT, so no drop_caches is needed: the disk file's pages never enter the page cache):
+# Sides: the two FUSE servers on each image, and two floors (scripts/lib/bench-sides.sh mounts them):
+#   qcowfs  qcowfs mount --passphrase-file F --cache-size BENCH_CACHE_SIZE [BENCH_QCOWFS_OPTS] IMG DIR
+#   qemu    qemu-storage-daemon --export type=fuse (cache.direct=off: it also uses the page cache)
+#   null    the transport floor, once per workload and round (it has no image): qcowfs
+#           transport-floor, a FUSE file served by qcowfs's own transport code (the transport of
+#           QCOWFS_IO_URING, as for the qcowfs side) from memory, with no qcow2, crypto or host I/O
+#   raw     the image's guest bytes as a plain raw file on the host disk where the images live,
+#           with fio's same job but buffered (direct=0): for reads the page-cache floor (the file
+#           is warm), for writes the disk floor (the same fsyncs put the same bytes on the disk)
+# For each workload, each of BENCH_ROUNDS rounds runs every side on every image once, in an order
+# reversed every other round. One run of one side: (write workloads only: a fresh copy of the
+# pristine image or raw file, outside the timed part), `sync`, the image (and base, or the raw file)
+# read with cat so that it is warm in the host page cache, a fresh mount (FUSE sides start cold),
+# the fio job, VmHWM of the daemon from /proc/PID/status, unmount (qcowfs umount / SIGTERM to
+# qemu-storage-daemon, waited for).
+# Workloads (fio, ioengine=psync; direct=1 on the FUSE sides: the disk file's pages never enter the
+# page cache, so no drop_caches is needed):
 #   seqread     rw=read      bs=1M  whole disk (or BENCH_SEQ_SIZE)           MiB/s
 #   randread    rw=randread  bs=4k  QD1, time_based BENCH_RUNTIME s             IOPS
 #   randread4j  rw=randread  bs=4k  numjobs=4 (group_reporting), time_based     IOPS
@@ -38,18 +49,21 @@
 #   mixed       rw=randrw rwmixread=70 bs=4k QD1, time_based, end_fsync=1        IOPS (read + write)
 #   readlat     two jobs at once, time_based: a writer (rw=write bs=1M fsync=16, so barriers come
 #               every 16 MiB) and a reader (rw=randread bs=4k QD1)   p99 read latency in us (lower
-#               is better: its ratio is QEMU/qcowfs)
-# fio's random offsets are the same for both sides (randrepeat, default seed).
+#               is better: its ratios are inverted)
+# fio's random offsets are the same for every side (randrepeat, default seed).
 #
 # Knobs (environment): BENCH_SIZE (1G), BENCH_ROUNDS (3), BENCH_RUNTIME (10), BENCH_SEQ_SIZE (whole
 # disk), BENCH_WRITE_SIZE (256M, capped at BENCH_SIZE), BENCH_CACHE_SIZE (256M, qcowfs --cache-size),
-# BENCH_OUT (also write the markdown table there), BENCH_IMAGES ("A B"), BENCH_WORKLOADS (all five),
-# BENCH_KEEP=1 (keep the temp dir), QCOWFS_BIN (use that binary, no build), BENCH_TMP (parent of the
-# temp dir, /tmp), BENCH_QCOWFS_OPTS (more qcowfs mount options, e.g. "--io-uring off"), BENCH_PARTS.
+# BENCH_OUT (also write the markdown table there), BENCH_IMAGES ("A B LA LB"), BENCH_SIDES ("qcowfs
+# qemu null raw"), BENCH_WORKLOADS (all seven), BENCH_KEEP=1 (keep the temp dir), QCOWFS_BIN (use that
+# binary, no build), BENCH_TMP (parent of the temp dir, /tmp), BENCH_QCOWFS_OPTS (more qcowfs mount
+# options), QCOWFS_IO_URING (both qcowfs sides' transport: auto, on, off), BENCH_STARVE (N busy CPU
+# hogs running beside every qcowfs write workload, at qcowfs's own priority: a starved flush writer
+# for the RSS bound; 0), BENCH_PARTS.
 # BENCH_OUT is overwritten by the fio table; the guest part appends its table to it.
-# Output: one markdown table (medians; ratio = how many times better qcowfs is: qcowfs/QEMU for
-# throughput, QEMU/qcowfs for latency; peak RSS = highest VmHWM over the rounds) and the per-round
-# values.
+# Output: one markdown table (scripts/lib/bench-table.py: medians; "x QEMU" = how many times better
+# qcowfs is, "of null" and "of raw" = qcowfs as a fraction of each floor, inverted for latency; peak
+# RSS = highest VmHWM over the rounds, against the bound of --cache-size + 32 MiB) and per-round values.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
@@ -67,7 +81,9 @@ BENCH_SEQ_SIZE=${BENCH_SEQ_SIZE:-}
 BENCH_WRITE_SIZE=${BENCH_WRITE_SIZE:-256M}
 BENCH_CACHE_SIZE=${BENCH_CACHE_SIZE:-256M}
 BENCH_OUT=${BENCH_OUT:-}
-BENCH_IMAGES=${BENCH_IMAGES:-A B}
+BENCH_IMAGES=${BENCH_IMAGES:-A B LA LB}
+BENCH_SIDES=${BENCH_SIDES:-qcowfs qemu null raw}
+BENCH_STARVE=${BENCH_STARVE:-0}
 BENCH_WORKLOADS=${BENCH_WORKLOADS:-seqread randread randread4j seqwrite randwrite mixed readlat}
 BENCH_PARTS=${BENCH_PARTS:-fio guest files}
 has_part() { case " $BENCH_PARTS " in *" $1 "*) return 0 ;; esac; return 1; }
@@ -90,6 +106,13 @@ WRITE_B=$(to_bytes "$BENCH_WRITE_SIZE")
 [ "$WRITE_B" -le "$SIZE_B" ] || WRITE_B=$SIZE_B
 [[ "$BENCH_ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive integer"
 [[ "$BENCH_RUNTIME" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNTIME must be a positive integer (seconds)"
+[[ "$BENCH_STARVE" =~ ^[0-9]+$ ]] || die "BENCH_STARVE must be a number of CPU hogs (0: none)"
+for img in $BENCH_IMAGES; do
+	case "$img" in A | B | LA | LB) ;; *) die "unknown image in BENCH_IMAGES: $img (A, B, LA, LB)" ;; esac
+done
+for side in $BENCH_SIDES; do
+	case "$side" in qcowfs | qemu | null | raw) ;; *) die "unknown side in BENCH_SIDES: $side (qcowfs, qemu, null, raw)" ;; esac
+done
 
 if ! has_part fio; then
 	if has_part guest; then scripts/bench-guest.sh; fi
@@ -113,13 +136,13 @@ WORK=$(mktemp -d "${BENCH_TMP:-/tmp}/qcowfs-bench.XXXXXX")
 WORK=$(realpath "$WORK")
 RESULTS="$WORK/results.tsv"
 bench_traps benchmark
-bench_sides_init "$WORK" # PASSFILE, QEMU_SECRET, AES_OPTS, the mountpoints
+bench_sides_init "$WORK" # PASSFILE, QEMU_SECRET, AES_OPTS, LUKS_OPTS, the mountpoints
 : >"$RESULTS"
 
 CHUNKS=$((SIZE_B >> 20))
 
 # ---------------------------------------------------------------------------------------------------
-step "Image A: $BENCH_SIZE legacy-AES qcow2, ~40% of 1 MiB chunks random text"
+step "Images A and LA: $BENCH_SIZE legacy-AES and LUKS qcow2, ~40% of 1 MiB chunks random text"
 mkdir -p "$WORK/A"
 truncate -s "$SIZE_B" "$WORK/A/fill.raw"
 python3 - "$WORK/A/fill.raw" "$CHUNKS" <<'EOF'
@@ -136,9 +159,11 @@ with open(path, "r+b") as f:
         f.write(os.urandom(1 << 20).translate(table))
 EOF
 qemu-img convert -f raw -O qcow2 "${QEMU_SECRET[@]}" -o "$AES_OPTS" "$WORK/A/fill.raw" "$WORK/A/pristine.qcow2"
-rm -f "$WORK/A/fill.raw"
+mkdir -p "$WORK/LA"
+qemu-img convert -f raw -O qcow2 "${QEMU_SECRET[@]}" -o "$LUKS_OPTS" "$WORK/A/fill.raw" "$WORK/LA/pristine.qcow2"
+mv "$WORK/A/fill.raw" "$WORK/A/pristine.raw"
 
-step "Image B: $BENCH_SIZE raw ext4 base + legacy-AES overlay, ~10% of the overlay written"
+step "Images B and LB: $BENCH_SIZE raw ext4 base + legacy-AES and LUKS overlays, ~10% of each written"
 mkdir -p "$WORK/B" "$WORK/content"
 python3 - "$WORK/content" $((SIZE_B * 3 / 10)) <<'EOF'
 import os, random, sys
@@ -174,49 +199,102 @@ for k, i in enumerate(sorted(idx[: max(1, n // 10)])):
     print("write -q -s %s/%d %d 1M" % (pat, k % 8, i << 20))
 EOF
 )
+mkdir -p "$WORK/LB"
+qemu-img create -q -f qcow2 "${QEMU_SECRET[@]}" -b ../B/base.raw -F raw -o "$LUKS_OPTS" "$WORK/LB/pristine.qcow2" "$SIZE_B"
 QEMU_IO_ARGS=()
 for c in "${B_WRITES[@]}"; do QEMU_IO_ARGS+=(-c "$c"); done
-qemu-io "${QEMU_SECRET[@]}" --image-opts \
-	"driver=qcow2,file.filename=$WORK/B/pristine.qcow2,encrypt.key-secret=s0" "${QEMU_IO_ARGS[@]}"
+for img in B LB; do
+	qemu-io "${QEMU_SECRET[@]}" --image-opts \
+		"driver=qcow2,file.filename=$WORK/$img/pristine.qcow2,encrypt.key-secret=s0" "${QEMU_IO_ARGS[@]}"
+done
 rm -rf "$WORK/pat"
+qemu-img convert "${QEMU_SECRET[@]}" --image-opts -O raw \
+	"driver=qcow2,file.filename=$WORK/B/pristine.qcow2,encrypt.key-secret=s0" "$WORK/B/pristine.raw"
 
-for img in A B; do
+for img in A B LA LB; do
 	qemu-img check -q "${QEMU_SECRET[@]}" --image-opts \
 		"driver=qcow2,file.filename=$WORK/$img/pristine.qcow2,encrypt.key-secret=s0"
 	note "$img: $(du -h "$WORK/$img/pristine.qcow2" | cut -f1) allocated in the qcow2 file$(
-		[ "$img" = B ] && printf ', base %s' "$(du -h "$WORK/B/base.raw" | cut -f1)")"
+		case $img in *B) printf ', base %s' "$(du -h "$WORK/B/base.raw" | cut -f1)" ;; esac)"
+done
+# Both encryptions hold the same guest bytes.
+for pair in "A LA" "B LB"; do
+	read -r x y <<<"$pair"
+	qemu-img compare -q "${QEMU_SECRET[@]}" --image-opts \
+		"driver=qcow2,file.filename=$WORK/$x/pristine.qcow2,encrypt.key-secret=s0" \
+		"driver=qcow2,file.filename=$WORK/$y/pristine.qcow2,encrypt.key-secret=s0" ||
+		die "images $x and $y differ"
 done
 
-IMAGE_DESC_A="A: AES qcow2, 40% allocated"
-IMAGE_DESC_B="B: AES overlay (10%) over raw ext4"
+# What each image is, its encryption (QEMU's encrypt.format) and the raw floor's file (its guest bytes).
+declare -A IMAGE_DESC=(
+	[A]="A: AES qcow2, 40% allocated" [B]="B: AES overlay (10%) over raw ext4"
+	[LA]="LA: LUKS qcow2, 40% allocated" [LB]="LB: LUKS overlay (10%) over raw ext4")
+declare -A IMAGE_FORMAT=([A]=aes [B]=aes [LA]=luks [LB]=luks)
+declare -A IMAGE_CONTENT=([A]=A [B]=B [LA]=A [LB]=B)
 
 # ---------------------------------------------------------------------------------------------------
-# side_image IMG SIDE: the path of SIDE's own copy of image IMG.
-side_image() { printf '%s/%s/%s.qcow2' "$WORK" "$1" "$2"; }
+# side_image IMG SIDE: the path of SIDE's own copy of image IMG (for raw, of IMG's guest bytes).
+side_image() {
+	case "$2" in
+	raw) printf '%s/%s/raw.raw' "$WORK" "${IMAGE_CONTENT[$1]}" ;;
+	*) printf '%s/%s/%s.qcow2' "$WORK" "$1" "$2" ;;
+	esac
+}
 
-# fresh_copy IMG SIDE: replace SIDE's copy of IMG with a copy of the pristine image.
+# fresh_copy IMG SIDE: replace SIDE's copy of IMG with a copy of the pristine image (or raw file).
 fresh_copy() {
-	local dst
+	local dst src
+	[ "$2" != null ] || return 0
 	dst=$(side_image "$1" "$2")
+	case "$2" in
+	raw) src="$WORK/${IMAGE_CONTENT[$1]}/pristine.raw" ;;
+	*) src="$WORK/$1/pristine.qcow2" ;;
+	esac
 	rm -f "$dst"
-	cp --sparse=always "$WORK/$1/pristine.qcow2" "$dst"
+	cp --sparse=always "$src" "$dst"
 }
 
 # warm IMG SIDE: flush dirty pages, then read the image (and base) so that it is in the page cache.
 warm() {
 	sync
+	[ "$2" != null ] || return 0
 	cat "$(side_image "$1" "$2")" >/dev/null
-	if [ "$1" = B ]; then cat "$WORK/B/base.raw" >/dev/null; fi
+	case "$1/$2" in *B/qcowfs | *B/qemu) cat "$WORK/B/base.raw" >/dev/null ;; esac
 }
 
-# side_mount IMG SIDE: mount SIDE's copy; prints the disk file's path.
-side_mount() { fuse_mount "$2" "$(side_image "$1" "$2")" "$SIZE_B"; }
+# side_mount IMG SIDE: mount SIDE's copy; prints the disk file's path (raw: the file itself).
+side_mount() {
+	case "$2" in
+	raw) side_image "$1" raw ;;
+	*) fuse_mount "$2" "$(side_image "$1" "$2")" "$SIZE_B" "${IMAGE_FORMAT[$1]:-aes}" ;;
+	esac
+}
 side_pid() { fuse_pid "$1"; }
-side_umount() { fuse_umount "$1"; }
+side_umount() { [ "$1" = raw ] || fuse_umount "$1"; }
 
-# fio_args WORKLOAD: sets FIO_ARGS to the job's options (beyond name, filename and output format).
+# The CPU hogs of BENCH_STARVE: busy shells in their own process group.
+HOGS=()
+start_hogs() {
+	local i
+	for ((i = 0; i < BENCH_STARVE; i++)); do
+		(while :; do :; done) &
+		HOGS+=($!)
+	done
+}
+stop_hogs() {
+	[ "${#HOGS[@]}" -gt 0 ] || return 0
+	kill "${HOGS[@]}" 2>/dev/null || true
+	wait "${HOGS[@]}" 2>/dev/null || true
+	HOGS=()
+}
+bench_cleanup_hook() { stop_hogs; }
+
+# fio_args WORKLOAD [DIRECT]: sets FIO_ARGS to the job's options (beyond name, filename and output
+# format); DIRECT is fio's direct= (1, for the FUSE sides).
 fio_args() {
-	FIO_ARGS=(--ioengine=psync --direct=1 --allow_file_create=0 --fallocate=none)
+	local direct=${2:-1}
+	FIO_ARGS=(--ioengine=psync "--direct=$direct" --allow_file_create=0 --fallocate=none)
 	case "$1" in
 	seqread) FIO_ARGS+=(--rw=read --bs=1M "--size=$SEQ_B") ;;
 	randread) FIO_ARGS+=(--rw=randread --bs=4k --time_based "--runtime=$BENCH_RUNTIME") ;;
@@ -226,7 +304,7 @@ fio_args() {
 	mixed) FIO_ARGS+=(--rw=randrw --rwmixread=70 --bs=4k --time_based "--runtime=$BENCH_RUNTIME" --end_fsync=1) ;;
 	readlat)
 		# The first job (named readlat) writes; the reader is a second job with its own options.
-		local common=(--ioengine=psync --direct=1 --allow_file_create=0 --fallocate=none --time_based "--runtime=$BENCH_RUNTIME")
+		local common=(--ioengine=psync "--direct=$direct" --allow_file_create=0 --fallocate=none --time_based "--runtime=$BENCH_RUNTIME")
 		FIO_ARGS+=(--rw=write --bs=1M "--size=$WRITE_B" --fsync=16 --time_based "--runtime=$BENCH_RUNTIME")
 		FIO_ARGS+=(--name=reader "${common[@]}" --rw=randread --bs=4k)
 		;;
@@ -264,92 +342,72 @@ print("%.2f" % (part["bw_bytes"] / 1048576 if w.startswith("seq") else part["iop
 EOF
 }
 
-# run_one IMG WORKLOAD SIDE ROUND
+# run_one IMG WORKLOAD SIDE ROUND (null has no image: IMG is "-")
 run_one() {
-	local img=$1 wl=$2 side=$3 round=$4 disk pid hwm value json
+	local img=$1 wl=$2 side=$3 round=$4 disk pid=0 hwm=0 value json starve=0
 	case "$wl" in *write | mixed | readlat) fresh_copy "$img" "$side" ;; esac
 	warm "$img" "$side"
 	disk=$(side_mount "$img" "$side")
-	pid=$(side_pid "$side") || die "$side: no daemon pid"
+	if [ "$side" != raw ]; then pid=$(side_pid "$side") || die "$side: no daemon pid"; fi
 	json="$WORK/fio-$img-$wl-$side-$round.json"
-	fio_args "$wl"
+	fio_args "$wl" "$([ "$side" = raw ] && echo 0 || echo 1)"
+	case "$side/$wl" in qcowfs/*write | qcowfs/mixed | qcowfs/readlat) starve=$BENCH_STARVE ;; esac
+	[ "$starve" -eq 0 ] || { BENCH_STARVE=$starve start_hogs; }
 	# The file name comes before the first job: global, so the readlat reader uses it too.
 	fio --output-format=json --output="$json" --filename="$disk" --name="$wl" "${FIO_ARGS[@]}"
+	stop_hogs
 	value=$(fio_value "$json" "$wl")
-	hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status")
+	[ "$pid" -eq 0 ] || hwm=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status")
 	side_umount "$side"
 	printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$wl" "$img" "$side" "$round" "$value" "$hwm" >>"$RESULTS"
-	note "$(printf '%-10s %s %-6s round %s: %10s %s   VmHWM %6d KiB' "$wl" "$img" "$side" "$round" \
+	note "$(printf '%-10s %-2s %-6s round %s: %10s %s   VmHWM %6d KiB' "$wl" "$img" "$side" "$round" \
 		"$value" "$(case $wl in seq*) echo MiB/s ;; readlat) echo "us p99" ;; *) echo IOPS ;; esac)" "$hwm")"
 }
 
+# The runs of one round of a workload: every (image, side) pair, the null floor once, the raw floor
+# once per guest content; RUNS as "IMG SIDE" words.
+RUNS=()
+declare -A RAW_DONE=()
 for img in $BENCH_IMAGES; do
-	case "$img" in A | B) ;; *) die "unknown image: $img (A or B)" ;; esac
-	fresh_copy "$img" qcowfs
-	fresh_copy "$img" qemu
-	for wl in $BENCH_WORKLOADS; do
-		fio_args "$wl" # dies on an unknown workload before anything is mounted
-		step "Image $img, $wl: $BENCH_ROUNDS rounds"
-		for round in $(seq "$BENCH_ROUNDS"); do
-			if [ $((round % 2)) -eq 1 ]; then order="qcowfs qemu"; else order="qemu qcowfs"; fi
-			for side in $order; do
-				run_one "$img" "$wl" "$side" "$round"
-			done
+	for side in $BENCH_SIDES; do
+		case "$side" in
+		null) ;;
+		raw)
+			[ -z "${RAW_DONE[${IMAGE_CONTENT[$img]}]:-}" ] || continue
+			RAW_DONE[${IMAGE_CONTENT[$img]}]=1
+			RUNS+=("${IMAGE_CONTENT[$img]} raw")
+			;;
+		*) RUNS+=("$img $side") ;;
+		esac
+	done
+done
+case " $BENCH_SIDES " in *" null "*) RUNS+=("- null") ;; esac
+for run in "${RUNS[@]}"; do
+	read -r img side <<<"$run"
+	fresh_copy "$img" "$side"
+done
+
+for wl in $BENCH_WORKLOADS; do
+	fio_args "$wl" # dies on an unknown workload before anything is mounted
+	step "$wl: $BENCH_ROUNDS rounds of ${#RUNS[@]} runs"
+	for round in $(seq "$BENCH_ROUNDS"); do
+		order=("${RUNS[@]}")
+		if [ $((round % 2)) -eq 0 ]; then
+			for ((i = 0; i < ${#RUNS[@]}; i++)); do order[i]=${RUNS[${#RUNS[@]} - 1 - i]}; done
+		fi
+		for run in "${order[@]}"; do
+			read -r img side <<<"$run"
+			run_one "$img" "$wl" "$side" "$round"
 		done
 	done
-	rm -f "$(side_image "$img" qcowfs)" "$(side_image "$img" qemu)"
 done
 
 # ---------------------------------------------------------------------------------------------------
 step "Results"
-TABLE=$(python3 - "$RESULTS" "$IMAGE_DESC_A" "$IMAGE_DESC_B" <<'EOF'
-import statistics, sys
-from collections import defaultdict
-rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-desc = {"A": sys.argv[2], "B": sys.argv[3]}
-vals = defaultdict(list)
-rss = defaultdict(int)
-order = []
-for wl, img, side, rnd, value, hwm in rows:
-    if (wl, img) not in order:
-        order.append((wl, img))
-    vals[wl, img, side].append(float(value))
-    rss[wl, img, side] = max(rss[wl, img, side], int(hwm))
-names = {
-    "seqread": "seq read 1M",
-    "randread": "rand read 4k QD1",
-    "randread4j": "rand read 4k 4 jobs",
-    "seqwrite": "seq write 1M + fsync",
-    "randwrite": "rand write 4k fsync/64",
-    "mixed": "rand 70/30 read/write 4k QD1",
-    "readlat": "p99 4k read during seq write",
-}
-out = ["| workload | image | unit | qcowfs median | QEMU median | qcowfs better by "
-       "| qcowfs peak RSS | QEMU peak RSS |",
-       "|---|---|---|---:|---:|---:|---:|---:|"]
-detail = []
-for wl, img in sorted(order, key=lambda k: (k[1], order.index(k))):
-    q, e = vals[wl, img, "qcowfs"], vals[wl, img, "qemu"]
-    unit = "MiB/s" if wl.startswith("seq") else "us (lower is better)" if wl == "readlat" else "IOPS"
-    mq, me = statistics.median(q), statistics.median(e)
-    # Always "how many times better qcowfs is": a latency's ratio is inverted.
-    if wl == "readlat":
-        ratio = "%.2f" % (me / mq) if mq > 0 else "n/a"
-    else:
-        ratio = "%.2f" % (mq / me) if me > 0 else "n/a"
-    out.append("| %s | %s | %s | %.1f | %.1f | %s | %.1f MiB | %.1f MiB |" % (
-        names.get(wl, wl), desc[img], unit, mq, me, ratio,
-        rss[wl, img, "qcowfs"] / 1024, rss[wl, img, "qemu"] / 1024))
-    detail.append("- %s, image %s (%s): qcowfs %s; QEMU %s" % (
-        names.get(wl, wl), img, unit, ", ".join("%.1f" % v for v in q), ", ".join("%.1f" % v for v in e)))
-print("\n".join(out))
-print()
-print("Per round (in round order):")
-print()
-print("\n".join(detail))
-EOF
-)
-HEADER="Image size $BENCH_SIZE, $BENCH_ROUNDS rounds (median), time-based jobs $BENCH_RUNTIME s, seq read $((SEQ_B >> 20)) MiB, seq write $((WRITE_B >> 20)) MiB, qcowfs ${QCOWFS_MOUNT_OPTS[*]}; peak RSS = highest VmHWM of the daemon over the rounds."
+DESC_ARGS=()
+for img in A B LA LB; do DESC_ARGS+=("$img=${IMAGE_DESC[$img]}:${IMAGE_CONTENT[$img]}"); done
+TABLE=$(python3 scripts/lib/bench-table.py "$RESULTS" "$(to_bytes "$BENCH_CACHE_SIZE")" "${DESC_ARGS[@]}")
+HEADER="Image size $BENCH_SIZE, $BENCH_ROUNDS rounds (median), time-based jobs $BENCH_RUNTIME s, seq read $((SEQ_B >> 20)) MiB, seq write $((WRITE_B >> 20)) MiB, qcowfs ${QCOWFS_MOUNT_OPTS[*]}, transport ${QCOWFS_IO_URING:-auto}, $BENCH_STARVE CPU hogs beside qcowfs's writes; peak RSS = highest VmHWM of the daemon over the rounds."
 printf '%s\n\n%s\n' "$HEADER" "$TABLE"
 if [ -n "$BENCH_OUT" ]; then
 	printf '%s\n\n%s\n' "$HEADER" "$TABLE" >"$BENCH_OUT"

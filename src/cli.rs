@@ -228,6 +228,11 @@ found (-r all repairs them; the VM must be off), 1 qemu-img could not complete t
     /// Write the manual pages or shell completions (used by scripts/install.sh)
     #[command(subcommand, hide = true)]
     Generate(generate::Target),
+    /// Benchmark only: serve MOUNTPOINT/disk of SIZE bytes from memory through the transports
+    /// of mount, with no image, crypto or host I/O behind it (scripts/bench.sh's transport
+    /// floor). Reads return a fixed pattern, writes are forgotten; qcowfs umount ends it
+    #[command(hide = true)]
+    TransportFloor(TransportFloorArgs),
 }
 
 /// What `ls`, `cat` and `copy-out` have in common, for their help texts.
@@ -420,6 +425,27 @@ pub struct MountArgs {
     pub nonempty: bool,
     /// The qcow2 image to mount (a raw disk image needs no qcowfs: mount -o loop)
     pub image: PathBuf,
+    /// An existing empty directory
+    pub mountpoint: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct TransportFloorArgs {
+    /// The size of the null disk (e.g. 1G)
+    #[arg(long, value_name = "SIZE", value_parser = crate::cmd::size::parse_size)]
+    pub size: u64,
+    /// Stay in the foreground and log to stderr (Ctrl-C unmounts)
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// As mount's --io-uring
+    #[arg(
+        long,
+        value_name = "WHEN",
+        value_enum,
+        default_value_t,
+        env = "QCOWFS_IO_URING"
+    )]
+    pub io_uring: crate::mount::uring::Mode,
     /// An existing empty directory
     pub mountpoint: PathBuf,
 }

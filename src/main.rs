@@ -55,6 +55,7 @@ fn main() {
     };
     match &cli.command {
         Command::Mount(m) if !m.foreground => {}
+        Command::TransportFloor(f) if !f.foreground => {}
         Command::Mount(_) if log_file.is_some() => {
             let path = log_file.as_deref().unwrap_or(Path::new(""));
             if let Err(e) = filelog::init(path, log_level) {
@@ -88,7 +89,26 @@ fn main() {
                 log_file,
                 io_uring: m.io_uring,
                 nonempty: m.nonempty,
+                null_disk: None,
             })
+        }),
+        Command::TransportFloor(f) => daemon::mount(MountRequest {
+            image: PathBuf::from("transport-floor"),
+            mountpoint: f.mountpoint,
+            keys: Default::default(),
+            backing_within: Vec::new(),
+            read_only: false,
+            cache_size: 0,
+            metadata_cache: 0,
+            foreground: f.foreground,
+            allow_other: false,
+            force_share: false,
+            key_policy: Default::default(),
+            log_level,
+            log_file: None,
+            io_uring: f.io_uring,
+            nonempty: false,
+            null_disk: Some(f.size),
         }),
         Command::Umount { mountpoint } => umount(&mountpoint),
         Command::List(a) => qcowfs::mount::list::run(

@@ -5,15 +5,20 @@
 #   qcowfs: qcowfs mount --passphrase-file F --cache-size BENCH_CACHE_SIZE [BENCH_QCOWFS_OPTS] IMG DIR
 #           -> DIR/disk
 #   qemu:   qemu-storage-daemon --daemonize --object secret,... --blockdev file --blockdev qcow2
-#           (encrypt.format=aes) --export type=fuse,mountpoint=FILE,writable=on  -> FILE
+#           (encrypt.format=aes or luks) --export type=fuse,mountpoint=FILE,writable=on  -> FILE
 #           (its defaults otherwise: cache.direct=off, i.e. it also goes through the page cache)
+#   null:   qcowfs transport-floor --size SIZE DIR -> DIR/disk: the transport floor, a FUSE file
+#           served by qcowfs's own transport code from memory (no image, no crypto, no host I/O)
+# Both qcowfs sides take the transport from QCOWFS_IO_URING (auto, on, off), as qcowfs does.
 #
 #   bench_traps NAME first (it removes WORK once bench_sides_init has named it), then
 #   bench_sides_init WORK     makes WORK/mnt and WORK/passphrase; sets PASSFILE, QEMU_SECRET (the
-#                             passphrase as QEMU's secret s0), AES_OPTS (qemu-img -o for a legacy-AES
-#                             qcow2 with 64 KiB clusters), QCOWFS_MNT, QEMU_EXPORT, QSD_PIDFILE,
+#                             passphrase as QEMU's secret s0), AES_OPTS and LUKS_OPTS (qemu-img -o
+#                             for a legacy-AES or a LUKS qcow2 with 64 KiB clusters), QCOWFS_MNT, QEMU_EXPORT, QSD_PIDFILE,
 #                             QCOWFS_MOUNT_OPTS (the qcowfs mount options after the passphrase)
-#   fuse_mount SIDE IMG SIZE_B  mounts IMG (qcowfs|qemu), checks the disk's size; prints its path
+#   fuse_mount SIDE IMG SIZE_B [FORMAT]  mounts IMG (qcowfs|qemu|null; null ignores IMG), FORMAT
+#                             aes (default) or luks for QEMU's driver; checks the disk's size and
+#                             prints its path
 #   fuse_pid SIDE, fuse_umount SIDE
 #   qcowfs_stop, qsd_stop     idempotent, for cleanup
 #   bench_traps NAME          EXIT/INT/TERM traps: bench_cleanup_hook (if the script defines one),
@@ -42,6 +47,10 @@ bench_sides_init() {
 	QEMU_SECRET=(--object "secret,id=s0,file=$PASSFILE")
 	# shellcheck disable=SC2034 # for the scripts that source this file
 	AES_OPTS=encrypt.format=aes,encrypt.key-secret=s0,cluster_size=64k
+	# LUKS as qemu-img makes it by default (aes-256, xts-plain64, sha256), but with a short key
+	# derivation: each run mounts afresh, and PBKDF2 is not what is measured.
+	# shellcheck disable=SC2034
+	LUKS_OPTS=encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=100,cluster_size=64k
 	read -r -a extra <<<"$BENCH_QCOWFS_OPTS"
 	QCOWFS_MOUNT_OPTS=(--cache-size "$BENCH_CACHE_SIZE" "${extra[@]}")
 }
@@ -99,10 +108,15 @@ qcowfs_stop() {
 	fi
 }
 
-# fuse_mount SIDE IMG SIZE_B: mount IMG with SIDE; prints the disk file's path.
+# fuse_mount SIDE IMG SIZE_B [FORMAT]: mount IMG with SIDE; prints the disk file's path.
 fuse_mount() {
-	local side=$1 path=$2 size=$3
+	local side=$1 path=$2 size=$3 format=${4:-aes}
 	case "$side" in
+	null)
+		"$QCOWFS" transport-floor --size "$size" "$QCOWFS_MNT" >&2 || die "qcowfs transport-floor failed"
+		[ "$(stat -c %s "$QCOWFS_MNT/disk")" -eq "$size" ] || die "null: $QCOWFS_MNT/disk has the wrong size"
+		printf '%s' "$QCOWFS_MNT/disk"
+		;;
 	qcowfs)
 		"$QCOWFS" mount --passphrase-file "$PASSFILE" "${QCOWFS_MOUNT_OPTS[@]}" "$path" "$QCOWFS_MNT" >&2 ||
 			die "qcowfs mount of $path failed"
@@ -114,7 +128,7 @@ fuse_mount() {
 		rm -f "$QSD_PIDFILE"
 		qemu-storage-daemon "${QEMU_SECRET[@]}" \
 			--blockdev "driver=file,node-name=f0,filename=$path" \
-			--blockdev "driver=qcow2,node-name=d0,file=f0,encrypt.format=aes,encrypt.key-secret=s0" \
+			--blockdev "driver=qcow2,node-name=d0,file=f0,encrypt.format=$format,encrypt.key-secret=s0" \
 			--export "type=fuse,id=e0,node-name=d0,mountpoint=$QEMU_EXPORT,writable=on" \
 			--pidfile "$QSD_PIDFILE" --daemonize >&2 || die "qemu-storage-daemon could not export $path"
 		for _ in $(seq 100); do
@@ -130,7 +144,7 @@ fuse_mount() {
 
 fuse_pid() {
 	case "$1" in
-	qcowfs) qcowfs_daemon_pid ;;
+	qcowfs | null) qcowfs_daemon_pid ;;
 	qemu) cat "$QSD_PIDFILE" ;;
 	*) return 1 ;;
 	esac
@@ -138,7 +152,7 @@ fuse_pid() {
 
 fuse_umount() {
 	case "$1" in
-	qcowfs) "$QCOWFS" umount "$QCOWFS_MNT" || die "qcowfs umount $QCOWFS_MNT failed" ;;
+	qcowfs | null) "$QCOWFS" umount "$QCOWFS_MNT" || die "qcowfs umount $QCOWFS_MNT failed" ;;
 	qemu) qsd_stop ;;
 	*) die "unknown FUSE side: $1" ;;
 	esac

@@ -7,6 +7,7 @@ mod cache;
 mod flush;
 #[cfg(test)]
 pub(crate) mod memory;
+pub mod null;
 pub(crate) mod partition;
 pub(crate) mod views;
 

@@ -20,6 +20,7 @@ use super::mount_table::top_mount_at;
 use super::registry::Record;
 use super::uring::{self, Mode};
 use crate::chain::{Chain, KeyRing, Layer, OpenOptions};
+use crate::disk::null::NullDisk;
 use crate::disk::views::SnapshotView;
 use crate::disk::{BlockDevice, Disk, DiskOptions};
 use crate::error::{Error, Problem, Result};
@@ -57,6 +58,9 @@ pub struct MountRequest {
     pub io_uring: Mode,
     /// `--nonempty`: mount over a folder that has files in it.
     pub nonempty: bool,
+    /// `qcowfs transport-floor`: serve a disk of this many bytes from memory (see `disk::null`)
+    /// instead of opening `image`, which then only names the mount.
+    pub null_disk: Option<u64>,
 }
 
 /// Mount and, unless in the foreground, return once the daemon reports the mount live.
@@ -151,6 +155,7 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
     crate::crypto::secret::scrub_stack();
     let Prepared {
         session,
+        device,
         disk,
         outcome,
         record,
@@ -161,17 +166,15 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
         mountpoint,
     } = session;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flusher = {
+    let flusher = disk.clone().map(|disk| {
         let record = record.clone();
-        spawn_idle_flusher(disk.clone(), stop.clone(), move |dirty| {
-            record.write_dirty(dirty)
-        })
-    };
+        spawn_idle_flusher(disk, stop.clone(), move |dirty| record.write_dirty(dirty))
+    });
     if let Ok(mut signals) =
         signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
     {
         // Weak: this thread outlives the session, and the image must close when the session ends.
-        let disk = Arc::downgrade(&disk);
+        let disk = Arc::downgrade(&device);
         let mountpoint = record_mountpoint(&req);
         std::thread::spawn(move || {
             for sig in signals.forever() {
@@ -224,8 +227,11 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let final_error = outcome.lock().take();
     // Close the image (its last user is the flusher thread) before telling umount we are done.
-    let _ = flusher.join();
+    if let Some(flusher) = flusher {
+        let _ = flusher.join();
+    }
     drop(disk);
+    drop(device);
     match (run, final_error) {
         (_, Some(e)) => {
             record.write_status(&e);
@@ -248,10 +254,47 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
     }
 }
 
+/// Open the chain, judge its keys and put the disk over it; also the warnings to show.
+fn open_disk(req: &MountRequest) -> Result<(Arc<Disk>, Vec<String>)> {
+    let opts = OpenOptions {
+        writable: !req.read_only,
+        force_share: req.force_share,
+        without_keys: false,
+        keep_rejected_keys: false,
+        backing_within: req.backing_within.clone(),
+        record: None,
+        faults: None,
+    };
+    let chain = Chain::open(&req.image, &req.keys, opts)?;
+    crate::qcow2::share_metadata_budget(
+        chain.layers().iter().filter_map(|l| match l {
+            Layer::Qcow2(q) => Some(&**q),
+            Layer::Raw(_) => None,
+        }),
+        req.metadata_cache,
+    );
+    // Writing with a wrong key would store garbage: refuse. Reading only shows garbage: warn.
+    let warnings = match req.key_policy.force {
+        true => Vec::new(),
+        false => KeyCheck::of(&chain)?.judge_mount(req.read_only, req.key_policy)?,
+    };
+    let disk = Arc::new(Disk::new(
+        chain,
+        DiskOptions {
+            cache_size: req.cache_size,
+            read_only: req.read_only,
+        },
+    ));
+    Ok((disk, warnings))
+}
+
 /// A mounted session, not yet serving, and what the daemon keeps beside it.
 struct Prepared {
     session: fuser::Session<DevFuse>,
-    disk: Arc<Disk>,
+    /// What the mount serves as `disk`.
+    device: Arc<dyn BlockDevice>,
+    /// The same, when it is an image's (not the transport floor's null disk).
+    disk: Option<Arc<Disk>>,
     /// The final flush's error, if it failed.
     outcome: Arc<Mutex<Option<String>>>,
     record: Record,
@@ -271,41 +314,19 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
     // Resolved before mounting: afterwards the path leads into our own, not yet served, mount.
     let mountpoint =
         std::fs::canonicalize(&req.mountpoint).map_err(|e| Error::new(&req.mountpoint, e))?;
-    let opts = OpenOptions {
-        writable: !req.read_only,
-        force_share: req.force_share,
-        without_keys: false,
-        keep_rejected_keys: false,
-        backing_within: req.backing_within.clone(),
-        record: None,
-        faults: None,
+    let (device, disk, mut warnings): (Arc<dyn BlockDevice>, _, _) = match req.null_disk {
+        Some(size) => (Arc::new(NullDisk::new(size)), None, Vec::new()),
+        None => {
+            let (disk, warnings) = open_disk(req)?;
+            (disk.clone(), Some(disk), warnings)
+        }
     };
-    let chain = Chain::open(&req.image, &req.keys, opts)?;
-    crate::qcow2::share_metadata_budget(
-        chain.layers().iter().filter_map(|l| match l {
-            Layer::Qcow2(q) => Some(&**q),
-            Layer::Raw(_) => None,
-        }),
-        req.metadata_cache,
-    );
-    // Writing with a wrong key would store garbage: refuse. Reading only shows garbage: warn.
-    let mut warnings = match req.key_policy.force {
-        true => Vec::new(),
-        false => KeyCheck::of(&chain)?.judge_mount(req.read_only, req.key_policy)?,
-    };
-    let disk = Arc::new(Disk::new(
-        chain,
-        DiskOptions {
-            cache_size: req.cache_size,
-            read_only: req.read_only,
-        },
-    ));
     let outcome = Arc::new(Mutex::new(None));
     let on_destroy = {
-        let disk = disk.clone();
+        let device = device.clone();
         let outcome = outcome.clone();
         move || {
-            if let Err(e) = disk.flush() {
+            if let Err(e) = device.flush() {
                 log::error!("final flush failed: {e}");
                 *outcome.lock() = Some(e.to_string());
             }
@@ -314,8 +335,8 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
     // SAFETY: getuid/getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let fs = Arc::new(
-        QcowFs::new(disk.clone(), uid, gid)
-            .with_snapshots(snapshot_views(&disk))
+        QcowFs::new(device.clone(), uid, gid)
+            .with_snapshots(disk.as_deref().map(snapshot_views).unwrap_or_default())
             .on_destroy(on_destroy),
     );
     // After the image (a problem with the image is the more specific error), before the rings
@@ -429,6 +450,7 @@ fn prepare(req: &MountRequest) -> Result<Prepared> {
     };
     Ok(Prepared {
         session,
+        device,
         disk,
         outcome,
         record,

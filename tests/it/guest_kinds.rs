@@ -366,6 +366,21 @@ fn reparse(tag: u32, substitute: &str, print: &str, flags: Option<u32>) -> Vec<u
     value
 }
 
+/// Unmounts its folder (lazily) when dropped while still mounted, so a step that fails between
+/// a helper's mount and its umount leaves no mount behind on the host.
+struct UnmountOnDrop(PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+}
+
 #[test]
 fn ntfs_guests_show_symbolic_links_and_junctions_as_links() {
     let dir = workdir();
@@ -380,6 +395,7 @@ fn ntfs_guests_show_symbolic_links_and_junctions_as_links() {
     let mnt = work.join("ntfs.mnt");
     fs::create_dir_all(&mnt).unwrap();
     run_ok("ntfs-3g", [raw.as_os_str(), mnt.as_os_str()]);
+    let ntfs_mount = UnmountOnDrop(mnt.clone());
     run_ok(
         "cp",
         ["-r".as_ref(), src.join(".").as_os_str(), mnt.as_os_str()],
@@ -419,6 +435,7 @@ fn ntfs_guests_show_symbolic_links_and_junctions_as_links() {
         );
     }
     run_ok("umount", [&mnt]);
+    drop(ntfs_mount);
     let r = Reader::new(work, encrypted(&raw, "aes", PASS));
     assert_reads_the_tree(&r, work, &[], Links::None);
     assert_eq!(names(&r.ls(&[], "/link")), ["/link -> etc/fstab"]);
