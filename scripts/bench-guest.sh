@@ -13,7 +13,8 @@
 #   base.raw        raw BENCH_GUEST_SIZE (2G) holding an ext4 made by `mkfs.ext4 -d TREE`; TREE is
 #                   BENCH_GUEST_TREE, by default a copy (cp -a) of /usr/share
 #   pristine.qcow2  AES overlay over it (qemu-img create -f qcow2 -o encrypt.format=aes,... i.e. nova's
-#                   "encryption=on", -b base.raw -F raw) with data of its own, written through qcowfs:
+#                   "encryption=on", -b base.raw -F raw; with BENCH_GUEST_ENCRYPTION=luks qemu-img's
+#                   default LUKS, iter-time 100 ms) with data of its own, written through qcowfs:
 #                   mounted once, its disk loop-mounted, BENCH_GUEST_OVERLAY (80M) of TREE's files
 #                   (the first ones in sorted path order) copied to /overlay-data, all unmounted, then
 #                   `qemu-img check`
@@ -42,7 +43,7 @@
 # Knobs (environment): BENCH_GUEST_SIZE (2G), BENCH_GUEST_TREE (copy of /usr/share),
 # BENCH_GUEST_ROUNDS (3), BENCH_GUEST_STEPS ("fsck tar untar"), BENCH_GUEST_SIDES ("qcowfs qemu
 # limit"), BENCH_GUEST_OVERLAY (80M), BENCH_GUEST_UNTAR (150M), BENCH_GUEST_VERIFY (1), BENCH_LOOP_DIO
-# (off|on), BENCH_LOOP_RA (sectors; unset: the kernel's), BENCH_LOOP_RA_SIDES ("qcowfs qemu"),
+# (off|on), BENCH_LOOP_RA (sectors; unset: the kernel's), BENCH_GUEST_ENCRYPTION (aes|luks), BENCH_LOOP_RA_SIDES ("qcowfs qemu"),
 # BENCH_CACHE_SIZE (256M) and BENCH_QCOWFS_OPTS (qcowfs mount), BENCH_OUT (the table is appended),
 # BENCH_KEEP=1, BENCH_TMP (/tmp), BENCH_SHM (/dev/shm), QCOWFS_BIN (that binary, no build).
 # `bench-guest.sh --check-knobs` only checks the knobs.
@@ -71,6 +72,7 @@ BENCH_LOOP_RA=${BENCH_LOOP_RA:-}
 BENCH_LOOP_RA_SIDES=${BENCH_LOOP_RA_SIDES:-qcowfs qemu}
 BENCH_OUT=${BENCH_OUT:-}
 BENCH_SHM=${BENCH_SHM:-/dev/shm}
+BENCH_GUEST_ENCRYPTION=${BENCH_GUEST_ENCRYPTION:-aes}
 
 to_bytes() { numfmt --from=iec "${1%B}" 2>/dev/null || die "not a size: $1"; }
 SIZE_B=$(to_bytes "$BENCH_GUEST_SIZE")
@@ -91,6 +93,7 @@ done
 [ -n "${BENCH_GUEST_SIDES// /}" ] || die "BENCH_GUEST_SIDES is empty"
 case "$BENCH_LOOP_DIO" in on | off) ;; *) die "BENCH_LOOP_DIO must be on or off: $BENCH_LOOP_DIO" ;; esac
 case "$BENCH_GUEST_VERIFY" in 0 | 1) ;; *) die "BENCH_GUEST_VERIFY must be 0 or 1" ;; esac
+case "$BENCH_GUEST_ENCRYPTION" in aes | luks) ;; *) die "BENCH_GUEST_ENCRYPTION must be aes or luks: $BENCH_GUEST_ENCRYPTION" ;; esac
 if [ -n "$BENCH_LOOP_RA" ] && ! [[ "$BENCH_LOOP_RA" =~ ^[0-9]+$ ]]; then
 	die "BENCH_LOOP_RA must be a number of 512-byte sectors: $BENCH_LOOP_RA"
 fi
@@ -134,7 +137,9 @@ bench_cleanup_hook() {
 	if [ -n "$SHM" ] && [ "${BENCH_KEEP:-0}" != 1 ]; then rm -rf "$SHM"; fi
 }
 bench_traps "guest benchmark"
-bench_sides_init "$WORK" # PASSFILE, QEMU_SECRET, AES_OPTS, the FUSE mountpoints
+bench_sides_init "$WORK" # PASSFILE, QEMU_SECRET, AES_OPTS, LUKS_OPTS, the FUSE mountpoints
+ENC_OPTS=$AES_OPTS
+[ "$BENCH_GUEST_ENCRYPTION" = aes ] || ENC_OPTS=$LUKS_OPTS
 
 SHM=$(mktemp -d "$BENCH_SHM/qcowfs-bench-guest.XXXXXX")
 TARBALL="$SHM/untar.tar"
@@ -236,8 +241,8 @@ step "Base: $BENCH_GUEST_SIZE raw, mkfs.ext4 -d $TREE_DESC"
 truncate -s "$SIZE_B" "$G/base.raw"
 mkfs.ext4 -q -F -L bench-guest -d "$TREE" "$G/base.raw"
 
-step "Overlay: legacy AES over base.raw; $OVL_FILES files ($((OVL_BYTES >> 20)) MiB) written into /overlay-data through qcowfs"
-qemu-img create -q -f qcow2 "${QEMU_SECRET[@]}" -b base.raw -F raw -o "$AES_OPTS" "$G/pristine.qcow2" "$SIZE_B"
+step "Overlay: $BENCH_GUEST_ENCRYPTION over base.raw; $OVL_FILES files ($((OVL_BYTES >> 20)) MiB) written into /overlay-data through qcowfs"
+qemu-img create -q -f qcow2 "${QEMU_SECRET[@]}" -b base.raw -F raw -o "$ENC_OPTS" "$G/pristine.qcow2" "$SIZE_B"
 disk=$(fuse_mount qcowfs "$G/pristine.qcow2" "$SIZE_B")
 loop_attach "$disk" off
 guest_mount
@@ -293,7 +298,7 @@ attach() {
 	local side=$1 file dio=off
 	case "$side" in
 	qcowfs | qemu)
-		file=$(fuse_mount "$side" "$G/$side.qcow2" "$SIZE_B")
+		file=$(fuse_mount "$side" "$G/$side.qcow2" "$SIZE_B" "$BENCH_GUEST_ENCRYPTION")
 		dio=$BENCH_LOOP_DIO
 		;;
 	limit) file="$G/limit.raw" ;;
@@ -438,7 +443,7 @@ print("\n".join(detail))
 EOF
 )
 HEADER="Guest job: $BENCH_GUEST_SIZE ext4 from $TREE_DESC ($((TREE_B >> 20)) MiB, $TREE_FILES files) in a raw base, \
-+ $((OVL_BYTES >> 20)) MiB ($OVL_FILES files) written through qcowfs into the legacy-AES overlay; \
++ $((OVL_BYTES >> 20)) MiB ($OVL_FILES files) written through qcowfs into the $(case $BENCH_GUEST_ENCRYPTION in aes) echo legacy-AES ;; luks) echo LUKS ;; esac) overlay; \
 $BENCH_GUEST_ROUNDS rounds (median), sides rotated; host files warm, drop_caches before each run. \
 Loop devices: FUSE sides --direct-io=$BENCH_LOOP_DIO (kernel's dio flag: $DIO_SEEN), limit buffered; \
 read-ahead $RA_DESC (sectors seen: $RA_SEEN). \

@@ -351,6 +351,8 @@ run_one() {
 	if [ "$side" != raw ]; then pid=$(side_pid "$side") || die "$side: no daemon pid"; fi
 	json="$WORK/fio-$img-$wl-$side-$round.json"
 	fio_args "$wl" "$([ "$side" = raw ] && echo 0 || echo 1)"
+	# fio drops a file's cached pages before a job by default: the raw floor's file stays warm.
+	[ "$side" != raw ] || FIO_ARGS+=(--invalidate=0)
 	case "$side/$wl" in qcowfs/*write | qcowfs/mixed | qcowfs/readlat) starve=$BENCH_STARVE ;; esac
 	[ "$starve" -eq 0 ] || { BENCH_STARVE=$starve start_hogs; }
 	# The file name comes before the first job: global, so the readlat reader uses it too.
