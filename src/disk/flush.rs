@@ -76,7 +76,7 @@ impl Flusher {
             self.store(cache, visible, &dirty, durability)?;
             true
         };
-        if stored && durability == Durability::Ordered && resident_bytes() > self.memory_target {
+        if stored && resident_bytes() > self.memory_target {
             // A write burst left freed heap pages behind (the blocks just stored moved to the
             // clean cache or were dropped): hand them back so memory follows the cache bound, not
             // its high-water mark. Only past the bound: pages given back are faulted in again by

@@ -26,18 +26,20 @@ use flush::Flusher;
 const MAX_BLOCK: u64 = 64 << 10;
 
 /// What the daemon itself holds beside the cache, taken out of `--cache-size` so that the whole
-/// process stays within the promised `--cache-size` + 32 MiB: the program, the transport's
-/// request buffers (a 1 MiB buffer per io_uring entry or FUSE thread) and the metadata tables of a
-/// typical chain. Measured: 12–14 MiB resident before the first write, ~22 MiB with every request
-/// buffer touched.
-const PROCESS_RESERVE: u64 = 16 << 20;
+/// process stays within the promised `--cache-size` + 32 MiB: the program (12–14 MiB resident
+/// before the first request), the transport's request buffers (1 MiB per io_uring entry or FUSE
+/// thread: ~16 MiB once all are touched), the metadata tables of a typical chain, and what the
+/// allocator cannot hand back between trims. With 16 MiB, 4 KiB reads beside a 1 MiB writer
+/// peaked at 287 MiB with the default 256 MiB cache while two busy loops starved the daemon.
+const PROCESS_RESERVE: u64 = 32 << 20;
 
 /// Freed heap pages are handed back (malloc_trim) only once resident memory passes the cache size
-/// by this much: between the process's steady use (the cache plus what `PROCESS_RESERVE` leaves
-/// out of it, ~cache + 8 MiB) and the bound (cache + 32 MiB). A trim below the steady use would run
+/// by this much: above the process's steady use (the cache less what `PROCESS_RESERVE` leaves out,
+/// plus the program and its buffers), below the bound. A trim below the steady use would run
 /// after every write-back, and the pages it hands back are faulted in (and zeroed) again by the
-/// next writes: that cost a sequential write a third of its speed.
-const TRIM_ABOVE: u64 = 20 << 20;
+/// next writes: with the old cache + 8 MiB and no reserve, that cost a sequential write a third
+/// of its speed.
+const TRIM_ABOVE: u64 = 8 << 20;
 
 /// What a FUSE file needs from a disk: the thin interface the mount layer sees.
 pub trait BlockDevice: Send + Sync {
