@@ -25,13 +25,14 @@ use flush::Flusher;
 /// The largest cache block: bigger clusters are cached in parts so a small read decrypts little.
 const MAX_BLOCK: u64 = 64 << 10;
 
-/// What the daemon itself holds beside the cache, taken out of `--cache-size` so that the whole
-/// process stays within the promised `--cache-size` + 32 MiB: the program (12–14 MiB resident
-/// before the first request), the transport's request buffers (1 MiB per io_uring entry or FUSE
-/// thread: ~16 MiB once all are touched), the metadata tables of a typical chain, and what the
-/// allocator cannot hand back between trims. With 16 MiB, 4 KiB reads beside a 1 MiB writer
-/// peaked at 287 MiB with the default 256 MiB cache while two busy loops starved the daemon.
-const PROCESS_RESERVE: u64 = 32 << 20;
+/// What the daemon itself holds beside the cache, taken out of `--cache-size` (up to a fifth of
+/// it) so that the whole process stays within the promised `--cache-size` + 32 MiB: the program
+/// (12–14 MiB resident before the first request), the transports' request buffers (1 MiB per
+/// io_uring entry or FUSE thread: ~20 MiB once all are touched), the metadata tables of a typical
+/// chain, and what the allocator cannot hand back between trims, which grows when the flush
+/// writer is starved. Measured with the default 256 MiB cache, a 1 MiB sequential writer beside
+/// two busy loops peaked at 286-287 MiB with 32 MiB set aside, at 222-238 MiB with 48 MiB.
+const PROCESS_RESERVE: u64 = 48 << 20;
 
 /// Freed heap pages are handed back (malloc_trim) only once resident memory passes the cache size
 /// by this much: above the process's steady use (the cache less what `PROCESS_RESERVE` leaves out,
@@ -95,7 +96,7 @@ impl Disk {
         // (recently written ones: reads do not fill the cache) in what is left.
         let dirty_limit = (64 << 20).min(opts.cache_size / 4).max(block_size * 4);
         let in_flight = flush::BATCH_BYTES.min(opts.cache_size / 4);
-        let reserve = PROCESS_RESERVE.min(opts.cache_size / 8);
+        let reserve = PROCESS_RESERVE.min(opts.cache_size / 5);
         let clean = opts
             .cache_size
             .saturating_sub(dirty_limit + in_flight + reserve)

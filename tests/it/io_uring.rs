@@ -624,3 +624,49 @@ fn writes_to_more_partition_files_than_queue_entries_never_deadlock() {
         }
     }
 }
+
+/// The null disk's byte at `offset` (src/disk/null.rs): a 1 MiB pattern, repeated.
+fn floor_byte(offset: u64) -> u8 {
+    ((offset % MIB) as u32)
+        .wrapping_mul(2_654_435_761)
+        .to_le_bytes()[3]
+}
+
+/// `qcowfs transport-floor`, scripts/bench.sh's transport floor, is served by the same transports
+/// as a mount: every byte read is the null disk's pattern, across the pattern's boundary and up to
+/// the end of the disk (where reads end), a write is acknowledged whole, fsync succeeds, and
+/// `qcowfs umount` ends it.
+#[test]
+fn the_transport_floor_serves_its_pattern_on_both_transports() {
+    let _one = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let _on = Switch::set(true);
+    for mode in ["off", "on"] {
+        let m = Mount::transport_floor("4M", &["--io-uring", mode]);
+        let disk = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(m.disk())
+            .expect("open the null disk");
+        assert_eq!(disk.metadata().expect("stat").len(), 4 * MIB);
+        let mut buf = AlignedBuf::new(2 * MIB as usize);
+        for at in [0, MIB - 4096, 3 * MIB] {
+            let want = (4 * MIB - at).min(2 * MIB) as usize;
+            let n = disk.read_at(buf.as_mut(), at).expect("read");
+            assert_eq!(n, want, "{mode}: read at {at}");
+            let wrong = (0..n).find(|&i| buf.as_mut()[i] != floor_byte(at + i as u64));
+            assert_eq!(
+                wrong, None,
+                "{mode}: byte differs from the pattern (read at {at})"
+            );
+        }
+        buf.as_mut()[..4096].fill(0x5a);
+        assert_eq!(
+            disk.write_at(&buf.as_mut()[..4096], MIB).expect("write"),
+            4096
+        );
+        disk.sync_all().expect("fsync");
+        drop(disk);
+        m.umount().assert_success();
+    }
+}

@@ -175,6 +175,34 @@ impl Mount {
         cwd: &Path,
         env: &[(&str, &OsStr)],
     ) -> Result<(Mount, Run), Run> {
+        let mut args: Vec<OsString> = vec!["mount".into()];
+        args.extend(options.iter().map(|o| o.as_ref().to_os_string()));
+        args.push(image.into());
+        Self::start(args, stdin, cwd, env)
+    }
+
+    /// `qcowfs transport-floor --size SIZE OPTIONS MNT` (the benchmark's null disk), which must
+    /// succeed.
+    pub fn transport_floor(size: &str, options: &[&str]) -> Mount {
+        let mut args: Vec<OsString> = vec!["transport-floor".into(), "--size".into(), size.into()];
+        args.extend(options.iter().map(OsString::from));
+        match Self::start(args, None, Path::new("/"), &[]) {
+            Ok((m, _)) => m,
+            Err(r) => panic!(
+                "qcowfs transport-floor failed ({}):\n{}",
+                describe_status(r.status),
+                r.stderr
+            ),
+        }
+    }
+
+    /// Runs qcowfs with `args` and a fresh mount point after them.
+    fn start(
+        mut args: Vec<OsString>,
+        stdin: Option<&[u8]>,
+        cwd: &Path,
+        env: &[(&str, &OsStr)],
+    ) -> Result<(Mount, Run), Run> {
         require_fuse();
         let dir = tempfile::Builder::new()
             .prefix("qcowfs-mnt-")
@@ -182,9 +210,6 @@ impl Mount {
             .expect("create mount point folder");
         let mountpoint = dir.path().join("mnt");
         fs::create_dir(&mountpoint).expect("create mount point");
-        let mut args: Vec<OsString> = vec!["mount".into()];
-        args.extend(options.iter().map(|o| o.as_ref().to_os_string()));
-        args.push(image.into());
         args.push(mountpoint.clone().into());
         let r = qcowfs_with_env(&args, stdin, cwd, env);
         let mounted = is_mounted(&mountpoint);
