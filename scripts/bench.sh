@@ -273,11 +273,11 @@ side_mount() {
 side_pid() { fuse_pid "$1"; }
 side_umount() { [ "$1" = raw ] || fuse_umount "$1"; }
 
-# The CPU hogs of BENCH_STARVE: busy shells in their own process group.
+# start_hogs N: N busy shells (BENCH_STARVE's CPU hogs); stop_hogs ends them.
 HOGS=()
 start_hogs() {
 	local i
-	for ((i = 0; i < BENCH_STARVE; i++)); do
+	for ((i = 0; i < $1; i++)); do
 		(while :; do :; done) &
 		HOGS+=($!)
 	done
@@ -354,7 +354,7 @@ run_one() {
 	# fio drops a file's cached pages before a job by default: the raw floor's file stays warm.
 	[ "$side" != raw ] || FIO_ARGS+=(--invalidate=0)
 	case "$side/$wl" in qcowfs/*write | qcowfs/mixed | qcowfs/readlat) starve=$BENCH_STARVE ;; esac
-	[ "$starve" -eq 0 ] || { BENCH_STARVE=$starve start_hogs; }
+	start_hogs "$starve"
 	# The file name comes before the first job: global, so the readlat reader uses it too.
 	fio --output-format=json --output="$json" --filename="$disk" --name="$wl" "${FIO_ARGS[@]}"
 	stop_hogs

@@ -408,17 +408,8 @@ pub struct MountArgs {
     /// Append the log to FILE (timestamped lines) instead of syslog (or stderr with --foreground)
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
-    /// Take requests from per-CPU io_uring queues (Linux 6.14+, when root has enabled it:
-    /// echo 1 > /sys/module/fuse/parameters/enable_uring) instead of reading /dev/fuse; each
-    /// request is answered on the CPU that made it. auto: when the kernel offers it
-    #[arg(
-        long,
-        value_name = "WHEN",
-        value_enum,
-        default_value_t,
-        env = "QCOWFS_IO_URING"
-    )]
-    pub io_uring: crate::mount::uring::Mode,
+    #[command(flatten)]
+    pub transport: TransportArgs,
     /// Mount over a folder that has files in it (they are hidden while mounted); never over a
     /// live qcowfs mount
     #[arg(long)]
@@ -437,7 +428,19 @@ pub struct TransportFloorArgs {
     /// Stay in the foreground and log to stderr (Ctrl-C unmounts)
     #[arg(short, long)]
     pub foreground: bool,
-    /// As mount's --io-uring
+    #[command(flatten)]
+    pub transport: TransportArgs,
+    /// An existing empty directory
+    pub mountpoint: PathBuf,
+}
+
+/// Which transport carries the requests: one option for `mount` and `transport-floor`, so that the
+/// floor is always measured on the transport a mount would use.
+#[derive(Debug, Args)]
+pub struct TransportArgs {
+    /// Take requests from per-CPU io_uring queues (Linux 6.14+, when root has enabled it:
+    /// echo 1 > /sys/module/fuse/parameters/enable_uring) instead of reading /dev/fuse; each
+    /// request is answered on the CPU that made it. auto: when the kernel offers it
     #[arg(
         long,
         value_name = "WHEN",
@@ -446,8 +449,6 @@ pub struct TransportFloorArgs {
         env = "QCOWFS_IO_URING"
     )]
     pub io_uring: crate::mount::uring::Mode,
-    /// An existing empty directory
-    pub mountpoint: PathBuf,
 }
 
 #[derive(Debug, Args)]

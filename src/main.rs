@@ -87,7 +87,7 @@ fn main() {
                 },
                 log_level,
                 log_file,
-                io_uring: m.io_uring,
+                io_uring: m.transport.io_uring,
                 nonempty: m.nonempty,
                 null_disk: None,
             })
@@ -106,7 +106,7 @@ fn main() {
             key_policy: Default::default(),
             log_level,
             log_file: None,
-            io_uring: f.io_uring,
+            io_uring: f.transport.io_uring,
             nonempty: false,
             null_disk: Some(f.size),
         }),
