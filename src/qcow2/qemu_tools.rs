@@ -23,9 +23,16 @@ pub fn run(program: &str, args: &[&str], path: &Path, tail: &[&str]) -> String {
 /// What `qemu-img check` found: (corruptions, leaks); exit 0 (clean) or 3 (leaks only), anything
 /// else, or a check error, fails the test.
 pub fn qemu_check(path: &Path) -> (u64, u64) {
+    qemu_check_args(&[], path.as_os_str())
+}
+
+/// `qemu_check` with more options before the image (`--object ... --image-opts` for an encrypted
+/// one, whose `image` is then the options string).
+pub fn qemu_check_args(options: &[&str], image: &std::ffi::OsStr) -> (u64, u64) {
     let out = Command::new("qemu-img")
         .args(["check", "--output=json"])
-        .arg(path)
+        .args(options)
+        .arg(image)
         .output()
         .expect("qemu-img is required");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
