@@ -243,7 +243,12 @@ mkfs.ext4 -q -F -L bench-guest -d "$TREE" "$G/base.raw"
 
 step "Overlay: $BENCH_GUEST_ENCRYPTION over base.raw; $OVL_FILES files ($((OVL_BYTES >> 20)) MiB) written into /overlay-data through qcowfs"
 qemu-img create -q -f qcow2 "${QEMU_SECRET[@]}" -b base.raw -F raw -o "$ENC_OPTS" "$G/pristine.qcow2" "$SIZE_B"
+# A fresh legacy-AES overlay holds no encrypted data yet, so qcowfs cannot check the passphrase and
+# refuses to write with it unless told: this script made the overlay with that passphrase.
+mount_opts=("${QCOWFS_MOUNT_OPTS[@]}")
+[ "$BENCH_GUEST_ENCRYPTION" = aes ] && QCOWFS_MOUNT_OPTS+=(--unverified-key)
 disk=$(fuse_mount qcowfs "$G/pristine.qcow2" "$SIZE_B")
+QCOWFS_MOUNT_OPTS=("${mount_opts[@]}")
 loop_attach "$disk" off
 guest_mount
 mkdir "$GMNT/overlay-data"

@@ -79,6 +79,9 @@ impl Filesystem for DevFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
+        // Direct I/O from an asynchronous caller (a loop device with --direct-io=on, io_uring, AIO)
+        // goes out as concurrent requests instead of one at a time.
+        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
         if self.want_uring
             && config
                 .add_capabilities(InitFlags::FUSE_OVER_IO_URING)

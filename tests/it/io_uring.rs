@@ -12,43 +12,15 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
 
-const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 const PASS: &str = "uring-pass";
 /// Two primaries: 10 MiB at 1 MiB, 20 MiB at 11 MiB.
 const TABLE: &str =
     "label: dos\nunit: sectors\n\nstart=2048, size=20480, type=83\nstart=22528, size=40960, type=83\n";
 const PART2_START: u64 = 22528 * 512;
-
-/// One test at a time touches the kernel switch.
-static SWITCH: Mutex<()> = Mutex::new(());
-
-/// Sets the kernel switch for the guard's life, then puts the old value back.
-struct Switch {
-    old: String,
-}
-
-impl Switch {
-    fn set(on: bool) -> Switch {
-        let old = fs::read_to_string(PARAM).unwrap_or_else(|e| {
-            panic!("{PARAM}: {e}: this kernel has no FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING)")
-        });
-        fs::write(PARAM, if on { "1" } else { "0" })
-            .unwrap_or_else(|e| panic!("{PARAM}: {e} (these tests must run as root)"));
-        Switch { old }
-    }
-}
-
-impl Drop for Switch {
-    fn drop(&mut self) {
-        let v = if self.old.trim() == "Y" { "1" } else { "0" };
-        let _ = fs::write(PARAM, v);
-    }
-}
 
 /// An AES overlay (data of its own in both partitions and outside them) over a raw base
 /// holding an MBR with two partitions.
@@ -220,24 +192,6 @@ fn exercise(mnt: &Path, expected: &mut [u8]) -> Vec<String> {
     // Everything reads back as expected, through a fresh open.
     assert_same_bytes(&read_all_bounded(&disk), expected, "disk read after writes");
     seen
-}
-
-/// A heap buffer aligned for O_DIRECT.
-struct AlignedBuf {
-    raw: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        let raw = vec![0u8; len + 4096];
-        let start = raw.as_ptr().align_offset(4096);
-        AlignedBuf { raw, start, len }
-    }
-    fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + self.len]
-    }
 }
 
 fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {

@@ -12,6 +12,7 @@
 
 mod common;
 
+mod async_dio;
 mod audit;
 mod bad_input;
 mod concurrent_flush;

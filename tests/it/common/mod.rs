@@ -19,6 +19,7 @@ mod mmap;
 mod proc;
 mod run;
 mod tmpfs;
+mod uring;
 mod users;
 mod writes;
 
@@ -47,6 +48,8 @@ pub use proc::*;
 pub use run::*;
 
 pub use tmpfs::*;
+#[allow(unused_imports)]
+pub use uring::*;
 #[allow(unused_imports)]
 pub use users::*;
 
