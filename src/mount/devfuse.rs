@@ -79,9 +79,11 @@ impl Filesystem for DevFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
-        // Direct I/O from an asynchronous caller (a loop device with --direct-io=on, io_uring, AIO)
-        // goes out as concurrent requests instead of one at a time.
-        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        // Not FUSE_ASYNC_DIO, though it makes a direct-I/O loop device faster (its requests go out
+        // concurrently: e2fsck 0.91-1.09 of a raw file against 0.50-0.86, docs/PERFORMANCE.md):
+        // kernels without "fuse: invalidate page cache after sync and async direct writes" (2026)
+        // leave pages that a buffered reader read during an asynchronous direct write in the page
+        // cache after it, stale. Measured on 6.18: 1 of 80 write passes read back old bytes.
         if self.want_uring
             && config
                 .add_capabilities(InitFlags::FUSE_OVER_IO_URING)

@@ -12,13 +12,13 @@
 
 mod common;
 
-mod async_dio;
 mod audit;
 mod bad_input;
 mod concurrent_flush;
 mod coverage;
 mod damaged_writes;
 mod deps;
+mod direct_io;
 mod domain;
 mod exit_status;
 mod fleet;

@@ -1,8 +1,8 @@
-//! Direct I/O from asynchronous callers (the mount asks the kernel for FUSE_ASYNC_DIO): a direct read
-//! or write larger than one request goes out as several requests at once, and a loop device with
-//! `--direct-io=on` sends its requests concurrently instead of one by one. On both transports the
-//! bytes must be QEMU's: read back through the mount and the loop device, and compared with
-//! `qemu-img compare` and `qemu-img check` after the umount.
+//! Large direct I/O and a loop device with `--direct-io=on` over the mount (the fastest way to run a
+//! guest's fsck: docs/PERFORMANCE.md): a direct read or write larger than one request, and the loop
+//! device's own direct requests, on both transports. The bytes must be QEMU's: read back through the
+//! mount and the loop device, and compared with `qemu-img compare` and `qemu-img check` after the
+//! umount. (The mount does not ask for FUSE_ASYNC_DIO: see `DevFuse::init`.)
 
 use crate::common;
 
