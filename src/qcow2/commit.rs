@@ -232,20 +232,24 @@ impl Qcow2Image {
         // batch (one per cluster cost more than it saved). The writes stay on this thread and in
         // the batch's order, so what reaches the device (and what the crash and fault tests
         // enumerate) is the same as without it.
-        let second = jobs.split_off(half_by_bytes(&jobs, bytes));
+        let second_half = parking_lot::Mutex::new(jobs.split_off(half_by_bytes(&jobs, bytes)));
+        let encrypt_second = || {
+            let jobs = std::mem::take(&mut *second_half.lock());
+            jobs.into_iter()
+                .map(|(w, host)| self.encrypt_cluster(w, host))
+                .collect::<Vec<_>>()
+        };
         std::thread::scope(|s| {
-            let helper = s.spawn(move || {
-                second
-                    .into_iter()
-                    .map(|(w, host)| self.encrypt_cluster(w, host))
-                    .collect::<Vec<_>>()
-            });
+            // A thread that cannot be made (a pids limit) leaves the second half to this thread.
+            let helper = std::thread::Builder::new().spawn_scoped(s, encrypt_second);
             let first = jobs
                 .into_iter()
                 .map(|(w, host)| self.encrypt_cluster(w, host));
-            let second = std::iter::once(helper).flat_map(|helper| match helper.join() {
-                Ok(done) => done,
-                Err(panic) => std::panic::resume_unwind(panic),
+            let second = std::iter::once(helper).flat_map(|helper| match helper {
+                Ok(helper) => helper
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(_) => encrypt_second(),
             });
             self.write_staged(first.chain(second))
         })
