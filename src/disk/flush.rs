@@ -199,12 +199,13 @@ impl Flusher {
                     vec![(0, self.assemble(cache, visible, guest)?)]
                 }
             };
-            batch_bytes += pieces.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
-            batch.push(ClusterWrite {
+            let write = ClusterWrite {
                 guest,
                 target,
                 pieces,
-            });
+            };
+            batch_bytes += write.bytes() as u64;
+            batch.push(write);
             if batch_bytes >= BATCH_BYTES {
                 let done =
                     pipeline.submit(std::mem::take(&mut batch), std::mem::take(&mut stored))?;

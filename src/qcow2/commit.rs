@@ -39,6 +39,13 @@ pub struct ClusterWrite {
     pub pieces: Vec<(u64, Vec<u8>)>,
 }
 
+impl ClusterWrite {
+    /// Bytes of data it carries (what a batch is measured in).
+    pub fn bytes(&self) -> usize {
+        self.pieces.iter().map(|(_, b)| b.len()).sum()
+    }
+}
+
 /// What a commit promises when it returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -180,7 +187,7 @@ fn half_by_bytes(jobs: &[(ClusterWrite, u64)], bytes: usize) -> usize {
     let mut seen = 0;
     jobs.iter()
         .position(|(w, _)| {
-            seen += w.pieces.iter().map(|(_, b)| b.len()).sum::<usize>();
+            seen += w.bytes();
             seen >= bytes / 2
         })
         .map_or(jobs.len(), |i| i + 1)
@@ -216,10 +223,7 @@ impl Qcow2Image {
             }
             hosts
         };
-        let bytes: usize = writes
-            .iter()
-            .flat_map(|w| w.pieces.iter().map(|(_, b)| b.len()))
-            .sum();
+        let bytes: usize = writes.iter().map(ClusterWrite::bytes).sum();
         let mut jobs: Vec<(ClusterWrite, u64)> = writes.into_iter().zip(hosts).collect();
         if self.cipher.is_none() || bytes < PARALLEL_ENCRYPTION_BYTES {
             return self.write_staged(
