@@ -1,8 +1,8 @@
-//! Large direct I/O and a loop device with `--direct-io=on` over the mount (the fastest way to run a
-//! guest's fsck: docs/PERFORMANCE.md): a direct read or write larger than one request, and the loop
-//! device's own direct requests, on both transports. The bytes must be QEMU's: read back through the
-//! mount and the loop device, and compared with `qemu-img compare` and `qemu-img check` after the
-//! umount. (The mount does not ask for FUSE_ASYNC_DIO: see `DevFuse::init`.)
+//! Large direct I/O and a loop device with `--direct-io=on` over the mount: a direct read or write
+//! larger than one request, and the loop device's own direct requests, on both transports. The
+//! bytes must be QEMU's: read back through the mount and the loop device, and compared with
+//! `qemu-img compare` and `qemu-img check` after the umount. (The mount does not ask for
+//! FUSE_ASYNC_DIO: see `DevFuse::init`.)
 
 use crate::common;
 
@@ -31,28 +31,23 @@ fn open_direct(path: &Path) -> fs::File {
         .unwrap_or_else(|e| panic!("open {} with O_DIRECT: {e}", path.display()))
 }
 
-/// `losetup --direct-io=on` over `file`: the device, which must have taken direct I/O.
-fn attach_direct(file: &Path) -> String {
-    let r = run_ok(
-        "losetup",
-        [
-            "--direct-io=on".as_ref(),
-            "--find".as_ref(),
-            "--show".as_ref(),
-            file.as_os_str(),
-        ],
-    );
-    let device = r.stdout_str().trim().to_string();
-    let name = device.trim_start_matches("/dev/");
+/// `losetup --direct-io=on` over `file`, which must have taken direct I/O.
+fn attach_direct(file: &Path) -> LoopDevice {
+    let dev = LoopDevice::attach_with(file, &["--direct-io=on"]);
+    let name = dev
+        .device
+        .file_name()
+        .expect("a device name")
+        .to_string_lossy();
     let dio = fs::read_to_string(format!("/sys/block/{name}/loop/dio")).unwrap_or_default();
-    if dio.trim() != "1" {
-        let _ = run("losetup", ["-d", device.as_str()]);
-        panic!(
-            "{device} over {} did not take direct I/O (dio {dio:?})",
-            file.display()
-        );
-    }
-    device
+    assert_eq!(
+        dio.trim(),
+        "1",
+        "{} over {} did not take direct I/O",
+        dev.device.display(),
+        file.display()
+    );
+    dev
 }
 
 #[test]
@@ -93,7 +88,7 @@ fn large_direct_io_and_a_direct_io_loop_device_read_and_write_what_qemu_sees() {
 
         // A loop device with direct I/O: written at 40 MiB, then read whole.
         let device = attach_direct(&m.disk());
-        let dev = open_direct(Path::new(&device));
+        let dev = open_direct(&device.device);
         let at = 40 * MIB + 8192 * round as u64;
         let mut data = aligned_data(&image, 3 * MIB as usize, 20 + round as u64);
         assert_eq!(
@@ -109,15 +104,20 @@ fn large_direct_io_and_a_direct_io_loop_device_read_and_write_what_qemu_sees() {
             let n = dev
                 .read_at(&mut all.as_mut()[range], chunk * 4 * MIB)
                 .expect("read the loop device");
-            assert_eq!(n, 4 * MIB as usize, "{mode}: short read of {device}");
+            assert_eq!(
+                n,
+                4 * MIB as usize,
+                "{mode}: short read of {}",
+                device.device.display()
+            );
         }
         assert_same_bytes(
             all.as_mut(),
             &expected,
-            &format!("{mode}: {device} read whole"),
+            &format!("{mode}: {} read whole", device.device.display()),
         );
         drop(dev);
-        run_ok("losetup", ["-d", device.as_str()]);
+        drop(device);
         wait_until_no_loop_device_uses(&m.disk());
         m.umount().assert_success();
     }

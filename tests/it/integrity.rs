@@ -8,8 +8,7 @@ use crate::common;
 use common::*;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Refusals come within this; a hang fails the test instead of the suite.
@@ -51,29 +50,6 @@ fn a_write_to_an_image_truncated_inside_its_data_never_lands_on_a_referenced_clu
 }
 
 // --- holes 3 and 6: what a backing file may be ---------------------------------------------------
-
-/// A loop device over a file, detached on drop.
-struct LoopDevice {
-    device: PathBuf,
-}
-
-impl LoopDevice {
-    fn attach(file: &Path) -> LoopDevice {
-        let r = run_ok(
-            "losetup",
-            ["--find".as_ref(), "--show".as_ref(), file.as_os_str()],
-        );
-        LoopDevice {
-            device: PathBuf::from(r.stdout_str().trim()),
-        }
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
-    }
-}
 
 #[test]
 fn a_block_device_backing_file_reads_as_its_contents_and_seal_copies_it_all() {

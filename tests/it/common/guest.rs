@@ -115,6 +115,33 @@ pub fn lazy_unmount(mountpoint: &Path) {
     }
 }
 
+/// A loop device over a file (`losetup --find --show [OPTIONS] FILE`), detached on drop.
+pub struct LoopDevice {
+    pub device: PathBuf,
+}
+
+impl LoopDevice {
+    pub fn attach(file: &Path) -> LoopDevice {
+        LoopDevice::attach_with(file, &[])
+    }
+
+    pub fn attach_with(file: &Path, options: &[&str]) -> LoopDevice {
+        let mut args: Vec<&OsStr> = vec!["--find".as_ref(), "--show".as_ref()];
+        args.extend(options.iter().map(OsStr::new));
+        args.push(file.as_os_str());
+        let r = run_ok("losetup", args);
+        LoopDevice {
+            device: PathBuf::from(r.stdout_str().trim()),
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
 /// `mount -o OPTIONS SOURCE DIR` of a guest file system in a file (OPTIONS with `loop`); dropping
 /// it unmounts (lazily if it must).
 pub struct LoopMount {
