@@ -77,10 +77,20 @@ struct Prepared {
 #[derive(Debug)]
 struct Ordered(Prepared);
 
-/// A barrier running on its own thread while the next batch is staged.
+/// A batch's barrier, running on its own thread while the next batch is staged.
 struct Barrier {
     prepared: Prepared,
-    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    sync: DataSync,
+}
+
+/// Where a barrier's sync is.
+enum DataSync {
+    /// The batch changes no L2 table: nothing waits for its data.
+    Unneeded,
+    Running(std::thread::JoinHandle<std::io::Result<()>>),
+    /// Already done on the flush thread: no thread could be made (a pids limit). The batch then
+    /// costs its barrier in full instead of overlapping it with the next.
+    Ran(std::io::Result<()>),
 }
 
 impl Prepared {
@@ -89,27 +99,38 @@ impl Prepared {
         !self.l2_new.is_empty()
     }
 
-    /// Start the barrier on a thread (none when nothing needs it).
+    /// Start the barrier on a thread (none when nothing needs it; here when no thread can be made).
     fn start_barrier(self, image: &Qcow2Image) -> Barrier {
-        let thread = self.needs_barrier().then(|| {
-            let io = image.file.io_handle();
-            std::thread::spawn(move || io.sync_data())
-        });
+        let sync = match self.needs_barrier() {
+            false => DataSync::Unneeded,
+            true => {
+                let io = image.file.io_handle();
+                let thread = std::thread::Builder::new()
+                    .name("qcowfs-barrier".into())
+                    .spawn(move || io.sync_data());
+                match thread {
+                    Ok(thread) => DataSync::Running(thread),
+                    Err(_) => DataSync::Ran(image.file.io_handle().sync_data()),
+                }
+            }
+        };
         Barrier {
             prepared: self,
-            thread,
+            sync,
         }
     }
 }
 
 impl Barrier {
     fn wait(self, image: &Qcow2Image) -> Result<Ordered> {
-        if let Some(thread) = self.thread {
-            let synced = thread
+        let synced = match self.sync {
+            DataSync::Unneeded => Ok(()),
+            DataSync::Running(thread) => thread
                 .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("the barrier thread panicked")));
-            synced.at(image.path()).inspect_err(|e| image.poison(e))?;
-        }
+                .unwrap_or_else(|_| Err(std::io::Error::other("the barrier thread panicked"))),
+            DataSync::Ran(synced) => synced,
+        };
+        synced.at(image.path()).inspect_err(|e| image.poison(e))?;
         Ok(Ordered(self.prepared))
     }
 }

@@ -51,4 +51,5 @@ mod seal;
 mod seal_chain;
 mod security;
 mod snapshot_files;
+mod thread_limit;
 mod write_path;
