@@ -32,9 +32,9 @@ const MAX_BLOCK: u64 = 64 << 10;
 /// chain, and what the allocator cannot hand back between trims, which grows when the flush
 /// writer is starved. Measured with the default 256 MiB cache, a 1 MiB sequential writer beside
 /// two busy loops peaked at 286-287 MiB with 32 MiB set aside, at 222-238 MiB with 48 MiB; the
-/// 70/30 random mix still reached 288.3-288.4 MiB with 48 (a fifth of 256 MiB is 51.2 MiB). Under
-/// two busy loops that mix has peaked at 296.6 MiB even with 52: fragmentation of the block
-/// buffers, which no reserve bounds (docs/ARCHITECTURE.md, memory).
+/// 70/30 random mix still reached 288.3-288.4 MiB with 48 (a fifth of 256 MiB is 51.2 MiB), and
+/// 296.6 MiB with 52 under two busy loops: freed block buffers held by one malloc arena while the
+/// other allocated. With one arena (the daemon's `M_ARENA_MAX`) the same runs peak at ~225 MiB.
 const PROCESS_RESERVE: u64 = 52 << 20;
 
 /// Freed heap pages are handed back (malloc_trim) only once resident memory passes the cache size
