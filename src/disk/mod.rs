@@ -34,7 +34,8 @@ const MAX_BLOCK: u64 = 64 << 10;
 /// two busy loops peaked at 286-287 MiB with 32 MiB set aside, at 222-238 MiB with 48 MiB; the
 /// 70/30 random mix still reached 288.3-288.4 MiB with 48 (a fifth of 256 MiB is 51.2 MiB), and
 /// 296.6 MiB with 52 under two busy loops: freed block buffers held by one malloc arena while the
-/// other allocated. With one arena (the daemon's `M_ARENA_MAX`) the same runs peak at ~225 MiB.
+/// other allocated. With one arena (the daemon's `M_ARENA_MAX`) every bench write workload peaks
+/// at 220 MiB or less, starved or not; the margin left is for a bigger chain's metadata tables.
 const PROCESS_RESERVE: u64 = 52 << 20;
 
 /// Freed heap pages are handed back (malloc_trim) only once resident memory passes the cache size

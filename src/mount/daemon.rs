@@ -139,9 +139,10 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
     // One malloc arena. Cache blocks are allocated on the FUSE threads and freed on the flush
     // thread; with an arena per thread (or even two), each arena keeps the holes its freed blocks
     // leave, and the other's allocations cannot use them. Measured under a starved flush writer
-    // (the 70/30 mix beside two busy loops): two arenas peaked at 217-283 MiB with free heap of
-    // 80-120 MiB, one arena at 204-209 MiB with ~20 MiB free; unstarved, sequential write peaked at
-    // 225-288 MiB against 225, at most 5% slower (docs/PERFORMANCE.md, "One malloc arena").
+    // (the 70/30 mix beside two busy loops): two arenas peaked at 217-283 MiB, an estimated 60-90
+    // MiB of it free heap, one arena at 204-209 MiB; unstarved, sequential write peaked at 225-292
+    // MiB against 225, and was 3-5% slower in the medians (docs/PERFORMANCE.md, "One malloc
+    // arena").
     // SAFETY: mallopt only tunes the allocator; called before this process starts any thread.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let session = match prepare(&req) {

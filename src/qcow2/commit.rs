@@ -10,7 +10,7 @@
 //! cache writes) and to publish: L2 and L1 writes and every barrier run outside it, so a read
 //! never waits for the disk to sync. A barrier that fails poisons the image (see `barrier`).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::MutexGuard;
 
@@ -77,21 +77,26 @@ struct Prepared {
 #[derive(Debug)]
 struct Ordered(Prepared);
 
-/// A batch's barrier, running on its own thread while the next batch is staged.
+/// A batch's barrier, usually running on its own thread while the next batch is staged.
 struct Barrier {
     prepared: Prepared,
     sync: DataSync,
 }
 
-/// Where a barrier's sync is.
+/// A barrier's sync, kept with its result wherever it ran, so that `Barrier::wait` is the one
+/// place a failed sync poisons the image.
 enum DataSync {
     /// The batch changes no L2 table: nothing waits for its data.
     Unneeded,
+    /// On its own thread, overlapping the staging of the next batch.
     Running(std::thread::JoinHandle<std::io::Result<()>>),
     /// Already done on the flush thread: no thread could be made (a pids limit). The batch then
     /// costs its barrier in full instead of overlapping it with the next.
     Ran(std::io::Result<()>),
 }
+
+/// Set once a barrier had to run on the flush thread: said once in the log, not per batch.
+static BARRIER_INLINE_LOGGED: AtomicBool = AtomicBool::new(false);
 
 impl Prepared {
     /// Whether data and refcounts must be durable before completing: only when an L2 table changes.
@@ -105,12 +110,22 @@ impl Prepared {
             false => DataSync::Unneeded,
             true => {
                 let io = image.file.io_handle();
+                let on_thread = io.clone();
                 let thread = std::thread::Builder::new()
                     .name("qcowfs-barrier".into())
-                    .spawn(move || io.sync_data());
+                    .spawn(move || on_thread.sync_data());
                 match thread {
                     Ok(thread) => DataSync::Running(thread),
-                    Err(_) => DataSync::Ran(image.file.io_handle().sync_data()),
+                    Err(e) => {
+                        if !BARRIER_INLINE_LOGGED.swap(true, Ordering::Relaxed) {
+                            log::warn!(
+                                "{}: no thread for a write barrier ({e}): barriers now run on \
+                                 the flush thread, and writes are slower",
+                                image.path().display()
+                            );
+                        }
+                        DataSync::Ran(io.sync_data())
+                    }
                 }
             }
         };

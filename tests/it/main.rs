@@ -3,8 +3,9 @@
 //! once. The differential tester, the crash states and the fault states are harnesses of their
 //! own (tests/difftest, tests/crash_states, tests/fault_states).
 //!
-//! Each test builds its images in its own temporary folder, and the one process-wide switch (the
-//! kernel's FUSE io_uring parameter) is changed only under `io_uring`'s lock. scripts/test.sh
+//! Each test builds its images in its own temporary folder. Host-wide settings: the kernel's FUSE
+//! io_uring parameter is changed only under `io_uring`'s lock; `thread_limit` makes a pids cgroup
+//! of its own (on cgroup v2 it enables the pids controller for the root's children). scripts/test.sh
 //! still runs the tests one at a time: side by side in one process, a test that signals its daemon
 //! by pid, or reopens an image it has just closed, can meet another test's processes (pids wrap at
 //! 32768 on a machine like this one, and a fork holds copies of every descriptor until it execs);
