@@ -165,15 +165,26 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
         outcome,
         record,
         life: _life,
-        warnings,
+        mut warnings,
         transport,
         mounted,
         mountpoint,
     } = session;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flusher = disk.clone().map(|disk| {
+    // A thread that cannot be made (a pids limit) costs what it would do, not the mount: the
+    // mount is made by now, and a panic here would leave it behind without a daemon.
+    let flusher = disk.clone().and_then(|disk| {
         let record = record.clone();
-        spawn_idle_flusher(disk, stop.clone(), move |dirty| record.write_dirty(dirty))
+        let spawned =
+            spawn_idle_flusher(disk, stop.clone(), move |dirty| record.write_dirty(dirty));
+        spawned
+            .inspect_err(|e| {
+                warnings.push(format!(
+                    "no thread for the background writer ({e}): writes are stored only on \
+                     fsync, when dirty data reaches its bound, and at umount"
+                ))
+            })
+            .ok()
     });
     if let Ok(mut signals) =
         signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
@@ -181,25 +192,33 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
         // Weak: this thread outlives the session, and the image must close when the session ends.
         let disk = Arc::downgrade(&device);
         let mountpoint = record_mountpoint(&req);
-        std::thread::spawn(move || {
-            for sig in signals.forever() {
-                log::info!("signal {sig}: writing everything and unmounting");
-                // Unmounting ends the session; its last flush failing would drop the dirty data.
-                // So a failed write keeps the mount (and the data) until a later signal or
-                // `qcowfs umount` succeeds, say once space is freed.
-                if let Some(Err(e)) = disk.upgrade().map(|d| d.flush()) {
-                    log::error!(
-                        "signal {sig}: not unmounting, unwritten data is kept: {e}; \
+        let spawned = std::thread::Builder::new()
+            .name("qcowfs-signals".into())
+            .spawn(move || {
+                for sig in signals.forever() {
+                    log::info!("signal {sig}: writing everything and unmounting");
+                    // Unmounting ends the session; its last flush failing would drop the dirty data.
+                    // So a failed write keeps the mount (and the data) until a later signal or
+                    // `qcowfs umount` succeeds, say once space is freed.
+                    if let Some(Err(e)) = disk.upgrade().map(|d| d.flush()) {
+                        log::error!(
+                            "signal {sig}: not unmounting, unwritten data is kept: {e}; \
                          fix the cause and signal again (or run qcowfs umount)"
-                    );
-                    continue;
+                        );
+                        continue;
+                    }
+                    match detach(&mountpoint) {
+                        Ok(()) => break,
+                        Err(e) => log::error!("unmount after signal {sig}: {e}"),
+                    }
                 }
-                match detach(&mountpoint) {
-                    Ok(()) => break,
-                    Err(e) => log::error!("unmount after signal {sig}: {e}"),
-                }
-            }
-        });
+            });
+        if let Err(e) = spawned {
+            warnings.push(format!(
+                "no thread for signals ({e}): SIGTERM, SIGINT and SIGHUP are ignored; unmount \
+                 with qcowfs umount"
+            ));
+        }
     }
     for w in &warnings {
         log::warn!("{w}");
@@ -568,32 +587,34 @@ fn spawn_idle_flusher(
     disk: Arc<Disk>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     publish_dirty: impl Fn(u64) + Send + 'static,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        // After a failure (say the host disk is full) wait longer before trying again.
-        let mut retry_at: Option<std::time::Instant> = None;
-        let mut published: Option<(u64, std::time::Instant)> = None;
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            // Woken at once when writers pile up dirty data, so a write-back overlaps their work.
-            disk.wait_for_dirty_data(Duration::from_millis(100));
-            let dirty = disk.dirty_bytes();
-            let due = published.is_none_or(|(was, at)| {
-                was != dirty && (dirty == 0 || at.elapsed() >= DIRTY_PUBLISH_EVERY)
-            });
-            if due {
-                publish_dirty(dirty);
-                published = Some((dirty, std::time::Instant::now()));
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("qcowfs-writer".into())
+        .spawn(move || {
+            // After a failure (say the host disk is full) wait longer before trying again.
+            let mut retry_at: Option<std::time::Instant> = None;
+            let mut published: Option<(u64, std::time::Instant)> = None;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Woken at once when writers pile up dirty data, so a write-back overlaps their work.
+                disk.wait_for_dirty_data(Duration::from_millis(100));
+                let dirty = disk.dirty_bytes();
+                let due = published.is_none_or(|(was, at)| {
+                    was != dirty && (dirty == 0 || at.elapsed() >= DIRTY_PUBLISH_EVERY)
+                });
+                if due {
+                    publish_dirty(dirty);
+                    published = Some((dirty, std::time::Instant::now()));
+                }
+                if retry_at.is_some_and(|t| std::time::Instant::now() < t) {
+                    continue;
+                }
+                retry_at = None;
+                if let Err(e) = disk.flush_if_idle(IDLE_FLUSH) {
+                    log::error!("background flush failed (will retry in 5 s): {e}");
+                    retry_at = Some(std::time::Instant::now() + Duration::from_secs(5));
+                }
             }
-            if retry_at.is_some_and(|t| std::time::Instant::now() < t) {
-                continue;
-            }
-            retry_at = None;
-            if let Err(e) = disk.flush_if_idle(IDLE_FLUSH) {
-                log::error!("background flush failed (will retry in 5 s): {e}");
-                retry_at = Some(std::time::Instant::now() + Duration::from_secs(5));
-            }
-        }
-    })
+        })
 }
 
 /// The daemon keeps no terminal: stdin, stdout and stderr go to /dev/null (logs go to syslog).
