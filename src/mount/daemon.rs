@@ -197,13 +197,13 @@ fn serve(mut req: MountRequest, ready: Option<File>) -> Result<()> {
             .spawn(move || {
                 for sig in signals.forever() {
                     log::info!("signal {sig}: writing everything and unmounting");
-                    // Unmounting ends the session; its last flush failing would drop the dirty data.
-                    // So a failed write keeps the mount (and the data) until a later signal or
-                    // `qcowfs umount` succeeds, say once space is freed.
+                    // Unmounting ends the session; its last flush failing would drop the dirty
+                    // data. So a failed write keeps the mount (and the data) until a later signal
+                    // or `qcowfs umount` succeeds, say once space is freed.
                     if let Some(Err(e)) = disk.upgrade().map(|d| d.flush()) {
                         log::error!(
                             "signal {sig}: not unmounting, unwritten data is kept: {e}; \
-                         fix the cause and signal again (or run qcowfs umount)"
+                             fix the cause and signal again (or run qcowfs umount)"
                         );
                         continue;
                     }
@@ -595,7 +595,8 @@ fn spawn_idle_flusher(
             let mut retry_at: Option<std::time::Instant> = None;
             let mut published: Option<(u64, std::time::Instant)> = None;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                // Woken at once when writers pile up dirty data, so a write-back overlaps their work.
+                // Woken at once when writers pile up dirty data, so a write-back overlaps their
+                // work.
                 disk.wait_for_dirty_data(Duration::from_millis(100));
                 let dirty = disk.dirty_bytes();
                 let due = published.is_none_or(|(was, at)| {
